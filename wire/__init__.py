@@ -1,0 +1,87 @@
+"""The ssh-to-job protocol, sans-IO.
+
+What broker, starter and client all speak: length-prefixed frames, JSON-encoded attrs messages,
+one transition table, and the Ed25519-signed capability. This package contains no networking
+code at all and must never import trio or open a socket: it is tested byte by byte.
+"""
+
+from ._connection import Connection
+from ._crypto import (
+    CLOCK_SKEW,
+    MAX_CAP_LIFETIME,
+    Capability,
+    ReplayCache,
+    attach_statement,
+    broker_auth_statement,
+    host_key_statement,
+    new_signing_key,
+    public_key_of,
+    same_secret,
+    sign,
+    sign_capability,
+    starter_auth_statement,
+    verify,
+    verify_capability,
+)
+from ._errors import CapabilityError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
+from ._jobid import JobId, parse_job_id
+from ._messages import (
+    MESSAGE_TYPES,
+    Ack,
+    Act,
+    ActReply,
+    ActResult,
+    BrokerHello,
+    Error,
+    FetchOutput,
+    JobInfo,
+    JobList,
+    JobReport,
+    JobRun,
+    JobSpec,
+    JobUpdate,
+    Message,
+    OpenSession,
+    Output,
+    OutputData,
+    OutputReply,
+    Ping,
+    Query,
+    RunJob,
+    SessionAttach,
+    SessionFailed,
+    SessionOpen,
+    SessionReady,
+    SignalJob,
+    SshGrant,
+    SshRequest,
+    StarterAuth,
+    StarterHello,
+    StarterInfo,
+    StarterSync,
+    Status,
+    StatusReply,
+    Submit,
+    SubmitReply,
+    Welcome,
+    decode_message,
+    encode_message,
+)
+from ._state import Channel, Role, next_state
+
+__all__ = [
+    "CLOCK_SKEW", "CLOSED", "DEFAULT_MAX_FRAME", "MAX_CAP_LIFETIME", "MESSAGE_TYPES",
+    "NEED_DATA", "Ack", "Act", "ActReply", "ActResult", "BrokerHello", "Capability",
+    "CapabilityError", "Channel", "Connection", "Error", "FetchOutput", "FrameDecoder", "JobId",
+    "JobInfo", "JobList", "JobReport", "JobRun", "JobSpec", "JobUpdate", "LocalProtocolError",
+    "Message", "OpenSession", "Output", "OutputData", "OutputReply", "Ping", "ProtocolError",
+    "Query", "RemoteProtocolError", "ReplayCache", "Role", "RunJob", "Sentinel",
+    "SessionAttach", "SessionFailed", "SessionOpen", "SessionReady", "SignalJob", "SshGrant",
+    "SshRequest", "StarterAuth", "StarterHello", "StarterInfo", "StarterSync", "Status",
+    "StatusReply", "Submit", "SubmitReply", "Welcome", "attach_statement",
+    "broker_auth_statement", "decode_message", "encode_frame", "encode_message",
+    "host_key_statement", "new_signing_key", "next_state", "parse_job_id", "public_key_of",
+    "same_secret", "sign", "sign_capability", "starter_auth_statement", "verify",
+    "verify_capability",
+]  # fmt: skip

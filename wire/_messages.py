@@ -1,0 +1,508 @@
+"""Every message of the protocol, as frozen attrs classes, and their encoding.
+
+A frame payload is one UTF-8 JSON object: ``{"type": "<name>", <fields>}``. Bytes fields travel
+as standard base64 text. Decoding is strict: unknown types, missing or unknown fields, and
+values of the wrong type are the peer's error, reported with the field's name. Integers are
+range-checked (JSON has no integer size) and booleans are never accepted as integers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import attrs
+
+from ._errors import LocalProtocolError, RemoteProtocolError
+
+_INT_LIMIT = 1 << 63
+#: Longest string field we accept; long values (environments, output) are bounded by the frame.
+_MAX_LIST = 100_000
+
+
+def _nonneg(_inst: object, att: attrs.Attribute[int], value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{att.name} must be >= 0, not {value}")
+
+
+# --------------------------------------------------------------------------- value types
+
+
+@attrs.frozen
+class JobSpec:
+    """What a user submits: run ``executable`` with ``args`` in ``initialdir``."""
+
+    executable: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = attrs.field(factory=dict, hash=False)
+    initialdir: str = "/"
+    #: Hold the job instead of completing it when it exits non-zero (so it can be debugged).
+    hold_on_failure: bool = False
+
+
+@attrs.frozen
+class JobInfo:
+    """One row of ``stj q`` / ``stj history``."""
+
+    id: str
+    owner: str
+    owner_uid: int
+    state: str
+    executable: str
+    args: tuple[str, ...]
+    submitted: float
+    started: float | None = None
+    finished: float | None = None
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    hold_reason: str = ""
+    starter: str = ""
+    pids: tuple[int, ...] = ()
+    scratch: str = ""
+    initialdir: str = ""
+    sessions: int = 0
+
+
+@attrs.frozen
+class ActResult:
+    id: str
+    ok: bool
+    message: str
+
+
+@attrs.frozen
+class StarterInfo:
+    starter_id: str
+    slots: int
+    busy: int
+    connected: bool
+    jobs: tuple[str, ...]
+    address: str = ""
+
+
+@attrs.frozen
+class JobRun:
+    """What the broker tells a starter to run."""
+
+    id: str
+    uid: int
+    gid: int
+    owner: str
+    spec: JobSpec
+
+
+@attrs.frozen
+class JobReport:
+    """A starter's account of one of its jobs (running, or finished while unreported)."""
+
+    id: str
+    running: bool
+    pid: int = 0
+    scratch: str = ""
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    stdout_tail: bytes = b""
+    stderr_tail: bytes = b""
+    reason: str = ""
+    started: float = 0.0
+    finished: float = 0.0
+
+
+# --------------------------------------------------------------------------- messages
+
+
+class Message:
+    """Marker base; every concrete message sets TYPE."""
+
+    TYPE: ClassVar[str]
+
+
+# Client -> broker requests (unix socket, caller identified by SO_PEERCRED).
+
+
+@attrs.frozen
+class Submit(Message):
+    TYPE: ClassVar[str] = "submit"
+    spec: JobSpec
+    count: int = attrs.field(default=1, validator=_nonneg)
+
+
+@attrs.frozen
+class SubmitReply(Message):
+    TYPE: ClassVar[str] = "submit_reply"
+    cluster: int
+    count: int
+
+
+@attrs.frozen
+class Query(Message):
+    TYPE: ClassVar[str] = "query"
+    ids: tuple[str, ...] = ()
+    #: ``True``: finished jobs (completed, removed) instead of the live queue.
+    history: bool = False
+    owner: str = ""
+
+
+@attrs.frozen
+class JobList(Message):
+    TYPE: ClassVar[str] = "job_list"
+    jobs: tuple[JobInfo, ...]
+    last: bool = True
+
+
+ACTIONS = frozenset({"rm", "hold", "release", "suspend", "continue"})
+
+
+@attrs.frozen
+class Act(Message):
+    TYPE: ClassVar[str] = "act"
+    action: str = attrs.field(validator=attrs.validators.in_(ACTIONS))
+    ids: tuple[str, ...] = ()
+    reason: str = ""
+
+
+@attrs.frozen
+class ActReply(Message):
+    TYPE: ClassVar[str] = "act_reply"
+    results: tuple[ActResult, ...]
+
+
+@attrs.frozen
+class Status(Message):
+    TYPE: ClassVar[str] = "status"
+
+
+@attrs.frozen
+class StatusReply(Message):
+    TYPE: ClassVar[str] = "status_reply"
+    starters: tuple[StarterInfo, ...]
+    broker_pid: int = 0
+    jobs_idle: int = 0
+    jobs_running: int = 0
+    jobs_held: int = 0
+
+
+@attrs.frozen
+class Output(Message):
+    TYPE: ClassVar[str] = "output"
+    id: str
+    stream: str = "stdout"
+    max_bytes: int = 65536
+
+
+@attrs.frozen
+class OutputReply(Message):
+    TYPE: ClassVar[str] = "output_reply"
+    id: str
+    data: bytes
+    running: bool
+
+
+@attrs.frozen
+class SshRequest(Message):
+    """Ask for a session into a job; ``client_key`` is the client's ephemeral OpenSSH pubkey."""
+
+    TYPE: ClassVar[str] = "ssh_request"
+    job: str
+    client_key: str
+
+
+@attrs.frozen
+class SshGrant(Message):
+    """Sent together with the session socket's file descriptor (SCM_RIGHTS)."""
+
+    TYPE: ClassVar[str] = "ssh_grant"
+    session_id: str
+    job: str
+    capability: bytes
+    starter_id: str
+    starter_key: bytes
+
+
+@attrs.frozen
+class Error(Message):
+    """A refusal or failure, with a message meant for a person."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+
+
+# Starter <-> broker control channel (TCP, mutually authenticated handshake first).
+
+
+@attrs.frozen
+class StarterHello(Message):
+    TYPE: ClassVar[str] = "starter_hello"
+    starter_id: str
+    starter_key: bytes
+    nonce: bytes
+    slots: int
+    version: int = 1
+
+
+@attrs.frozen
+class BrokerHello(Message):
+    TYPE: ClassVar[str] = "broker_hello"
+    nonce: bytes
+    signature: bytes
+
+
+@attrs.frozen
+class StarterAuth(Message):
+    TYPE: ClassVar[str] = "starter_auth"
+    signature: bytes
+
+
+@attrs.frozen
+class Welcome(Message):
+    TYPE: ClassVar[str] = "welcome"
+
+
+@attrs.frozen
+class StarterSync(Message):
+    """First message after the handshake: every job the starter has, running or unreported."""
+
+    TYPE: ClassVar[str] = "starter_sync"
+    jobs: tuple[JobReport, ...]
+
+
+@attrs.frozen
+class RunJob(Message):
+    TYPE: ClassVar[str] = "run_job"
+    job: JobRun
+
+
+@attrs.frozen
+class SignalJob(Message):
+    """``action``: kill (rm), evict (hold), suspend, continue."""
+
+    TYPE: ClassVar[str] = "signal_job"
+    id: str
+    action: str
+    reason: str = ""
+
+
+@attrs.frozen
+class OpenSession(Message):
+    TYPE: ClassVar[str] = "open_session"
+    session_id: str
+    job: str
+    nonce: bytes
+
+
+@attrs.frozen
+class FetchOutput(Message):
+    TYPE: ClassVar[str] = "fetch_output"
+    request: int
+    id: str
+    stream: str
+    max_bytes: int
+
+
+@attrs.frozen
+class OutputData(Message):
+    TYPE: ClassVar[str] = "output_data"
+    request: int
+    data: bytes
+    found: bool
+
+
+@attrs.frozen
+class JobUpdate(Message):
+    """A job started, exited, or changed (sessions count, pids)."""
+
+    TYPE: ClassVar[str] = "job_update"
+    report: JobReport
+    sessions: int = 0
+
+
+@attrs.frozen
+class Ack(Message):
+    """The broker has stored these job reports; the starter may forget them."""
+
+    TYPE: ClassVar[str] = "ack"
+    ids: tuple[str, ...]
+
+
+@attrs.frozen
+class SessionFailed(Message):
+    TYPE: ClassVar[str] = "session_failed"
+    session_id: str
+    message: str
+
+
+@attrs.frozen
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+
+
+# Session socket: starter -> broker first, then client <-> starter, then raw SSH.
+
+
+@attrs.frozen
+class SessionAttach(Message):
+    """The first and only frame a starter sends the broker on a session connection."""
+
+    TYPE: ClassVar[str] = "session_attach"
+    session_id: str
+    starter_id: str
+    signature: bytes
+
+
+@attrs.frozen
+class SessionOpen(Message):
+    TYPE: ClassVar[str] = "session_open"
+    capability: bytes
+    shells: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class SessionReady(Message):
+    """The starter's signed host key; after this frame the socket carries only SSH."""
+
+    TYPE: ClassVar[str] = "session_ready"
+    host_key: str
+    login: str
+    signature: bytes
+    banner: str = ""
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Submit, SubmitReply, Query, JobList, Act, ActReply, Status, StatusReply, Output,
+        OutputReply, SshRequest, SshGrant, Error, StarterHello, BrokerHello, StarterAuth,
+        Welcome, StarterSync, RunJob, SignalJob, OpenSession, FetchOutput, OutputData,
+        JobUpdate, Ack, SessionFailed, Ping, SessionAttach, SessionOpen, SessionReady,
+    )
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if attrs.has(type(value)):
+        return {f.name: _encode_value(getattr(value, f.name)) for f in attrs.fields(type(value))}
+    if isinstance(value, tuple | list):
+        return [_encode_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _encode_value(v) for k, v in value.items()}
+    return value
+
+
+def encode_message(msg: Message) -> bytes:
+    if not isinstance(msg, Message) or not attrs.has(type(msg)):
+        raise LocalProtocolError(f"not a protocol message: {msg!r}")
+    body = _encode_value(msg)
+    body["type"] = msg.TYPE
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _fail(path: str, what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"field {path}: {what}")
+
+
+_hints_cache: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _hints_cache.get(cls)
+    if hints is None:
+        hints = typing.get_type_hints(cls)
+        _hints_cache[cls] = hints
+    return hints
+
+
+def _decode_value(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is int:
+        if type(value) is not int or not -_INT_LIMIT <= value < _INT_LIMIT:
+            raise _fail(path, "expected an integer")
+        return value
+    if tp is float:
+        if type(value) not in (int, float):
+            raise _fail(path, "expected a number")
+        return float(value)
+    if tp is bool:
+        if type(value) is not bool:
+            raise _fail(path, "expected true or false")
+        return value
+    if tp is str:
+        if type(value) is not str:
+            raise _fail(path, "expected a string")
+        return value
+    if tp is bytes:
+        if type(value) is not str:
+            raise _fail(path, "expected base64 text")
+        try:
+            return base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise _fail(path, "invalid base64") from None
+    if origin is types.UnionType or origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _decode_value(args[0], value, path)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if type(value) is not list or len(value) > _MAX_LIST:
+            raise _fail(path, "expected a list")
+        return tuple(_decode_value(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is Mapping or origin is dict:
+        if type(value) is not dict:
+            raise _fail(path, "expected an object")
+        for k, v in value.items():
+            if type(v) is not str:
+                raise _fail(f"{path}.{k}", "expected a string")
+        return dict(value)
+    if isinstance(tp, type) and attrs.has(tp):
+        return _decode_attrs(tp, value, path)
+    raise LocalProtocolError(f"no decoder for type {tp!r} at {path}")  # pragma: no cover
+
+
+def _decode_attrs(cls: type, value: Any, path: str, skip: frozenset[str] = frozenset()) -> Any:
+    if type(value) is not dict:
+        raise _fail(path, "expected an object")
+    hints = _hints(cls)
+    known = {f.name for f in attrs.fields(cls)}
+    unknown = set(value) - known - skip
+    if unknown:
+        raise _fail(path or cls.__name__, f"unknown field(s) {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for f in attrs.fields(cls):
+        sub = f"{path}.{f.name}" if path else f.name
+        if f.name in value:
+            kwargs[f.name] = _decode_value(hints[f.name], value[f.name], sub)
+        elif f.default is attrs.NOTHING:
+            raise _fail(sub, "missing")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        what = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+        raise _fail(path or cls.__name__, what) from None
+
+
+def decode_message(payload: bytes) -> Message:
+    try:
+        body = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RemoteProtocolError(f"frame is not valid UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise RemoteProtocolError("frame nests too deeply") from None
+    if type(body) is not dict:
+        raise RemoteProtocolError("frame is not a JSON object")
+    name = body.get("type")
+    cls = MESSAGE_TYPES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {name!r}")
+    msg: Message = _decode_attrs(cls, body, "", skip=frozenset({"type"}))
+    return msg

@@ -1,0 +1,102 @@
+"""Who may send what, when: the protocol's one transition table.
+
+Each connection is one *channel* with one shared state; both peers run the same table, so the
+side that sends and the side that receives agree on what comes next. A message that is not in
+the table for the current state is a protocol error: ours (``LocalProtocolError``) if we tried
+to send it, the peer's (``RemoteProtocolError``) if it arrived.
+
+Channels:
+
+CONTROL  a local client and the broker: one request, then its reply (``job_list`` may come in
+         pages; ``ssh_grant`` ends the conversation because the socket it carries is the point).
+STARTER  a starter and the broker: mutual authentication first, then free traffic both ways.
+ATTACH   a starter's session connection to the broker: one signed ``session_attach``, then the
+         socket is handed on untouched (RAW).
+SESSION  a client and a starter on that handed-on socket: ``session_open`` with the capability,
+         ``session_ready`` with the signed host key, then raw SSH.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Channel(enum.Enum):
+    CONTROL = "control"
+    STARTER = "starter"
+    ATTACH = "attach"
+    SESSION = "session"
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    BROKER = "broker"
+    STARTER = "starter"
+
+
+START = "start"
+RAW = "raw"
+CLOSED_STATE = "closed"
+
+C, B, S = Role.CLIENT, Role.BROKER, Role.STARTER
+
+# (state, sender, message type) -> next state
+_Table = dict[tuple[str, Role, str], str]
+
+_CONTROL: _Table = {}
+for _req, _reply, _after in (
+    ("submit", "submit_reply", START),
+    ("query", "job_list", START),
+    ("act", "act_reply", START),
+    ("status", "status_reply", START),
+    ("output", "output_reply", START),
+    ("ssh_request", "ssh_grant", CLOSED_STATE),
+):
+    _CONTROL[(START, C, _req)] = _req
+    _CONTROL[(_req, B, _reply)] = _after
+    _CONTROL[(_req, B, "error")] = START
+# A paged listing: job_list with last=false keeps the state (see next_state).
+_CONTROL[(START, B, "error")] = CLOSED_STATE
+
+_STARTER: _Table = {
+    (START, S, "starter_hello"): "hello",
+    ("hello", B, "broker_hello"): "challenged",
+    ("hello", B, "error"): CLOSED_STATE,
+    ("challenged", S, "starter_auth"): "authing",
+    ("authing", B, "welcome"): "ready",
+    ("authing", B, "error"): CLOSED_STATE,
+}
+for _t in ("starter_sync", "job_update", "session_failed", "output_data", "ping"):
+    _STARTER[("ready", S, _t)] = "ready"
+for _t in ("run_job", "signal_job", "open_session", "fetch_output", "ack", "ping"):
+    _STARTER[("ready", B, _t)] = "ready"
+_STARTER[("ready", B, "error")] = CLOSED_STATE
+_STARTER[("ready", S, "error")] = CLOSED_STATE
+
+_ATTACH: _Table = {
+    (START, S, "session_attach"): RAW,
+}
+
+_SESSION: _Table = {
+    (START, C, "session_open"): "opening",
+    ("opening", S, "session_ready"): RAW,
+    ("opening", S, "error"): CLOSED_STATE,
+}
+
+TABLES: dict[Channel, _Table] = {
+    Channel.CONTROL: _CONTROL,
+    Channel.STARTER: _STARTER,
+    Channel.ATTACH: _ATTACH,
+    Channel.SESSION: _SESSION,
+}
+
+
+def next_state(channel: Channel, state: str, sender: Role, msg_type: str, more: bool) -> str | None:
+    """The state after ``sender`` sends ``msg_type`` in ``state``; None if not allowed.
+
+    ``more`` is true for a ``job_list`` page that is not the last one.
+    """
+    after = TABLES[channel].get((state, sender, msg_type))
+    if after is not None and more:
+        return state
+    return after
