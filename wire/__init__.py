@@ -23,7 +23,29 @@ from ._crypto import (
     verify,
     verify_capability,
 )
+from ._config import (
+    ENV_CONFIG,
+    ENV_STATE_DIR,
+    SYSTEM_STATE_DIR,
+    ConfigError,
+    PoolConfig,
+    BrokerConfig,
+    StarterConfig,
+    default_state_dir,
+    load_config,
+    parse_config,
+    state_dir_for,
+)
 from ._errors import CapabilityError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._files import (
+    load_or_create_key,
+    private_dir,
+    public_hex,
+    read_public_key,
+    write_private,
+    write_public,
+)
+from ._frame import HEADER as FRAME_HEADER
 from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
 from ._jobid import JobId, parse_job_id
 from ._messages import (
@@ -71,9 +93,9 @@ from ._messages import (
 from ._state import Channel, Role, next_state
 
 __all__ = [
-    "CLOCK_SKEW", "CLOSED", "DEFAULT_MAX_FRAME", "MAX_CAP_LIFETIME", "MESSAGE_TYPES",
+    "CLOCK_SKEW", "CLOSED", "DEFAULT_MAX_FRAME", "FRAME_HEADER", "MAX_CAP_LIFETIME", "MESSAGE_TYPES",
     "NEED_DATA", "Ack", "Act", "ActReply", "ActResult", "BrokerHello", "Capability",
-    "CapabilityError", "Channel", "Connection", "Error", "FetchOutput", "FrameDecoder", "JobId",
+    "CapabilityError", "ENV_CONFIG", "ENV_STATE_DIR", "SYSTEM_STATE_DIR", "load_or_create_key", "private_dir", "public_hex", "read_public_key", "write_private", "write_public", "ConfigError", "PoolConfig", "BrokerConfig", "StarterConfig", "default_state_dir", "load_config", "parse_config", "state_dir_for", "Channel", "Connection", "Error", "FetchOutput", "FrameDecoder", "JobId",
     "JobInfo", "JobList", "JobReport", "JobRun", "JobSpec", "JobUpdate", "LocalProtocolError",
     "Message", "OpenSession", "Output", "OutputData", "OutputReply", "Ping", "ProtocolError",
     "Query", "RemoteProtocolError", "ReplayCache", "Role", "RunJob", "Sentinel",

@@ -53,6 +53,9 @@ class Connection:
         self._decoder.receive_data(data)
 
     def next_event(self) -> Message | Sentinel:
+        if self.state == ERROR_STATE:
+            # Final: NEED_DATA here would invite the adapter to keep reading a broken peer.
+            raise RemoteProtocolError("connection is already in the error state")
         if self.state == RAW:
             return NEED_DATA
         try:

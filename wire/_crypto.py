@@ -112,13 +112,18 @@ class Capability:
             raise CapabilityError(f"capability has {len(fields)} fields, expected 9")
         try:
             s = [f.decode("utf-8") for f in fields[:6]]
-            return cls(
+            cap = cls(
                 session_id=s[0], job=s[1], owner_uid=int(s[2]), requester_uid=int(s[3]),
                 client_key=s[4], starter_id=s[5], starter_key=fields[6],
                 issued_at=int(fields[7]), expires_at=int(fields[8]),
             )  # fmt: skip
         except (UnicodeDecodeError, ValueError):
             raise CapabilityError("capability has a malformed field") from None
+        # int() also reads " 7", "+7", "0_7" and other scripts' digits: only the one
+        # canonical spelling is a capability, so decode is the exact inverse of encode.
+        if cap.encode() != data:
+            raise CapabilityError("capability is not in canonical form")
+        return cap
 
 
 def sign_capability(cap: Capability, broker_signing_key: bytes) -> bytes:

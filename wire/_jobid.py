@@ -6,7 +6,8 @@ import re
 
 import attrs
 
-_JOB_RE = re.compile(r"^(\d{1,12})(?:\.(\d{1,9}))?(?:\.(\d{1,9}))?$")
+# [0-9], not \d: \d also matches other scripts' digits ("١٢"), which int() would accept.
+_JOB_RE = re.compile(r"^([0-9]{1,12})(?:\.([0-9]{1,9}))?(?:\.([0-9]{1,9}))?$")
 
 
 @attrs.frozen
@@ -35,7 +36,9 @@ class JobId:
 def parse_job_id(text: str) -> JobId:
     m = _JOB_RE.match(text.strip())
     if not m:
-        raise ValueError(f"{text!r} is not a job id (expected cluster, cluster.proc or cluster.proc.node)")
+        raise ValueError(
+            f"{text!r} is not a job id (expected cluster, cluster.proc or cluster.proc.node)"
+        )
     cluster, proc, node = m.groups()
     return JobId(
         int(cluster),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ import attrs
 from ._errors import LocalProtocolError, RemoteProtocolError
 
 _INT_LIMIT = 1 << 63
-#: Longest string field we accept; long values (environments, output) are bounded by the frame.
+#: Longest list we accept; everything else (strings, environments, output) is bounded by the frame.
 _MAX_LIST = 100_000
 
 
@@ -404,7 +405,12 @@ def encode_message(msg: Message) -> bytes:
         raise LocalProtocolError(f"not a protocol message: {msg!r}")
     body = _encode_value(msg)
     body["type"] = msg.TYPE
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        # allow_nan=False: NaN and Infinity are not JSON, and the decoder refuses them.
+        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return text.encode("utf-8")
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise LocalProtocolError(f"cannot encode {msg.TYPE!r}: {exc}") from None
 
 
 def _fail(path: str, what: str) -> RemoteProtocolError:
@@ -422,6 +428,16 @@ def _hints(cls: type) -> dict[str, Any]:
     return hints
 
 
+def _check_text(value: str, path: str) -> None:
+    # JSON's \ud800 escapes can smuggle lone surrogates into a str; such a string cannot be
+    # encoded again (to a frame, SQLite, a log, argv), so it is refused here, at the boundary.
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail(path, "string is not valid Unicode (lone surrogate)") from None
+
+
 def _decode_value(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is int:
@@ -429,9 +445,12 @@ def _decode_value(tp: Any, value: Any, path: str) -> Any:
             raise _fail(path, "expected an integer")
         return value
     if tp is float:
-        if type(value) not in (int, float):
-            raise _fail(path, "expected a number")
-        return float(value)
+        # JSON reads 1e400 as inf and a 400-digit integer as an int too big for a float.
+        if type(value) is int and -_INT_LIMIT <= value < _INT_LIMIT:
+            return float(value)
+        if type(value) is not float or not math.isfinite(value):
+            raise _fail(path, "expected a finite number")
+        return value
     if tp is bool:
         if type(value) is not bool:
             raise _fail(path, "expected true or false")
@@ -439,6 +458,7 @@ def _decode_value(tp: Any, value: Any, path: str) -> Any:
     if tp is str:
         if type(value) is not str:
             raise _fail(path, "expected a string")
+        _check_text(value, path)
         return value
     if tp is bytes:
         if type(value) is not str:
@@ -461,8 +481,10 @@ def _decode_value(tp: Any, value: Any, path: str) -> Any:
         if type(value) is not dict:
             raise _fail(path, "expected an object")
         for k, v in value.items():
+            _check_text(k, path)
             if type(v) is not str:
                 raise _fail(f"{path}.{k}", "expected a string")
+            _check_text(v, f"{path}.{k}")
         return dict(value)
     if isinstance(tp, type) and attrs.has(tp):
         return _decode_attrs(tp, value, path)
@@ -491,10 +513,28 @@ def _decode_attrs(cls: type, value: Any, path: str, skip: frozenset[str] = froze
         raise _fail(path or cls.__name__, what) from None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of repeated keys silently; a strict decoder has one reading only.
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
 def decode_message(payload: bytes) -> Message:
     try:
-        body = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = json.loads(
+            payload.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_duplicates
+        )
+    except ValueError as exc:
+        # JSONDecodeError, UnicodeDecodeError, our hooks, and the int-digits limit (a bare
+        # ValueError from json for integers of more than 4300 digits).
         raise RemoteProtocolError(f"frame is not valid UTF-8 JSON: {exc}") from None
     except RecursionError:
         raise RemoteProtocolError("frame nests too deeply") from None

@@ -1,0 +1,250 @@
+"""The job queue, in SQLite (WAL): the one place the pool's state survives restarts.
+
+Every state change is one transaction, committed before the broker tells anyone about it, so a
+broker killed at any instant restarts with a queue that is a prefix of what it promised. This
+module does no networking and knows nothing of starters beyond their names.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import wire
+
+IDLE, RUNNING, SUSPENDED, HELD, COMPLETED, REMOVED = (
+    "idle", "running", "suspended", "held", "completed", "removed",
+)  # fmt: skip
+LIVE_STATES = (IDLE, RUNNING, SUSPENDED, HELD)
+FINISHED_STATES = (COMPLETED, REMOVED)
+TAIL = 65536
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    cluster INTEGER NOT NULL,
+    proc INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    owner_uid INTEGER NOT NULL,
+    owner_gid INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    hold_reason TEXT NOT NULL DEFAULT '',
+    submitted REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    exit_code INTEGER,
+    exit_signal INTEGER,
+    starter TEXT NOT NULL DEFAULT '',
+    pid INTEGER NOT NULL DEFAULT 0,
+    scratch TEXT NOT NULL DEFAULT '',
+    sessions INTEGER NOT NULL DEFAULT 0,
+    stdout_tail BLOB,
+    stderr_tail BLOB,
+    PRIMARY KEY (cluster, proc)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, cluster, proc);
+CREATE TABLE IF NOT EXISTS audit (
+    ts REAL NOT NULL, uid INTEGER NOT NULL, action TEXT NOT NULL,
+    job TEXT NOT NULL, outcome TEXT NOT NULL
+);
+"""
+
+
+class UnknownJob(KeyError):
+    pass
+
+
+def split_id(job_id: str) -> tuple[int, int]:
+    cluster, _, proc = job_id.partition(".")
+    return int(cluster), int(proc or 0)
+
+
+class Row:
+    """One job as stored."""
+
+    __slots__ = (
+        "cluster", "proc", "owner", "owner_uid", "owner_gid", "spec", "state", "hold_reason",
+        "submitted", "started", "finished", "exit_code", "exit_signal", "starter", "pid",
+        "scratch", "sessions",
+    )  # fmt: skip
+
+    cluster: int
+    proc: int
+    owner: str
+    owner_uid: int
+    owner_gid: int
+    spec: str
+    state: str
+    hold_reason: str
+    submitted: float
+    started: float | None
+    finished: float | None
+    exit_code: int | None
+    exit_signal: int | None
+    starter: str
+    pid: int
+    scratch: str
+    sessions: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.cluster}.{self.proc}"
+
+    def job_spec(self) -> wire.JobSpec:
+        d = json.loads(self.spec)
+        return wire.JobSpec(
+            executable=d["executable"], args=tuple(d["args"]), env=d["env"],
+            initialdir=d["initialdir"], hold_on_failure=d.get("hold_on_failure", False),
+        )  # fmt: skip
+
+    def info(self) -> wire.JobInfo:
+        d = json.loads(self.spec)
+        return wire.JobInfo(
+            id=self.id, owner=self.owner, owner_uid=self.owner_uid, state=self.state,
+            executable=d["executable"], args=tuple(d["args"]), submitted=self.submitted,
+            started=self.started, finished=self.finished, exit_code=self.exit_code,
+            exit_signal=self.exit_signal, hold_reason=self.hold_reason, starter=self.starter,
+            pids=(self.pid,) if self.pid else (), scratch=self.scratch,
+            initialdir=d["initialdir"], sessions=self.sessions,
+        )  # fmt: skip
+
+
+_COLUMNS = ", ".join(Row.__slots__)
+
+
+def _row(values: tuple[object, ...]) -> Row:
+    r = Row.__new__(Row)
+    for name, v in zip(Row.__slots__, values, strict=True):
+        setattr(r, name, v)
+    return r
+
+
+class JobQueue:
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        path.chmod(0o600)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writes: one transaction each
+
+    def submit(self, spec: wire.JobSpec, count: int, owner: str, uid: int, gid: int) -> int:
+        now = time.time()
+        blob = json.dumps(
+            {"executable": spec.executable, "args": list(spec.args), "env": dict(spec.env),
+             "initialdir": spec.initialdir, "hold_on_failure": spec.hold_on_failure},
+            separators=(",", ":"),
+        )  # fmt: skip
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.execute("SELECT value FROM meta WHERE key='next_cluster'")
+            row = cur.fetchone()
+            cluster = int(row[0]) if row else 1
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_cluster', ?)",
+                (str(cluster + 1),),
+            )
+            self.db.executemany(
+                "INSERT INTO jobs (cluster, proc, owner, owner_uid, owner_gid, spec, state,"
+                " submitted) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                ((cluster, p, owner, uid, gid, blob, IDLE, now) for p in range(count)),
+            )
+        return cluster
+
+    def set_state(self, job_id: str, state: str, **fields: object) -> None:
+        cluster, proc = split_id(job_id)
+        allowed = set(Row.__slots__) | {"stdout_tail", "stderr_tail"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"unknown job columns {bad}")
+        sets = ", ".join(["state = ?"] + [f"{k} = ?" for k in fields])
+        with self.db:
+            self.db.execute(
+                f"UPDATE jobs SET {sets} WHERE cluster = ? AND proc = ?",  # noqa: S608
+                (state, *fields.values(), cluster, proc),
+            )
+
+    def update(self, job_id: str, **fields: object) -> None:
+        row = self.get(job_id)
+        self.set_state(job_id, row.state, **fields)
+
+    def audit(self, uid: int, action: str, job: str, outcome: str) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT INTO audit (ts, uid, action, job, outcome) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), uid, action, job, outcome),
+            )
+
+    # -- reads
+
+    def get(self, job_id: str) -> Row:
+        try:
+            cluster, proc = split_id(job_id)
+        except ValueError:
+            raise UnknownJob(job_id) from None
+        cur = self.db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE cluster = ? AND proc = ?",  # noqa: S608
+            (cluster, proc),
+        )
+        r = cur.fetchone()
+        if r is None:
+            raise UnknownJob(job_id)
+        return _row(r)
+
+    def select(self, ids: wire.JobId | None = None, states: tuple[str, ...] = LIVE_STATES,
+               owner_uid: int | None = None) -> Iterator[Row]:  # fmt: skip
+        where = [f"state IN ({', '.join('?' * len(states))})"]
+        args: list[object] = list(states)
+        if ids is not None:
+            where.append("cluster = ?")
+            args.append(ids.cluster)
+            if ids.proc is not None:
+                where.append("proc = ?")
+                args.append(ids.proc)
+        if owner_uid is not None:
+            where.append("owner_uid = ?")
+            args.append(owner_uid)
+        cur = self.db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE {' AND '.join(where)}"  # noqa: S608
+            " ORDER BY cluster, proc",
+            args,
+        )
+        for r in cur:
+            yield _row(r)
+
+    def next_idle(self, limit: int) -> list[Row]:
+        cur = self.db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY cluster, proc LIMIT ?",  # noqa: S608
+            (IDLE, limit),
+        )
+        return [_row(r) for r in cur]
+
+    def on_starter(self, starter: str) -> list[Row]:
+        cur = self.db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE starter = ? AND state IN (?, ?)",  # noqa: S608
+            (starter, RUNNING, SUSPENDED),
+        )
+        return [_row(r) for r in cur]
+
+    def tail(self, job_id: str, stream: str) -> bytes:
+        cluster, proc = split_id(job_id)
+        col = "stdout_tail" if stream == "stdout" else "stderr_tail"
+        cur = self.db.execute(
+            f"SELECT {col} FROM jobs WHERE cluster = ? AND proc = ?",  # noqa: S608
+            (cluster, proc),
+        )
+        r = cur.fetchone()
+        return bytes(r[0]) if r and r[0] is not None else b""
+
+    def counts(self) -> dict[str, int]:
+        cur = self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        return {state: n for state, n in cur}

@@ -1,0 +1,439 @@
+"""``stj``: the pool's commands (pool, broker, starter, submit, q, history, rm, hold, ...).
+
+The daemons (``pool``, ``broker``, ``starter``) import trio only when they run; the everyday
+commands are small blocking clients of the broker's unix socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from typing import Any
+
+import attrs
+
+import wire
+
+from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", help="pool state directory (default: $STJ_STATE_DIR, the "
+                   "config's, or your personal one)")  # fmt: skip
+    p.add_argument("--config", help="config file (default: $STJ_CONFIG or /etc/ssh-to-job/config.toml)")
+    p.add_argument("-name", "--name", dest="broker_name", help="broker socket or state directory")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="stj", description="ssh-to-job pool commands")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("pool", help="run a personal pool: a broker and a starter on this host")
+    _common(p)
+    p.add_argument("--slots", type=int)
+    p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("broker", help="run the broker")
+    _common(p)
+    p.add_argument("--port", type=int)
+    p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("starter", help="run a starter (dials out to the broker)")
+    _common(p)
+    p.add_argument("--broker", help="broker host:port")
+    p.add_argument("--broker-key", help="broker public key (hex) or a file holding it")
+    p.add_argument("--starter-name")
+    p.add_argument("--slots", type=int)
+    p.add_argument("--print-key", action="store_true", help="print this starter's public key")
+    p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("submit", help="queue jobs")
+    _common(p)
+    p.add_argument("-n", "--count", type=int, default=None)
+    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--initialdir", "-d")
+    p.add_argument("--hold-on-failure", action="store_true",
+                   help="hold the job (for debugging with ssh-to-job) if it exits non-zero")
+    p.add_argument("-f", "--file", help="a TOML submit file")
+    p.add_argument("executable", nargs="?")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    for name, help_ in (("q", "list the queue"), ("history", "list finished jobs")):
+        p = sub.add_parser(name, help=help_)
+        _common(p)
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--owner")
+        p.add_argument("ids", nargs="*")
+    for name in ("rm", "hold", "release", "suspend", "continue"):
+        p = sub.add_parser(name, help=f"{name} jobs")
+        _common(p)
+        p.add_argument("--reason", default="")
+        p.add_argument("ids", nargs="+")
+    p = sub.add_parser("status", help="starters, slots, what runs where")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("output", help="show a job's stdout (or --stderr)")
+    _common(p)
+    p.add_argument("--stderr", action="store_true")
+    p.add_argument("id")
+    return ap
+
+
+# ---------------------------------------------------------------------------- daemons
+
+
+def _setup_logging(debug: bool) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _config_and_state(a: argparse.Namespace) -> tuple[wire.PoolConfig, pathlib.Path]:
+    config = wire.load_config(a.config)
+    state = wire.state_dir_for(a.state_dir, config)
+    state.mkdir(parents=True, exist_ok=True, mode=0o755)
+    return config, state
+
+
+def cmd_broker(a: argparse.Namespace) -> int:
+    import trio
+
+    from broker import Broker
+
+    config, state = _config_and_state(a)
+    if a.port is not None:
+        config = attrs.evolve(config, broker=attrs.evolve(config.broker, port=a.port))
+    _setup_logging(a.debug)
+    broker = Broker(state, config)
+    trio.run(broker.serve)
+    return 0
+
+
+def cmd_starter(a: argparse.Namespace) -> int:
+    config, state = _config_and_state(a)
+    changes: dict[str, Any] = {}
+    if a.broker:
+        changes["broker"] = a.broker
+    if a.broker_key:
+        key = a.broker_key
+        if os.path.exists(key):
+            key = pathlib.Path(key).read_text().strip()
+        changes["broker_key"] = key
+    if a.starter_name:
+        changes["name"] = a.starter_name
+    if a.slots:
+        changes["slots"] = a.slots
+    config = attrs.evolve(config, starter=attrs.evolve(config.starter, **changes))
+    if a.print_key:
+        seed = wire.load_or_create_key(state / "keys" / "starter.key")
+        print(wire.public_hex(seed))
+        return 0
+    import trio
+
+    from starter import Starter
+
+    _setup_logging(a.debug)
+    st = Starter(state, config, debug=a.debug)
+    trio.run(st.serve)
+    return 0
+
+
+def cmd_pool(a: argparse.Namespace) -> int:
+    """A broker and a starter as two processes, so either can die without the other."""
+    config, state = _config_and_state(a)
+    seed = wire.load_or_create_key(state / "keys" / "starter.key")
+    trust = state / "trusted_starters"
+    trust.mkdir(mode=0o755, exist_ok=True)
+    wire.write_public(trust / "local.pub", wire.public_hex(seed).encode() + b"\n")
+    base = [sys.executable, "-P", "-m", "client.stj"]
+    common = ["--state-dir", str(state)]
+    if a.config:
+        common += ["--config", a.config]
+    if a.debug:
+        common.append("--debug")
+    addr = state / "broker.addr"
+    addr.unlink(missing_ok=True)
+    broker = subprocess.Popen([*base, "broker", *common])
+    for _ in range(200):
+        if addr.exists() or broker.poll() is not None:
+            break
+        time.sleep(0.05)
+    if not addr.exists():
+        broker.kill()
+        return die("the broker did not start")
+    st_args = ["--slots", str(a.slots)] if a.slots else []
+    starter = subprocess.Popen([*base, "starter", *common, *st_args])
+    print(f"stj: personal pool running in {state} (broker pid {broker.pid}, starter pid "
+          f"{starter.pid}); Ctrl-C stops it", file=sys.stderr, flush=True)  # fmt: skip
+
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+    try:
+        while broker.poll() is None and starter.poll() is None:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in (starter, broker):
+            if p.poll() is None:
+                p.terminate()
+        for p in (starter, broker):
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return 0
+
+
+# ---------------------------------------------------------------------------- clients
+
+
+def _client(a: argparse.Namespace) -> BrokerClient:
+    name = a.broker_name or a.state_dir
+    return BrokerClient(find_socket(name, a.config))
+
+
+def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
+    try:
+        raw = tomllib.loads(pathlib.Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    known = {"executable", "arguments", "environment", "initialdir", "count", "hold_on_failure"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    exe = raw.get("executable")
+    if not isinstance(exe, str) or not exe:
+        raise ValueError(f"{path}: 'executable' (a string) is required")
+    args = raw.get("arguments", [])
+    if isinstance(args, str):
+        import shlex
+
+        args = shlex.split(args)
+    if not isinstance(args, list) or not all(isinstance(x, str) for x in args):
+        raise ValueError(f"{path}: 'arguments' must be a list of strings or one string")
+    env = raw.get("environment", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise ValueError(f"{path}: 'environment' must be a table of strings")
+    count = raw.get("count", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"{path}: 'count' must be a positive integer")
+    idir = raw.get("initialdir", str(pathlib.Path(path).absolute().parent))
+    if not isinstance(idir, str):
+        raise ValueError(f"{path}: 'initialdir' must be a string")
+    hof = raw.get("hold_on_failure", False)
+    if not isinstance(hof, bool):
+        raise ValueError(f"{path}: 'hold_on_failure' must be true or false")
+    return wire.JobSpec(executable=exe, args=tuple(args), env=env, initialdir=idir,
+                        hold_on_failure=hof), count  # fmt: skip
+
+
+def _resolve_exe(exe: str, idir: str) -> str:
+    if "/" in exe:
+        return str((pathlib.Path(idir) / exe).absolute()) if not exe.startswith("/") else exe
+    found = shutil.which(exe)
+    if not found:
+        raise ValueError(f"executable {exe!r} not found on PATH")
+    return found
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    try:
+        if a.file:
+            spec, count = _load_submit_file(a.file)
+        elif a.executable:
+            spec, count = wire.JobSpec(executable=a.executable, args=tuple(a.args)), 1
+        else:
+            return die("give an executable or -f submit-file", 2)
+        env = dict(spec.env)
+        for item in a.env:
+            k, eq, v = item.partition("=")
+            if not eq or not k:
+                return die(f"--env wants NAME=VALUE, not {item!r}", 2)
+            env[k] = v
+        idir = str(pathlib.Path(a.initialdir or spec.initialdir
+                                if (a.initialdir or a.file) else os.getcwd()).absolute())  # fmt: skip
+        spec = attrs.evolve(spec, env=env, initialdir=idir,
+                            executable=_resolve_exe(spec.executable, idir),
+                            hold_on_failure=spec.hold_on_failure or a.hold_on_failure)  # fmt: skip
+        count = a.count if a.count is not None else count
+    except ValueError as exc:
+        return die(str(exc), 2)
+    try:
+        with _client(a) as bc:
+            reply = bc.request(wire.Submit(spec=spec, count=count))
+    except BrokerUnavailable as exc:
+        return die(str(exc))
+    if isinstance(reply, wire.Error):
+        return die(reply.message)
+    assert isinstance(reply, wire.SubmitReply)
+    print(f"submitted {reply.count} job(s) to cluster {reply.cluster}: "
+          + " ".join(f"{reply.cluster}.{p}" for p in range(min(reply.count, 20)))
+          + (" ..." if reply.count > 20 else ""))  # fmt: skip
+    return 0
+
+
+def _fmt_time(t: float | None) -> str:
+    return time.strftime("%m/%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _fmt_dur(j: wire.JobInfo) -> str:
+    if not j.started:
+        return "0+00:00:00"
+    end = j.finished or time.time()
+    s = int(max(0, end - j.started))
+    return f"{s // 86400}+{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _job_dict(j: wire.JobInfo) -> dict[str, Any]:
+    return attrs.asdict(j, value_serializer=lambda _i, _f, v: list(v) if isinstance(v, tuple) else v)
+
+
+def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
+    for text in a.ids:
+        try:
+            wire.parse_job_id(text)
+        except ValueError as exc:
+            return die(str(exc), 2)
+    try:
+        with _client(a) as bc:
+            jobs: list[wire.JobInfo] = []
+            for ident in a.ids or [""]:
+                got = bc.jobs(wire.Query(ids=(ident,) if ident else (), history=history,
+                                         owner=a.owner or ""))  # fmt: skip
+                if isinstance(got, wire.Error):
+                    return die(got.message)
+                jobs.extend(got)
+    except BrokerUnavailable as exc:
+        return die(str(exc))
+    if a.json:
+        json.dump([_job_dict(j) for j in jobs], sys.stdout, indent=1)
+        print()
+        return 0
+    out = sys.stdout
+    if history:
+        out.write(f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
+                  f"{'EXIT':<9} CMD\n")  # fmt: skip
+    else:
+        out.write(f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
+                  f"{'SSH':<4} CMD\n")  # fmt: skip
+    for j in jobs:
+        cmd = " ".join((os.path.basename(j.executable), *j.args))[:60]
+        if history:
+            ex = (f"sig {j.exit_signal}" if j.exit_signal is not None
+                  else str(j.exit_code) if j.exit_code is not None else "-")  # fmt: skip
+            extra = f"{ex:<9}"
+        else:
+            extra = f"{j.sessions:<4}"
+        state = j.state + (f" ({j.hold_reason})" if j.state == "held" and j.hold_reason else "")
+        out.write(f"{j.id:<10} {j.owner:<10} {state:<10} {_fmt_time(j.submitted):<15} "
+                  f"{_fmt_dur(j):<11} {extra} {cmd}\n")  # fmt: skip
+    if not history:
+        counts: dict[str, int] = {}
+        for j in jobs:
+            counts[j.state] = counts.get(j.state, 0) + 1
+        out.write(f"\n{len(jobs)} jobs; " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                  + "\n")  # fmt: skip
+    return 0
+
+
+def cmd_act(a: argparse.Namespace) -> int:
+    try:
+        with _client(a) as bc:
+            reply = bc.request(wire.Act(action=a.cmd, ids=tuple(a.ids), reason=a.reason))
+    except BrokerUnavailable as exc:
+        return die(str(exc))
+    if isinstance(reply, wire.Error):
+        return die(reply.message)
+    assert isinstance(reply, wire.ActReply)
+    rc = 0
+    for r in reply.results:
+        if r.ok:
+            print(r.message)
+        else:
+            print(f"stj {a.cmd}: {r.message}", file=sys.stderr)
+            rc = 1
+    return rc
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    try:
+        with _client(a) as bc:
+            reply = bc.request(wire.Status())
+    except BrokerUnavailable as exc:
+        return die(str(exc))
+    assert isinstance(reply, wire.StatusReply)
+    if a.json:
+        json.dump(attrs.asdict(reply), sys.stdout, indent=1, default=list)
+        print()
+        return 0
+    print(f"broker pid {reply.broker_pid}: {reply.jobs_idle} idle, {reply.jobs_running} running, "
+          f"{reply.jobs_held} held")  # fmt: skip
+    if not reply.starters:
+        print("no starters connected")
+    for s in reply.starters:
+        print(f"starter {s.starter_id} ({s.address}): {s.busy}/{s.slots} slots busy"
+              + (f": {' '.join(s.jobs)}" if s.jobs else ""))  # fmt: skip
+    return 0
+
+
+def cmd_output(a: argparse.Namespace) -> int:
+    try:
+        jid = wire.parse_job_id(a.id)
+        with _client(a) as bc:
+            reply = bc.request(wire.Output(id=jid.one, stream="stderr" if a.stderr else "stdout"))
+    except ValueError as exc:
+        return die(str(exc), 2)
+    except BrokerUnavailable as exc:
+        return die(str(exc))
+    if isinstance(reply, wire.Error):
+        return die(reply.message)
+    assert isinstance(reply, wire.OutputReply)
+    sys.stdout.buffer.write(reply.data)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if a.cmd == "pool":
+            return cmd_pool(a)
+        if a.cmd == "broker":
+            return cmd_broker(a)
+        if a.cmd == "starter":
+            return cmd_starter(a)
+        if a.cmd == "submit":
+            return cmd_submit(a)
+        if a.cmd in ("q", "history"):
+            return cmd_q(a, history=a.cmd == "history")
+        if a.cmd in ("rm", "hold", "release", "suspend", "continue"):
+            return cmd_act(a)
+        if a.cmd == "status":
+            return cmd_status(a)
+        if a.cmd == "output":
+            return cmd_output(a)
+    except wire.ConfigError as exc:
+        return die(f"config: {exc}", 2)
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(a.cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

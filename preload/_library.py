@@ -1,0 +1,127 @@
+"""Finding the installed shim and checking that it is fit to preload into sshd."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import pathlib
+import stat
+from typing import Any
+
+import cffi  # type: ignore[import-untyped, unused-ignore]
+
+from preload._protocol import ENV_FD, ShimError
+
+LIBRARY_NAME = "libstjshim.so"
+
+SYMBOLS = ("getpwnam", "getpwuid", "getpwnam_r", "getpwuid_r", "getgrnam", "getgrnam_r")
+"""What the shim exports, and all it exports."""
+
+_SHIM_CDEF = """
+struct passwd;
+struct group;
+struct passwd *getpwnam(const char *name);
+struct passwd *getpwuid(unsigned int uid);
+int getpwnam_r(const char *name, struct passwd *pw, char *buf, size_t len, struct passwd **res);
+int getpwuid_r(unsigned int uid, struct passwd *pw, char *buf, size_t len, struct passwd **res);
+struct group *getgrnam(const char *name);
+int getgrnam_r(const char *name, struct group *gr, char *buf, size_t len, struct group **res);
+"""
+
+_LIBC_CDEF = """
+typedef struct {
+    const char *dli_fname;
+    void *dli_fbase;
+    const char *dli_sname;
+    void *dli_saddr;
+} Dl_info;
+int dladdr(const void *addr, Dl_info *info);
+"""
+
+
+def shim_path() -> pathlib.Path:
+    """The ``libstjshim.so`` installed with this package; ShimError if it is not there."""
+    package = __name__.rpartition(".")[0]
+    resource = importlib.resources.files(package).joinpath(LIBRARY_NAME)
+    if not isinstance(resource, pathlib.Path):
+        raise ShimError(
+            f"the LD_PRELOAD shim {resource} is not a plain file on disk (zipped install?); "
+            "install ssh-to-job as a normal directory package"
+        )
+    if not resource.is_file():
+        raise ShimError(
+            f"the LD_PRELOAD shim {resource} is missing: ssh-to-job was installed without "
+            "building it. Reinstall it where a C compiler is available "
+            "(pip install --force-reinstall ssh-to-job)"
+        )
+    return resource
+
+
+def _check_exports(path: pathlib.Path) -> None:
+    """Open the shim in cffi's ABI mode; each symbol must resolve to the shim itself."""
+    ffi: Any = cffi.FFI()
+    ffi.cdef(_SHIM_CDEF)
+    ffi.cdef(_LIBC_CDEF)
+    try:
+        lib = ffi.dlopen(os.fsdecode(path), ffi.RTLD_NOW | ffi.RTLD_LOCAL)
+    except OSError as e:
+        raise ShimError(f"the LD_PRELOAD shim {path} cannot be loaded: {e}") from e
+    try:
+        libc = ffi.dlopen(None)
+        want = os.path.realpath(path)
+        for name in SYMBOLS:
+            try:
+                fn = getattr(lib, name)
+            except AttributeError:
+                raise ShimError(f"the LD_PRELOAD shim {path} does not define {name}") from None
+            info = ffi.new("Dl_info *")
+            if not libc.dladdr(ffi.cast("void *", fn), info) or info.dli_fname == ffi.NULL:
+                raise ShimError(f"cannot tell where {name} in {path} comes from (dladdr failed)")
+            where = os.path.realpath(os.fsdecode(ffi.string(info.dli_fname)))
+            if where != want:
+                raise ShimError(
+                    f"the LD_PRELOAD shim {path} does not export {name} itself "
+                    f"(it resolves to {where}): it would not interpose it"
+                )
+    finally:
+        ffi.dlclose(lib)
+
+
+def check_shim(path: pathlib.Path | None = None) -> pathlib.Path:
+    """Check that ``path`` (default: :func:`shim_path`) is a shim the loader will preload.
+
+    The loader silently ignores an LD_PRELOAD entry containing a space or a colon, so such
+    paths are refused here; the file must be a regular file that neither group nor others can
+    write, and opening it (cffi ABI mode, RTLD_NOW) must resolve all six interposed
+    functions to the shim itself. Returns the path.
+    """
+    path = shim_path() if path is None else pathlib.Path(path)
+    text = os.fsdecode(path)
+    if not path.is_absolute():
+        raise ShimError(f"the LD_PRELOAD shim path {text!r} must be absolute")
+    for ch, what in ((" ", "a space"), (":", "a colon"), ("\t", "a tab"), ("\n", "a newline")):
+        if ch in text:
+            raise ShimError(
+                f"the LD_PRELOAD shim path {text!r} contains {what}: the dynamic loader "
+                "silently ignores such LD_PRELOAD entries. Install ssh-to-job under a path "
+                "without spaces or colons"
+            )
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ShimError(f"the LD_PRELOAD shim {text} is not usable: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise ShimError(f"the LD_PRELOAD shim {text} is not a regular file")
+    if st.st_mode & 0o022:
+        raise ShimError(
+            f"the LD_PRELOAD shim {text} is writable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}): whoever can write it runs code in every "
+            f"session's sshd. Fix it with: chmod go-w {text}"
+        )
+    if ENV_FD in os.environ:
+        raise ShimError(
+            f"cannot check the shim in a process whose environment sets {ENV_FD}: the shim "
+            "would configure itself from that descriptor. Set it only for sshd"
+        )
+    _check_exports(path)
+    return path

@@ -1,0 +1,104 @@
+"""Build hook: compile the LD_PRELOAD shim (preload/stjshim.c) into preload/libstjshim.so.
+
+All metadata lives in pyproject.toml. The shim is a plain C shared object that depends only on
+libc (it is preloaded into sshd, so it must not be a Python extension); it is built with the
+system C compiler (``$CC``, else ``cc``) when the package is built or installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.dist import Distribution
+from setuptools.errors import CompileError
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "preload" / "stjshim.c"
+VERSION_SCRIPT = HERE / "preload" / "stjshim.map"
+LIBRARY = "libstjshim.so"
+CFLAGS = [
+    "-shared",
+    "-fPIC",
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-fvisibility=hidden",
+]
+LDFLAGS = ["-Wl,-z,now", "-Wl,--as-needed"]
+
+NO_COMPILER = (
+    "ssh-to-job: building the LD_PRELOAD shim (preload/stjshim.c) needs a C compiler, and "
+    "{what}. Install one (Debian/Ubuntu: apt-get install gcc libc6-dev; RHEL: dnf install "
+    "gcc glibc-devel) or point $CC at it, then install ssh-to-job again."
+)
+
+
+def compiler() -> list[str]:
+    """The C compiler command: $CC (may carry arguments, e.g. 'ccache gcc') or cc."""
+    argv = shlex.split(os.environ.get("CC", "")) or ["cc"]
+    if shutil.which(argv[0]) is None:
+        raise CompileError(NO_COMPILER.format(what=f"{argv[0]!r} was not found"))
+    return argv
+
+
+def compile_shim(out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    argv = [
+        *compiler(),
+        *CFLAGS,
+        f"-Wl,--version-script={VERSION_SCRIPT}",
+        *LDFLAGS,
+        "-o",
+        str(tmp),
+        str(SOURCE),
+    ]
+    print("building the shim:", shlex.join(argv))
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise CompileError(NO_COMPILER.format(what=f"running {argv[0]!r} failed: {e}")) from e
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise CompileError(
+            f"ssh-to-job: compiling the LD_PRELOAD shim failed (exit {proc.returncode}):\n"
+            f"{proc.stdout}{proc.stderr}\n"
+            "Is the C library's development package installed (Debian: libc6-dev)?"
+        )
+    tmp.chmod(0o755)
+    tmp.replace(out)
+
+
+class BuildPyWithShim(build_py):
+    """build_py that also compiles the shim into the built ``preload`` package."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            # Editable installs import preload/ from the source tree: build it there.
+            compile_shim(HERE / "preload" / LIBRARY)
+        else:
+            compile_shim(Path(self.build_lib) / "preload" / LIBRARY)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        outputs: list[str] = list(super().get_outputs(include_bytecode))
+        if not getattr(self, "editable_mode", False):
+            outputs.append(str(Path(self.build_lib) / "preload" / LIBRARY))
+        return outputs
+
+
+class BinaryDistribution(Distribution):
+    """The wheel carries a native library: tag it for this platform, not py3-none-any."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
+
+setup(cmdclass={"build_py": BuildPyWithShim}, distclass=BinaryDistribution)

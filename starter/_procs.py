@@ -1,0 +1,198 @@
+"""Process trees the starter can count, suspend, resume and kill as a whole.
+
+A job and the sshd sessions into it share one *job group*. Where the host has a writable cgroup
+v2 hierarchy, the group is a cgroup (``cgroup.kill`` and ``cgroup.freeze`` act on every process
+in it, however it forked); sessions get a child cgroup each, so the job's own pids can be told
+apart from the sessions'. Without cgroups, the group is the set of descendants of its leaders
+found through /proc, which a double-forking process can escape; the admin guide says so.
+
+Processes are started as the job's uid by ``spawn_as``: the child joins the cgroup while still
+root, then drops to the job's gid, groups and uid, then execs. Nothing of the starter's own
+privilege survives the exec.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pathlib
+import signal
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger("stj.starter")
+
+
+def find_cgroup_root() -> pathlib.Path | None:
+    """The cgroup v2 directory this process lives in, if it is writable."""
+    try:
+        mounts = pathlib.Path("/proc/self/mounts").read_text().splitlines()
+        own = pathlib.Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    mount = next((m.split()[1] for m in mounts if m.split()[2:3] == ["cgroup2"]), None)
+    rel = next((line[3:] for line in own if line.startswith("0::")), None)
+    if mount is None or rel is None:
+        return None
+    base = pathlib.Path(mount) / rel.lstrip("/")
+    if not (base / "cgroup.procs").exists() or not os.access(base, os.W_OK):
+        return None
+    return base
+
+
+class JobGroup:
+    """All processes of one job: its own and its sessions'."""
+
+    def __init__(self, cgroup: pathlib.Path | None) -> None:
+        self.cgroup = cgroup
+        self.leaders: list[int] = []
+        if cgroup is not None:
+            cgroup.mkdir(exist_ok=True)
+
+    def session_cgroup(self, session_id: str) -> pathlib.Path | None:
+        if self.cgroup is None:
+            return None
+        path = self.cgroup / f"session-{session_id[:16]}"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def own_pids(self, main_pid: int) -> list[int]:
+        """The job's processes (not its sessions'), the main process first."""
+        if self.cgroup is not None:
+            pids = _read_pids(self.cgroup / "cgroup.procs")
+        else:
+            pids = sorted(_descendants([main_pid]) | ({main_pid} if _alive(main_pid) else set()))
+        rest = [p for p in pids if p != main_pid]
+        return ([main_pid] if main_pid in pids else []) + rest
+
+    def all_pids(self) -> set[int]:
+        if self.cgroup is not None:
+            out: set[int] = set()
+            for procs in self.cgroup.rglob("cgroup.procs"):
+                out.update(_read_pids(procs))
+            return out
+        return _descendants(self.leaders) | {p for p in self.leaders if _alive(p)}
+
+    def kill(self) -> None:
+        if self.cgroup is not None and (self.cgroup / "cgroup.kill").exists():
+            try:
+                (self.cgroup / "cgroup.kill").write_text("1")
+                return
+            except OSError as exc:
+                log.warning("cgroup.kill failed (%s); signalling each process", exc)
+        # Freeze-then-kill is not available here; repeat until nothing is left.
+        for _ in range(10):
+            pids = self.all_pids()
+            if not pids:
+                return
+            for pid in pids:
+                _signal(pid, signal.SIGKILL)
+
+    def freeze(self, frozen: bool) -> None:
+        if self.cgroup is not None and (self.cgroup / "cgroup.freeze").exists():
+            (self.cgroup / "cgroup.freeze").write_text("1" if frozen else "0")
+            return
+        sig = signal.SIGSTOP if frozen else signal.SIGCONT
+        for pid in self.all_pids():
+            _signal(pid, sig)
+
+    def remove(self) -> None:
+        if self.cgroup is None:
+            return
+        for sub in sorted(self.cgroup.glob("session-*"), reverse=True):
+            _rmdir(sub)
+        _rmdir(self.cgroup)
+
+
+def remove_session_cgroup(path: pathlib.Path | None) -> None:
+    if path is not None:
+        _rmdir(path)
+
+
+def _rmdir(path: pathlib.Path) -> None:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        log.debug("cgroup %s still busy", path)
+
+
+def _read_pids(path: pathlib.Path) -> list[int]:
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _descendants(roots: Iterable[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The comm field may contain spaces and parentheses: parse after the last ')'.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: set[int] = set()
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, ()):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def make_preexec(uid: int, gid: int, groups: list[int], cgroup: pathlib.Path | None,
+                 setsid: bool = True) -> Callable[[], None]:  # fmt: skip
+    """The child's last steps as root: join the cgroup, new session, then drop privileges.
+
+    Runs between fork and exec (subprocess's preexec_fn), so it only makes system calls.
+    """
+    procs = str(cgroup / "cgroup.procs") if cgroup is not None else None
+
+    def preexec() -> None:
+        if procs is not None:
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        if setsid:
+            os.setsid()
+        if os.getuid() == 0:
+            os.setgroups(groups)
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        elif os.getuid() != uid:
+            raise PermissionError("a non-root starter can only run jobs as its own uid")
+        # Belt and braces: the switch must have stuck.
+        if os.getuid() != uid or os.geteuid() != uid:
+            os._exit(126)
+
+    return preexec

@@ -1,0 +1,317 @@
+"""One ssh session into a job, on the execute side.
+
+The starter dials a new connection to the broker (the execute host opens no port), proves it
+is the starter the broker asked, and waits for the client's capability on that same socket.
+It checks the capability (broker signature, time window, single use, this session, this
+starter, this job, still running), makes an ephemeral ed25519 host key, signs it with its
+identity key, and execs ``sshd -i`` on the socket as the job's uid. sshd never listens; no
+Python process touches a byte of the SSH stream.
+
+Must never: accept a capability for another job or starter; leave a key file behind; load the
+shim into anything but sshd; let anything read past the capability frame (those bytes belong
+to sshd).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+import preload
+import wire
+from broker.transport import PeerGone, receive_one_frame_exact, set_nodelay
+from wire import _files
+
+from . import _procs
+
+if TYPE_CHECKING:
+    from ._daemon import Job, Starter
+
+log = logging.getLogger("stj.starter")
+
+_BAD_SHELLS = ("nologin", "false")
+
+
+class SessionRefused(Exception):
+    """The session cannot go ahead; the message goes to the client."""
+
+
+def login_name(uid: int) -> tuple[str, pwd.struct_passwd | None]:
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        return f"u{uid}", None
+    return pw.pw_name, pw
+
+
+def choose_shell(wanted: tuple[str, ...], pw: pwd.struct_passwd | None) -> str:
+    """The first requested shell that exists here, else the user's own, else /bin/sh."""
+    for shell in wanted:
+        if shell.startswith("/") and os.access(shell, os.X_OK) and os.path.isfile(shell):
+            return shell
+        if not shell.startswith("/"):
+            found = shutil.which(shell, path="/usr/local/bin:/usr/bin:/bin")
+            if found:
+                return found
+    if pw is not None and os.access(pw.pw_shell, os.X_OK) and not pw.pw_shell.endswith(_BAD_SHELLS):
+        return pw.pw_shell
+    return "/bin/sh"
+
+
+def make_host_key() -> tuple[bytes, str]:
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )  # fmt: skip
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode()
+    return private, public
+
+
+def _setenv_line(env: dict[str, str]) -> str:
+    """The job's environment as one sshd ``SetEnv`` directive.
+
+    sshd clears the session's environment and applies SetEnv last, after its own variables,
+    so the job's values win (HOME included). Values that sshd's config syntax cannot carry
+    (newlines, NUL) are left out and logged.
+    """
+    words = []
+    for k, v in sorted(env.items()):
+        if not (k.isascii() and k.replace("_", "a").isalnum()) or k[0].isdigit():
+            continue
+        if "\n" in v or "\0" in v or "\r" in v:
+            log.warning("environment variable %s has a newline; not passed to sessions", k)
+            continue
+        escaped = v.replace("\\", "\\\\").replace('"', '\\"')
+        words.append(f'"{k}={escaped}"')
+    return "SetEnv " + " ".join(words) + "\n" if words else ""
+
+
+def sshd_config(d: pathlib.Path, login: str, env: dict[str, str], forwarding: bool,
+                debug: bool) -> str:  # fmt: skip
+    fwd = "yes" if forwarding else "no"
+    return f"""\
+# ssh-to-job session config: one connection on stdin/stdout (sshd -i), never a listener.
+HostKey "{d}/host_key"
+AuthorizedKeysFile "{d}/authorized_keys"
+AuthenticationMethods publickey
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+HostbasedAuthentication no
+UsePAM no
+PidFile none
+StrictModes no
+PermitRootLogin no
+AllowUsers {login}
+# In-process sftp: a separate sftp-server would run without the shim and fail for uids
+# with no passwd entry ("No user found for uid").
+Subsystem sftp internal-sftp
+PermitUserEnvironment no
+PermitUserRC no
+PermitTTY yes
+AllowAgentForwarding no
+AllowTcpForwarding {fwd}
+AllowStreamLocalForwarding {fwd}
+X11Forwarding {fwd}
+X11UseLocalhost yes
+PermitTunnel no
+GatewayPorts no
+PrintMotd no
+PrintLastLog no
+UseDNS no
+LoginGraceTime 30
+ClientAliveInterval 30
+ClientAliveCountMax 4
+LogLevel {"DEBUG" if debug else "ERROR"}
+{_setenv_line(env)}"""
+
+
+async def run_session(starter: Starter, job: Job, session_id: str, nonce: bytes) -> None:
+    """Everything the starter does for one session; never raises."""
+    cfg = starter.config.starter
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    set_nodelay(sock)
+    try:
+        host, port = starter.broker_addr
+        with trio.fail_after(cfg.session_timeout):
+            await sock.connect((host, port))
+            attach = wire.Connection(wire.Channel.ATTACH, wire.Role.STARTER, wire.Role.BROKER)
+            sig = wire.sign(starter.identity, wire.attach_statement(session_id, starter.name, nonce))
+            await sock.send(attach.send(wire.SessionAttach(
+                session_id=session_id, starter_id=starter.name, signature=sig)))  # fmt: skip
+        frame = await receive_one_frame_exact(sock, wire.DEFAULT_MAX_FRAME, cfg.session_timeout)
+    except (OSError, PeerGone, trio.TooSlowError, wire.ProtocolError) as exc:
+        log.info("session %s: no capability arrived: %s", session_id[:8], exc)
+        sock.close()
+        return
+    conn = wire.Connection(wire.Channel.SESSION, wire.Role.STARTER, wire.Role.CLIENT)
+    try:
+        conn.receive_data(frame)
+        msg = conn.next_event()
+        assert isinstance(msg, wire.SessionOpen)
+        cap = _check_capability(starter, job, session_id, msg.capability)
+    except (wire.ProtocolError, wire.CapabilityError, SessionRefused) as exc:
+        log.warning("session %s for job %s refused: %s", session_id[:8], job.id, exc)
+        starter.audit("session-refused", job.id, str(exc))
+        try:
+            await sock.send(conn.send(wire.Error("refused", f"starter refused the session: {exc}")))
+        except (OSError, wire.ProtocolError):
+            pass
+        sock.close()
+        return
+    await _serve(starter, job, session_id, cap, msg, sock, conn)
+
+
+def _check_capability(starter: Starter, job: Job, session_id: str, blob: bytes) -> wire.Capability:
+    cap = wire.verify_capability(blob, starter.broker_key, time.time())
+    if cap.session_id != session_id:
+        raise SessionRefused("the capability is for another session")
+    if cap.starter_id != starter.name or cap.starter_key != starter.public_key:
+        raise SessionRefused("the capability is for another starter")
+    if cap.job != job.id:
+        raise SessionRefused(f"the capability is for job {cap.job}, not {job.id}")
+    if cap.owner_uid != job.run.uid:
+        raise SessionRefused("the capability names another job owner")
+    if not job.accepts_sessions():
+        raise SessionRefused(f"job {job.id} is not running here any more")
+    starter.replay.use(cap.session_id, cap.expires_at, time.time())
+    return cap
+
+
+async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capability,
+                 msg: wire.SessionOpen, sock: trio.socket.SocketType,
+                 conn: wire.Connection) -> None:  # fmt: skip
+    cfg = starter.config.starter
+    uid, gid = job.run.uid, job.run.gid
+    login, pw = login_name(uid)
+    shell = choose_shell(msg.shells, pw)
+    d = starter.sessions_dir / session_id[:16]
+    cgroup: pathlib.Path | None = None
+    proc: trio.Process | None = None
+    # From here on the socket is a plain blocking one: sshd gets it as stdin/stdout.
+    ours: socket.socket | None = socket.socket(fileno=sock.detach())
+    ours.setblocking(True)
+    try:
+        _files.private_dir(d, uid, gid)
+        private, public = make_host_key()
+        _files.write_private(d / "host_key", private, uid, gid)
+        _files.write_private(d / "authorized_keys", (cap.client_key + "\n").encode(), uid, gid)
+        pids = job.group.own_pids(job.pid)
+        env = dict(job.env)
+        env.update({
+            "SSH_TO_JOB_PIDS": " ".join(map(str, pids)),
+            "SSH_TO_JOB_SESSION": session_id[:16],
+        })  # fmt: skip
+        banner = (f"ssh-to-job: welcome to job {job.id} on {starter.name}; "
+                  f"its processes: {' '.join(map(str, pids)) or 'none'}")  # fmt: skip
+        _files.write_private(d / "sshd_config", sshd_config(
+            d, login, env, cfg.allow_forwarding, starter.debug).encode(), uid, gid)  # fmt: skip
+        cgroup = job.group.session_cgroup(session_id)
+        # sshd starts every session in the passwd home: the shim makes that the job's
+        # working directory (the job's own HOME still reaches the session through SetEnv).
+        home = job.scratch
+        statement = wire.host_key_statement(session_id, login, public)
+        ready = wire.SessionReady(host_key=public, login=login,
+                                  signature=wire.sign(starter.identity, statement),
+                                  banner=banner)  # fmt: skip
+        # sshd gets its own duplicate of the socket as stdin/stdout; ours is closed below.
+        argv = [cfg.sshd, "-i", "-e", "-f", str(d / "sshd_config")]
+        sshd_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        log_path = d / "sshd.log"
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchown(log_fd, uid, gid)
+        preexec = _procs.make_preexec(uid, gid, job.groups, cgroup)
+        if cfg.use_shim:
+            parent, child = socket.socketpair()
+            shim_cfg = preload.ShimConfig(uid=uid, gid=gid, name=login, home=home, shell=shell,
+                                          hide_tty_group=True)  # fmt: skip
+            sshd_env["LD_PRELOAD"] = str(starter.shim)
+            sshd_env[preload.ENV_FD] = str(child.fileno())
+            try:
+                proc = await trio.lowlevel.open_process(
+                    argv, stdin=ours.fileno(), stdout=ours.fileno(), stderr=log_fd,
+                    env=sshd_env, cwd="/", preexec_fn=preexec, pass_fds=(child.fileno(),),
+                )  # fmt: skip
+            finally:
+                child.close()
+                os.close(log_fd)
+            try:
+                await _shim_handshake(parent, shim_cfg)
+            except preload.ShimError as exc:
+                proc.kill()
+                raise SessionRefused(str(exc)) from None
+            ours.sendall(conn.send(ready))
+            parent.sendall(preload.GO)
+            parent.close()
+        else:
+            ours.sendall(conn.send(ready))
+            try:
+                proc = await trio.lowlevel.open_process(
+                    argv, stdin=ours.fileno(), stdout=ours.fileno(), stderr=log_fd,
+                    env=sshd_env, cwd="/", preexec_fn=preexec,
+                )  # fmt: skip
+            finally:
+                os.close(log_fd)
+        ours.close()
+        ours = None
+        starter.audit("session-open", job.id, f"session {session_id[:16]} uid {cap.requester_uid}")
+        job.sessions[session_id] = proc
+        job.report_sessions()
+        await proc.wait()
+        if starter.debug:
+            log.debug("sshd log for %s:\n%s", session_id[:8], log_path.read_text(errors="replace"))
+    except SessionRefused as exc:
+        log.warning("session %s into job %s failed: %s", session_id[:8], job.id, exc)
+        if ours is not None:
+            try:
+                ours.sendall(conn.send(wire.Error("failed", f"session set-up failed: {exc}")))
+            except (OSError, wire.ProtocolError):
+                pass
+    except (OSError, subprocess.SubprocessError, wire.ProtocolError) as exc:
+        log.exception("session %s into job %s failed", session_id[:8], job.id)
+        if ours is not None:
+            try:
+                ours.sendall(conn.send(wire.Error("failed", f"session set-up failed: {exc}")))
+            except (OSError, wire.ProtocolError):
+                pass
+    finally:
+        if ours is not None:
+            ours.close()
+        with trio.CancelScope(shield=True):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        job.sessions.pop(session_id, None)
+        shutil.rmtree(d, ignore_errors=True)
+        _procs.remove_session_cgroup(cgroup)
+        job.report_sessions()
+        starter.audit("session-closed", job.id, f"session {session_id[:16]}")
+
+
+async def _shim_handshake(parent: socket.socket, cfg: preload.ShimConfig) -> None:
+    """Send the shim its config and wait for its ``ok``; it then waits for GO from us."""
+    parent.setblocking(False)
+    tsock = trio.socket.from_stdlib_socket(parent)
+    await tsock.send(preload.encode_config(cfg))
+    line = b""
+    with trio.move_on_after(10):
+        while not line.endswith(b"\n") and len(line) < 4096:
+            chunk = await tsock.recv(4096)
+            if not chunk:
+                break
+            line += chunk
+    preload.parse_ack(line)

@@ -1,0 +1,149 @@
+"""The pool's configuration: one TOML file, read into frozen objects that reject unknown keys.
+
+Parsing is separate from finding the file, so tests build configs from strings. Where things
+live (the state directory) is resolved in one place, ``state_dir_for``, with the documented
+precedence: command line, then ``STJ_STATE_DIR``, then the file, then the default.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tomllib
+from typing import Any
+
+import attrs
+
+ENV_STATE_DIR = "STJ_STATE_DIR"
+ENV_CONFIG = "STJ_CONFIG"
+SYSTEM_CONFIG = pathlib.Path("/etc/ssh-to-job/config.toml")
+SYSTEM_STATE_DIR = pathlib.Path("/var/lib/ssh-to-job")
+
+
+class ConfigError(ValueError):
+    """The configuration file is malformed or names an unknown key."""
+
+
+@attrs.frozen
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    #: 0: pick a free port and record it in ``<state>/broker.addr`` (a personal pool).
+    port: int = 0
+    #: Queue superusers besides root: user names or numeric uids.
+    superusers: tuple[str, ...] = ()
+    #: Seconds a capability stays valid (at most 60).
+    capability_lifetime: int = 30
+    #: Seconds to wait for a starter to dial in a session connection.
+    session_timeout: float = 15.0
+    #: Seconds a peer has to send a whole frame once it has started.
+    frame_timeout: float = 10.0
+    max_frame: int = 1 << 20
+
+
+@attrs.frozen
+class StarterConfig:
+    name: str = ""
+    slots: int = 4
+    #: ``host:port`` of the broker; default: read from ``<state>/broker.addr``.
+    broker: str = ""
+    #: The broker's public key (hex); default: read from ``<state>/broker.pub``.
+    broker_key: str = ""
+    execute_dir: str = ""
+    sshd: str = "/usr/sbin/sshd"
+    sftp_server: str = "/usr/lib/openssh/sftp-server"
+    use_shim: bool = True
+    use_cgroups: bool = True
+    #: After the job's main process exits, open sessions may go on this long (seconds).
+    session_grace: float = 3600.0
+    #: Seconds a client has to present its capability on a new session socket.
+    session_timeout: float = 15.0
+    #: Let sessions forward ports and X11 (both only ever bind loopback inside the job's host).
+    allow_forwarding: bool = True
+    reconnect_max: float = 5.0
+
+
+@attrs.frozen
+class PoolConfig:
+    state_dir: str = ""
+    broker: BrokerConfig = BrokerConfig()
+    starter: StarterConfig = StarterConfig()
+
+
+def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    fields = {f.name: f for f in attrs.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        f = fields.get(key)
+        if f is None:
+            raise ConfigError(f"unknown key {key!r} in [{where}] (known: {', '.join(fields)})")
+        want = f.default.__class__ if f.default is not attrs.NOTHING else str
+        if isinstance(f.default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+                raise ConfigError(f"{where}.{key} must be a list of names or numbers")
+            value = tuple(str(v) for v in value)
+        elif want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}.{key} must be of type {want.__name__}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse_config(text: str) -> PoolConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config is not valid TOML: {exc}") from None
+    unknown = set(raw) - {"pool", "broker", "starter"}
+    if unknown:
+        raise ConfigError(f"unknown section(s) {sorted(unknown)} (known: pool, broker, starter)")
+    pool = raw.get("pool", {})
+    if not isinstance(pool, dict) or set(pool) - {"state_dir"}:
+        raise ConfigError("[pool] knows only state_dir")
+    state_dir = pool.get("state_dir", "")
+    if not isinstance(state_dir, str):
+        raise ConfigError("pool.state_dir must be a string")
+    broker: BrokerConfig = _build(BrokerConfig, raw.get("broker", {}), "broker")
+    starter: StarterConfig = _build(StarterConfig, raw.get("starter", {}), "starter")
+    if not 1 <= broker.capability_lifetime <= 60:
+        raise ConfigError("broker.capability_lifetime must be between 1 and 60 seconds")
+    if starter.slots < 1:
+        raise ConfigError("starter.slots must be at least 1")
+    return PoolConfig(state_dir=state_dir, broker=broker, starter=starter)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> PoolConfig:
+    """Read the config file: ``path``, else ``$STJ_CONFIG``, else /etc's if it exists."""
+    if path is None:
+        env = os.environ.get(ENV_CONFIG)
+        if env:
+            path = env
+        elif SYSTEM_CONFIG.exists():
+            path = SYSTEM_CONFIG
+        else:
+            return PoolConfig()
+    try:
+        text = pathlib.Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    return parse_config(text)
+
+
+def default_state_dir() -> pathlib.Path:
+    if os.getuid() == 0:
+        return SYSTEM_STATE_DIR
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return pathlib.Path(base) / "ssh-to-job"
+
+
+def state_dir_for(cli: str | None, config: PoolConfig) -> pathlib.Path:
+    if cli:
+        return pathlib.Path(cli).absolute()
+    env = os.environ.get(ENV_STATE_DIR)
+    if env:
+        return pathlib.Path(env).absolute()
+    if config.state_dir:
+        return pathlib.Path(config.state_dir)
+    return default_state_dir()
