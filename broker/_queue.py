@@ -67,9 +67,23 @@ class Row:
     """One job as stored."""
 
     __slots__ = (
-        "cluster", "proc", "owner", "owner_uid", "owner_gid", "spec", "state", "hold_reason",
-        "submitted", "started", "finished", "exit_code", "exit_signal", "starter", "pid",
-        "scratch", "sessions",
+        "cluster",
+        "exit_code",
+        "exit_signal",
+        "finished",
+        "hold_reason",
+        "owner",
+        "owner_gid",
+        "owner_uid",
+        "pid",
+        "proc",
+        "scratch",
+        "sessions",
+        "spec",
+        "started",
+        "starter",
+        "state",
+        "submitted",
     )  # fmt: skip
 
     cluster: int

@@ -261,23 +261,23 @@ class Starter:
             self.jobs[job.id] = job
             self.jobs_nursery.start_soon(self._run_job, job)
         elif isinstance(msg, wire.SignalJob):
-            job = self.jobs.get(msg.id)
-            if job is not None:
-                self._signal(job, msg.action, msg.reason)
+            target = self.jobs.get(msg.id)
+            if target is not None:
+                self._signal(target, msg.action, msg.reason)
         elif isinstance(msg, wire.OpenSession):
-            job = self.jobs.get(msg.job)
-            if job is None or not job.accepts_sessions():
+            target = self.jobs.get(msg.job)
+            if target is None or not target.accepts_sessions():
                 self.post(wire.SessionFailed(session_id=msg.session_id,
                                              message=f"job {msg.job} is not running on this "
                                              "starter"))  # fmt: skip
                 return
-            self.jobs_nursery.start_soon(run_session, self, job, msg.session_id, msg.nonce)
+            self.jobs_nursery.start_soon(run_session, self, target, msg.session_id, msg.nonce)
         elif isinstance(msg, wire.FetchOutput):
-            job = self.jobs.get(msg.id)
-            path = None if job is None else (job.stdout_path if msg.stream == "stdout"
-                                             else job.stderr_path)  # fmt: skip
+            target = self.jobs.get(msg.id)
+            path = None if target is None else (target.stdout_path if msg.stream == "stdout"
+                                                else target.stderr_path)  # fmt: skip
             data = _tail(path, msg.max_bytes) if path is not None else b""
-            self.post(wire.OutputData(request=msg.request, data=data, found=job is not None))
+            self.post(wire.OutputData(request=msg.request, data=data, found=target is not None))
         elif isinstance(msg, wire.Ack):
             for jid in msg.ids:
                 if self.unacked.pop(jid, None) is not None:

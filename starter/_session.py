@@ -203,7 +203,7 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
     cgroup: pathlib.Path | None = None
     proc: trio.Process | None = None
     # From here on the socket is a plain blocking one: sshd gets it as stdin/stdout.
-    ours: socket.socket | None = socket.socket(fileno=sock.detach())
+    ours = socket.socket(fileno=sock.detach())
     ours.setblocking(True)
     try:
         _files.private_dir(d, uid, gid)
@@ -267,7 +267,6 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
             finally:
                 os.close(log_fd)
         ours.close()
-        ours = None
         starter.audit("session-open", job.id, f"session {session_id[:16]} uid {cap.requester_uid}")
         job.sessions[session_id] = proc
         job.report_sessions()
@@ -276,21 +275,12 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
             log.debug("sshd log for %s:\n%s", session_id[:8], log_path.read_text(errors="replace"))
     except SessionRefused as exc:
         log.warning("session %s into job %s failed: %s", session_id[:8], job.id, exc)
-        if ours is not None:
-            try:
-                ours.sendall(conn.send(wire.Error("failed", f"session set-up failed: {exc}")))
-            except (OSError, wire.ProtocolError):
-                pass
+        _tell(ours, conn, f"session set-up failed: {exc}")
     except (OSError, subprocess.SubprocessError, wire.ProtocolError) as exc:
         log.exception("session %s into job %s failed", session_id[:8], job.id)
-        if ours is not None:
-            try:
-                ours.sendall(conn.send(wire.Error("failed", f"session set-up failed: {exc}")))
-            except (OSError, wire.ProtocolError):
-                pass
+        _tell(ours, conn, f"session set-up failed: {exc}")
     finally:
-        if ours is not None:
-            ours.close()
+        ours.close()
         with trio.CancelScope(shield=True):
             if proc is not None and proc.returncode is None:
                 proc.kill()
@@ -300,6 +290,16 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
         _procs.remove_session_cgroup(cgroup)
         job.report_sessions()
         starter.audit("session-closed", job.id, f"session {session_id[:16]}")
+
+
+def _tell(sock: socket.socket, conn: wire.Connection, message: str) -> None:
+    """Best effort: tell the client why its session failed (unless sshd already has it)."""
+    if sock.fileno() == -1 or conn.state != "opening":
+        return
+    try:
+        sock.sendall(conn.send(wire.Error("failed", message)))
+    except (OSError, wire.ProtocolError):
+        pass
 
 
 async def _shim_handshake(parent: socket.socket, cfg: preload.ShimConfig) -> None:
