@@ -186,11 +186,8 @@ class Broker:
         finally:
             await stream.aclose()
 
-    async def _try_send(self, stream: FramedStream, msg: wire.Message) -> None:
-        try:
-            await stream.send(msg)
-        except (PeerGone, wire.LocalProtocolError):
-            pass
+    async def _try_send(self, stream: FramedStream, msg: wire.Error) -> None:
+        await stream.farewell(msg)
 
     async def _dispatch_client(
         self, stream: FramedStream, sock: trio.socket.SocketType, msg: wire.Message,

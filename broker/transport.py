@@ -41,6 +41,15 @@ class FramedStream:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise PeerGone(f"could not send to peer: {exc}") from exc
 
+    async def farewell(self, error: wire.Error) -> None:
+        """Best effort: tell the peer why we are closing (see Connection.farewell)."""
+        try:
+            with trio.move_on_after(1):
+                async with self._send_lock:
+                    await self.stream.send_all(self.conn.farewell(error))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
     async def receive(self, timeout: float | None = None) -> wire.Message:
         """The next message; PeerGone at end of stream, RemoteProtocolError on garbage.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
-from ._messages import JobList, Message, decode_message, encode_message
+from ._messages import Error, JobList, Message, decode_message, encode_message
 from ._state import RAW, START, Channel, Role, next_state
 
 ERROR_STATE = "error"
@@ -48,6 +48,15 @@ class Connection:
         except LocalProtocolError:
             self.state = ERROR_STATE
             raise
+
+    def farewell(self, error: Error) -> bytes:
+        """One last ``Error`` frame telling the peer why we hang up; the state becomes final.
+
+        Allowed in any state (the peer may have broken the protocol already): it is the only
+        frame ever sent outside the table, and nothing can follow it.
+        """
+        self.state = ERROR_STATE
+        return encode_frame(encode_message(error), self.max_frame)
 
     def receive_data(self, data: bytes) -> None:
         self._decoder.receive_data(data)
