@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"demo: {argv[0]} failed with status {r.returncode}")
         return r.stdout
 
-    log = open(state / "pool.log", "ab")  # noqa: SIM115
+    log = open(state / "pool.log", "ab")
     print(f"# stj pool --state-dir {state}    (broker + starter; log in {state}/pool.log)")
     pool = subprocess.Popen([str(BIN / "stj"), "pool", "--state-dir", str(state)], env=env,
                             stdout=log, stderr=log, start_new_session=True)  # fmt: skip

@@ -63,7 +63,7 @@ def _ensure_user(name: str) -> User:
 
 
 @pytest.fixture(scope="session")
-def users() -> Iterator[dict[str, User]]:
+def users() -> dict[str, User]:
     """Test users: two ordinary ones (a, b), a queue superuser (su), root and a bare uid."""
     made = {n: _ensure_user(n) for n in USERS}
     try:
@@ -71,12 +71,12 @@ def users() -> Iterator[dict[str, User]]:
         raise RuntimeError(f"uid {BARE_UID} must have no passwd entry for these tests")
     except KeyError:
         pass
-    yield {
+    # The users stay afterwards: several test runs may share them, and they own nothing.
+    return {
         "a": made["stjta"], "b": made["stjtb"], "su": made["stjtsu"],
         "root": User("root", 0, 0, "/root"),
         "bare": User(None, BARE_UID, BARE_UID, "/tmp"),
     }  # fmt: skip
-    # The users stay: several test runs may share them, and they own nothing of value.
 
 
 class Pool:
