@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="starters, slots, what runs where")
     _common(p)
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("ssh-config", help="print an ssh_config block: `ssh job-32.0`, VS Code")
+    _common(p)
     p = sub.add_parser("output", help="show a job's stdout (or --stderr)")
     _common(p)
     p.add_argument("--stderr", action="store_true")
@@ -182,7 +184,14 @@ def cmd_pool(a: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, stop)
     try:
-        while broker.poll() is None and starter.poll() is None:
+        # The starter holds the jobs: a broker that dies (or is restarted by hand) does not
+        # take it down; the starter redials until a broker is back.
+        said = False
+        while starter.poll() is None:
+            if broker.poll() is not None and not said:
+                print(f"stj: the broker exited ({broker.returncode}); the starter keeps the jobs "
+                      "running and redials", file=sys.stderr, flush=True)  # fmt: skip
+                said = True
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
@@ -428,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(a)
         if a.cmd == "output":
             return cmd_output(a)
+        if a.cmd == "ssh-config":
+            from .ideproxy import ssh_config_block
+
+            sys.stdout.write(ssh_config_block(a.broker_name or a.state_dir))
+            return 0
     except wire.ConfigError as exc:
         return die(f"config: {exc}", 2)
     except KeyboardInterrupt:

@@ -1,0 +1,139 @@
+"""``ssh job-32.0`` and editors (VS Code Remote-SSH): a ProxyCommand for ``ssh_config``.
+
+``stj ssh-config`` prints a ``Host job-*`` block whose ProxyCommand is this module. For each
+connection it asks the broker for a session into the job named by the host word, presents
+the capability, verifies the starter's signed host key and adds it to a private known_hosts
+for that host name (pinned per session by signature, never trusted on first use), then passes
+the session socket to ssh (``ProxyUseFdpass``) and exits.
+
+Unlike ``ssh-to-job``, ssh here loads its identity from ssh_config, so the client key is a
+per-user key kept in ``~/.config/ssh-to-job/`` (0600 in 0700; made on first use; it never
+leaves this host). Editors open several connections at once: known_hosts is appended to
+under a lock and keeps only the newest entries of each host.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pathlib
+import shlex
+import socket
+import sys
+
+import wire
+
+from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
+from .ssh_to_job import SessionError, generate_key, open_session
+
+PREFIX = "job-"
+KEEP = 16
+
+
+def config_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    d = pathlib.Path(base) / "ssh-to-job"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if d.stat().st_mode & 0o077:
+        d.chmod(0o700)
+    return d
+
+
+def user_key(d: pathlib.Path) -> str:
+    """The public line of the per-user key, made on first use."""
+    private, pub = d / "id_ed25519", d / "id_ed25519.pub"
+    if not private.exists():
+        priv_bytes, public = generate_key("")
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, priv_bytes)
+        finally:
+            os.close(fd)
+        pub.write_text(public + "\n")
+    return pub.read_text().strip()
+
+
+def pin(d: pathlib.Path, host: str, host_key: str) -> None:
+    """Add ``host host_key`` to our known_hosts, keeping the newest KEEP entries per host."""
+    path = d / "known_hosts"
+    with open(d / "known_hosts.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        mine = [ln for ln in lines if ln.split(" ", 1)[0] == host]
+        others = [ln for ln in lines if ln.split(" ", 1)[0] != host]
+        mine = [*mine[-(KEEP - 1) :], f"{host} {host_key}"]
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join([*others, *mine]) + "\n")
+        os.replace(tmp, path)
+
+
+def ssh_config_block(name: str | None) -> str:
+    d = config_dir()
+    user_key(d)
+    proxy = [sys.executable, "-P", "-m", "client.ideproxy"]
+    if name:
+        proxy += ["-name", name]
+    cmd = " ".join(shlex.quote(p) for p in proxy) + " %n"
+    return f"""\
+# ssh-to-job: `ssh job-32.0` opens a fresh session into job 32.0 (also for VS Code
+# Remote-SSH). Host keys are pinned per session by the starter's signature.
+Host {PREFIX}*
+  ProxyCommand {cmd}
+  ProxyUseFdpass yes
+  IdentityFile "{d}/id_ed25519"
+  IdentitiesOnly yes
+  IdentityAgent none
+  UserKnownHostsFile "{d}/known_hosts"
+  GlobalKnownHostsFile "{d}/known_hosts"
+  StrictHostKeyChecking yes
+  UpdateHostKeys no
+  CheckHostIP no
+  ControlMaster no
+  ControlPath none
+  PasswordAuthentication no
+  KbdInteractiveAuthentication no
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    name = None
+    if len(args) == 3 and args[0] in ("-name", "--name"):
+        name, args = args[1], args[2:]
+    if len(args) != 1 or not args[0].startswith(PREFIX):
+        return die(f"usage: python -m client.ideproxy [-name broker] {PREFIX}CLUSTER.PROC", 2)
+    host = args[0]
+    try:
+        jid = wire.parse_job_id(host[len(PREFIX) :])
+    except ValueError as exc:
+        return die(str(exc), 2)
+    d = config_dir()
+    public = user_key(d)
+    try:
+        with BrokerClient(find_socket(name)) as bc:
+            reply, fd = bc.ssh(wire.SshRequest(job=jid.one, client_key=public))
+    except BrokerUnavailable as exc:
+        return die(str(exc))
+    if isinstance(reply, wire.Error):
+        return die(reply.message)
+    assert isinstance(reply, wire.SshGrant)
+    assert fd is not None
+    with socket.socket(fileno=fd) as session:
+        try:
+            ready = open_session(session, reply, ())
+        except (SessionError, OSError, wire.ProtocolError) as exc:
+            return die(f"job {reply.job}: {exc}")
+        pin(d, host, ready.host_key)
+        out = socket.socket(fileno=os.dup(1))
+        socket.send_fds(out, [b"\0"], [session.fileno()])
+        out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
