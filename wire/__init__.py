@@ -90,6 +90,7 @@ from ._messages import (
     decode_message,
     encode_message,
 )
+from ._secure import Ephemeral, FrameCipher, channel_keys
 from ._state import Channel, Role, next_state
 
 __all__ = [
@@ -114,8 +115,10 @@ __all__ = [
     "Channel",
     "ConfigError",
     "Connection",
+    "Ephemeral",
     "Error",
     "FetchOutput",
+    "FrameCipher",
     "FrameDecoder",
     "JobId",
     "JobInfo",
@@ -158,6 +161,7 @@ __all__ = [
     "Welcome",
     "attach_statement",
     "broker_auth_statement",
+    "channel_keys",
     "decode_message",
     "default_state_dir",
     "encode_frame",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
 from ._messages import Error, JobList, Message, decode_message, encode_message
+from ._secure import FrameCipher
 from ._state import RAW, START, Channel, Role, next_state
 
 ERROR_STATE = "error"
@@ -27,6 +28,26 @@ class Connection:
         self.state = START
         self.max_frame = max_frame
         self._decoder = FrameDecoder(max_frame)
+        self._seal: FrameCipher | None = None
+        self._open: FrameCipher | None = None
+
+    def start_encryption(self, send_key: bytes, receive_key: bytes) -> None:
+        """From the next frame on, seal what we send and open what we receive.
+
+        Both peers call this at the same frame boundary: the broker right after sending
+        ``welcome``, the starter right after receiving it (see ``_secure``).
+        """
+        if self._seal is not None:
+            raise LocalProtocolError("encryption is already on")
+        self._seal, self._open = FrameCipher(send_key), FrameCipher(receive_key)
+
+    @property
+    def encrypted(self) -> bool:
+        return self._seal is not None
+
+    def _payload(self, msg: Message) -> bytes:
+        body = encode_message(msg)
+        return self._seal.seal(body) if self._seal is not None else body
 
     def _advance(self, sender: Role, msg: Message, error: type[ProtocolError]) -> None:
         if self.state == ERROR_STATE:
@@ -44,7 +65,7 @@ class Connection:
     def send(self, msg: Message) -> bytes:
         try:
             self._advance(self.our_role, msg, LocalProtocolError)
-            return encode_frame(encode_message(msg), self.max_frame)
+            return encode_frame(self._payload(msg), self.max_frame)
         except LocalProtocolError:
             self.state = ERROR_STATE
             raise
@@ -56,7 +77,7 @@ class Connection:
         frame ever sent outside the table, and nothing can follow it.
         """
         self.state = ERROR_STATE
-        return encode_frame(encode_message(error), self.max_frame)
+        return encode_frame(self._payload(error), self.max_frame)
 
     def receive_data(self, data: bytes) -> None:
         self._decoder.receive_data(data)
@@ -72,6 +93,8 @@ class Connection:
             if payload is NEED_DATA or payload is CLOSED:
                 return payload
             assert isinstance(payload, bytes)
+            if self._open is not None:
+                payload = self._open.open(payload)
             msg = decode_message(payload)
             self._advance(self.their_role, msg, RemoteProtocolError)
             return msg
