@@ -133,7 +133,9 @@ class Broker:
         unix.listen(128)
         tcp_listeners = await trio.open_tcp_listeners(self.bc.port, host=self.bc.host)
         self.tcp_port = tcp_listeners[0].socket.getsockname()[1]
-        (self.state_dir / "broker.addr").write_text(f"{self.bc.host}:{self.tcp_port}\n")
+        # Atomically: a starter may be reading it to redial.
+        _files.write_public(self.state_dir / "broker.addr",
+                            f"{self.bc.host}:{self.tcp_port}\n".encode())  # fmt: skip
         log.info("broker listening on %s and %s:%d", self.socket_path, self.bc.host, self.tcp_port)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, unix, self._handle_client)
@@ -498,7 +500,10 @@ class Broker:
         if len(hello.nonce) != 32 or not name or len(name) > 128:
             await stream.send(wire.Error("protocol", "malformed hello"))
             return
-        nonce = secrets.token_bytes(32)
+        # Our nonce is a fresh X25519 key: once both signatures verify, a DH between the two
+        # nonces keys the channel's encryption (see wire/_secure.py).
+        eph = wire.Ephemeral()
+        nonce = eph.public
         sig = wire.sign(self.signing_key, wire.broker_auth_statement(name, hello.nonce, nonce))
         await stream.send(wire.BrokerHello(nonce=nonce, signature=sig))
         auth = await stream.receive(timeout=self.bc.frame_timeout)
@@ -512,6 +517,9 @@ class Broker:
             log.info("starter %s reconnected; dropping its old connection", name)
             await old.stream.aclose()
         await stream.send(wire.Welcome())
+        transcript = wire.starter_auth_statement(name, hello.nonce, nonce)
+        up, down = wire.channel_keys(eph.shared(hello.nonce), hello.nonce, nonce, transcript)
+        stream.conn.start_encryption(send_key=down, receive_key=up)
         peer = stream.stream.socket.getpeername()
         conn = StarterConn(name=name, key=hello.starter_key, slots=max(1, hello.slots),
                            stream=stream, address=f"{peer[0]}:{peer[1]}")  # fmt: skip

@@ -9,13 +9,14 @@ until the broker acknowledges each report.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import pathlib
 import pwd
-import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -110,6 +111,7 @@ class Starter:
         self.jobs: dict[str, Job] = {}
         self.unacked: dict[str, wire.JobReport] = {}
         self._outbox: trio.MemorySendChannel[wire.Message] | None = None
+        self.stopping = False
         self.shim = preload.check_shim() if cfg.use_shim else None
         self.cgroup_base: pathlib.Path | None = None
         self.broker_addr = ("", 0)
@@ -137,7 +139,9 @@ class Starter:
         if cfg.use_cgroups and os.getuid() == 0:
             root = _procs.find_cgroup_root()
             if root is not None:
-                self.cgroup_base = root / f"ssh-to-job-{self.name}"
+                # One base per starter identity, not per name: every personal pool on a host
+                # has the host's name, and a starter kills the leftovers in its base at start.
+                self.cgroup_base = root / f"ssh-to-job-{self.public_key.hex()[:16]}"
                 self.cgroup_base.mkdir(exist_ok=True)
                 self._kill_leftovers()
         self.broker_addr = self._broker_address()
@@ -175,7 +179,7 @@ class Starter:
         log.info("audit: %s job=%s %s", what, job, detail)
 
     def post(self, msg: wire.Message) -> None:
-        if self._outbox is not None:
+        if self._outbox is not None and not self.stopping:
             try:
                 self._outbox.send_nowait(msg)
             except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -188,6 +192,7 @@ class Starter:
         delay = 0.1
         async with trio.open_nursery() as jobs_nursery:
             self.jobs_nursery = jobs_nursery
+            jobs_nursery.start_soon(self._stop_on_signal, jobs_nursery.cancel_scope)
             task_status.started()
             while True:
                 try:
@@ -200,9 +205,33 @@ class Starter:
                 await trio.sleep(delay)
                 delay = min(delay * 2, self.config.starter.reconnect_max)
 
+    async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
+        """SIGTERM/SIGINT: end every job as a whole, then stop; no job outlives its starter."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                break
+        log.info("starter stopping: ending %d job(s)", len(self.jobs))
+        # No final reports: the broker puts these jobs back to idle when the starter returns.
+        self.stopping = True
+        terminate_all(self)
+        with trio.move_on_after(10):
+            while self.jobs:
+                await trio.sleep(0.05)
+        if self.cgroup_base is not None:
+            with contextlib.suppress(OSError):
+                self.cgroup_base.rmdir()
+        scope.cancel()
+
     async def _connect_once(self) -> None:
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         set_nodelay(sock)
+        if not self.config.starter.broker:
+            # A restarted personal broker may listen on a new port: follow broker.addr.
+            try:
+                host, _, port = (self.state_dir / "broker.addr").read_text().strip().rpartition(":")
+                self.broker_addr = (host, int(port))
+            except (OSError, ValueError) as exc:
+                log.info("cannot read broker.addr (%s); trying the last address", exc)
         with trio.fail_after(10):
             await sock.connect(self.broker_addr)
         stream = FramedStream(trio.SocketStream(sock), wire.Connection(
@@ -226,7 +255,8 @@ class Starter:
             await stream.aclose()
 
     async def _handshake(self, stream: FramedStream) -> None:
-        nonce = secrets.token_bytes(32)
+        eph = wire.Ephemeral()  # the nonce doubles as our half of the channel key exchange
+        nonce = eph.public
         await stream.send(wire.StarterHello(
             starter_id=self.name, starter_key=self.public_key, nonce=nonce,
             slots=self.config.starter.slots))  # fmt: skip
@@ -242,6 +272,9 @@ class Starter:
         welcome = await stream.receive(timeout=10)
         if isinstance(welcome, wire.Error):
             raise _Refused(welcome.message)
+        transcript = wire.starter_auth_statement(self.name, nonce, reply.nonce)
+        up, down = wire.channel_keys(eph.shared(reply.nonce), nonce, reply.nonce, transcript)
+        stream.conn.start_encryption(send_key=up, receive_key=down)
 
     async def _writer(self, stream: FramedStream,
                       recv: trio.MemoryReceiveChannel[wire.Message]) -> None:  # fmt: skip
