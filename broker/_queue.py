@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid INTEGER NOT NULL DEFAULT 0,
     scratch TEXT NOT NULL DEFAULT '',
     sessions INTEGER NOT NULL DEFAULT 0,
+    debug_hold INTEGER NOT NULL DEFAULT 0,
     stdout_tail BLOB,
     stderr_tail BLOB,
     PRIMARY KEY (cluster, proc)
@@ -68,6 +69,7 @@ class Row:
 
     __slots__ = (
         "cluster",
+        "debug_hold",
         "exit_code",
         "exit_signal",
         "finished",
@@ -103,6 +105,7 @@ class Row:
     pid: int
     scratch: str
     sessions: int
+    debug_hold: int
 
     @property
     def id(self) -> str:
@@ -244,7 +247,8 @@ class JobQueue:
 
     def on_starter(self, starter: str) -> list[Row]:
         cur = self.db.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE starter = ? AND state IN (?, ?)",  # noqa: S608
+            f"SELECT {_COLUMNS} FROM jobs WHERE starter = ?"  # noqa: S608
+            " AND (state IN (?, ?) OR debug_hold = 1)",
             (starter, RUNNING, SUSPENDED),
         )
         return [_row(r) for r in cur]

@@ -39,6 +39,7 @@ log = logging.getLogger("stj.broker")
 
 PAGE = 2000
 CLIENT_IDLE = 120.0
+RELEASING = "released; ending its debug hold"
 STARTER_SILENCE = 60.0
 MAX_CLIENT_KEY = 4096
 _KEY_PREFIXES = ("ssh-ed25519 ", "ssh-rsa ", "ecdsa-sha2-nistp256 ", "ecdsa-sha2-nistp384 ",
@@ -290,6 +291,12 @@ class Broker:
         elif action == "release":
             if row.state != HELD:
                 return wire.ActResult(jid, False, f"job {jid} is not held (it is {row.state})")
+            if row.debug_hold:
+                # End the debug hold first; the starter's final report makes the job idle.
+                self.queue.update(jid, hold_reason=RELEASING)
+                self._signal_starter(row, "evict", f"released by {who}")
+                self.queue.audit(uid, action, jid, "ok")
+                return wire.ActResult(jid, True, f"job {jid}: debug hold ended; it will run again")
             if row.starter and row.starter in self.starters and row.pid:
                 return wire.ActResult(jid, False, f"job {jid} is still being evicted; try again")
             self.queue.set_state(jid, IDLE, hold_reason="", starter="", pid=0)
@@ -306,7 +313,7 @@ class Broker:
 
     def _signal_starter(self, row: _queue.Row, action: str, reason: str) -> None:
         conn = self.starters.get(row.starter)
-        if conn is None or row.state not in (RUNNING, SUSPENDED):
+        if conn is None or (row.state not in (RUNNING, SUSPENDED) and not row.debug_hold):
             return
         conn.post(wire.SignalJob(id=row.id, action=action, reason=reason))
 
@@ -373,12 +380,12 @@ class Broker:
         if row.state == IDLE:
             return wire.Error("idle", f"job {job} is idle (not running yet); use -auto-retry "
                                       "to wait for it to start"), row  # fmt: skip
-        if row.state == HELD:
+        if row.state == HELD and not row.debug_hold:
             return wire.Error("held", f"job {job} is held ({row.hold_reason}); release it "
                                       "with 'stj release' first"), row  # fmt: skip
         if row.state == SUSPENDED:
             return wire.Error("suspended", f"job {job} is suspended; continue it first"), row
-        if row.state != RUNNING:
+        if row.state != RUNNING and not (row.state == HELD and row.debug_hold):
             return wire.Error("finished", f"job {job} is {row.state}; there is nothing to "
                                           "connect to"), row  # fmt: skip
         if row.starter not in self.starters:
@@ -566,7 +573,10 @@ class Broker:
         """Reconcile the queue with what a (re)connecting starter says it has."""
         known = {r.id for r in reports}
         for row in self.queue.on_starter(conn.name):
-            if row.id not in known:
+            if row.id not in known and row.debug_hold:
+                self.queue.set_state(row.id, HELD, starter="", pid=0, debug_hold=0,
+                                     hold_reason=row.hold_reason + " (its starter lost it)")  # fmt: skip
+            elif row.id not in known:
                 # The starter does not have it: it never got it, or lost it with a restart.
                 log.warning("job %s is not on starter %s any more; back to idle", row.id, conn.name)
                 self.queue.set_state(row.id, IDLE, starter="", pid=0)
@@ -587,6 +597,14 @@ class Broker:
         if row.starter and row.starter != conn.name:
             log.warning("starter %s reports job %s which runs on %s", conn.name, r.id, row.starter)
             return
+        if r.running and r.debug_hold and row.state in (RUNNING, SUSPENDED, HELD):
+            conn.jobs.add(r.id)  # the slot stays taken while the job is kept for debugging
+            self.queue.set_state(
+                r.id, HELD, hold_reason=row.hold_reason if row.debug_hold else r.reason,
+                debug_hold=1, pid=r.pid, scratch=r.scratch, starter=conn.name,
+                exit_code=r.exit_code, exit_signal=r.exit_signal, sessions=sessions,
+            )  # fmt: skip
+            return
         if r.running:
             conn.jobs.add(r.id)
             if row.state in (RUNNING, SUSPENDED):
@@ -602,7 +620,7 @@ class Broker:
         fields: dict[str, object] = {
             "finished": r.finished or self.clock(), "exit_code": r.exit_code,
             "exit_signal": r.exit_signal, "stdout_tail": r.stdout_tail,
-            "stderr_tail": r.stderr_tail, "pid": 0, "sessions": 0,
+            "stderr_tail": r.stderr_tail, "pid": 0, "sessions": 0, "debug_hold": 0,
         }  # fmt: skip
         if row.state in (RUNNING, SUSPENDED):
             spec = row.job_spec()
@@ -612,8 +630,13 @@ class Broker:
                 self.queue.set_state(r.id, HELD, hold_reason=why, **fields)
             else:
                 self.queue.set_state(r.id, _queue.COMPLETED, **fields)
+        elif row.state == HELD and row.hold_reason == RELEASING:
+            self.queue.set_state(r.id, IDLE, hold_reason="", starter="", pid=0, sessions=0,
+                                 debug_hold=0, exit_code=None, exit_signal=None)  # fmt: skip
         elif row.state == HELD:
-            self.queue.set_state(r.id, HELD, starter="", pid=0, sessions=0)
+            self.queue.set_state(r.id, HELD, starter="", pid=0, sessions=0, debug_hold=0,
+                                 exit_code=r.exit_code, exit_signal=r.exit_signal,
+                                 stdout_tail=r.stdout_tail, stderr_tail=r.stderr_tail)  # fmt: skip
         else:
             self.queue.set_state(r.id, row.state, **fields)
 

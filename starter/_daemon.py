@@ -76,17 +76,30 @@ class Job:
         self.killed = ""
         self.suspended = False
         self.done = trio.Event()
+        self.killed_event = trio.Event()
+        self.debug_hold = False
+        self.hold_reason = ""
+        self.exit_code: int | None = None
+        self.exit_signal: int | None = None
         self.sessions_changed = trio.Event()
         spool = starter.spool_dir
         self.stdout_path = spool / f"{run.id}.stdout"
         self.stderr_path = spool / f"{run.id}.stderr"
 
     def accepts_sessions(self) -> bool:
-        return self.pid != 0 and not self.main_exited and not self.killed and not self.suspended
+        alive = not self.main_exited or self.debug_hold
+        return self.pid != 0 and alive and not self.killed and not self.suspended
 
     def report(self) -> wire.JobReport:
         return wire.JobReport(id=self.id, running=True, pid=self.pid, scratch=self.scratch,
-                              started=self.started)  # fmt: skip
+                              started=self.started, debug_hold=self.debug_hold,
+                              reason=self.hold_reason, exit_code=self.exit_code,
+                              exit_signal=self.exit_signal)  # fmt: skip
+
+    def kill(self, reason: str) -> None:
+        self.killed = reason
+        self.group.kill()
+        self.killed_event.set()
 
     def report_sessions(self) -> None:
         self.sessions_changed.set()
@@ -320,8 +333,7 @@ class Starter:
     def _signal(self, job: Job, action: str, reason: str) -> None:
         log.info("job %s: %s (%s)", job.id, action, reason)
         if action in ("kill", "evict"):
-            job.killed = reason or action
-            job.group.kill()
+            job.kill(reason or action)
         elif action == "suspend":
             job.suspended = True
             job.group.freeze(True)
@@ -399,6 +411,9 @@ class Starter:
                 exit_signal = -rc
             else:
                 exit_code = rc
+            job.exit_code, job.exit_signal = exit_code, exit_signal
+            if rc != 0 and not job.killed and run.spec.hold_on_failure:
+                await self._debug_hold(job)
             # HTCondor semantics: open sessions keep the job alive until they close.
             with trio.move_on_after(self.config.starter.session_grace):
                 while job.sessions and not job.killed:
@@ -414,6 +429,25 @@ class Starter:
                 job.group.remove()
                 shutil.rmtree(scratch, ignore_errors=True)
                 self._finish(job, exit_code, exit_signal, reason)
+
+    async def _debug_hold(self, job: Job) -> None:
+        """Keep a failed job (its leftover processes, scratch dir, environment) for debugging.
+
+        The broker shows it as held and lets its owner ssh in; it ends with ``stj rm``,
+        ``stj release`` (the job then runs again) or after ``debug_hold_time``.
+        """
+        what = (f"exit status {job.exit_code}" if job.exit_code is not None
+                else f"signal {job.exit_signal}")  # fmt: skip
+        job.debug_hold = True
+        job.hold_reason = (f"debug hold: the job failed with {what}; ssh-to-job {job.id} to "
+                           "look, then stj rm or stj release")  # fmt: skip
+        log.info("job %s: %s", job.id, job.hold_reason)
+        self.post(wire.JobUpdate(report=job.report(), sessions=len(job.sessions)))
+        with trio.move_on_after(self.config.starter.debug_hold_time):
+            await job.killed_event.wait()
+        if not job.killed:
+            job.kill("debug hold expired")
+        job.debug_hold = False
 
     def _finish(self, job: Job, code: int | None, sig: int | None, reason: str) -> None:
         report = wire.JobReport(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import json
+import gc
 import re
 import types
 import typing
@@ -84,6 +85,9 @@ any_message = st.one_of([STRATEGIES[cls] for cls in ALL_TYPES])
 
 
 def all_subclasses(cls: type) -> set[type]:
+    # attrs' slotted classes replace the class the decorator saw; the discarded original
+    # stays in __subclasses__ until the cycle collector runs, so collect first.
+    gc.collect()
     out: set[type] = set()
     subs: list[type] = cls.__subclasses__()
     for sub in subs:

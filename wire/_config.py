@@ -55,6 +55,8 @@ class StarterConfig:
     use_cgroups: bool = True
     #: After the job's main process exits, open sessions may go on this long (seconds).
     session_grace: float = 3600.0
+    #: A failed job submitted with hold_on_failure stays this long for debugging (seconds).
+    debug_hold_time: float = 3600.0
     #: Seconds a client has to present its capability on a new session socket.
     session_timeout: float = 15.0
     #: Let sessions forward ports and X11 (both only ever bind loopback inside the job's host).

@@ -112,6 +112,8 @@ class JobReport:
     reason: str = ""
     started: float = 0.0
     finished: float = 0.0
+    #: The job failed and is kept (processes, scratch dir) for debugging with ssh-to-job.
+    debug_hold: bool = False
 
 
 # --------------------------------------------------------------------------- messages
