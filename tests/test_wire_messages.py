@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import collections.abc
-import json
 import gc
+import json
 import re
 import types
 import typing
