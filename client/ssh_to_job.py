@@ -31,6 +31,7 @@ import attrs
 import wire
 
 from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
+from ._sshkey import ed25519_keypair
 
 USAGE = """\
 usage: ssh-to-job [-help] [-debug] [-name broker] [-pool addr] [-ssh ssh-command]
@@ -155,9 +156,6 @@ def parse_args(argv: list[str]) -> Options:
 
 def generate_key(options: str) -> tuple[bytes, str]:
     """An ephemeral user key in OpenSSH format, made in-process: (private, public line)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
     words = shlex.split(options)
     kind, bits = "ed25519", 0
     j = 0
@@ -177,10 +175,14 @@ def generate_key(options: str) -> tuple[bytes, str]:
             j += 1
             continue
         raise UsageError(f"-keygen-options: unsupported option {w!r} (use -t and -b)")
-    key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
     if kind == "ed25519":
-        key = ed25519.Ed25519PrivateKey.generate()
-    elif kind == "rsa":
+        return ed25519_keypair()
+    # Other key types are rare: only they pay for importing cryptography.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if kind == "rsa":
         bits = bits or 3072
         if not 2048 <= bits <= 16384:
             raise UsageError("-keygen-options: rsa keys need 2048 to 16384 bits")
@@ -364,6 +366,7 @@ class _Signals:
     def __init__(self) -> None:
         self.child: subprocess.Popen[bytes] | None = None
         self.interrupted = False
+        self.signum = signal.SIGINT
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> _Signals:
@@ -373,6 +376,7 @@ class _Signals:
 
     def _handle(self, sig: int, _frame: object) -> None:
         self.interrupted = True
+        self.signum = signal.Signals(sig)
         if self.child is None:
             raise KeyboardInterrupt
         if sig != signal.SIGINT:  # the terminal already sent SIGINT to ssh itself
@@ -432,7 +436,8 @@ def run(opts: Options) -> int:
     except KeyboardInterrupt:
         if opts.remove_on_interrupt:
             _remove_job(opts, jid)
-        return die("interrupted", 130)
+        # The shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
+        return die("interrupted", 128 + signals.signum)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
