@@ -186,6 +186,11 @@ class Broker:
             await self._try_send(stream, wire.Error("protocol", f"protocol error: {exc}"))
         except PeerGone:
             pass
+        except Exception:
+            # A bug must cost this one connection, never the broker.
+            log.exception("internal error serving uid %d", uid)
+            await self._try_send(stream, wire.Error("internal", "internal broker error; "
+                                                    "see the broker log"))  # fmt: skip
         finally:
             await stream.aclose()
 
@@ -341,7 +346,8 @@ class Broker:
         if msg.stream not in ("stdout", "stderr"):
             return wire.Error("bad_request", "stream must be stdout or stderr")
         conn = self.starters.get(row.starter)
-        if row.state in (RUNNING, SUSPENDED) and conn is not None:
+        # A job in debug hold is still on its starter: its output is there, not in the queue yet.
+        if (row.state in (RUNNING, SUSPENDED) or row.debug_hold) and conn is not None:
             self._output_req += 1
             req = self._output_req
             send, recv = trio.open_memory_channel[wire.OutputData](1)
@@ -468,6 +474,8 @@ class Broker:
             await self._try_send(stream, wire.Error("protocol", f"protocol error: {exc}"))
         except (PeerGone, trio.TooSlowError) as exc:
             log.info("starter connection ended: %s", exc)
+        except Exception:
+            log.exception("internal error on a starter connection")
         finally:
             await stream.aclose()
 

@@ -20,6 +20,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -305,7 +307,7 @@ class Starter:
                 return
             job = Job(self, msg.job)
             self.jobs[job.id] = job
-            self.jobs_nursery.start_soon(self._run_job, job)
+            self.jobs_nursery.start_soon(self._guard, self._run_job, job)
         elif isinstance(msg, wire.SignalJob):
             target = self.jobs.get(msg.id)
             if target is not None:
@@ -317,7 +319,8 @@ class Starter:
                                              message=f"job {msg.job} is not running on this "
                                              "starter"))  # fmt: skip
                 return
-            self.jobs_nursery.start_soon(run_session, self, target, msg.session_id, msg.nonce)
+            self.jobs_nursery.start_soon(self._guard, run_session, self, target, msg.session_id,
+                                         msg.nonce)  # fmt: skip
         elif isinstance(msg, wire.FetchOutput):
             target = self.jobs.get(msg.id)
             path = None if target is None else (target.stdout_path if msg.stream == "stdout"
@@ -362,6 +365,13 @@ class Starter:
             "SSH_TO_JOB_STARTER": self.name,
         })  # fmt: skip
         return env
+
+    async def _guard(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """A bug in one job's or session's task must not take the starter down."""
+        try:
+            await fn(*args)
+        except Exception:
+            log.exception("internal error in %s", getattr(fn, "__name__", fn))
 
     async def _run_job(self, job: Job) -> None:
         run = job.run
@@ -469,5 +479,4 @@ class _Refused(Exception):
 def terminate_all(starter: Starter) -> None:
     """On SIGTERM of the starter: end every job (and its sessions)."""
     for job in list(starter.jobs.values()):
-        job.killed = "starter shut down"
-        job.group.kill()
+        job.kill("starter shut down")  # also ends a debug hold
