@@ -8,6 +8,7 @@ module does no networking and knows nothing of starters beyond their names.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sqlite3
 import time
@@ -143,11 +144,16 @@ def _row(values: tuple[object, ...]) -> Row:
 class JobQueue:
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
+        # Created 0600 before SQLite opens it: SQLite gives the -wal and -shm files (which hold
+        # the same job data) the database file's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if p.exists():
+                p.chmod(0o600)
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
-        path.chmod(0o600)
 
     def close(self) -> None:
         self.db.close()
@@ -206,12 +212,12 @@ class JobQueue:
     def get(self, job_id: str) -> Row:
         try:
             cluster, proc = split_id(job_id)
-        except ValueError:
+            cur = self.db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE cluster = ? AND proc = ?",  # noqa: S608
+                (cluster, proc),
+            )
+        except (ValueError, OverflowError):  # not a number, or too big for SQLite
             raise UnknownJob(job_id) from None
-        cur = self.db.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE cluster = ? AND proc = ?",  # noqa: S608
-            (cluster, proc),
-        )
         r = cur.fetchone()
         if r is None:
             raise UnknownJob(job_id)

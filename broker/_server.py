@@ -14,6 +14,7 @@ run, and never tells a client about a job it may not see.
 from __future__ import annotations
 
 import array
+import contextlib
 import logging
 import math
 import os
@@ -92,7 +93,8 @@ class Broker:
         self.bc = config.broker
         self.clock = clock
         _files.private_dir(state_dir / "keys")
-        os.chmod(state_dir, 0o755)
+        # Job users traverse it to the broker's socket; secrets live in keys/ (0700).
+        os.chmod(state_dir, 0o755)  # noqa: S103
         self.signing_key = _files.load_or_create_key(state_dir / "keys" / "broker.key")
         self.public_key = wire.public_key_of(self.signing_key)
         _files.write_public(state_dir / "broker.pub", self.public_key.hex().encode() + b"\n")
@@ -130,7 +132,7 @@ class Broker:
             pass
         await unix.bind(str(self.socket_path))
         # Anyone may connect: who they are comes from SO_PEERCRED on every connection.
-        os.chmod(self.socket_path, 0o666)
+        os.chmod(self.socket_path, 0o666)  # noqa: S103
         unix.listen(128)
         tcp_listeners = await trio.open_tcp_listeners(self.bc.port, host=self.bc.host)
         self.tcp_port = tcp_listeners[0].socket.getsockname()[1]
@@ -306,7 +308,8 @@ class Broker:
                 return wire.ActResult(jid, False, f"job {jid} is still being evicted; try again")
             self.queue.set_state(jid, IDLE, hold_reason="", starter="", pid=0)
         elif action in ("suspend", "continue"):
-            want_from, want_to = (RUNNING, SUSPENDED) if action == "suspend" else (SUSPENDED, RUNNING)
+            want_from, want_to = ((RUNNING, SUSPENDED) if action == "suspend"
+                                  else (SUSPENDED, RUNNING))  # fmt: skip
             if row.state != want_from:
                 return wire.ActResult(jid, False, f"job {jid} is {row.state}, not {want_from}")
             if row.starter not in self.starters:
@@ -353,8 +356,8 @@ class Broker:
             send, recv = trio.open_memory_channel[wire.OutputData](1)
             conn.pending_output[req] = send
             try:
-                conn.post(wire.FetchOutput(
-                    request=req, id=row.id, stream=msg.stream, max_bytes=min(msg.max_bytes, 1 << 19)))  # fmt: skip
+                conn.post(wire.FetchOutput(request=req, id=row.id, stream=msg.stream,
+                                           max_bytes=min(msg.max_bytes, 1 << 19)))  # fmt: skip
                 with trio.fail_after(10):
                     data = await recv.receive()
             except (PeerGone, trio.TooSlowError, trio.EndOfChannel):
@@ -362,12 +365,13 @@ class Broker:
             finally:
                 conn.pending_output.pop(req, None)
             return wire.OutputReply(id=row.id, data=data.data, running=True)
-        return wire.OutputReply(id=row.id, data=self.queue.tail(row.id, msg.stream)[-msg.max_bytes:],
-                                running=False)  # fmt: skip
+        tail = self.queue.tail(row.id, msg.stream)[-msg.max_bytes:]
+        return wire.OutputReply(id=row.id, data=tail, running=False)
 
     # ------------------------------------------------------------------ ssh sessions
 
-    def _ssh_refusal(self, msg: wire.SshRequest, uid: int) -> tuple[wire.Error | None, _queue.Row | None]:
+    def _ssh_refusal(self, msg: wire.SshRequest,
+                     uid: int) -> tuple[wire.Error | None, _queue.Row | None]:  # fmt: skip
         try:
             jid = wire.parse_job_id(msg.job)
         except ValueError as exc:
@@ -396,7 +400,7 @@ class Broker:
                                           "connect to"), row  # fmt: skip
         if row.starter not in self.starters:
             return wire.Error("unavailable", f"the starter running job {job} ({row.starter}) "
-                                             "is not connected; try again shortly"), row  # fmt: skip
+                              "is not connected; try again shortly"), row  # fmt: skip
         key = msg.client_key
         if (len(key) > MAX_CLIENT_KEY or "\n" in key or "\r" in key
                 or not key.startswith(_KEY_PREFIXES)):  # fmt: skip
@@ -455,7 +459,12 @@ class Broker:
             frame = await receive_one_frame_exact(sock, self.bc.max_frame, self.bc.frame_timeout)
             first = wire.decode_message(frame[wire.FRAME_HEADER.size :])
         except (PeerGone, wire.RemoteProtocolError, trio.TooSlowError) as exc:
-            log.info("dropping TCP peer: %s", exc)
+            why = str(exc) or f"no complete frame within {self.bc.frame_timeout} s"
+            log.info("dropping TCP peer: %s", why)
+            # Say why (best effort), as on the unix socket: it may be a misconfigured starter.
+            bye = wire.Connection(wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER)
+            with trio.move_on_after(1), contextlib.suppress(OSError):
+                await sock.send(bye.farewell(wire.Error("protocol", f"protocol error: {why}")))
             sock.close()
             return
         if isinstance(first, wire.SessionAttach):
@@ -465,16 +474,18 @@ class Broker:
                                self.bc.max_frame)  # fmt: skip
         stream = FramedStream(trio.SocketStream(sock), conn)
         conn.receive_data(frame)
+        # except*: the session's reader runs in a nursery body, which wraps what it raises.
         try:
             hello = await stream.receive(timeout=self.bc.frame_timeout)
             assert isinstance(hello, wire.StarterHello)
             await self._starter_session(stream, hello)
-        except wire.RemoteProtocolError as exc:
-            log.info("starter sent garbage: %s", exc)
-            await self._try_send(stream, wire.Error("protocol", f"protocol error: {exc}"))
-        except (PeerGone, trio.TooSlowError) as exc:
-            log.info("starter connection ended: %s", exc)
-        except Exception:
+        except* wire.RemoteProtocolError as group:
+            bad = group.exceptions[0]
+            log.info("starter sent garbage: %s", bad)
+            await self._try_send(stream, wire.Error("protocol", f"protocol error: {bad}"))
+        except* (PeerGone, trio.TooSlowError) as group:
+            log.info("starter connection ended: %s", group.exceptions[0])
+        except* Exception:
             log.exception("internal error on a starter connection")
         finally:
             await stream.aclose()
@@ -582,8 +593,9 @@ class Broker:
         known = {r.id for r in reports}
         for row in self.queue.on_starter(conn.name):
             if row.id not in known and row.debug_hold:
-                self.queue.set_state(row.id, HELD, starter="", pid=0, debug_hold=0,
-                                     hold_reason=row.hold_reason + " (its starter lost it)")  # fmt: skip
+                self.queue.set_state(
+                    row.id, HELD, starter="", pid=0, debug_hold=0,
+                    hold_reason=row.hold_reason + " (its starter lost it)")  # fmt: skip
             elif row.id not in known:
                 # The starter does not have it: it never got it, or lost it with a restart.
                 log.warning("job %s is not on starter %s any more; back to idle", row.id, conn.name)
@@ -599,8 +611,7 @@ class Broker:
         except UnknownJob:
             log.warning("starter %s reports unknown job %s; killing it", conn.name, r.id)
             if r.running:
-                conn.post(wire.SignalJob(id=r.id, action="kill",
-                                                        reason="unknown to the broker"))  # fmt: skip
+                conn.post(wire.SignalJob(id=r.id, action="kill", reason="unknown to the broker"))
             return
         if row.starter and row.starter != conn.name:
             log.warning("starter %s reports job %s which runs on %s", conn.name, r.id, row.starter)

@@ -28,7 +28,8 @@ from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", help="pool state directory (default: $STJ_STATE_DIR, the "
                    "config's, or your personal one)")  # fmt: skip
-    p.add_argument("--config", help="config file (default: $STJ_CONFIG or /etc/ssh-to-job/config.toml)")
+    p.add_argument("--config", help="config file (default: $STJ_CONFIG or "
+                   "/etc/ssh-to-job/config.toml)")  # fmt: skip
     p.add_argument("-name", "--name", dest="broker_name", help="broker socket or state directory")
 
 
@@ -152,7 +153,7 @@ def cmd_starter(a: argparse.Namespace) -> int:
 
 def cmd_pool(a: argparse.Namespace) -> int:
     """A broker and a starter as two processes, so either can die without the other."""
-    config, state = _config_and_state(a)
+    _config, state = _config_and_state(a)
     seed = wire.load_or_create_key(state / "keys" / "starter.key")
     trust = state / "trusted_starters"
     trust.mkdir(mode=0o755, exist_ok=True)
@@ -212,6 +213,9 @@ def cmd_pool(a: argparse.Namespace) -> int:
 
 def _client(a: argparse.Namespace) -> BrokerClient:
     name = a.broker_name or a.state_dir
+    if name:
+        # find_socket needs no config then, but a config file given is still checked.
+        wire.load_config(a.config)
     return BrokerClient(find_socket(name, a.config))
 
 
@@ -275,8 +279,8 @@ def cmd_submit(a: argparse.Namespace) -> int:
             if not eq or not k:
                 return die(f"--env wants NAME=VALUE, not {item!r}", 2)
             env[k] = v
-        idir = str(pathlib.Path(a.initialdir or spec.initialdir
-                                if (a.initialdir or a.file) else os.getcwd()).absolute())  # fmt: skip
+        given = a.initialdir or spec.initialdir if (a.initialdir or a.file) else os.getcwd()
+        idir = str(pathlib.Path(given).absolute())
         spec = attrs.evolve(spec, env=env, initialdir=idir,
                             executable=_resolve_exe(spec.executable, idir),
                             hold_on_failure=spec.hold_on_failure or a.hold_on_failure)  # fmt: skip
@@ -310,7 +314,8 @@ def _fmt_dur(j: wire.JobInfo) -> str:
 
 
 def _job_dict(j: wire.JobInfo) -> dict[str, Any]:
-    return attrs.asdict(j, value_serializer=lambda _i, _f, v: list(v) if isinstance(v, tuple) else v)
+    return attrs.asdict(
+        j, value_serializer=lambda _i, _f, v: list(v) if isinstance(v, tuple) else v)  # fmt: skip
 
 
 def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
@@ -362,6 +367,11 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
 
 
 def cmd_act(a: argparse.Namespace) -> int:
+    for text in a.ids:
+        try:
+            wire.parse_job_id(text)
+        except ValueError as exc:
+            return die(str(exc), 2)
     try:
         with _client(a) as bc:
             reply = bc.request(wire.Act(action=a.cmd, ids=tuple(a.ids), reason=a.reason))

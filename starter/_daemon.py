@@ -146,8 +146,9 @@ class Starter:
         if os.getuid() == 0:
             why = _traversable(self.sessions_dir)
             if why:
-                raise SystemExit(f"starter: job users cannot reach {self.sessions_dir}: {why}; "
-                                 "set [starter] execute_dir to a path they can traverse")  # fmt: skip
+                raise SystemExit(
+                    f"starter: job users cannot reach {self.sessions_dir}: {why}; "
+                    "set [starter] execute_dir to a path they can traverse")  # fmt: skip
             pathlib.Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         if not os.access(cfg.sshd, os.X_OK):
             raise SystemExit(f"starter: {cfg.sshd} not found; install openssh-server")
@@ -210,13 +211,18 @@ class Starter:
             jobs_nursery.start_soon(self._stop_on_signal, jobs_nursery.cancel_scope)
             task_status.started()
             while True:
+                # except*: the connection's reader runs in a nursery body, which wraps what it
+                # raises; a broker going away must never take the starter (and its jobs) along.
                 try:
                     await self._connect_once()
                     delay = 0.1
-                except (OSError, PeerGone, trio.TooSlowError, wire.ProtocolError) as exc:
-                    log.info("broker connection: %s; retrying in %.1f s", exc, delay)
-                except _Refused as exc:
-                    log.error("broker refused this starter: %s", exc)
+                except* (OSError, PeerGone, trio.TooSlowError, wire.ProtocolError) as group:
+                    log.info("broker connection: %s; retrying in %.1f s", group.exceptions[0],
+                             delay)  # fmt: skip
+                except* _Refused as group:
+                    log.error("broker refused this starter: %s", group.exceptions[0])
+                except* Exception:
+                    log.exception("internal error on the broker connection; reconnecting")
                 await trio.sleep(delay)
                 delay = min(delay * 2, self.config.starter.reconnect_max)
 
@@ -230,8 +236,8 @@ class Starter:
         self.stopping = True
         terminate_all(self)
         with trio.move_on_after(10):
-            while self.jobs:
-                await trio.sleep(0.05)
+            for job in list(self.jobs.values()):
+                await job.done.wait()
         if self.cgroup_base is not None:
             with contextlib.suppress(OSError):
                 self.cgroup_base.rmdir()
@@ -279,8 +285,8 @@ class Starter:
         if isinstance(reply, wire.Error):
             raise _Refused(reply.message)
         assert isinstance(reply, wire.BrokerHello)
-        if not wire.verify(self.broker_key, wire.broker_auth_statement(self.name, nonce, reply.nonce),
-                           reply.signature):  # fmt: skip
+        statement = wire.broker_auth_statement(self.name, nonce, reply.nonce)
+        if not wire.verify(self.broker_key, statement, reply.signature):
             raise _Refused("the broker's signature does not verify: wrong broker key?")
         sig = wire.sign(self.identity, wire.starter_auth_statement(self.name, nonce, reply.nonce))
         await stream.send(wire.StarterAuth(signature=sig))

@@ -56,6 +56,17 @@ class JobGroup:
         path.mkdir(exist_ok=True)
         return path
 
+    def adopt(self, pid: int) -> None:
+        """Count ``pid`` and its descendants in the group: a session's sshd, which is the
+        starter's child, not the job's. (With a cgroup it joined before its exec.)"""
+        if self.cgroup is None:
+            self.leaders.append(pid)
+
+    def release(self, pid: int) -> None:
+        """Forget an adopted process once it is reaped: its pid may be reused by a stranger."""
+        if pid in self.leaders and self.cgroup is None:
+            self.leaders.remove(pid)
+
     def own_pids(self, main_pid: int) -> list[int]:
         """The job's processes (not its sessions'), the main process first."""
         if self.cgroup is not None:
