@@ -178,7 +178,7 @@ class Broker:
         try:
             while True:
                 try:
-                    msg = await stream.receive(timeout=CLIENT_IDLE)
+                    msg = await stream.receive(within=CLIENT_IDLE)
                 except (PeerGone, trio.TooSlowError):
                     return
                 if await self._dispatch_client(stream, sock, msg, uid, gid):
@@ -305,7 +305,10 @@ class Broker:
                 self.queue.audit(uid, action, jid, "ok")
                 return wire.ActResult(jid, True, f"job {jid}: debug hold ended; it will run again")
             if row.starter and row.starter in self.starters and row.pid:
-                return wire.ActResult(jid, False, f"job {jid} is still being evicted; try again")
+                # Still being evicted: it goes back to idle when the starter reports it gone.
+                self.queue.update(jid, hold_reason=RELEASING)
+                self.queue.audit(uid, action, jid, "ok")
+                return wire.ActResult(jid, True, f"job {jid}: release done (once evicted)")
             self.queue.set_state(jid, IDLE, hold_reason="", starter="", pid=0)
         elif action in ("suspend", "continue"):
             want_from, want_to = ((RUNNING, SUSPENDED) if action == "suspend"
@@ -476,7 +479,7 @@ class Broker:
         conn.receive_data(frame)
         # except*: the session's reader runs in a nursery body, which wraps what it raises.
         try:
-            hello = await stream.receive(timeout=self.bc.frame_timeout)
+            hello = await stream.receive(within=self.bc.frame_timeout)
             assert isinstance(hello, wire.StarterHello)
             await self._starter_session(stream, hello)
         except* wire.RemoteProtocolError as group:
@@ -532,7 +535,7 @@ class Broker:
         nonce = eph.public
         sig = wire.sign(self.signing_key, wire.broker_auth_statement(name, hello.nonce, nonce))
         await stream.send(wire.BrokerHello(nonce=nonce, signature=sig))
-        auth = await stream.receive(timeout=self.bc.frame_timeout)
+        auth = await stream.receive(within=self.bc.frame_timeout)
         assert isinstance(auth, wire.StarterAuth)
         if not wire.verify(hello.starter_key,
                            wire.starter_auth_statement(name, hello.nonce, nonce), auth.signature):
@@ -558,7 +561,7 @@ class Broker:
                 nursery.start_soon(self._starter_writer, conn, recv)
                 while True:
                     # Starters ping every PING_INTERVAL: silence this long means it is gone.
-                    msg = await stream.receive(timeout=STARTER_SILENCE)
+                    msg = await stream.receive(within=STARTER_SILENCE)
                     await self._from_starter(conn, msg)
         finally:
             send.close()

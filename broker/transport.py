@@ -50,13 +50,13 @@ class FramedStream:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
-    async def receive(self, timeout: float | None = None) -> wire.Message:
+    async def receive(self, within: float | None = None) -> wire.Message:
         """The next message; PeerGone at end of stream, RemoteProtocolError on garbage.
 
-        ``timeout`` bounds the wait for a whole message; ``None`` waits for its start forever
+        ``within`` bounds the wait for a whole message; ``None`` waits for its start forever
         but still gives a started frame only ``frame_timeout`` to complete (set by caller).
         """
-        with trio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
+        with trio.fail_after(within) if within is not None else contextlib.nullcontext():
             while True:
                 event = self.conn.next_event()
                 if isinstance(event, wire.Message):
@@ -74,14 +74,14 @@ class FramedStream:
 
 
 async def receive_one_frame_exact(
-    sock: trio.socket.SocketType, max_frame: int, timeout: float
+    sock: trio.socket.SocketType, max_frame: int, within: float
 ) -> bytes:
     """Read exactly one frame (header + payload) and not one byte more.
 
     Used on connections that are handed on afterwards (session sockets): anything read past
     the frame would be lost to the next owner of the socket.
     """
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         header = await _recv_exact(sock, wire.FRAME_HEADER.size)
         (length,) = wire.FRAME_HEADER.unpack(header)
         if length > max_frame:

@@ -269,7 +269,7 @@ class Starter:
                 nursery.start_soon(self._writer, stream, recv)
                 nursery.start_soon(self._pinger)
                 while True:
-                    msg = await stream.receive(timeout=PING_INTERVAL * 4)
+                    msg = await stream.receive(within=PING_INTERVAL * 4)
                     self._dispatch(msg)
         finally:
             self._outbox = None
@@ -281,7 +281,7 @@ class Starter:
         await stream.send(wire.StarterHello(
             starter_id=self.name, starter_key=self.public_key, nonce=nonce,
             slots=self.config.starter.slots))  # fmt: skip
-        reply = await stream.receive(timeout=10)
+        reply = await stream.receive(within=10)
         if isinstance(reply, wire.Error):
             raise _Refused(reply.message)
         assert isinstance(reply, wire.BrokerHello)
@@ -290,7 +290,7 @@ class Starter:
             raise _Refused("the broker's signature does not verify: wrong broker key?")
         sig = wire.sign(self.identity, wire.starter_auth_statement(self.name, nonce, reply.nonce))
         await stream.send(wire.StarterAuth(signature=sig))
-        welcome = await stream.receive(timeout=10)
+        welcome = await stream.receive(within=10)
         if isinstance(welcome, wire.Error):
             raise _Refused(welcome.message)
         transcript = wire.starter_auth_statement(self.name, nonce, reply.nonce)

@@ -70,3 +70,22 @@ def test_without_the_flag_a_failed_job_completes(pool: Pool, users: dict[str, Us
     r = pool.ssh(a, job, "true")
     assert r.returncode == 1
     assert "completed" in r.stderr
+
+
+def test_release_right_after_hold_requeues_once_evicted(pool: Pool, users: dict[str, User]) -> None:
+    """stj release straight after stj hold is accepted and the job runs again once evicted."""
+    a = users["a"]
+    (job,) = pool.submit(a, "/bin/sleep", "300")
+    first = pool.wait_state(job, "running")
+    pool.stj(a, "hold", job)
+    r = pool.stj(a, "release", job)
+    assert "release done" in r.stdout
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        info = pool.job(job)
+        if info["state"] == "running" and info["pids"] and info["pids"] != first["pids"]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"job {job} did not run again: {pool.job(job)}")
+    pool.stj(a, "rm", job)
