@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import pwd
 import secrets
 import shlex
 import shutil
@@ -420,6 +421,15 @@ def run(opts: Options) -> int:
         jid = wire.parse_job_id(opts.job)
     except ValueError as exc:
         return die(str(exc), 2)
+    if os.path.basename(shlex.split(opts.ssh)[0]) in ("ssh", "scp", "sftp"):
+        # The OpenSSH client exits ("No user exists for uid N") without a passwd entry for the
+        # uid running it: say so before the broker and the starter set a session up for nothing.
+        try:
+            pwd.getpwuid(os.getuid())
+        except KeyError:
+            return die(f"your uid {os.getuid()} has no passwd entry on this host, and the OpenSSH "
+                       "client does not run without one; ask a queue superuser to connect, or "
+                       "add an entry for the uid")  # fmt: skip
     shells = opts.shells or ((os.environ["SHELL"],) if os.environ.get("SHELL") else ())
     try:
         base = runtime_dir()
@@ -481,7 +491,8 @@ def _session(opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib
             if opts.auto_retry and reply.code in ("held", "finished", "unknown_job"):
                 return die(f"stopped waiting: {reply.message}")
             return die(reply.message)
-        assert isinstance(reply, wire.SshGrant) and fd is not None
+        assert isinstance(reply, wire.SshGrant)
+        assert fd is not None
         break
     session = socket.socket(fileno=fd)
     try:

@@ -20,6 +20,7 @@ import pathlib
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import time
 from typing import TYPE_CHECKING
@@ -58,6 +59,10 @@ def login_name(uid: int) -> tuple[str, pwd.struct_passwd | None]:
 def choose_shell(wanted: tuple[str, ...], pw: pwd.struct_passwd | None) -> str:
     """The first requested shell that exists here, else the user's own, else /bin/sh."""
     for shell in wanted:
+        # sshd runs every command (the login, rsync, scp -O) through this shell: a client
+        # whose $SHELL is nologin/false must not turn the session into "account not available".
+        if shell.endswith(_BAD_SHELLS):
+            continue
         if shell.startswith("/") and os.access(shell, os.X_OK) and os.path.isfile(shell):
             return shell
         if not shell.startswith("/"):
@@ -150,7 +155,8 @@ async def run_session(starter: Starter, job: Job, session_id: str, nonce: bytes)
         with trio.fail_after(cfg.session_timeout):
             await sock.connect((host, port))
             attach = wire.Connection(wire.Channel.ATTACH, wire.Role.STARTER, wire.Role.BROKER)
-            sig = wire.sign(starter.identity, wire.attach_statement(session_id, starter.name, nonce))
+            statement = wire.attach_statement(session_id, starter.name, nonce)
+            sig = wire.sign(starter.identity, statement)
             await sock.send(attach.send(wire.SessionAttach(
                 session_id=session_id, starter_id=starter.name, signature=sig)))  # fmt: skip
         frame = await receive_one_frame_exact(sock, wire.DEFAULT_MAX_FRAME, cfg.session_timeout)
@@ -232,7 +238,10 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
         argv = [cfg.sshd, "-i", "-e", "-f", str(d / "sshd_config")]
         sshd_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
         log_path = d / "sshd.log"
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # d belongs to the job's uid by now, and its owner knows the session id: a symlink
+        # planted here must not make us (root) truncate and chown the file it points to.
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)  # fmt: skip
         os.fchown(log_fd, uid, gid)
         preexec = _procs.make_preexec(uid, gid, job.groups, cgroup)
         if cfg.use_shim:
@@ -249,6 +258,7 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
             finally:
                 child.close()
                 os.close(log_fd)
+            job.group.adopt(proc.pid)
             try:
                 await _shim_handshake(parent, shim_cfg)
             except preload.ShimError as exc:
@@ -266,13 +276,18 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
                 )  # fmt: skip
             finally:
                 os.close(log_fd)
+            job.group.adopt(proc.pid)
+        if job.killed:
+            # rm/hold came while we set up: the group kill may have missed this sshd (it
+            # joins the job's cgroup only as it starts).
+            raise SessionRefused(f"job {job.id} is being removed ({job.killed})")
         ours.close()
         starter.audit("session-open", job.id, f"session {session_id[:16]} uid {cap.requester_uid}")
         job.sessions[session_id] = proc
         job.report_sessions()
         await proc.wait()
         if starter.debug:
-            log.debug("sshd log for %s:\n%s", session_id[:8], log_path.read_text(errors="replace"))
+            log.debug("sshd log for %s:\n%s", session_id[:8], _read_log(log_path))
     except SessionRefused as exc:
         log.warning("session %s into job %s failed: %s", session_id[:8], job.id, exc)
         _tell(ours, conn, f"session set-up failed: {exc}")
@@ -285,11 +300,28 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
             if proc is not None and proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+        if proc is not None:
+            job.group.release(proc.pid)  # reaped: the pid may now be anyone's
         job.sessions.pop(session_id, None)
         shutil.rmtree(d, ignore_errors=True)
         _procs.remove_session_cgroup(cgroup)
         job.report_sessions()
         starter.audit("session-closed", job.id, f"session {session_id[:16]}")
+
+
+def _read_log(path: pathlib.Path, limit: int = 65536) -> str:
+    """sshd's log, read as root from a directory the job's uid owns: follow no link the job
+    put there, never block on a FIFO, read a bounded amount."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"(cannot read {path.name}: {exc.strerror})"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return f"({path.name} is not a regular file)"
+        return os.read(fd, limit).decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 def _tell(sock: socket.socket, conn: wire.Connection, message: str) -> None:
