@@ -466,7 +466,7 @@ def _session(opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib
     _write(d / "id", private)
     sockpath = find_socket(opts.name)
     _debug(opts, f"asking broker {sockpath} for a session into job {jid.one}")
-    waited = 0.0
+    since = time.monotonic()
     status_shown = False
     while True:
         try:
@@ -475,6 +475,7 @@ def _session(opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib
         except BrokerUnavailable as exc:
             return die(str(exc))
         if isinstance(reply, wire.Error) and reply.code == "idle" and opts.auto_retry:
+            waited = time.monotonic() - since
             if sys.stderr.isatty():
                 print(f"\rssh-to-job: job {jid.one} is idle; waited {int(waited)} s ...",
                       end="", file=sys.stderr, flush=True)  # fmt: skip
@@ -483,7 +484,6 @@ def _session(opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib
                       file=sys.stderr, flush=True)  # fmt: skip
             status_shown = True
             time.sleep(1.0)
-            waited += 1.0
             continue
         if status_shown and sys.stderr.isatty():
             print(file=sys.stderr)
