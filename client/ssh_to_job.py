@@ -380,11 +380,12 @@ class _Signals:
         self.signum = signal.Signals(sig)
         if self.child is None:
             raise KeyboardInterrupt
-        if sig != signal.SIGINT:  # the terminal already sent SIGINT to ssh itself
-            try:
-                self.child.send_signal(sig)
-            except OSError:
-                pass
+        # Pass it on: a Ctrl-C from the terminal reached ssh already (a second SIGINT changes
+        # nothing), but a `kill -INT` aimed at us alone must reach ssh too.
+        try:
+            self.child.send_signal(sig)
+        except OSError:
+            pass
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():

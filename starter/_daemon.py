@@ -423,6 +423,7 @@ class Starter:
         try:
             rc = await proc.wait()
             job.main_exited = True
+            job.group.release(proc.pid)  # reaped: without cgroups its pid may be reused
             if rc < 0:
                 exit_signal = -rc
             else:

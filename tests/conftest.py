@@ -224,7 +224,7 @@ def make_pool(users: dict[str, User]) -> Iterator[Any]:
         pool = Pool(new_state_dir(), cfg, slots)
         pools.append(pool)
         if start:
-            pool.start()
+            pool.start()  # on failure the teardown below still stops it
         return pool
 
     yield make
@@ -238,7 +238,11 @@ def pool(users: dict[str, User]) -> Iterator[Pool]:
     """One shared pool per test module (tests must not stop it)."""
     su = users["su"].name
     p = Pool(new_state_dir(), f'[broker]\nsuperusers = ["{su}"]\n', slots=8)
-    p.start()
+    try:
+        p.start()
+    except BaseException:
+        p.stop()
+        raise
     yield p
     p.stop()
     shutil.rmtree(p.state, ignore_errors=True)
