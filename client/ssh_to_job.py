@@ -32,7 +32,6 @@ import attrs
 import wire
 
 from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
-from ._sshkey import ed25519_keypair
 
 USAGE = """\
 usage: ssh-to-job [-help] [-debug] [-name broker] [-pool addr] [-ssh ssh-command]
@@ -177,7 +176,7 @@ def generate_key(options: str) -> tuple[bytes, str]:
             continue
         raise UsageError(f"-keygen-options: unsupported option {w!r} (use -t and -b)")
     if kind == "ed25519":
-        return ed25519_keypair()
+        return wire.ed25519_keypair()
     # Other key types are rare: only they pay for importing cryptography.
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa

@@ -318,12 +318,19 @@ def _job_dict(j: wire.JobInfo) -> dict[str, Any]:
         j, value_serializer=lambda _i, _f, v: list(v) if isinstance(v, tuple) else v)  # fmt: skip
 
 
-def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
-    for text in a.ids:
+def _bad_id(ids: list[str]) -> int | None:
+    """Exit status 2 with a message if any of ``ids`` is not a job id."""
+    for text in ids:
         try:
             wire.parse_job_id(text)
         except ValueError as exc:
             return die(str(exc), 2)
+    return None
+
+
+def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
+    if (rc := _bad_id(a.ids)) is not None:
+        return rc
     try:
         with _client(a) as bc:
             jobs: list[wire.JobInfo] = []
@@ -367,11 +374,8 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
 
 
 def cmd_act(a: argparse.Namespace) -> int:
-    for text in a.ids:
-        try:
-            wire.parse_job_id(text)
-        except ValueError as exc:
-            return die(str(exc), 2)
+    if (rc := _bad_id(a.ids)) is not None:
+        return rc
     try:
         with _client(a) as bc:
             reply = bc.request(wire.Act(action=a.cmd, ids=tuple(a.ids), reason=a.reason))

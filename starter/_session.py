@@ -26,8 +26,6 @@ import time
 from typing import TYPE_CHECKING
 
 import trio
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 import preload
 import wire
@@ -75,15 +73,7 @@ def choose_shell(wanted: tuple[str, ...], pw: pwd.struct_passwd | None) -> str:
 
 
 def make_host_key() -> tuple[bytes, str]:
-    key = ed25519.Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )  # fmt: skip
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    ).decode()
-    return private, public
+    return wire.ed25519_keypair()
 
 
 def _setenv_line(env: dict[str, str]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 import subprocess
 
-from client._sshkey import ed25519_keypair
+from wire import ed25519_keypair
 
 
 def test_ssh_keygen_reads_our_private_key(tmp_path: pathlib.Path) -> None:

@@ -91,6 +91,7 @@ from ._messages import (
     encode_message,
 )
 from ._secure import Ephemeral, FrameCipher, channel_keys
+from ._sshkey import ed25519_keypair
 from ._state import Channel, Role, next_state
 
 __all__ = [
@@ -164,6 +165,7 @@ __all__ = [
     "channel_keys",
     "decode_message",
     "default_state_dir",
+    "ed25519_keypair",
     "encode_frame",
     "encode_message",
     "host_key_statement",

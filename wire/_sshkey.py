@@ -1,8 +1,8 @@
 """An ed25519 key pair in OpenSSH's own file format, made with pynacl.
 
-``ssh-to-job`` makes a fresh user key for every session. pynacl is already loaded for the
-signature checks, so writing the ``openssh-key-v1`` format here saves the ~30 ms it would take
-to import ``cryptography`` just for this (tested against ``ssh-keygen -y``).
+Every session has two fresh keys: the client's user key and the starter's host key. pynacl is
+loaded anyway for the signature checks, so writing the ``openssh-key-v1`` format here spares
+the client the ~30 ms of importing ``cryptography`` (tested against ``ssh-keygen -y``).
 """
 
 from __future__ import annotations
