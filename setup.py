@@ -1,4 +1,5 @@
-"""Build hook: compile the LD_PRELOAD shim (preload/stjshim.c) into preload/libstjshim.so.
+"""Build hook: compile the LD_PRELOAD shim (preload/stjshim.c) into preload/libstjshim.so,
+and the ProxyCommand helper (client/stj-fdpass.c) into client/stj-fdpass.
 
 All metadata lives in pyproject.toml. The shim is a plain C shared object that depends only on
 libc (it is preloaded into sshd, so it must not be a Python extension); it is built with the
@@ -48,6 +49,25 @@ def compiler() -> list[str]:
     return argv
 
 
+FDPASS_SOURCE = HERE / "client" / "stj-fdpass.c"
+FDPASS = "stj-fdpass"
+
+
+def compile_fdpass(out: Path) -> None:
+    """The ProxyCommand helper: a plain program, so it starts in well under a millisecond."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    argv = [*compiler(), "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp), str(FDPASS_SOURCE)]
+    print("building the proxy helper:", shlex.join(argv))
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise CompileError(f"ssh-to-job: compiling {FDPASS_SOURCE.name} failed:\n"
+                           f"{proc.stdout}{proc.stderr}")  # fmt: skip
+    tmp.chmod(0o755)
+    tmp.replace(out)
+
+
 def compile_shim(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -84,13 +104,16 @@ class BuildPyWithShim(build_py):
         if getattr(self, "editable_mode", False):
             # Editable installs import preload/ from the source tree: build it there.
             compile_shim(HERE / "preload" / LIBRARY)
+            compile_fdpass(HERE / "client" / FDPASS)
         else:
             compile_shim(Path(self.build_lib) / "preload" / LIBRARY)
+            compile_fdpass(Path(self.build_lib) / "client" / FDPASS)
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
         outputs: list[str] = list(super().get_outputs(include_bytecode))
         if not getattr(self, "editable_mode", False):
             outputs.append(str(Path(self.build_lib) / "preload" / LIBRARY))
+            outputs.append(str(Path(self.build_lib) / "client" / FDPASS))
         return outputs
 
 
