@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pathlib
 import pwd
-import secrets
 import shlex
 import shutil
 import signal
@@ -440,7 +439,7 @@ def run(opts: Options) -> int:
         sweep_stale(base)
     except OSError as exc:
         return die(f"cannot prepare a private directory for session keys: {exc}")
-    d = base / secrets.token_hex(6)
+    d = base / os.urandom(6).hex()
     os.mkdir(d, 0o700)
     signals = _Signals()
     try:
@@ -509,7 +508,7 @@ def _session(opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib
         _debug(opts, f"starter host key verified; logging in as {ready.login}")
         alias = f"ssh-to-job-{reply.job}-{reply.session_id[:8]}"
         _write(d / "known_hosts", f"{alias} {ready.host_key}\n".encode())
-        proxy_name = f"ssh-to-job-{os.getuid()}-{secrets.token_hex(16)}"
+        proxy_name = f"ssh-to-job-{os.getuid()}-{os.urandom(16).hex()}"
         _write(d / "config", ssh_config(d, ready.login, alias, proxy_name, opts.x11,
                                         opts.debug).encode())  # fmt: skip
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

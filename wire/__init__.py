@@ -5,6 +5,8 @@ one transition table, and the Ed25519-signed capability. This package contains n
 code at all and must never import trio or open a socket: it is tested byte by byte.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._config import (
     ENV_CONFIG,
     ENV_STATE_DIR,
@@ -90,9 +92,21 @@ from ._messages import (
     decode_message,
     encode_message,
 )
-from ._secure import Ephemeral, FrameCipher, channel_keys
 from ._sshkey import ed25519_keypair
 from ._state import Channel, Role, next_state
+
+if TYPE_CHECKING:
+    from ._secure import Ephemeral, FrameCipher, channel_keys
+
+
+def __getattr__(name: str) -> Any:
+    # The channel cipher (nacl's X25519 and SecretBox) is for the daemons: loaded on first
+    # use, so that ssh-to-job's start-up does not pay for it.
+    if name in ("Ephemeral", "FrameCipher", "channel_keys"):
+        from . import _secure
+
+        return getattr(_secure, name)
+    raise AttributeError(f"module 'wire' has no attribute {name!r}")
 
 __all__ = [
     "CLOCK_SKEW",

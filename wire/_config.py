@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tomllib
 from typing import Any
 
 import attrs
@@ -94,6 +93,8 @@ def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
 
 
 def parse_config(text: str) -> PoolConfig:
+    import tomllib  # only when there is a file: keeps every command's start-up lean
+
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

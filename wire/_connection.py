@@ -8,10 +8,14 @@ the socket, and the daemon carries on.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+
+if TYPE_CHECKING:
+    from ._secure import FrameCipher
 from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
 from ._messages import Error, JobList, Message, decode_message, encode_message
-from ._secure import FrameCipher
 from ._state import RAW, START, Channel, Role, next_state
 
 ERROR_STATE = "error"
@@ -39,6 +43,8 @@ class Connection:
         """
         if self._seal is not None:
             raise LocalProtocolError("encryption is already on")
+        from ._secure import FrameCipher  # daemons only: clients never load the cipher
+
         self._seal, self._open = FrameCipher(send_key), FrameCipher(receive_key)
 
     @property

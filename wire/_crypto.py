@@ -11,7 +11,6 @@ from the caller, so expiry is testable without sleeping; single use is ``ReplayC
 
 from __future__ import annotations
 
-import hmac
 import struct
 
 import attrs
@@ -185,4 +184,6 @@ def attach_statement(session_id: str, starter_id: str, nonce: bytes) -> bytes:
 
 
 def same_secret(a: bytes, b: bytes) -> bool:
+    import hmac
+
     return hmac.compare_digest(a, b)
