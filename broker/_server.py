@@ -249,8 +249,8 @@ class Broker:
                 await stream.send(wire.JobList(jobs=(), last=True))
                 return
         page: list[wire.JobInfo] = []
-        for row in self.queue.select(ids, states, owner_uid):
-            page.append(row.info())
+        for info in self.queue.infos(ids, states, owner_uid):
+            page.append(info)
             if len(page) == PAGE:
                 await stream.send(wire.JobList(jobs=tuple(page), last=False))
                 page = []

@@ -48,7 +48,13 @@ class JobSpec:
 
 @attrs.frozen
 class JobInfo:
-    """One row of ``stj q`` / ``stj history``."""
+    """One row of ``stj q`` / ``stj history``.
+
+    Listings carry up to 100,000 of these, so fields at their default are left out of the
+    encoding (the decoder restores them): an idle job is about half the bytes.
+    """
+
+    OMIT_DEFAULTS: ClassVar[bool] = True
 
     id: str
     owner: str
@@ -429,12 +435,35 @@ def _fields_encoders(cls: type) -> list[tuple[str, _Encoder | None]]:
     return table
 
 
+_compiled_encoders: dict[type, Callable[[Any], dict[str, Any]]] = {}
+
+
 def _encode_attrs(value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, enc in _fields_encoders(type(value)):
-        v = getattr(value, name)
-        out[name] = v if enc is None else enc(v)
-    return out
+    """The JSON-ready dict of an attrs value, by a function generated once per class."""
+    cls = type(value)
+    enc = _compiled_encoders.get(cls)
+    if enc is None:
+        table = _fields_encoders(cls)
+        defaults = {f.name: f.default for f in attrs.fields(cls)}
+        omit = getattr(cls, "OMIT_DEFAULTS", False)
+        ns: dict[str, Any] = {}
+        items, optional = [], []
+        for i, (name, conv) in enumerate(table):
+            expr = f"v.{name}" if conv is None else f"_c{i}(v.{name})"
+            ns[f"_c{i}"] = conv
+            default = defaults[name]
+            factory = isinstance(default, attrs.Factory)  # type: ignore[arg-type]  # a class at run time
+            if omit and default is not attrs.NOTHING and not factory:
+                ns[f"_k{i}"] = default
+                optional.append(f"    if v.{name} != _k{i}:\n        d[{name!r}] = {expr}\n")
+            else:
+                items.append(f"{name!r}: {expr}")
+        src = (f"def enc(v):\n    d = {{{', '.join(items)}}}\n" + "".join(optional)
+               + "    return d\n")  # fmt: skip
+        exec(compile(src, f"<wire encoder {cls.__name__}>", "exec"), ns)  # noqa: S102
+        enc = ns["enc"]
+        _compiled_encoders[cls] = enc
+    return enc(value)
 
 
 def encode_message(msg: Message) -> bytes:
@@ -583,33 +612,87 @@ def _table(cls: type) -> tuple[frozenset[str], list[_Field]]:
     return table
 
 
-def _decode_attrs(cls: type, value: Any, path: str, skip: frozenset[str] = frozenset()) -> Any:
-    if type(value) is not dict:
-        raise _fail(path, "expected an object")
-    known, fields = _table(cls)
-    if not known.issuperset(value.keys()):
-        unknown = set(value) - known - skip
-        if unknown:
-            raise _fail(path or cls.__name__, f"unknown field(s) {sorted(unknown)}")
-    kwargs: dict[str, Any] = {}
-    for name, inline, dec, required in fields:
-        v = value.get(name, _MISSING)
-        if v is _MISSING:
-            if required:
-                raise _fail(f"{path}.{name}" if path else name, "missing")
-            continue
-        if inline is str and type(v) is str and v.isascii():
-            pass  # the common case, checked without a call
-        elif inline is int and type(v) is int and -_INT_LIMIT <= v < _INT_LIMIT:
-            pass
-        else:
-            v = dec(v, f"{path}.{name}" if path else name)
-        kwargs[name] = v
+def _sub(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _unknown_fields(cls: type, value: dict[str, Any], path: str, skip: frozenset[str]) -> None:
+    known, _ = _table(cls)
+    unknown = set(value) - known - skip
+    if unknown:
+        raise _fail(path or cls.__name__, f"unknown field(s) {sorted(unknown)}")
+
+
+def _construct(cls: type, path: str, kwargs: dict[str, Any]) -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
         what = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
         raise _fail(path or cls.__name__, what) from None
+
+
+_compiled_decoders: dict[type, Callable[[Any, str, frozenset[str]], Any]] = {}
+
+
+def _compile_decoder(cls: type) -> Callable[[Any, str, frozenset[str]], Any]:
+    """A decoder for one attrs class, generated once (the way attrs writes __init__).
+
+    Same checks, in the same order, as the table-driven description in _table: str and int
+    fields are tested inline, other types call their decoder, absent fields keep their
+    default, unknown fields and failing validators are the peer's error.
+    """
+    known, fields = _table(cls)
+    ns: dict[str, Any] = {
+        "_cls": cls, "_known": known, "_MISSING": _MISSING, "_fail": _fail, "_sub": _sub,
+        "_unknown": _unknown_fields, "_construct": _construct, "_LIMIT": _INT_LIMIT,
+    }  # fmt: skip
+    lines = [
+        "def dec(value, path, skip):",
+        "    if type(value) is not dict:",
+        "        raise _fail(path, 'expected an object')",
+        "    if not _known.issuperset(value.keys()):",
+        "        _unknown(_cls, value, path, skip)",
+        "    kw = {}",
+    ]
+    for i, (name, inline, dec, required) in enumerate(fields):
+        ns[f"_d{i}"] = dec
+        lines.append(f"    v = value.get({name!r}, _MISSING)")
+        if required:
+            lines += ["    if v is _MISSING:",
+                      f"        raise _fail(_sub(path, {name!r}), 'missing')"]  # fmt: skip
+            indent = "    "
+        else:
+            lines.append("    if v is not _MISSING:")
+            indent = "        "
+        if inline is str:
+            test = "type(v) is str and v.isascii()"
+        elif inline is int:
+            test = "type(v) is int and -_LIMIT <= v < _LIMIT"
+        else:
+            test = ""
+        if test:
+            lines += [f"{indent}if not ({test}):",
+                      f"{indent}    v = _d{i}(v, _sub(path, {name!r}))"]  # fmt: skip
+        else:
+            lines.append(f"{indent}v = _d{i}(v, _sub(path, {name!r}))")
+        lines.append(f"{indent}kw[{name!r}] = v")
+    lines += [
+        "    try:",
+        "        return _cls(**kw)",
+        "    except (ValueError, TypeError):",
+        "        return _construct(_cls, path, kw)",
+    ]
+    exec(compile("\n".join(lines) + "\n", f"<wire decoder {cls.__name__}>", "exec"), ns)  # noqa: S102
+    dec_fn: Callable[[Any, str, frozenset[str]], Any] = ns["dec"]
+    return dec_fn
+
+
+def _decode_attrs(cls: type, value: Any, path: str, skip: frozenset[str] = frozenset()) -> Any:
+    dec = _compiled_decoders.get(cls)
+    if dec is None:
+        dec = _compile_decoder(cls)
+        _compiled_decoders[cls] = dec
+    return dec(value, path, skip)
 
 
 def _no_constant(name: str) -> Any:
