@@ -347,7 +347,7 @@ GatewayPorts no
 PrintMotd no
 PrintLastLog no
 UseDNS no
-LoginGraceTime 30
+LoginGraceTime 120
 ClientAliveInterval 30
 ClientAliveCountMax 4
 LogLevel ERROR

@@ -238,8 +238,12 @@ def sweep_stale(base: pathlib.Path) -> None:
                 pass
             except PermissionError:
                 continue
-        elif time.time() - entry.stat().st_mtime < 60:
-            continue  # a session being set up right now
+        else:
+            try:
+                if time.time() - entry.stat().st_mtime < 60:
+                    continue  # a session being set up right now
+            except FileNotFoundError:
+                continue  # another ssh-to-job just finished with it
         shutil.rmtree(entry, ignore_errors=True)
 
 
