@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import shutil
+
 from conftest import Pool, User
 
 
@@ -18,3 +22,26 @@ def test_command_runs_in_the_job(pool: Pool, users: dict[str, User]) -> None:
     assert mark == "hello world"
     assert pids.split()[0] == str(info["pids"][0])
     assert jid == job
+
+
+def test_a_long_tmpdir_does_not_matter(pool: Pool, users: dict[str, User]) -> None:
+    """With a TMPDIR far longer than sun_path's 107 bytes, sessions still work: the only unix
+    socket the client makes is an abstract one, and session files may live anywhere."""
+    a = users["a"]
+    (job,) = pool.submit(a, "/bin/sleep", "300")
+    pool.wait_state(job, "running")
+    base = pathlib.Path("/tmp") / f"stjt-long-{a.uid}"
+    deep = base.joinpath(*["d" * 40] * 6)
+    deep.mkdir(parents=True, exist_ok=True)
+    for p in [deep, *deep.parents]:
+        if p == base.parent:
+            break
+        os.chown(p, a.uid, a.gid)
+    assert len(str(deep)) > 200
+    try:
+        r = pool.ssh(a, job, "echo $SSH_TO_JOB_ID", env={"TMPDIR": str(deep)})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == job
+        assert not any((deep / f"ssh-to-job-{a.uid}").iterdir())  # cleaned up after itself
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
