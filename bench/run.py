@@ -35,6 +35,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from starter._session import sshd_config
+
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 #: The venv whose product we measure (the one running us: ./dev bench uses $VENV/bin/python).
@@ -319,39 +321,8 @@ class Bench:
         (f / "authorized_keys").write_text((f / "id.pub").read_text())
         host_pub = (f / "host_key.pub").read_text().strip()
         (f / "known_hosts").write_text(f"floor {host_pub}\n")
-        # The starter's sshd_config (starter/_session.py) less the job's SetEnv line.
-        (f / "sshd_config").write_text(f"""\
-HostKey "{f}/host_key"
-AuthorizedKeysFile "{f}/authorized_keys"
-AuthenticationMethods publickey
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-HostbasedAuthentication no
-UsePAM no
-PidFile none
-StrictModes no
-PermitRootLogin no
-AllowUsers {USER}
-Subsystem sftp internal-sftp
-PermitUserEnvironment no
-PermitUserRC no
-PermitTTY yes
-AllowAgentForwarding no
-AllowTcpForwarding yes
-AllowStreamLocalForwarding yes
-X11Forwarding yes
-X11UseLocalhost yes
-PermitTunnel no
-GatewayPorts no
-PrintMotd no
-PrintLastLog no
-UseDNS no
-LoginGraceTime 120
-ClientAliveInterval 30
-ClientAliveCountMax 4
-LogLevel ERROR
-""")
+        # The starter's own sshd_config (same function, same files), less the job's SetEnv.
+        (f / "sshd_config").write_text(sshd_config(f, USER, {}, forwarding=True, debug=False))
         extra = "".join(f"  {k} {v}\n" for k, v in self._product_client_options().items())
         # The client config ssh-to-job generates (client/ssh_to_job.py), with sshd -i as proxy.
         (f / "ssh_config").write_text(f"""\

@@ -180,7 +180,9 @@ def test_ssh_exit_255_passes_through(pool: Pool, users: dict[str, User],
     # $PPID of the command's shell is the session's sshd: killing it cuts the connection.
     r = pool.ssh(users["a"], job["id"], "kill -9 $PPID; sleep 20")
     assert r.returncode == 255, r.stderr
-    assert "closed by remote host" in r.stderr
+    # ssh words a lost connection by what it was doing when it noticed.
+    assert ("closed by remote host" in r.stderr or "Broken pipe" in r.stderr
+            or "Connection reset" in r.stderr), r.stderr  # fmt: skip
     assert time.monotonic() - t0 < 15
     r = pool.ssh(users["a"], "-ssh", "ssh -o BadOption=1", job["id"], "true")
     assert r.returncode == 255
