@@ -251,14 +251,14 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
                 child.close()
                 os.close(log_fd)
             job.group.adopt(proc.pid)
-            try:
-                await _shim_handshake(parent, shim_cfg)
-            except preload.ShimError as exc:
-                proc.kill()
-                raise SessionRefused(str(exc)) from None
-            ours.sendall(conn.send(ready))
-            parent.sendall(preload.GO)
-            parent.close()
+            with parent:
+                try:
+                    await _shim_handshake(parent, shim_cfg)
+                except preload.ShimError as exc:
+                    proc.kill()
+                    raise SessionRefused(str(exc)) from None
+                ours.sendall(conn.send(ready))
+                parent.sendall(preload.GO)
         else:
             ours.sendall(conn.send(ready))
             try:
@@ -283,7 +283,8 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
     except SessionRefused as exc:
         log.warning("session %s into job %s failed: %s", session_id[:8], job.id, exc)
         _tell(ours, conn, f"session set-up failed: {exc}")
-    except (OSError, subprocess.SubprocessError, wire.ProtocolError) as exc:
+    except (OSError, ValueError, subprocess.SubprocessError, wire.ProtocolError) as exc:
+        # ValueError: a login, home or shell the shim's configuration cannot carry.
         log.exception("session %s into job %s failed", session_id[:8], job.id)
         _tell(ours, conn, f"session set-up failed: {exc}")
     finally:
