@@ -1,0 +1,61 @@
+"""A personal pool run by an ordinary user: no root anywhere, jobs and sessions as that user."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+from conftest import SSH_TO_JOB, STJ, User, new_state_dir
+
+
+def test_pool_started_by_a_user_runs_their_jobs_and_sessions(users: dict[str, User]) -> None:
+    """`stj pool` as user b: its job runs as b, and ssh-to-job (a command and a pty) gets in."""
+    b = users["b"]
+    state = new_state_dir()
+    os.chown(state, b.uid, b.gid)
+    env = {"PATH": f"{os.path.dirname(STJ)}:/usr/bin:/bin", "HOME": b.home, "USER": str(b.name),
+           "STJ_STATE_DIR": str(state), "LANG": "C.UTF-8", "SHELL": "/bin/bash"}  # fmt: skip
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*b.prefix(), *argv], env=env, capture_output=True, text=True,
+                              timeout=60, cwd="/tmp")  # fmt: skip
+
+    pool = subprocess.Popen([*b.prefix(), STJ, "pool"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            r = run(STJ, "status", "--json")
+            if r.returncode == 0 and json.loads(r.stdout)["starters"]:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the user's pool did not come up")
+        r = run(STJ, "submit", "/bin/sleep", "300")
+        assert r.returncode == 0, r.stderr
+        job = r.stdout.split(":", 1)[1].split()[0]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            q = json.loads(run(STJ, "q", "--json", job).stdout)
+            if q and q[0]["state"] == "running" and q[0]["pids"]:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"job {job} did not start")
+        with open(f"/proc/{q[0]['pids'][0]}/status") as f:
+            uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+        assert uids == [str(b.uid)] * 4
+        r = run(SSH_TO_JOB, job, "id -u; pwd")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [str(b.uid), q[0]["scratch"]]
+        r = run(SSH_TO_JOB, "-ssh", "ssh -tt", job, "tty")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip().startswith("/dev/pts/")
+        assert run(STJ, "rm", job).returncode == 0
+    finally:
+        os.killpg(pool.pid, 15)
+        pool.wait(20)
+        shutil.rmtree(state, ignore_errors=True)
