@@ -652,8 +652,8 @@ def _compile_decoder(cls: type) -> Callable[[Any, str, frozenset[str]], Any]:
         "        raise _fail(path, 'expected an object')",
         "    if not _known.issuperset(value.keys()):",
         "        _unknown(_cls, value, path, skip)",
-        "    kw = {}",
     ]
+    defaults = {f.name: f.default for f in attrs.fields(cls)}
     for i, (name, inline, dec, required) in enumerate(fields):
         ns[f"_d{i}"] = dec
         lines.append(f"    v = value.get({name!r}, _MISSING)")
@@ -662,7 +662,14 @@ def _compile_decoder(cls: type) -> Callable[[Any, str, frozenset[str]], Any]:
                       f"        raise _fail(_sub(path, {name!r}), 'missing')"]  # fmt: skip
             indent = "    "
         else:
-            lines.append("    if v is not _MISSING:")
+            # Absent: the attrs default (a factory is called, as attrs' own __init__ would).
+            default = defaults[name]
+            if isinstance(default, attrs.Factory):  # type: ignore[arg-type]  # a class at run time
+                ns[f"_f{i}"] = default.factory
+                lines += ["    if v is _MISSING:", f"        a{i} = _f{i}()", "    else:"]
+            else:
+                ns[f"_k{i}"] = default
+                lines += ["    if v is _MISSING:", f"        a{i} = _k{i}", "    else:"]
             indent = "        "
         if inline is str:
             test = "type(v) is str and v.isascii()"
@@ -675,12 +682,15 @@ def _compile_decoder(cls: type) -> Callable[[Any, str, frozenset[str]], Any]:
                       f"{indent}    v = _d{i}(v, _sub(path, {name!r}))"]  # fmt: skip
         else:
             lines.append(f"{indent}v = _d{i}(v, _sub(path, {name!r}))")
-        lines.append(f"{indent}kw[{name!r}] = v")
+        lines.append(f"{indent}a{i} = v")
+    names = [name for name, *_ in fields]
+    args = ", ".join(f"a{i}" for i in range(len(fields)))
+    kw = ", ".join(f"{name!r}: a{i}" for i, name in enumerate(names))
     lines += [
         "    try:",
-        "        return _cls(**kw)",
+        f"        return _cls({args})",
         "    except (ValueError, TypeError):",
-        "        return _construct(_cls, path, kw)",
+        f"        return _construct(_cls, path, {{{kw}}})",
     ]
     exec(compile("\n".join(lines) + "\n", f"<wire decoder {cls.__name__}>", "exec"), ns)  # noqa: S102
     dec_fn: Callable[[Any, str, frozenset[str]], Any] = ns["dec"]
