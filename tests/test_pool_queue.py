@@ -17,27 +17,14 @@ import re
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from conftest import ROOT, Pool, User
-
-T = TypeVar("T")
+from conftest import ROOT, Pool, User, wait_for
 
 #: A user of our own with a supplementary group, so "and groups" has something to prove.
 GROUPED_USER = "stjtgrp"
 EXTRA_GROUP = "stjtextra"
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 15) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def proc_state(pid: int) -> str:

@@ -20,25 +20,11 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 
 import pytest
-from conftest import ROOT, STJ, Pool, User
+from conftest import ROOT, STJ, Pool, User, wait_for
 
 import wire
-
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 15) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def alive(pid: int) -> bool:
