@@ -298,17 +298,17 @@ class Broker:
         elif action == "release":
             if row.state != HELD:
                 return wire.ActResult(jid, False, f"job {jid} is not held (it is {row.state})")
-            if row.debug_hold:
-                # End the debug hold first; the starter's final report makes the job idle.
+            evicting = bool(row.starter and row.starter in self.starters and row.pid)
+            if row.debug_hold or evicting:
+                # Still on its starter (kept for debugging, or being evicted): it goes back to
+                # idle when the starter reports it gone (see _job_report).
                 self.queue.update(jid, hold_reason=RELEASING)
-                self._signal_starter(row, "evict", f"released by {who}")
+                if row.debug_hold:
+                    self._signal_starter(row, "evict", f"released by {who}")
                 self.queue.audit(uid, action, jid, "ok")
-                return wire.ActResult(jid, True, f"job {jid}: debug hold ended; it will run again")
-            if row.starter and row.starter in self.starters and row.pid:
-                # Still being evicted: it goes back to idle when the starter reports it gone.
-                self.queue.update(jid, hold_reason=RELEASING)
-                self.queue.audit(uid, action, jid, "ok")
-                return wire.ActResult(jid, True, f"job {jid}: release done (once evicted)")
+                done = ("debug hold ended; it will run again" if row.debug_hold
+                        else "release done (once evicted)")  # fmt: skip
+                return wire.ActResult(jid, True, f"job {jid}: {done}")
             self.queue.set_state(jid, IDLE, hold_reason="", starter="", pid=0)
         elif action in ("suspend", "continue"):
             want_from, want_to = ((RUNNING, SUSPENDED) if action == "suspend"
