@@ -106,14 +106,14 @@ class BuildPyWithShim(build_py):
             compile_shim(HERE / "preload" / LIBRARY)
             compile_fdpass(HERE / "client" / FDPASS)
         else:
-            compile_shim(Path(self.build_lib) / "preload" / LIBRARY)
-            compile_fdpass(Path(self.build_lib) / "client" / FDPASS)
+            compile_shim(Path(self.build_lib) / "ssh_to_job" / "preload" / LIBRARY)
+            compile_fdpass(Path(self.build_lib) / "ssh_to_job" / "client" / FDPASS)
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
         outputs: list[str] = list(super().get_outputs(include_bytecode))
         if not getattr(self, "editable_mode", False):
-            outputs.append(str(Path(self.build_lib) / "preload" / LIBRARY))
-            outputs.append(str(Path(self.build_lib) / "client" / FDPASS))
+            outputs.append(str(Path(self.build_lib) / "ssh_to_job" / "preload" / LIBRARY))
+            outputs.append(str(Path(self.build_lib) / "ssh_to_job" / "client" / FDPASS))
         return outputs
 
 

@@ -75,9 +75,9 @@ def mode_breakdown(a: dict[str, Any]) -> dict[str, Any]:
     capability exchange (the starter's checks, host key and sshd spawn), then ssh with the
     ProxyCommand hand-over, to the remote command's exit. Process start-up is measured apart.
     """
-    import wire
-    from client import ssh_to_job as stj
-    from client._broker import BrokerClient, find_socket
+    from ssh_to_job import wire
+    from ssh_to_job.client import ssh_to_job as stj
+    from ssh_to_job.client._broker import BrokerClient, find_socket
 
     job: str = a["job"]
     shells = ("/bin/bash",)
@@ -287,9 +287,9 @@ def _hammer(fn: Callable[[], bool], threads: int, seconds: float) -> dict[str, A
 def mode_broker_load(a: dict[str, Any]) -> dict[str, Any]:
     """Grants (SshRequest to a running job: the real path, starter attach included),
     refusals (the same to an idle job: authorization only) or status round trips."""
-    import wire
-    from client._broker import BrokerClient, find_socket
-    from client.ssh_to_job import generate_key
+    from ssh_to_job import wire
+    from ssh_to_job.client._broker import BrokerClient, find_socket
+    from ssh_to_job.client.ssh_to_job import generate_key
 
     sock = find_socket(None)
     _priv, public = generate_key("")

@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from starter._session import sshd_config
+from ssh_to_job.starter._session import sshd_config
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -255,7 +255,8 @@ class Bench:
         A venv is relocatable but for its scripts' ``#!`` lines, which we rewrite.
         """
         copy = self.state / "venv"
-        check = ("import client.ssh_to_job, client.stj, broker, starter, preload; "
+        check = ("import ssh_to_job.client.ssh_to_job, ssh_to_job.client.stj, ssh_to_job.broker, "
+                 "ssh_to_job.starter; from ssh_to_job import preload; "
                  "preload.check_shim()")  # fmt: skip
         for _attempt in range(5):
             shutil.rmtree(copy, ignore_errors=True)
@@ -294,7 +295,7 @@ class Bench:
     def _product_client_options(self) -> dict[str, str]:
         """Ciphers/KexAlgorithms/... lines of the product's generated ssh config."""
         try:
-            from client import ssh_to_job as product
+            from ssh_to_job.client import ssh_to_job as product
 
             text = product.ssh_config(pathlib.Path("/x"), "u", "a", "p", None, False)
         except Exception as exc:
@@ -550,8 +551,8 @@ Host *
         self.results["phases"]["setup"] = self._times_result(res)
 
         # Where the time goes: process start-ups, then the session rebuilt phase by phase.
-        fdproxy = sh([str(self.bin / "python"), "-c", "import client, os; print(os.path.dirname("
-                      "client.__file__))"]).stdout.strip() + "/_fdproxy.py"  # fmt: skip
+        where = "import ssh_to_job.client as c, os; print(os.path.dirname(c.__file__))"
+        fdproxy = sh([str(self.bin / "python"), "-c", where]).stdout.strip() + "/_fdproxy.py"
         py = str(self.bin / "python")
         start_cmds = {
             "python -c pass": {"argv": [py, "-c", "pass"]},

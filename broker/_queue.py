@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import wire
+from ssh_to_job import wire
 
 IDLE, RUNNING, SUSPENDED, HELD, COMPLETED, REMOVED = (
     "idle", "running", "suspended", "held", "completed", "removed",

@@ -29,12 +29,11 @@ from collections.abc import Callable
 import attrs
 import trio
 
-import wire
-from wire import _files
+from ssh_to_job import common, wire
+from ssh_to_job.transport import FramedStream, PeerGone, receive_one_frame_exact, set_nodelay
 
 from . import _queue
 from ._queue import HELD, IDLE, REMOVED, RUNNING, SUSPENDED, JobQueue, UnknownJob
-from .transport import FramedStream, PeerGone, receive_one_frame_exact, set_nodelay
 
 log = logging.getLogger("stj.broker")
 
@@ -86,18 +85,18 @@ class PendingSession:
 
 
 class Broker:
-    def __init__(self, state_dir: pathlib.Path, config: wire.PoolConfig,
+    def __init__(self, state_dir: pathlib.Path, config: common.PoolConfig,
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.state_dir = state_dir
         self.config = config
         self.bc = config.broker
         self.clock = clock
-        _files.private_dir(state_dir / "keys")
+        common.private_dir(state_dir / "keys")
         # Job users traverse it to the broker's socket; secrets live in keys/ (0700).
         os.chmod(state_dir, 0o755)  # noqa: S103
-        self.signing_key = _files.load_or_create_key(state_dir / "keys" / "broker.key")
+        self.signing_key = common.load_or_create_key(state_dir / "keys" / "broker.key")
         self.public_key = wire.public_key_of(self.signing_key)
-        _files.write_public(state_dir / "broker.pub", self.public_key.hex().encode() + b"\n")
+        common.write_public(state_dir / "broker.pub", self.public_key.hex().encode() + b"\n")
         (state_dir / "trusted_starters").mkdir(mode=0o755, exist_ok=True)
         self.queue = JobQueue(state_dir / "queue.db")
         self.starters: dict[str, StarterConn] = {}
@@ -137,7 +136,7 @@ class Broker:
         tcp_listeners = await trio.open_tcp_listeners(self.bc.port, host=self.bc.host)
         self.tcp_port = tcp_listeners[0].socket.getsockname()[1]
         # Atomically: a starter may be reading it to redial.
-        _files.write_public(self.state_dir / "broker.addr",
+        common.write_public(self.state_dir / "broker.addr",
                             f"{self.bc.host}:{self.tcp_port}\n".encode())  # fmt: skip
         log.info("broker listening on %s and %s:%d", self.socket_path, self.bc.host, self.tcp_port)
         async with trio.open_nursery() as nursery:
@@ -513,7 +512,7 @@ class Broker:
         trust = self.state_dir / "trusted_starters"
         for path in trust.glob("*.pub"):
             try:
-                if wire.same_secret(_files.read_public_key(path), key):
+                if wire.same_secret(common.read_public_key(path), key):
                     return True
             except (OSError, ValueError):
                 continue
@@ -549,6 +548,7 @@ class Broker:
         transcript = wire.starter_auth_statement(name, hello.nonce, nonce)
         up, down = wire.channel_keys(eph.shared(hello.nonce), hello.nonce, nonce, transcript)
         stream.conn.start_encryption(send_key=down, receive_key=up)
+        assert isinstance(stream.stream, trio.SocketStream)
         peer = stream.stream.socket.getpeername()
         conn = StarterConn(name=name, key=hello.starter_key, slots=max(1, hello.slots),
                            stream=stream, address=f"{peer[0]}:{peer[1]}")  # fmt: skip

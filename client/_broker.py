@@ -12,9 +12,9 @@ import pathlib
 import socket
 import sys
 
-import wire
+from ssh_to_job import common, wire
 
-SYSTEM_SOCKET = wire.SYSTEM_STATE_DIR / "broker.sock"
+SYSTEM_SOCKET = common.SYSTEM_STATE_DIR / "broker.sock"
 
 
 class BrokerUnavailable(ConnectionError):
@@ -26,11 +26,11 @@ def find_socket(name: str | None = None, config_path: str | None = None) -> path
     if name:
         p = pathlib.Path(name)
         return p / "broker.sock" if p.is_dir() else p
-    config = wire.load_config(config_path)
-    explicit = os.environ.get(wire.ENV_STATE_DIR) or config.state_dir
+    config = common.load_config(config_path)
+    explicit = os.environ.get(common.ENV_STATE_DIR) or config.state_dir
     if explicit:
         return pathlib.Path(explicit) / "broker.sock"
-    personal = wire.default_state_dir() / "broker.sock"
+    personal = common.default_state_dir() / "broker.sock"
     if personal.exists() or not SYSTEM_SOCKET.exists():
         return personal
     return SYSTEM_SOCKET

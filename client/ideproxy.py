@@ -21,7 +21,7 @@ import shlex
 import socket
 import sys
 
-import wire
+from ssh_to_job import wire
 
 from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
 from .ssh_to_job import SessionError, generate_key, open_session
@@ -75,7 +75,7 @@ def pin(d: pathlib.Path, host: str, host_key: str) -> None:
 def ssh_config_block(name: str | None) -> str:
     d = config_dir()
     user_key(d)
-    proxy = [sys.executable, "-P", "-m", "client.ideproxy"]
+    proxy = [sys.executable, "-P", "-m", "ssh_to_job.client.ideproxy"]
     if name:
         proxy += ["-name", name]
     cmd = " ".join(shlex.quote(p) for p in proxy) + " %n"
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) == 3 and args[0] in ("-name", "--name"):
         name, args = args[1], args[2:]
     if len(args) != 1 or not args[0].startswith(PREFIX):
-        return die(f"usage: python -m client.ideproxy [-name broker] {PREFIX}CLUSTER.PROC", 2)
+        return die("usage: python -m ssh_to_job.client.ideproxy [-name broker] "
+                   f"{PREFIX}CLUSTER.PROC", 2)
     host = args[0]
     try:
         jid = wire.parse_job_id(host[len(PREFIX) :])

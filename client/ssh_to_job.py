@@ -28,7 +28,7 @@ import time
 
 import attrs
 
-import wire
+from ssh_to_job import wire
 
 from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
 

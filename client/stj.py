@@ -17,20 +17,17 @@ import subprocess
 import sys
 import time
 import tomllib
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 
-import wire
+from ssh_to_job import common, wire
 
 from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", help="pool state directory (default: $STJ_STATE_DIR, the "
-                   "config's, or your personal one)")  # fmt: skip
-    p.add_argument("--config", help="config file (default: $STJ_CONFIG or "
-                   "/etc/ssh-to-job/config.toml)")  # fmt: skip
+    common.add_pool_flags(p)
     p.add_argument("-name", "--name", dest="broker_name", help="broker socket or state directory")
 
 
@@ -40,20 +37,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pool", help="run a personal pool: a broker and a starter on this host")
     _common(p)
-    p.add_argument("--slots", type=int)
+    p.add_argument("--slots", type=int, help="how many jobs run at once (default: the config's, 4)")
     p.add_argument("--debug", action="store_true")
-    p = sub.add_parser("broker", help="run the broker")
-    _common(p)
-    p.add_argument("--port", type=int)
-    p.add_argument("--debug", action="store_true")
-    p = sub.add_parser("starter", help="run a starter (dials out to the broker)")
-    _common(p)
-    p.add_argument("--broker", help="broker host:port")
-    p.add_argument("--broker-key", help="broker public key (hex) or a file holding it")
-    p.add_argument("--starter-name")
-    p.add_argument("--slots", type=int)
-    p.add_argument("--print-key", action="store_true", help="print this starter's public key")
-    p.add_argument("--debug", action="store_true")
+    sub.add_parser("broker", help="run the broker (python -m ssh_to_job.broker)", add_help=False)
+    sub.add_parser("starter", help="run a starter (python -m ssh_to_job.starter)", add_help=False)
 
     p = sub.add_parser("submit", help="queue jobs")
     _common(p)
@@ -92,82 +79,41 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- daemons
 
 
-def _setup_logging(debug: bool) -> None:
-    import logging
-
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+DAEMONS = {"broker": "ssh_to_job.broker", "starter": "ssh_to_job.starter"}
 
 
-def _config_and_state(a: argparse.Namespace) -> tuple[wire.PoolConfig, pathlib.Path]:
-    config = wire.load_config(a.config)
-    state = wire.state_dir_for(a.state_dir, config)
-    state.mkdir(parents=True, exist_ok=True, mode=0o755)
-    return config, state
+def _daemon_argv(role: str) -> list[str]:
+    """How to start a daemon: its own entry point, so stj never imports daemon code."""
+    return [sys.executable, "-P", "-m", DAEMONS[role]]
 
 
-def cmd_broker(a: argparse.Namespace) -> int:
-    import trio
-
-    from broker import Broker
-
-    config, state = _config_and_state(a)
-    if a.port is not None:
-        config = attrs.evolve(config, broker=attrs.evolve(config.broker, port=a.port))
-    _setup_logging(a.debug)
-    broker = Broker(state, config)
-    trio.run(broker.serve)
-    return 0
-
-
-def cmd_starter(a: argparse.Namespace) -> int:
-    config, state = _config_and_state(a)
-    changes: dict[str, Any] = {}
-    if a.broker:
-        changes["broker"] = a.broker
-    if a.broker_key:
-        key = a.broker_key
-        if os.path.exists(key):
-            key = pathlib.Path(key).read_text().strip()
-        changes["broker_key"] = key
-    if a.starter_name:
-        changes["name"] = a.starter_name
-    if a.slots:
-        changes["slots"] = a.slots
-    config = attrs.evolve(config, starter=attrs.evolve(config.starter, **changes))
-    if a.print_key:
-        seed = wire.load_or_create_key(state / "keys" / "starter.key")
-        print(wire.public_hex(seed))
-        return 0
-    import trio
-
-    from starter import Starter
-
-    _setup_logging(a.debug)
-    st = Starter(state, config, debug=a.debug)
-    trio.run(st.serve)
-    return 0
+def run_daemon(role: str, argv: list[str]) -> NoReturn:
+    """``stj broker ...`` / ``stj starter ...``: become the daemon (same pid, its own argv)."""
+    cmd = _daemon_argv(role)
+    os.execv(cmd[0], [*cmd, *argv])  # noqa: S606 (our own interpreter, our own argv)
 
 
 def cmd_pool(a: argparse.Namespace) -> int:
     """A broker and a starter as two processes, so either can die without the other."""
-    _config, state = _config_and_state(a)
-    seed = wire.load_or_create_key(state / "keys" / "starter.key")
+    config, state = common.config_and_state(a)
+    if a.slots is not None:
+        # Checked here, with the config's own validator, before any daemon starts.
+        try:
+            attrs.evolve(config.starter, slots=a.slots)
+        except ValueError as exc:
+            return die(f"--slots: {exc}", 2)
+    seed = common.load_or_create_key(state / "keys" / "starter.key")
     trust = state / "trusted_starters"
     trust.mkdir(mode=0o755, exist_ok=True)
-    wire.write_public(trust / "local.pub", wire.public_hex(seed).encode() + b"\n")
-    base = [sys.executable, "-P", "-m", "client.stj"]
-    common = ["--state-dir", str(state)]
+    common.write_public(trust / "local.pub", common.public_hex(seed).encode() + b"\n")
+    flags = ["--state-dir", str(state)]
     if a.config:
-        common += ["--config", a.config]
+        flags += ["--config", a.config]
     if a.debug:
-        common.append("--debug")
+        flags.append("--debug")
     addr = state / "broker.addr"
     addr.unlink(missing_ok=True)
-    broker = subprocess.Popen([*base, "broker", *common])
+    broker = subprocess.Popen([*_daemon_argv("broker"), *flags])
     for _ in range(200):
         if addr.exists() or broker.poll() is not None:
             break
@@ -175,8 +121,8 @@ def cmd_pool(a: argparse.Namespace) -> int:
     if not addr.exists():
         broker.kill()
         return die("the broker did not start")
-    st_args = ["--slots", str(a.slots)] if a.slots else []
-    starter = subprocess.Popen([*base, "starter", *common, *st_args])
+    st_args = ["--slots", str(a.slots)] if a.slots is not None else []
+    starter = subprocess.Popen([*_daemon_argv("starter"), *flags, *st_args])
     print(f"stj: personal pool running in {state} (broker pid {broker.pid}, starter pid "
           f"{starter.pid}); Ctrl-C stops it", file=sys.stderr, flush=True)  # fmt: skip
 
@@ -216,7 +162,7 @@ def _client(a: argparse.Namespace) -> BrokerClient:
     name = a.broker_name or a.state_dir
     if name:
         # find_socket needs no config then, but a config file given is still checked.
-        wire.load_config(a.config)
+        common.load_config(a.config)
     return BrokerClient(find_socket(name, a.config))
 
 
@@ -444,15 +390,14 @@ def cmd_output(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in DAEMONS:
+        return run_daemon(args[0], args[1:])
     ap = _parser()
-    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    a = ap.parse_args(args)
     try:
         if a.cmd == "pool":
             return cmd_pool(a)
-        if a.cmd == "broker":
-            return cmd_broker(a)
-        if a.cmd == "starter":
-            return cmd_starter(a)
         if a.cmd == "submit":
             return cmd_submit(a)
         if a.cmd in ("q", "history"):
@@ -468,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
 
             sys.stdout.write(ssh_config_block(a.broker_name or a.state_dir))
             return 0
-    except wire.ConfigError as exc:
+    except common.ConfigError as exc:
         return die(f"config: {exc}", 2)
     except KeyboardInterrupt:
         return 130

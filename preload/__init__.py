@@ -8,8 +8,8 @@ the configuration record and its wire form, the ack parser, a blocking handshake
 :func:`check_shim`, which opens the library in cffi's ABI mode to prove it is fit to preload.
 """
 
-from preload._library import LIBRARY_NAME, SYMBOLS, check_shim, shim_path
-from preload._protocol import (
+from ssh_to_job.preload._library import LIBRARY_NAME, SYMBOLS, check_shim, shim_path
+from ssh_to_job.preload._protocol import (
     CONFIG_MAX,
     ENV_FD,
     GO,

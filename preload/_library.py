@@ -10,7 +10,7 @@ from typing import Any
 
 import cffi  # type: ignore[import-untyped, unused-ignore]
 
-from preload._protocol import ENV_FD, ShimError
+from ssh_to_job.preload._protocol import ENV_FD, ShimError
 
 LIBRARY_NAME = "libstjshim.so"
 

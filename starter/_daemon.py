@@ -25,10 +25,8 @@ from typing import Any
 
 import trio
 
-import preload
-import wire
-from broker.transport import FramedStream, PeerGone, set_nodelay
-from wire import _files
+from ssh_to_job import common, preload, wire
+from ssh_to_job.transport import FramedStream, PeerGone, set_nodelay
 
 from . import _procs
 from ._session import run_session
@@ -110,14 +108,14 @@ class Job:
 
 
 class Starter:
-    def __init__(self, state_dir: pathlib.Path, config: wire.PoolConfig,
+    def __init__(self, state_dir: pathlib.Path, config: common.PoolConfig,
                  debug: bool = False) -> None:  # fmt: skip
         self.state_dir = state_dir
         self.config = config
         self.debug = debug
         cfg = config.starter
         self.name = cfg.name or socket.gethostname()
-        self.identity = _files.load_or_create_key(state_dir / "keys" / "starter.key")
+        self.identity = common.load_or_create_key(state_dir / "keys" / "starter.key")
         self.public_key = wire.public_key_of(self.identity)
         self.execute_dir = pathlib.Path(cfg.execute_dir or state_dir / "execute")
         self.spool_dir = state_dir / "spool"
@@ -139,7 +137,7 @@ class Starter:
         for d, mode in ((self.execute_dir, 0o755), (self.sessions_dir, 0o711)):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(mode)
-        _files.private_dir(self.spool_dir)
+        common.private_dir(self.spool_dir)
         if " " in str(self.sessions_dir) or '"' in str(self.sessions_dir):
             raise SystemExit(f"starter: execute_dir {self.execute_dir} must not contain spaces "
                              "or quotes (sshd config paths)")  # fmt: skip
@@ -189,7 +187,7 @@ class Starter:
     def _broker_key(self) -> bytes:
         if self.config.starter.broker_key:
             return bytes.fromhex(self.config.starter.broker_key)
-        return _files.read_public_key(self.state_dir / "broker.pub")
+        return common.read_public_key(self.state_dir / "broker.pub")
 
     def audit(self, what: str, job: str, detail: str) -> None:
         log.info("audit: %s job=%s %s", what, job, detail)
@@ -393,7 +391,7 @@ class Starter:
             except KeyError:
                 job.groups = [run.gid]
             shutil.rmtree(scratch, ignore_errors=True)
-            _files.private_dir(scratch, run.uid, run.gid)
+            common.private_dir(scratch, run.uid, run.gid)
             job.scratch = str(scratch)
             job.env = self._job_env(job)
             cg = self.cgroup_base / f"job-{run.id}" if self.cgroup_base is not None else None

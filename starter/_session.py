@@ -27,10 +27,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-import preload
-import wire
-from broker.transport import PeerGone, receive_one_frame_exact, set_nodelay
-from wire import _files
+from ssh_to_job import common, preload, wire
+from ssh_to_job.transport import PeerGone, receive_one_frame_exact, set_nodelay
 
 from . import _procs
 
@@ -204,10 +202,10 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
     ours = socket.socket(fileno=sock.detach())
     ours.setblocking(True)
     try:
-        _files.private_dir(d, uid, gid)
+        common.private_dir(d, uid, gid)
         private, public = make_host_key()
-        _files.write_private(d / "host_key", private, uid, gid)
-        _files.write_private(d / "authorized_keys", (cap.client_key + "\n").encode(), uid, gid)
+        common.write_private(d / "host_key", private, uid, gid)
+        common.write_private(d / "authorized_keys", (cap.client_key + "\n").encode(), uid, gid)
         pids = job.group.own_pids(job.pid)
         env = dict(job.env)
         env.update({
@@ -216,7 +214,7 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
         })  # fmt: skip
         banner = (f"ssh-to-job: welcome to job {job.id} on {starter.name}; "
                   f"its processes: {' '.join(map(str, pids)) or 'none'}")  # fmt: skip
-        _files.write_private(d / "sshd_config", sshd_config(
+        common.write_private(d / "sshd_config", sshd_config(
             d, login, env, cfg.allow_forwarding, starter.debug).encode(), uid, gid)  # fmt: skip
         cgroup = job.group.session_cgroup(session_id)
         # sshd starts every session in the passwd home: the shim makes that the job's

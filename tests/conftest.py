@@ -126,7 +126,7 @@ class Pool:
 
     def pids(self, role: str) -> list[int]:
         """pids of this pool's 'broker' or 'starter' process."""
-        out = subprocess.run(["pgrep", "-f", f"client.stj {role} --state-dir {self.state} "],
+        out = subprocess.run(["pgrep", "-f", f"ssh_to_job.{role} --state-dir {self.state} "],
                              capture_output=True, text=True, check=False).stdout  # fmt: skip
         return [int(p) for p in out.split()]
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-import client
+from ssh_to_job import client
 
 HERE = pathlib.Path(client.__file__).parent
 HELPERS = {
@@ -54,7 +54,7 @@ def test_helper_fails_clearly_without_a_listener(kind: str) -> None:
 
 def test_installed_client_uses_the_compiled_helper() -> None:
     """The installed package carries the compiled helper, and it is what the config names."""
-    from client.ssh_to_job import ssh_config
+    from ssh_to_job.client.ssh_to_job import ssh_config
 
     helper = HERE / "stj-fdpass"
     assert os.access(helper, os.X_OK)

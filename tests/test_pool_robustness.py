@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from conftest import ROOT, STJ, Pool, User, wait_for
 
-import wire
+from ssh_to_job import wire
 
 
 def alive(pid: int) -> bool:
@@ -358,9 +358,12 @@ def test_state_files_are_private_and_no_secret_is_in_argv_or_environ(
         ("[pool]\nstatedir = '/x'\n", "[pool] knows only state_dir"),
         ('[starter]\nslots = "four"\n', "starter.slots must be of type int"),
         ("[broker]\nport = 1\n[broker\n", "config is not valid TOML"),
+        ("[starter]\nslots = 0\n", "[starter] slots must be between 1 and 100000, not 0"),
+        ("[broker]\ncapability_lifetime = 61\n", "capability_lifetime must be between 1 and 60"),
+        ("[broker]\nport = 70000\n", "port must be between 0 and 65535, not 70000"),
     ],
     ids=["unknown-broker-key", "unknown-starter-key", "unknown-section", "unknown-pool-key",
-         "wrong-type", "bad-toml"],
+         "wrong-type", "bad-toml", "zero-slots", "long-capability", "bad-port"],
 )
 def test_config_with_unknown_or_bad_keys_is_refused(
     pool: Pool, users: dict[str, User], text: str, says: str

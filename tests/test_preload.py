@@ -26,7 +26,7 @@ import attrs
 import pytest
 import shimharness
 
-import preload
+from ssh_to_job import preload
 
 HARNESS = Path(shimharness.__file__).resolve()
 REPO = Path(__file__).resolve().parent.parent

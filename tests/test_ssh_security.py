@@ -33,13 +33,19 @@ from conftest import ROOT, SSH_TO_JOB, Pool, User, new_state_dir
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-import starter._session as _session
-import wire
-from client._broker import BrokerClient
-from client.ssh_to_job import SessionError, generate_key, hand_over, open_session, ssh_config
-from starter import Starter
-from starter._daemon import Job
-from starter._session import _check_capability
+import ssh_to_job.starter._session as _session
+from ssh_to_job import common, wire
+from ssh_to_job.client._broker import BrokerClient
+from ssh_to_job.client.ssh_to_job import (
+    SessionError,
+    generate_key,
+    hand_over,
+    open_session,
+    ssh_config,
+)
+from ssh_to_job.starter import Starter
+from ssh_to_job.starter._daemon import Job
+from ssh_to_job.starter._session import _check_capability
 
 #: Hard limit for any one test (SIGALRM): pytest-timeout is not installed.
 TEST_DEADLINE = 60
@@ -687,7 +693,7 @@ async def test_starter_follows_no_link_its_job_owner_plants(
     victim.write_text("root's data\n")
     victim.chmod(0o644)
     try:
-        config = wire.PoolConfig(starter=wire.StarterConfig(name="t-links", use_shim=False))
+        config = common.PoolConfig(starter=common.StarterConfig(name="t-links", use_shim=False))
         starter = Starter(state, config)
         starter.sessions_dir.mkdir(parents=True, mode=0o711)
         spec = wire.JobSpec(executable="/bin/true")

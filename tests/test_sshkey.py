@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 import subprocess
 
-from wire import ed25519_keypair
+from ssh_to_job.wire import ed25519_keypair
 
 
 def test_ssh_keygen_reads_our_private_key(tmp_path: pathlib.Path) -> None:

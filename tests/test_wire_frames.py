@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import wire
-from wire import CLOSED, NEED_DATA, FrameDecoder, LocalProtocolError, RemoteProtocolError
+from ssh_to_job import wire
+from ssh_to_job.wire import CLOSED, NEED_DATA, FrameDecoder, LocalProtocolError, RemoteProtocolError
 
 
 def encode(payload: bytes) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import wire
+from ssh_to_job import wire
 
 
 def test_idle_row_carries_only_what_differs_from_defaults() -> None:

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import wire
-from wire import (
+from ssh_to_job import wire
+from ssh_to_job.wire import (
     LocalProtocolError,
     Message,
     RemoteProtocolError,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import wire
+from ssh_to_job import wire
 
 
 def _handshake() -> tuple[wire.Connection, wire.Connection]:

@@ -6,8 +6,8 @@ import collections
 
 import pytest
 
-import wire
-from wire import (
+from ssh_to_job import wire
+from ssh_to_job.wire import (
     CLOSED,
     NEED_DATA,
     Channel,

@@ -7,19 +7,6 @@ code at all and must never import trio or open a socket: it is tested byte by by
 
 from typing import TYPE_CHECKING, Any
 
-from ._config import (
-    ENV_CONFIG,
-    ENV_STATE_DIR,
-    SYSTEM_STATE_DIR,
-    BrokerConfig,
-    ConfigError,
-    PoolConfig,
-    StarterConfig,
-    default_state_dir,
-    load_config,
-    parse_config,
-    state_dir_for,
-)
 from ._connection import Connection
 from ._crypto import (
     CLOCK_SKEW,
@@ -39,14 +26,6 @@ from ._crypto import (
     verify_capability,
 )
 from ._errors import CapabilityError, LocalProtocolError, ProtocolError, RemoteProtocolError
-from ._files import (
-    load_or_create_key,
-    private_dir,
-    public_hex,
-    read_public_key,
-    write_private,
-    write_public,
-)
 from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
 from ._frame import HEADER as FRAME_HEADER
 from ._jobid import JobId, parse_job_id
@@ -106,29 +85,24 @@ def __getattr__(name: str) -> Any:
         from . import _secure
 
         return getattr(_secure, name)
-    raise AttributeError(f"module 'wire' has no attribute {name!r}")
+    raise AttributeError(f"module 'ssh_to_job.wire' has no attribute {name!r}")
 
 __all__ = [
     "CLOCK_SKEW",
     "CLOSED",
     "DEFAULT_MAX_FRAME",
-    "ENV_CONFIG",
-    "ENV_STATE_DIR",
     "FRAME_HEADER",
     "MAX_CAP_LIFETIME",
     "MESSAGE_TYPES",
     "NEED_DATA",
-    "SYSTEM_STATE_DIR",
     "Ack",
     "Act",
     "ActReply",
     "ActResult",
-    "BrokerConfig",
     "BrokerHello",
     "Capability",
     "CapabilityError",
     "Channel",
-    "ConfigError",
     "Connection",
     "Ephemeral",
     "Error",
@@ -149,7 +123,6 @@ __all__ = [
     "OutputData",
     "OutputReply",
     "Ping",
-    "PoolConfig",
     "ProtocolError",
     "Query",
     "RemoteProtocolError",
@@ -165,7 +138,6 @@ __all__ = [
     "SshGrant",
     "SshRequest",
     "StarterAuth",
-    "StarterConfig",
     "StarterHello",
     "StarterInfo",
     "StarterSync",
@@ -178,28 +150,18 @@ __all__ = [
     "broker_auth_statement",
     "channel_keys",
     "decode_message",
-    "default_state_dir",
     "ed25519_keypair",
     "encode_frame",
     "encode_message",
     "host_key_statement",
-    "load_config",
-    "load_or_create_key",
     "new_signing_key",
     "next_state",
-    "parse_config",
     "parse_job_id",
-    "private_dir",
-    "public_hex",
     "public_key_of",
-    "read_public_key",
     "same_secret",
     "sign",
     "sign_capability",
     "starter_auth_statement",
-    "state_dir_for",
     "verify",
     "verify_capability",
-    "write_private",
-    "write_public",
 ]  # fmt: skip

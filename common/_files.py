@@ -11,7 +11,7 @@ import os
 import pathlib
 import stat
 
-from ._crypto import new_signing_key, public_key_of
+from ssh_to_job.wire import new_signing_key, public_key_of
 
 
 def private_dir(path: pathlib.Path, uid: int = -1, gid: int = -1) -> pathlib.Path:

@@ -23,26 +23,40 @@ class ConfigError(ValueError):
     """The configuration file is malformed or names an unknown key."""
 
 
+def _between(low: float, high: float) -> Any:
+    """An attrs validator: ``low <= value <= high``; the error names the field and the range."""
+
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+        if isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{attribute.name} must be between {low:g} and {high:g}, "
+                             f"not {value!r}")  # fmt: skip
+
+    return check
+
+
+_SECONDS = _between(0.001, 86400 * 365)
+
+
 @attrs.frozen
 class BrokerConfig:
     host: str = "127.0.0.1"
     #: 0: pick a free port and record it in ``<state>/broker.addr`` (a personal pool).
-    port: int = 0
+    port: int = attrs.field(default=0, validator=_between(0, 65535))
     #: Queue superusers besides root: user names or numeric uids.
     superusers: tuple[str, ...] = ()
     #: Seconds a capability stays valid (at most 60).
-    capability_lifetime: int = 30
+    capability_lifetime: int = attrs.field(default=30, validator=_between(1, 60))
     #: Seconds to wait for a starter to dial in a session connection.
-    session_timeout: float = 15.0
+    session_timeout: float = attrs.field(default=15.0, validator=_SECONDS)
     #: Seconds a peer has to send a whole frame once it has started.
-    frame_timeout: float = 10.0
-    max_frame: int = 1 << 20
+    frame_timeout: float = attrs.field(default=10.0, validator=_SECONDS)
+    max_frame: int = attrs.field(default=1 << 20, validator=_between(4096, 64 << 20))
 
 
 @attrs.frozen
 class StarterConfig:
     name: str = ""
-    slots: int = 4
+    slots: int = attrs.field(default=4, validator=_between(1, 100_000))
     #: ``host:port`` of the broker; default: read from ``<state>/broker.addr``.
     broker: str = ""
     #: The broker's public key (hex); default: read from ``<state>/broker.pub``.
@@ -53,14 +67,14 @@ class StarterConfig:
     use_shim: bool = True
     use_cgroups: bool = True
     #: After the job's main process exits, open sessions may go on this long (seconds).
-    session_grace: float = 3600.0
+    session_grace: float = attrs.field(default=3600.0, validator=_between(0, 86400 * 365))
     #: A failed job submitted with hold_on_failure stays this long for debugging (seconds).
-    debug_hold_time: float = 3600.0
+    debug_hold_time: float = attrs.field(default=3600.0, validator=_SECONDS)
     #: Seconds a client has to present its capability on a new session socket.
-    session_timeout: float = 15.0
+    session_timeout: float = attrs.field(default=15.0, validator=_SECONDS)
     #: Let sessions forward ports and X11 (both only ever bind loopback inside the job's host).
     allow_forwarding: bool = True
-    reconnect_max: float = 5.0
+    reconnect_max: float = attrs.field(default=5.0, validator=_SECONDS)
 
 
 @attrs.frozen
@@ -89,7 +103,10 @@ def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
         elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise ConfigError(f"{where}.{key} must be of type {want.__name__}")
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"[{where}] {exc}") from None
 
 
 def parse_config(text: str) -> PoolConfig:
@@ -110,10 +127,6 @@ def parse_config(text: str) -> PoolConfig:
         raise ConfigError("pool.state_dir must be a string")
     broker: BrokerConfig = _build(BrokerConfig, raw.get("broker", {}), "broker")
     starter: StarterConfig = _build(StarterConfig, raw.get("starter", {}), "starter")
-    if not 1 <= broker.capability_lifetime <= 60:
-        raise ConfigError("broker.capability_lifetime must be between 1 and 60 seconds")
-    if starter.slots < 1:
-        raise ConfigError("starter.slots must be at least 1")
     return PoolConfig(state_dir=state_dir, broker=broker, starter=starter)
 
 

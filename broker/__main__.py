@@ -1,0 +1,42 @@
+"""``python -m ssh_to_job.broker``: run the broker (``stj broker`` execs this)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import attrs
+
+from ssh_to_job import common
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="stj broker", description="run the ssh-to-job broker")
+    common.add_pool_flags(ap)
+    ap.add_argument("--port", type=int, help="TCP port for starters (0: any free port)")
+    ap.add_argument("--debug", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        config, state = common.config_and_state(a)
+        if a.port is not None:
+            config = attrs.evolve(config, broker=attrs.evolve(config.broker, port=a.port))
+    except (common.ConfigError, ValueError) as exc:
+        print(f"stj broker: config: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"stj broker: {exc}", file=sys.stderr)
+        return 1
+    import trio
+
+    from ._server import Broker
+
+    common.setup_logging(a.debug)
+    try:
+        trio.run(Broker(state, config).serve)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
