@@ -62,8 +62,9 @@ def compile_fdpass(out: Path) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise CompileError(f"ssh-to-job: compiling {FDPASS_SOURCE.name} failed:\n"
-                           f"{proc.stdout}{proc.stderr}")  # fmt: skip
+        raise CompileError(
+            f"ssh-to-job: compiling {FDPASS_SOURCE.name} failed:\n{proc.stdout}{proc.stderr}"
+        )
     tmp.chmod(0o755)
     tmp.replace(out)
 

@@ -39,8 +39,10 @@ def spread(s: Json | None, scale: float = 1.0, fmt: str = "{:.0f}") -> str:
     """median [p25–p75] (n)"""
     if not s or not s.get("n"):
         return "–"
-    return (f"{fmt.format(s['median'] * scale)} [{fmt.format(s['p25'] * scale)}–"
-            f"{fmt.format(s['p75'] * scale)}] n={s['n']}")  # fmt: skip
+    return (
+        f"{fmt.format(s['median'] * scale)} [{fmt.format(s['p25'] * scale)}–"
+        f"{fmt.format(s['p75'] * scale)}] n={s['n']}"
+    )
 
 
 def ratio(s: Json | None) -> str:
@@ -72,34 +74,48 @@ def targets(r: Json) -> list[tuple[str, str, str]]:
     if s and f and s["wall"].get("n") and f["wall"].get("n") and _get(s, "ratio", "n"):
         rt = s["ratio"]["median"]
         lim = TARGETS["setup_ratio"]
-        rows.append(("cold set-up ≤ 1.25× floor (paired ratio, median)",
-                     f"{rt:.2f}× (medians {ms(s['wall']['median'])} vs "
-                     f"{ms(f['wall']['median'])})",
-                     verdict(rt <= lim, f"{'under' if rt <= lim else 'over'} by "
-                             f"{abs(rt / lim - 1) * 100:.0f}%; allowed "
-                             f"{ms(f['wall']['median'] * lim)}")))
+        rows.append(
+            (
+                "cold set-up ≤ 1.25× floor (paired ratio, median)",
+                f"{rt:.2f}× (medians {ms(s['wall']['median'])} vs {ms(f['wall']['median'])})",
+                verdict(
+                    rt <= lim,
+                    f"{'under' if rt <= lim else 'over'} by "
+                    f"{abs(rt / lim - 1) * 100:.0f}%; allowed "
+                    f"{ms(f['wall']['median'] * lim)}",
+                ),
+            )
+        )
     else:
         rows.append(("cold set-up ≤ 1.25× floor", "–", verdict(None, "")))
 
     tp = _get(ph, "throughput", "cases")
     if tp:
-        worst_name, worst = min(((k, v["ratio"].get("median", 0.0)) for k, v in tp.items()),
-                                key=lambda kv: kv[1])  # fmt: skip
+        worst_name, worst = min(
+            ((k, v["ratio"].get("median", 0.0)) for k, v in tp.items()), key=lambda kv: kv[1]
+        )
         lim = TARGETS["throughput_ratio"]
         fails = [k for k, v in tp.items() if v["ratio"].get("median", 0) < lim]
-        rows.append(("throughput ≥ 0.95× floor, same cipher (each of 6 cases)",
-                     f"worst {worst_name}: {worst:.2f}×; "
-                     f"{len(tp) - len(fails)}/{len(tp)} cases ≥ 0.95",
-                     verdict(not fails, "misses: " + ", ".join(fails) if fails else "all cases")))
+        rows.append(
+            (
+                "throughput ≥ 0.95× floor, same cipher (each of 6 cases)",
+                f"worst {worst_name}: {worst:.2f}×; {len(tp) - len(fails)}/{len(tp)} cases ≥ 0.95",
+                verdict(not fails, "misses: " + ", ".join(fails) if fails else "all cases"),
+            )
+        )
     else:
         rows.append(("throughput ≥ 0.95× floor", "–", verdict(None, "")))
 
     c = _get(ph, "concurrency", "one job", "200")
     if c:
-        rows.append(("200 concurrent sessions into one job all succeed",
-                     f"{c['ok']}/200 (p50 {ms(c['setup'].get('median'))}, "
-                     f"p99 {ms(c['setup'].get('p99'))})",
-                     verdict(c["ok"] == 200, f"{200 - c['ok']} failed")))
+        rows.append(
+            (
+                "200 concurrent sessions into one job all succeed",
+                f"{c['ok']}/200 (p50 {ms(c['setup'].get('median'))}, "
+                f"p99 {ms(c['setup'].get('p99'))})",
+                verdict(c["ok"] == 200, f"{200 - c['ok']} failed"),
+            )
+        )
     else:
         rows.append(("200 concurrent sessions into one job", "–", verdict(None, "")))
 
@@ -108,45 +124,66 @@ def targets(r: Json) -> list[tuple[str, str, str]]:
         grants = [v for k, v in b.items() if k.startswith("grant")]
         best = max((g["rate"] for g in grants), default=0.0)
         lim = TARGETS["grants_per_s"]
-        rows.append(("≥ 1,000 capability grants/s", f"{best:.0f}/s (best of "
-                     f"{', '.join(str(g['threads']) for g in grants)} client threads)",
-                     verdict(best >= lim, f"{best / lim:.2f}× the target")))
+        rows.append(
+            (
+                "≥ 1,000 capability grants/s",
+                f"{best:.0f}/s (best of "
+                f"{', '.join(str(g['threads']) for g in grants)} client threads)",
+                verdict(best >= lim, f"{best / lim:.2f}× the target"),
+            )
+        )
     else:
         rows.append(("≥ 1,000 grants/s", "–", verdict(None, "")))
 
     q = _get(ph, "queue", "100k")
     if q and q["q"]["wall"].get("n"):
         t = q["q"]["wall"]["median"]
-        rows.append((f"stj q over 100,000 jobs ≤ 1 s (queue: {q['queue_size']})", ms(t),
-                     verdict(t <= TARGETS["q_100k_s"],
-                             f"{t / TARGETS['q_100k_s']:.1f}× the limit")))
+        rows.append(
+            (
+                f"stj q over 100,000 jobs ≤ 1 s (queue: {q['queue_size']})",
+                ms(t),
+                verdict(t <= TARGETS["q_100k_s"], f"{t / TARGETS['q_100k_s']:.1f}× the limit"),
+            )
+        )
     else:
         rows.append(("stj q over 100,000 jobs ≤ 1 s", "–", verdict(None, "")))
 
     m = _get(ph, "memory_idle", "starter", "VmRSS")
     if m is not None:
         lim = TARGETS["starter_idle_mib"]
-        rows.append(("starter ≤ 40 MB RSS idle (21 jobs running; judged in MiB)",
-                     f"{m:.1f} MiB = {m * 1.048576:.1f} MB",
-                     verdict(m <= lim, f"{m / lim:.2f}× the limit")))
+        rows.append(
+            (
+                "starter ≤ 40 MB RSS idle (21 jobs running; judged in MiB)",
+                f"{m:.1f} MiB = {m * 1.048576:.1f} MB",
+                verdict(m <= lim, f"{m / lim:.2f}× the limit"),
+            )
+        )
     bm = _get(ph, "queue", "100k")
     if bm:
         peak = _get(bm, "q", "broker", "peak_rss_mib") or 0.0
         rss = bm.get("broker_rss_after_mib") or 0.0
         worst = max(peak, rss)
         lim = TARGETS["broker_100k_mib"]
-        rows.append(("broker ≤ 80 MB with 100,000 jobs queued",
-                     f"{rss:.1f} MiB resting, {peak:.1f} MiB = {peak * 1.048576:.1f} MB peak "
-                     "during stj q",
-                     verdict(worst <= lim, f"{worst / lim:.2f}× the limit")))
+        rows.append(
+            (
+                "broker ≤ 80 MB with 100,000 jobs queued",
+                f"{rss:.1f} MiB resting, {peak:.1f} MiB = {peak * 1.048576:.1f} MB peak "
+                "during stj q",
+                verdict(worst <= lim, f"{worst / lim:.2f}× the limit"),
+            )
+        )
     rp = _get(ph, "repeat", "ssh-to-job", "wall")
     if rp and rp.get("n"):
         srun = _get(ph, "slurm", "times", "srun --overlap true", "wall")
         srun_s = srun["median"] if srun and srun.get("n") else TARGETS["srun_ms"] / 1000
         src = "measured here" if srun and srun.get("n") else "openssh-notes.md"
-        rows.append((f"repeat commands vs srun --overlap ({ms(srun_s)}, {src})",
-                     f"{ms(rp['median'])} per command",
-                     f"{rp['median'] / srun_s:.1f}× srun (informative)"))
+        rows.append(
+            (
+                f"repeat commands vs srun --overlap ({ms(srun_s)}, {src})",
+                f"{ms(rp['median'])} per command",
+                f"{rp['median'] / srun_s:.1f}× srun (informative)",
+            )
+        )
     return rows
 
 
@@ -157,31 +194,43 @@ def render(r: Json) -> str:
     out: list[str] = []
     w = out.append
     w(f"# ssh-to-job benchmark, {m.get('date', '?')}\n")
-    w(f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('mem_gib', '?')} GiB, "
-      f"AES-NI {'yes' if m.get('aes_ni') else 'no'}; {m.get('os', '?')}, "
-      f"kernel {m.get('kernel', '?')}")
-    w(f"- versions: {v.get('openssh', '?')}; {v.get('rsync', '?')}; Python {v.get('python', '?')}; "
-      f"{v.get('product', '?')}")
+    w(
+        f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+        f"{m.get('mem_gib', '?')} GiB, "
+        f"AES-NI {'yes' if m.get('aes_ni') else 'no'}; {m.get('os', '?')}, "
+        f"kernel {m.get('kernel', '?')}"
+    )
+    w(
+        f"- versions: {v.get('openssh', '?')}; {v.get('rsync', '?')}; "
+        f"Python {v.get('python', '?')}; "
+        f"{v.get('product', '?')}"
+    )
     la0 = m.get("loadavg_start") or [0, 0, 0]
     la1 = m.get("loadavg_end") or [0, 0, 0]
-    w(f"- mode: {r.get('mode', '?')}; runtime {r.get('runtime_s', '?')} s; 1-minute load average "
-      f"{la0[0]:.2f} at start, {la1[0]:.2f} at end; at each phase's start: "
-      + ", ".join(f"{k} {v:.1f}" for k, v in r.get("loadavg_at_phase_start", {}).items())
-      + f" ({m.get('cores', '?')} cores: a load well above the core count means other work "
-      "shared the machine and every figure is noisier; our own concurrency runs raise the "
-      "1-minute average for the phases after them)")
+    w(
+        f"- mode: {r.get('mode', '?')}; runtime {r.get('runtime_s', '?')} s; 1-minute load average "
+        f"{la0[0]:.2f} at start, {la1[0]:.2f} at end; at each phase's start: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in r.get("loadavg_at_phase_start", {}).items())
+        + f" ({m.get('cores', '?')} cores: a load well above the core count means other work "
+        "shared the machine and every figure is noisier; our own concurrency runs raise the "
+        "1-minute average for the phases after them)"
+    )
     alg = ph.get("algorithms", {})
     for who in ("ssh-to-job", "floor"):
         a = alg.get(who)
         if a:
-            w(f"- negotiated by {who}: kex {a.get('algorithm', '?')}, host key "
-              f"{a.get('host key algorithm', '?')}, cipher {a.get('server->client cipher', '?')} "
-              f"/ {a.get('client->server cipher', '?')}")
+            w(
+                f"- negotiated by {who}: kex {a.get('algorithm', '?')}, host key "
+                f"{a.get('host key algorithm', '?')}, cipher {a.get('server->client cipher', '?')} "
+                f"/ {a.get('client->server cipher', '?')}"
+            )
     if alg and not alg.get("same"):
         w("- **WARNING: the product and the floor negotiated different algorithms**")
-    w("- floor: `ssh -F <cfg> -o ProxyCommand='/usr/sbin/sshd -i -e -f <cfg>'` as the same "
-      "non-root user, same Ciphers line, OpenSSH's default key exchange, ed25519 host and "
-      "user keys")
+    w(
+        "- floor: `ssh -F <cfg> -o ProxyCommand='/usr/sbin/sshd -i -e -f <cfg>'` as the same "
+        "non-root user, same Ciphers line, OpenSSH's default key exchange, ed25519 host and "
+        "user keys"
+    )
     w("")
 
     w("## Targets\n")
@@ -194,16 +243,21 @@ def render(r: Json) -> str:
     st = ph.get("setup")
     if st:
         w("## 1. Session set-up: `ssh-to-job J true` vs `ssh floor true`\n")
-        w("Times in ms, median [p25–p75]; ratio = run i of ssh-to-job over run i of the floor "
-          "(interleaved), median [p25–p75].\n")
+        w(
+            "Times in ms, median [p25–p75]; ratio = run i of ssh-to-job over run i of the floor "
+            "(interleaved), median [p25–p75].\n"
+        )
         w("| key exchange | ssh-to-job | floor | ratio |")
         w("|---|---|---|---|")
-        for label, p, f in (("default (sntrup761x25519)", "ssh-to-job", "floor"),
-                            ("curve25519-sha256 (both sides forced)", "ssh-to-job curve25519",
-                             "floor curve25519")):  # fmt: skip
+        for label, p, f in (
+            ("default (sntrup761x25519)", "ssh-to-job", "floor"),
+            ("curve25519-sha256 (both sides forced)", "ssh-to-job curve25519", "floor curve25519"),
+        ):
             if p in st and f in st:
-                w(f"| {label} | {spread(st[p]['wall'], 1000)} | {spread(st[f]['wall'], 1000)} | "
-                  f"{ratio(st[p].get('ratio'))} |")
+                w(
+                    f"| {label} | {spread(st[p]['wall'], 1000)} | {spread(st[f]['wall'], 1000)} | "
+                    f"{ratio(st[p].get('ratio'))} |"
+                )
         w("")
     bd = ph.get("setup_breakdown")
     if bd:
@@ -213,35 +267,41 @@ def render(r: Json) -> str:
         w("|---|---|")
         for k, s in bd["startup"].items():
             w(f"| {k} | {med(s, 1000, '{:.1f}')} |")
-        w("\nOne session rebuilt from the product's functions in one warm process "
-          "(median ms; no interpreter start-up):\n")
+        w(
+            "\nOne session rebuilt from the product's functions in one warm process "
+            "(median ms; no interpreter start-up):\n"
+        )
         w("| phase | ms | what happens |")
         w("|---|---|---|")
         what = {
             "keygen": "ephemeral ed25519 user key, written 0600",
             "grant": "broker round trip: authorize, sign capability, starter dials in, socket "
-                     "passed back (SCM_RIGHTS)",
+            "passed back (SCM_RIGHTS)",
             "starter": "capability → SessionReady: starter verifies, makes host key and files, "
-                       "spawns sshd as the job uid, shim handshake",
+            "spawns sshd as the job uid, shim handshake",
             "ssh_spawn_handover": "ssh starts, runs the ProxyCommand helper, gets the socket",
             "ssh_to_exit": "SSH version exchange, key exchange, auth, channel, `bash -c true`, "
-                           "close",
+            "close",
             "total": "sum",
-        }  # fmt: skip
+        }
         for k, s in bd["phases"].items():
             w(f"| {k} | {med(s, 1000, '{:.1f}')} | {what.get(k, '')} |")
         wall = _get(ph, "setup", "ssh-to-job", "wall", "median")
         inproc = _get(bd, "phases", "total", "median")
         if wall and inproc:
-            w(f"| *not above* | {(wall - inproc) * 1000:.1f} | the real command's median "
-              f"({wall * 1000:.0f} ms) less this total: interpreter start-up, imports, "
-              "argument parsing, exit |")
+            w(
+                f"| *not above* | {(wall - inproc) * 1000:.1f} | the real command's median "
+                f"({wall * 1000:.0f} ms) less this total: interpreter start-up, imports, "
+                "argument parsing, exit |"
+            )
         imp = bd.get("importtime")
         if imp:
-            w(f"\n`python -X importtime -c 'import client.ssh_to_job'`: "
-              f"{imp['total_us'] / 1000:.0f} ms in imports; the costliest modules it imports "
-              "directly (cumulative): "
-              + ", ".join(f"{n} {us / 1000:.1f} ms" for n, us in imp["top"][:8]))
+            w(
+                f"\n`python -X importtime -c 'import client.ssh_to_job'`: "
+                f"{imp['total_us'] / 1000:.0f} ms in imports; the costliest modules it imports "
+                "directly (cumulative): "
+                + ", ".join(f"{n} {us / 1000:.1f} ms" for n, us in imp["top"][:8])
+            )
         w("")
 
     rp = ph.get("repeat")
@@ -251,55 +311,73 @@ def render(r: Json) -> str:
         w("|---|---|---|---|")
         for k in ("ssh-to-job", "floor"):
             if k in rp:
-                w(f"| {k} | {spread(rp[k]['wall'], 1000)} | "
-                  f"{spread(rp[k].get('ten_in_a_row'), 1, '{:.2f}')} | "
-                  f"{ratio(rp[k].get('ratio'))} |")
+                w(
+                    f"| {k} | {spread(rp[k]['wall'], 1000)} | "
+                    f"{spread(rp[k].get('ten_in_a_row'), 1, '{:.2f}')} | "
+                    f"{ratio(rp[k].get('ratio'))} |"
+                )
         w("")
 
     tp = ph.get("throughput")
     if tp:
-        w(f"## 3. Throughput: {tp['bytes'] // (1 << 20)} MiB, MiB/s "
-          "(end to end, set-up included)\n")
-        w("End to end = bytes / wall time of the whole command. *Streaming* subtracts each "
-          "tool's own median time for an empty file (its set-up), so it compares the data path "
-          "alone.\n")
+        w(
+            f"## 3. Throughput: {tp['bytes'] // (1 << 20)} MiB, MiB/s "
+            "(end to end, set-up included)\n"
+        )
+        w(
+            "End to end = bytes / wall time of the whole command. *Streaming* subtracts each "
+            "tool's own median time for an empty file (its set-up), so it compares the data path "
+            "alone.\n"
+        )
         w("| case | ssh-to-job | floor | ratio (paired) | streaming: ssh-to-job / floor |")
         w("|---|---|---|---|---|")
         for k, row in tp["cases"].items():
             p, f = row["ssh-to-job"], row["floor"]
             sr = row["stream_ratio"]
-            w(f"| {k} | {spread(p['mib_s'])} | {spread(f['mib_s'])} | {ratio(row['ratio'])} | "
-              f"{med(p['stream_mib_s'])} / {med(f['stream_mib_s'])} = "
-              f"{'–' if sr is None else format(sr, '.2f') + '×'} |")
+            w(
+                f"| {k} | {spread(p['mib_s'])} | {spread(f['mib_s'])} | {ratio(row['ratio'])} | "
+                f"{med(p['stream_mib_s'])} / {med(f['stream_mib_s'])} = "
+                f"{'–' if sr is None else format(sr, '.2f') + '×'} |"
+            )
         w("")
 
     cc = ph.get("concurrency")
     if cc:
         w("## 4. Concurrent sessions (opened at once, each held open until all are up)\n")
-        w("Set-up = launch to the remote command's first output line. Daemon CPU = utime+stime "
-          "deltas over the whole run (open, hold, close); *sessions* = the starter's reaped "
-          "children (sshd and the shells). CPU/session = everything the session cost: client "
-          "processes (from wait4: ssh-to-job, ssh, the proxy helper; for the floor also its "
-          "sshd) plus broker, starter and sessions, over n. On 2 cores, n sessions opened at "
-          "once cannot be up before n × CPU/session / 2. Peak = VmHWM, reset before each run."
-          "\n")
-        w("| into | n | ok | set-up p50 | p99 | CPU/session | floor ok | floor p50 | floor p99 | "
-          "floor CPU/session | broker CPU | starter CPU | sessions CPU | broker peak | "
-          "starter peak |")
+        w(
+            "Set-up = launch to the remote command's first output line. Daemon CPU = utime+stime "
+            "deltas over the whole run (open, hold, close); *sessions* = the starter's reaped "
+            "children (sshd and the shells). CPU/session = everything the session cost: client "
+            "processes (from wait4: ssh-to-job, ssh, the proxy helper; for the floor also its "
+            "sshd) plus broker, starter and sessions, over n. On 2 cores, n sessions opened at "
+            "once cannot be up before n × CPU/session / 2. Peak = VmHWM, reset before each run."
+            "\n"
+        )
+        w(
+            "| into | n | ok | set-up p50 | p99 | CPU/session | floor ok | floor p50 | floor p99 | "
+            "floor CPU/session | broker CPU | starter CPU | sessions CPU | broker peak | "
+            "starter peak |"
+        )
         w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for into in ("one job", "20 jobs"):
             for n, rec in cc.get(into, {}).items():
                 fl = cc.get("floor", {}).get(n, {})
                 b, s = rec.get("broker", {}), rec.get("starter", {})
-                w(f"| {into} | {n} | {rec['ok']} | {ms(rec['setup'].get('median'))} | "
-                  f"{ms(rec['setup'].get('p99'))} | {ms(rec.get('cpu_per_session_s'))} | "
-                  f"{fl.get('ok', '–')} | {ms(_get(fl, 'setup', 'median'))} | "
-                  f"{ms(_get(fl, 'setup', 'p99'))} | {ms(fl.get('cpu_per_session_s'))} | "
-                  f"{b.get('cpu_s', 0):.2f} s | {s.get('cpu_s', 0):.2f} s | "
-                  f"{s.get('children_cpu_s', 0):.2f} s | {b.get('peak_rss_mib') or 0:.1f} MiB | "
-                  f"{s.get('peak_rss_mib') or 0:.1f} MiB |")
-        fails = {f"{into} {n}": rec["failures"] for into in ("one job", "20 jobs", "floor")
-                 for n, rec in cc.get(into, {}).items() if rec.get("failures")}  # fmt: skip
+                w(
+                    f"| {into} | {n} | {rec['ok']} | {ms(rec['setup'].get('median'))} | "
+                    f"{ms(rec['setup'].get('p99'))} | {ms(rec.get('cpu_per_session_s'))} | "
+                    f"{fl.get('ok', '–')} | {ms(_get(fl, 'setup', 'median'))} | "
+                    f"{ms(_get(fl, 'setup', 'p99'))} | {ms(fl.get('cpu_per_session_s'))} | "
+                    f"{b.get('cpu_s', 0):.2f} s | {s.get('cpu_s', 0):.2f} s | "
+                    f"{s.get('children_cpu_s', 0):.2f} s | {b.get('peak_rss_mib') or 0:.1f} MiB | "
+                    f"{s.get('peak_rss_mib') or 0:.1f} MiB |"
+                )
+        fails = {
+            f"{into} {n}": rec["failures"]
+            for into in ("one job", "20 jobs", "floor")
+            for n, rec in cc.get(into, {}).items()
+            if rec.get("failures")
+        }
         if fails:
             w("\nFailures (message: count):\n")
             for k, f in fails.items():
@@ -309,27 +387,35 @@ def render(r: Json) -> str:
     b = ph.get("broker")
     if b:
         w("## 5. Broker capacity\n")
-        w("Each operation is a new unix-socket connection from the job owner, as `ssh-to-job` "
-          "makes. *grant*: an authorized SshRequest for the running job: the broker signs a "
-          "capability, asks the starter, the starter dials a new TCP connection in and attaches, "
-          "and the socket is passed back; the client closes it at once. *refusal*: the same "
-          "request for an idle job (authorization and audit, no starter). *status*: a Status "
-          "round trip. CPU per op = daemon CPU delta / successful ops. No OpenSSH counterpart.\n")
-        w("| load | client threads | ops/s | latency p50 | p99 | failed | broker CPU/op | "
-          "starter CPU/op |")
+        w(
+            "Each operation is a new unix-socket connection from the job owner, as `ssh-to-job` "
+            "makes. *grant*: an authorized SshRequest for the running job: the broker signs a "
+            "capability, asks the starter, the starter dials a new TCP connection in and attaches, "
+            "and the socket is passed back; the client closes it at once. *refusal*: the same "
+            "request for an idle job (authorization and audit, no starter). *status*: a Status "
+            "round trip. CPU per op = daemon CPU delta / successful ops. No OpenSSH counterpart.\n"
+        )
+        w(
+            "| load | client threads | ops/s | latency p50 | p99 | failed | broker CPU/op | "
+            "starter CPU/op |"
+        )
         w("|---|---|---|---|---|---|---|---|")
         for k, rec in b.items():
-            w(f"| {k.split(' x')[0]} | {rec['threads']} | {rec['rate']:.0f} | "
-              f"{med(rec['latency'], 1000, '{:.1f}')} ms | "
-              f"{rec['latency'].get('p99', 0) * 1000:.1f} ms | {rec['failed']} | "
-              f"{rec.get('broker_cpu_per_op_ms', 0):.2f} ms | "
-              f"{rec.get('starter_cpu_per_op_ms', 0):.2f} ms |")
+            w(
+                f"| {k.split(' x')[0]} | {rec['threads']} | {rec['rate']:.0f} | "
+                f"{med(rec['latency'], 1000, '{:.1f}')} ms | "
+                f"{rec['latency'].get('p99', 0) * 1000:.1f} ms | {rec['failed']} | "
+                f"{rec.get('broker_cpu_per_op_ms', 0):.2f} ms | "
+                f"{rec.get('starter_cpu_per_op_ms', 0):.2f} ms |"
+            )
         w("")
     q = ph.get("queue")
     if q:
         w("### Queue\n")
-        w("| queue size | bulk submit | `stj q` wall | `stj q` client CPU | broker CPU per q | "
-          "broker RSS after | broker peak during q |")
+        w(
+            "| queue size | bulk submit | `stj q` wall | `stj q` client CPU | broker CPU per q | "
+            "broker RSS after | broker peak during q |"
+        )
         w("|---|---|---|---|---|---|---|")
         for label in ("10k", "100k"):
             rec = q.get(label)
@@ -337,25 +423,31 @@ def render(r: Json) -> str:
                 continue
             qq = rec["q"]
             n = max(1, qq["wall"].get("n", 1))
-            w(f"| {rec['queue_size']} | {rec['submitted']} jobs in {rec['submit_s']:.2f} s = "
-              f"{rec['jobs_per_s']:.0f} jobs/s | {spread(qq['wall'], 1, '{:.2f}')} s | "
-              f"{med(qq['client_cpu'], 1, '{:.2f}')} s | "
-              f"{_get(qq, 'broker', 'cpu_s') / n if _get(qq, 'broker', 'cpu_s') else 0:.2f} s | "
-              f"{rec.get('broker_rss_after_mib') or 0:.1f} MiB | "
-              f"{_get(qq, 'broker', 'peak_rss_mib') or 0:.1f} MiB |")
+            w(
+                f"| {rec['queue_size']} | {rec['submitted']} jobs in {rec['submit_s']:.2f} s = "
+                f"{rec['jobs_per_s']:.0f} jobs/s | {spread(qq['wall'], 1, '{:.2f}')} s | "
+                f"{med(qq['client_cpu'], 1, '{:.2f}')} s | "
+                f"{_get(qq, 'broker', 'cpu_s') / n if _get(qq, 'broker', 'cpu_s') else 0:.2f} s | "
+                f"{rec.get('broker_rss_after_mib') or 0:.1f} MiB | "
+                f"{_get(qq, 'broker', 'peak_rss_mib') or 0:.1f} MiB |"
+            )
         if "single_cli" in q:
-            w(f"\nOne job per submit: `stj submit` (CLI, process start included) "
-              f"{spread(q['single_cli'], 1000)} ms each; in-process one connection per submit: "
-              f"{q['single_inprocess']['rate']:.0f} submits/s "
-              f"(p50 {med(q['single_inprocess']['latency'], 1000, '{:.1f}')} ms), with the "
-              "queue at its largest.")
+            w(
+                f"\nOne job per submit: `stj submit` (CLI, process start included) "
+                f"{spread(q['single_cli'], 1000)} ms each; in-process one connection per submit: "
+                f"{q['single_inprocess']['rate']:.0f} submits/s "
+                f"(p50 {med(q['single_inprocess']['latency'], 1000, '{:.1f}')} ms), with the "
+                "queue at its largest."
+            )
         w("")
 
     mi = ph.get("memory_idle")
     if mi or cc:
         w("## 6. Memory (RSS, MiB)\n")
-        w("| daemon | idle (21 jobs running) | peak, 200 sessions into one job | "
-          "peak, 200 into 20 jobs | with 100k jobs queued (after / peak during q) |")
+        w(
+            "| daemon | idle (21 jobs running) | peak, 200 sessions into one job | "
+            "peak, 200 into 20 jobs | with 100k jobs queued (after / peak during q) |"
+        )
         w("|---|---|---|---|---|")
         for d in ("broker", "starter"):
             idle = _get(mi or {}, d, "VmRSS")
@@ -364,9 +456,11 @@ def render(r: Json) -> str:
             qa = _get(q or {}, "100k", "broker_rss_after_mib") if d == "broker" else None
             qp = _get(q or {}, "100k", "q", d, "peak_rss_mib")
             f = "{:.1f}"
-            w(f"| {d} | {f.format(idle) if idle else '–'} | {f.format(p1) if p1 else '–'} | "
-              f"{f.format(p2) if p2 else '–'} | {f.format(qa) if qa else '–'} / "
-              f"{f.format(qp) if qp else '–'} |")
+            w(
+                f"| {d} | {f.format(idle) if idle else '–'} | {f.format(p1) if p1 else '–'} | "
+                f"{f.format(p2) if p2 else '–'} | {f.format(qa) if qa else '–'} / "
+                f"{f.format(qp) if qp else '–'} |"
+            )
         w("")
 
     sl = ph.get("slurm")

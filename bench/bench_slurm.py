@@ -24,13 +24,13 @@ PACKAGES = ("slurm-wlm", "munge")
 
 
 def _run(argv: list[str], timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout,
-                          **kw)  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout, **kw)
 
 
 class Slurm:
-    def __init__(self, d: pathlib.Path, user: pwd.struct_passwd,
-                 log: Callable[[str], None]) -> None:  # fmt: skip
+    def __init__(
+        self, d: pathlib.Path, user: pwd.struct_passwd, log: Callable[[str], None]
+    ) -> None:
         self.d = d
         self.user = user
         self.log = log
@@ -54,12 +54,18 @@ class Slurm:
             return None
         self.log(f"  installing {' '.join(PACKAGES)} (missing: {' '.join(missing)})")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        r = _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
-                 timeout=600, env=env)  # fmt: skip
+        r = _run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+            timeout=600,
+            env=env,
+        )
         if r.returncode != 0:
             _run(["apt-get", "update", "-qq"], timeout=300, env=env)
-            r = _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
-                     timeout=600, env=env)  # fmt: skip
+            r = _run(
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+                timeout=600,
+                env=env,
+            )
         if r.returncode != 0:
             return f"apt-get install {' '.join(PACKAGES)} failed: {r.stderr.strip()[-300:]}"
         return None
@@ -68,8 +74,10 @@ class Slurm:
         def works() -> bool:
             try:
                 cred = _run(["munge", "-n"], timeout=10)
-                return cred.returncode == 0 and _run(
-                    ["unmunge"], input=cred.stdout, timeout=10).returncode == 0  # fmt: skip
+                return (
+                    cred.returncode == 0
+                    and _run(["unmunge"], input=cred.stdout, timeout=10).returncode == 0
+                )
             except (OSError, subprocess.TimeoutExpired):
                 return False
 
@@ -91,17 +99,28 @@ class Slurm:
             p.mkdir(exist_ok=True)
             os.chown(p, mpw.pw_uid, mpw.pw_gid)
         log = open(self.d / "munged.log", "ab")
-        self.procs.append(subprocess.Popen(
-            ["setpriv", f"--reuid={mpw.pw_uid}", f"--regid={mpw.pw_gid}", "--init-groups",
-             "/usr/sbin/munged", "--foreground"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    "setpriv",
+                    f"--reuid={mpw.pw_uid}",
+                    f"--regid={mpw.pw_gid}",
+                    "--init-groups",
+                    "/usr/sbin/munged",
+                    "--foreground",
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
         log.close()
         for _ in range(50):
             if works():
                 return None
             time.sleep(0.1)
-        return ("munged did not start: "
-                + (self.d / "munged.log").read_text(errors="replace")[-300:])  # fmt: skip
+        return "munged did not start: " + (self.d / "munged.log").read_text(errors="replace")[-300:]
 
     def _write_conf(self) -> None:
         cpus = os.cpu_count() or 1
@@ -151,12 +170,21 @@ PartitionName=bench Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         self.version = f"Slurm {pkg} (Debian slurm-wlm)"
         self._write_conf()
         env = {**os.environ, **self.env()}
-        for argv in (["slurmctld", "-D", "-f", str(self.conf)],
-                     ["slurmd", "-D", "-f", str(self.conf), "-N", self.node]):  # fmt: skip
+        for argv in (
+            ["slurmctld", "-D", "-f", str(self.conf)],
+            ["slurmd", "-D", "-f", str(self.conf), "-N", self.node],
+        ):
             log = open(self.d / f"{argv[0]}.out", "ab")
-            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=log, env=env,
-                                               stdin=subprocess.DEVNULL,
-                                               start_new_session=True))  # fmt: skip
+            self.procs.append(
+                subprocess.Popen(
+                    argv,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
             log.close()
             time.sleep(1.0)
         deadline = time.monotonic() + 60
@@ -172,15 +200,29 @@ PartitionName=bench Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             f"{n}: {(self.d / n).read_text(errors='replace').strip()[-300:]}"
             for n in ("slurmctld.out", "slurmd.out", "slurmctld.log", "slurmd.log")
             if (self.d / n).exists()
-        )  # fmt: skip
+        )
         return f"the one-node cluster did not come up (node state {state!r}); {tails}"
 
     def submit_sleep(self) -> str:
         """A running batch job owned by the bench user, for ``srun --jobid --overlap``."""
         env = {**os.environ, **self.env(), "HOME": self.user.pw_dir}
-        r = _run(["setpriv", f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}",
-                  "--init-groups", "sbatch", "--parsable", "-o", "/dev/null", "-D", "/tmp",
-                  "--wrap", "sleep 1800"], env=env)  # fmt: skip
+        r = _run(
+            [
+                "setpriv",
+                f"--reuid={self.user.pw_uid}",
+                f"--regid={self.user.pw_gid}",
+                "--init-groups",
+                "sbatch",
+                "--parsable",
+                "-o",
+                "/dev/null",
+                "-D",
+                "/tmp",
+                "--wrap",
+                "sleep 1800",
+            ],
+            env=env,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"sbatch failed: {r.stderr.strip()}")
         self.jobid = r.stdout.strip().split(";")[0]

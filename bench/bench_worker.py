@@ -32,11 +32,19 @@ from typing import Any
 BIN = pathlib.Path(sys.executable).parent
 
 
-def _run_timed(argv: list[str], stdin: str | None, stdout: str | None,
-               timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def _run_timed(
+    argv: list[str],
+    stdin: str | None,
+    stdout: str | None,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """One command's wall time (and its CPU, from wait4), stdout to a file or /dev/null."""
-    with (open(stdin or os.devnull, "rb") as fin, open(stdout or os.devnull, "wb") as fout,
-          tempfile.TemporaryFile() as ferr):  # fmt: skip
+    with (
+        open(stdin or os.devnull, "rb") as fin,
+        open(stdout or os.devnull, "wb") as fout,
+        tempfile.TemporaryFile() as ferr,
+    ):
         t0 = time.perf_counter()
         p = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr, env=env)
         killer = threading.Timer(timeout, p.kill)
@@ -63,8 +71,9 @@ def mode_times(a: dict[str, Any]) -> dict[str, Any]:
         if c.get("before"):
             subprocess.run(c["before"], check=False, capture_output=True)
         env = {**os.environ, **c.get("env", {})}
-        out[name].append(_run_timed(c["argv"], c.get("stdin"), c.get("stdout"),
-                                    c.get("timeout", 120.0), env))  # fmt: skip
+        out[name].append(
+            _run_timed(c["argv"], c.get("stdin"), c.get("stdout"), c.get("timeout", 120.0), env)
+        )
     return {"runs": out}
 
 
@@ -81,8 +90,9 @@ def mode_breakdown(a: dict[str, Any]) -> dict[str, Any]:
 
     job: str = a["job"]
     shells = ("/bin/bash",)
-    phases: dict[str, list[float]] = {k: [] for k in (
-        "keygen", "grant", "starter", "ssh_spawn_handover", "ssh_to_exit", "total")}  # fmt: skip
+    phases: dict[str, list[float]] = {
+        k: [] for k in ("keygen", "grant", "starter", "ssh_spawn_handover", "ssh_to_exit", "total")
+    }
     # Warm the in-process imports so the first repetition is not charged for them.
     stj.generate_key("")
     for _ in range(a["reps"]):
@@ -104,8 +114,9 @@ def mode_breakdown(a: dict[str, Any]) -> dict[str, Any]:
             alias = f"bench-{reply.session_id[:8]}"
             stj._write(d / "known_hosts", f"{alias} {ready.host_key}\n".encode())
             name = f"stjbench-{secrets.token_hex(12)}"
-            stj._write(d / "config", stj.ssh_config(d, ready.login, alias, name, None,
-                                                    False).encode())  # fmt: skip
+            stj._write(
+                d / "config", stj.ssh_config(d, ready.login, alias, name, None, False).encode()
+            )
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind("\0" + name)
             listener.listen(1)
@@ -133,8 +144,12 @@ def mode_importtime(a: dict[str, Any]) -> dict[str, Any]:
     per: dict[str, list[int]] = {}
     totals: list[int] = []
     for _ in range(a["reps"]):
-        r = subprocess.run([sys.executable, "-X", "importtime", "-c", a["code"]],
-                           capture_output=True, text=True, check=True)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", a["code"]],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         seen: dict[str, int] = {}
         total = 0
         for line in r.stderr.splitlines():
@@ -174,8 +189,12 @@ def _lines_then_hold(n: int, argvs: list[list[str]], timeout: float) -> dict[str
     t_launch0 = time.perf_counter()
     for i in range(n):
         started.append(time.perf_counter())
-        p = subprocess.Popen(argvs[i % len(argvs)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)  # fmt: skip
+        p = subprocess.Popen(
+            argvs[i % len(argvs)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         procs.append(p)
         assert p.stdout is not None
         assert p.stderr is not None
@@ -202,7 +221,8 @@ def _lines_then_hold(n: int, argvs: list[list[str]], timeout: float) -> dict[str
 
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline and any(
-            ready[i] is None and procs[i].returncode is None for i in range(n)):  # fmt: skip
+        ready[i] is None and procs[i].returncode is None for i in range(n)
+    ):
         pump(0.1)
     all_open = sum(1 for i in range(n) if ready[i] is not None and procs[i].returncode is None)
     t_release = time.perf_counter()
@@ -214,7 +234,8 @@ def _lines_then_hold(n: int, argvs: list[list[str]], timeout: float) -> dict[str
             pass
     deadline = time.perf_counter() + 60
     while time.perf_counter() < deadline and (
-            any(p.returncode is None for p in procs) or sel.get_map()):  # fmt: skip
+        any(p.returncode is None for p in procs) or sel.get_map()
+    ):
         pump(0.1)
     t_closed = time.perf_counter() - t_release
     for i, p in enumerate(procs):
@@ -237,10 +258,16 @@ def _lines_then_hold(n: int, argvs: list[list[str]], timeout: float) -> dict[str
             msg = re.sub(r"[0-9a-f]{8,}", "…", msg)[:200]
             failures[msg] = failures.get(msg, 0) + 1
     return {
-        "n": n, "targets": min(n, len(argvs)), "ok": ok, "all_open": all_open,
-        "setup": setup, "launch_spread": t_launched, "close_all": t_closed,
-        "client_cpu_per_session": sum(cpu) / n, "failures": failures,
-    }  # fmt: skip
+        "n": n,
+        "targets": min(n, len(argvs)),
+        "ok": ok,
+        "all_open": all_open,
+        "setup": setup,
+        "launch_spread": t_launched,
+        "close_all": t_closed,
+        "client_cpu_per_session": sum(cpu) / n,
+        "failures": failures,
+    }
 
 
 def mode_concurrent(a: dict[str, Any]) -> dict[str, Any]:
@@ -278,10 +305,15 @@ def _hammer(fn: Callable[[], bool], threads: int, seconds: float) -> dict[str, A
     wall = time.perf_counter() - t0
     allat = sorted(x for xs in lat for x in xs)
     return {
-        "threads": threads, "wall": wall, "ok": len(allat), "failed": sum(fails),
-        "rate": len(allat) / wall, "latency": allat[:: max(1, len(allat) // 2000)],
-        "client_cpu": time.process_time() - cpu0, "errors": errors,
-    }  # fmt: skip
+        "threads": threads,
+        "wall": wall,
+        "ok": len(allat),
+        "failed": sum(fails),
+        "rate": len(allat) / wall,
+        "latency": allat[:: max(1, len(allat) // 2000)],
+        "client_cpu": time.process_time() - cpu0,
+        "errors": errors,
+    }
 
 
 def mode_broker_load(a: dict[str, Any]) -> dict[str, Any]:
@@ -325,9 +357,12 @@ def mode_broker_load(a: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     mode, arg = sys.argv[1], json.loads(sys.argv[2])
     modes: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-        "times": mode_times, "breakdown": mode_breakdown, "importtime": mode_importtime,
-        "concurrent": mode_concurrent, "broker_load": mode_broker_load,
-    }  # fmt: skip
+        "times": mode_times,
+        "breakdown": mode_breakdown,
+        "importtime": mode_importtime,
+        "concurrent": mode_concurrent,
+        "broker_load": mode_broker_load,
+    }
     json.dump(modes[mode](arg), sys.stdout)
     return 0
 

@@ -26,8 +26,11 @@ DEMO_USER = "stjdemo"
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="ssh-to-job demo")
     ap.add_argument("--state-dir", help="pool state directory (default: a fresh one in /tmp)")
-    ap.add_argument("--interactive", action="store_true",
-                    help="end with an interactive shell in the job (needs a terminal)")  # fmt: skip
+    ap.add_argument(
+        "--interactive",
+        action="store_true",
+        help="end with an interactive shell in the job (needs a terminal)",
+    )
     a = ap.parse_args(argv)
 
     if os.getuid() == 0:
@@ -44,16 +47,27 @@ def main(argv: list[str] | None = None) -> int:
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o755)
     env = {
-        "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin", "STJ_STATE_DIR": str(state),
-        "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name, "SHELL": "/bin/bash",
-        "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb"),
-    }  # fmt: skip
+        "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
+        "STJ_STATE_DIR": str(state),
+        "HOME": pw.pw_dir,
+        "USER": pw.pw_name,
+        "LOGNAME": pw.pw_name,
+        "SHELL": "/bin/bash",
+        "LANG": "C.UTF-8",
+        "TERM": os.environ.get("TERM", "dumb"),
+    }
 
     def run(*argv: str, as_user: bool = True, check: bool = True) -> str:
         shown = " ".join(shlex.quote(x) for x in argv)
         print(f"\n{'$' if as_user else '#'} {shown}", flush=True)
-        r = subprocess.run([*(prefix if as_user else []), *argv], env=env, cwd="/tmp",
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        r = subprocess.run(
+            [*(prefix if as_user else []), *argv],
+            env=env,
+            cwd="/tmp",
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         sys.stdout.write(r.stdout)
         sys.stderr.write(r.stderr)
         if check and r.returncode != 0:
@@ -62,22 +76,37 @@ def main(argv: list[str] | None = None) -> int:
 
     log = open(state / "pool.log", "ab")
     print(f"# stj pool --state-dir {state}    (broker + starter; log in {state}/pool.log)")
-    pool = subprocess.Popen([str(BIN / "stj"), "pool", "--state-dir", str(state)], env=env,
-                            stdout=log, stderr=log, start_new_session=True)  # fmt: skip
+    pool = subprocess.Popen(
+        [str(BIN / "stj"), "pool", "--state-dir", str(state)],
+        env=env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
     try:
         for _ in range(100):
-            r = subprocess.run([str(BIN / "stj"), "status", "--json"], env=env,
-                               capture_output=True, text=True)  # fmt: skip
+            r = subprocess.run(
+                [str(BIN / "stj"), "status", "--json"], env=env, capture_output=True, text=True
+            )
             if r.returncode == 0 and json.loads(r.stdout)["starters"]:
                 break
             time.sleep(0.1)
         else:
             raise SystemExit("demo: the pool did not come up; see " + str(state / "pool.log"))
         run("stj", "status", as_user=False)
-        script = 'echo "job $SSH_TO_JOB_ID starts in $PWD"; i=0; while :; do i=$((i+1)); ' \
-                 'echo "tick $i" > progress.txt; sleep 1; done'  # fmt: skip
-        out = run("stj", "submit", "-e", "GREETING=hello from the job's environment",
-                  "/bin/sh", "-c", script)  # fmt: skip
+        script = (
+            'echo "job $SSH_TO_JOB_ID starts in $PWD"; i=0; while :; do i=$((i+1)); '
+            'echo "tick $i" > progress.txt; sleep 1; done'
+        )
+        out = run(
+            "stj",
+            "submit",
+            "-e",
+            "GREETING=hello from the job's environment",
+            "/bin/sh",
+            "-c",
+            script,
+        )
         job = out.split(":", 1)[1].split()[0]
         for _ in range(100):
             q = json.loads(run_quiet(env, "q", "--json", job))
@@ -86,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.1)
         time.sleep(1.2)
         run("stj", "q")
-        run("ssh-to-job", job,
+        run(
+            "ssh-to-job",
+            job,
             'echo "I am $(id -un) (uid $(id -u)) in $PWD"; echo "GREETING=$GREETING"; '
             'echo "job pids: $SSH_TO_JOB_PIDS"; ps -o pid,user,args -p "${SSH_TO_JOB_PIDS%% *}"; '
-            'cat progress.txt')  # fmt: skip
+            "cat progress.txt",
+        )
         dest = pathlib.Path(tempfile.mkdtemp(prefix="stj-demo-copy-", dir="/tmp"))
         os.chown(dest, pw.pw_uid, pw.pw_gid)
         run("ssh-to-job", "-ssh", "scp", job, "remote:progress.txt", str(dest))
@@ -114,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_quiet(env: dict[str, str], *args: str) -> str:
-    return subprocess.run([str(BIN / "stj"), *args], env=env, capture_output=True, text=True,
-                          check=True).stdout  # fmt: skip
+    return subprocess.run(
+        [str(BIN / "stj"), *args], env=env, capture_output=True, text=True, check=True
+    ).stdout
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ VENV = pathlib.Path(sys.executable).parent.parent
 USER = "stjbench"
 SSHD = "/usr/sbin/sshd"
 #: The product's client preference (client/ssh_to_job.py); read from the product when possible.
-DEFAULT_CIPHERS = ("aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,"
-                   "aes128-ctr,aes256-ctr")  # fmt: skip
+DEFAULT_CIPHERS = (
+    "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,"
+    "aes128-ctr,aes256-ctr"
+)
 MIB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: Slurm's figure from shared/openssh-notes.md, used when --slurm is not given.
@@ -69,8 +71,15 @@ def summary(xs: Sequence[float]) -> Json:
         hi = min(lo + 1, len(s) - 1)
         return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
-    return {"n": len(s), "median": statistics.median(s), "p25": q(0.25), "p75": q(0.75),
-            "p99": q(0.99), "min": s[0], "max": s[-1]}  # fmt: skip
+    return {
+        "n": len(s),
+        "median": statistics.median(s),
+        "p25": q(0.25),
+        "p75": q(0.75),
+        "p99": q(0.99),
+        "min": s[0],
+        "max": s[-1],
+    }
 
 
 def paired_ratio(a: Sequence[float], b: Sequence[float]) -> Json:
@@ -183,24 +192,40 @@ class Bench:
     def env(self) -> dict[str, str]:
         return {
             "PATH": f"{self.bin}:/usr/local/bin:/usr/bin:/bin",
-            "STJ_STATE_DIR": str(self.state), "STJ_CONFIG": str(self.state / "config.toml"),
-            "HOME": self.user.pw_dir, "USER": USER, "LOGNAME": USER, "LANG": "C.UTF-8",
-            "SHELL": "/bin/bash", "TMPDIR": "/tmp",
-        }  # fmt: skip
+            "STJ_STATE_DIR": str(self.state),
+            "STJ_CONFIG": str(self.state / "config.toml"),
+            "HOME": self.user.pw_dir,
+            "USER": USER,
+            "LOGNAME": USER,
+            "LANG": "C.UTF-8",
+            "SHELL": "/bin/bash",
+            "TMPDIR": "/tmp",
+        }
 
     def as_user(self, argv: Sequence[str]) -> list[str]:
-        return ["setpriv", f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}",
-                "--init-groups", *argv]  # fmt: skip
+        return [
+            "setpriv",
+            f"--reuid={self.user.pw_uid}",
+            f"--regid={self.user.pw_gid}",
+            "--init-groups",
+            *argv,
+        ]
 
-    def run_user(self, argv: Sequence[str], timeout: float = 120,
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return sh(self.as_user(argv), env={**self.env(), **(env or {})}, cwd="/tmp",
-                  timeout=timeout)  # fmt: skip
+    def run_user(
+        self, argv: Sequence[str], timeout: float = 120, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return sh(
+            self.as_user(argv), env={**self.env(), **(env or {})}, cwd="/tmp", timeout=timeout
+        )
 
-    def worker(self, mode: str, args: Json, timeout: float = 600,
-               env: dict[str, str] | None = None) -> Json:  # fmt: skip
-        r = self.run_user([str(self.bin / "python"), str(self.state / "bench_worker.py"), mode,
-                           json.dumps(args)], timeout=timeout, env=env)  # fmt: skip
+    def worker(
+        self, mode: str, args: Json, timeout: float = 600, env: dict[str, str] | None = None
+    ) -> Json:
+        r = self.run_user(
+            [str(self.bin / "python"), str(self.state / "bench_worker.py"), mode, json.dumps(args)],
+            timeout=timeout,
+            env=env,
+        )
         if r.returncode != 0:
             raise BenchError(f"worker {mode} failed ({r.returncode}):\n{r.stderr[-3000:]}")
         result: Json = json.loads(r.stdout)
@@ -213,8 +238,7 @@ class Bench:
         return r.stdout
 
     def log(self, msg: str) -> None:
-        print(f"[bench {time.monotonic() - self.t_start:6.1f}s] {msg}", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(f"[bench {time.monotonic() - self.t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     # -- floor and product command lines
 
@@ -255,9 +279,11 @@ class Bench:
         A venv is relocatable but for its scripts' ``#!`` lines, which we rewrite.
         """
         copy = self.state / "venv"
-        check = ("import ssh_to_job.client.ssh_to_job, ssh_to_job.client.stj, ssh_to_job.broker, "
-                 "ssh_to_job.starter; from ssh_to_job import preload; "
-                 "preload.check_shim()")  # fmt: skip
+        check = (
+            "import ssh_to_job.client.ssh_to_job, ssh_to_job.client.stj, ssh_to_job.broker, "
+            "ssh_to_job.starter; from ssh_to_job import preload; "
+            "preload.check_shim()"
+        )
         for _attempt in range(5):
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(VENV, copy, symlinks=True)
@@ -267,7 +293,7 @@ class Bench:
                     continue
                 data = script.read_bytes()
                 if data.startswith(old.encode()):
-                    script.write_bytes(f"#!{copy}/bin/".encode() + data[len(old):])
+                    script.write_bytes(f"#!{copy}/bin/".encode() + data[len(old) :])
             self.bin = copy / "bin"
             ok = all((self.bin / t).exists() for t in ("ssh-to-job", "stj"))
             if ok and sh([str(self.bin / "python"), "-c", check], cwd="/tmp").returncode == 0:
@@ -304,8 +330,13 @@ class Bench:
         opts: dict[str, str] = {}
         for line in text.splitlines():
             words = line.split(None, 1)
-            if len(words) == 2 and words[0] in ("Ciphers", "KexAlgorithms", "MACs",
-                                                "HostKeyAlgorithms", "Compression"):  # fmt: skip
+            if len(words) == 2 and words[0] in (
+                "Ciphers",
+                "KexAlgorithms",
+                "MACs",
+                "HostKeyAlgorithms",
+                "Compression",
+            ):
                 opts[words[0]] = words[1]
         return opts
 
@@ -315,8 +346,9 @@ class Bench:
         f.mkdir(mode=0o700)
         os.chown(f, self.user.pw_uid, self.user.pw_gid)
         for name in ("host_key", "id"):
-            r = self.run_user(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "",
-                               "-f", str(f / name)])  # fmt: skip
+            r = self.run_user(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(f / name)]
+            )
             if r.returncode != 0:
                 raise BenchError(f"ssh-keygen: {r.stderr}")
         (f / "authorized_keys").write_text((f / "id.pub").read_text())
@@ -361,15 +393,27 @@ Host *
         # A unique starter name: the starter's cgroup is named after it, and a second starter
         # with the same name (another pool on this host) would treat ours as leftovers.
         (self.state / "config.toml").write_text(
-            f'[starter]\nname = "stjbench-{self.tok}"\nslots = {slots}\n')
+            f'[starter]\nname = "stjbench-{self.tok}"\nslots = {slots}\n'
+        )
         log = open(self.state / "pool.log", "ab")
         self.pool = subprocess.Popen(
-            [str(self.bin / "stj"), "pool", "--state-dir", str(self.state), "--config",
-             str(self.state / "config.toml"), "--slots", str(slots)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd="/tmp",
+            [
+                str(self.bin / "stj"),
+                "pool",
+                "--state-dir",
+                str(self.state),
+                "--config",
+                str(self.state / "config.toml"),
+                "--slots",
+                str(slots),
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            cwd="/tmp",
             env={**self.env(), "HOME": "/root", "USER": "root", "LOGNAME": "root"},
             start_new_session=True,
-        )  # fmt: skip
+        )
         log.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -395,8 +439,12 @@ Host *
         cluster = out.split("cluster", 1)[1].split(":")[0].strip()
         self.jobs20 = [f"{cluster}.{p}" for p in range(20)]
         self._wait_running([self.job, *self.jobs20])
-        self.results["pool"] = {"broker_pid": self.broker_pid, "starter_pid": self.starter_pid,
-                                "slots": slots, "job": self.job}  # fmt: skip
+        self.results["pool"] = {
+            "broker_pid": self.broker_pid,
+            "starter_pid": self.starter_pid,
+            "slots": slots,
+            "job": self.job,
+        }
 
     def _wait_running(self, ids: list[str], timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -451,10 +499,12 @@ Host *
             cpu, kids = proc_cpu(p)
             mem = proc_mem(p)
             into[k] = {
-                "cpu_s": cpu - before[k][0], "children_cpu_s": kids - before[k][1],
-                "rss_before_mib": rss0[k], "rss_after_mib": mem.get("VmRSS"),
+                "cpu_s": cpu - before[k][0],
+                "children_cpu_s": kids - before[k][1],
+                "rss_before_mib": rss0[k],
+                "rss_after_mib": mem.get("VmRSS"),
                 "peak_rss_mib": mem.get("VmHWM") if reset else None,
-            }  # fmt: skip
+            }
         into["wall_s"] = wall
 
     def guard(self, name: str, fn: Any) -> None:
@@ -470,7 +520,8 @@ Host *
         except Exception as exc:
             self.log(f"phase {name} failed: {exc}")
             self.results["errors"][name] = "".join(
-                traceback.format_exception_only(type(exc), exc)).strip()[-2000:]  # fmt: skip
+                traceback.format_exception_only(type(exc), exc)
+            ).strip()[-2000:]
         self.results.setdefault("phase_seconds", {})[name] = round(time.monotonic() - t0, 1)
 
     # ------------------------------------------------------------------ phases
@@ -505,32 +556,41 @@ Host *
         dirty = sh(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
         self.results["machine"] = {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "hostname": platform.node(), "kernel": platform.release(), "os": os_name,
-            "cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem_kb / 1024 / 1024, 1),
+            "hostname": platform.node(),
+            "kernel": platform.release(),
+            "os": os_name,
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "mem_gib": round(mem_kb / 1024 / 1024, 1),
             "aes_ni": " aes " in pathlib.Path("/proc/cpuinfo").read_text(),
             "loadavg_start": os.getloadavg(),
-        }  # fmt: skip
+        }
         self.results["versions"] = {
             "openssh": first_line(["ssh", "-V"], "stderr"),
             "rsync": first_line(["rsync", "--version"]),
             "python": platform.python_version(),
             "product": f"ssh-to-job {product} (checkout {git}{'+dirty' if dirty.stdout else ''};"
-                       f" installed in {VENV}, measured from a copy)",
-        }  # fmt: skip
+            f" installed in {VENV}, measured from a copy)",
+        }
 
     def phase_algorithms(self) -> None:
         """What ssh actually negotiated, for the product and for the floor (ssh -v)."""
-        pat = re.compile(r"kex: (algorithm|host key algorithm|server->client cipher|"
-                         r"client->server cipher): (\S+)")  # fmt: skip
+        pat = re.compile(
+            r"kex: (algorithm|host key algorithm|server->client cipher|"
+            r"client->server cipher): (\S+)"
+        )
         out: Json = {}
-        for name, argv in (("ssh-to-job", self.ssh_to_job("-debug", self.job, "true")),
-                           ("floor", self.floor_ssh("-v", "floor", "true"))):  # fmt: skip
+        for name, argv in (
+            ("ssh-to-job", self.ssh_to_job("-debug", self.job, "true")),
+            ("floor", self.floor_ssh("-v", "floor", "true")),
+        ):
             r = self.run_user(argv, timeout=60, env={"SHELL": "/bin/sh"})
             found = dict(pat.findall(r.stderr))
             found["rc"] = r.returncode
             out[name] = found
         same = {k: v for k, v in out["floor"].items() if k != "rc"} == {
-            k: v for k, v in out["ssh-to-job"].items() if k != "rc"}  # fmt: skip
+            k: v for k, v in out["ssh-to-job"].items() if k != "rc"
+        }
         out["same"] = same
         self.results["phases"]["algorithms"] = out
         if not same:
@@ -541,12 +601,16 @@ Host *
         cmds = {
             "ssh-to-job": {"argv": self.ssh_to_job(self.job, "true")},
             "floor": {"argv": self.floor_ssh("floor", "true"), "env": {"SHELL": "/bin/sh"}},
-            "ssh-to-job curve25519": {"argv": self.ssh_to_job(
-                "-ssh", "ssh -o KexAlgorithms=curve25519-sha256", self.job, "true")},
-            "floor curve25519": {"argv": self.floor_ssh(
-                "-o", "KexAlgorithms=curve25519-sha256", "floor", "true"),
-                "env": {"SHELL": "/bin/sh"}},
-        }  # fmt: skip
+            "ssh-to-job curve25519": {
+                "argv": self.ssh_to_job(
+                    "-ssh", "ssh -o KexAlgorithms=curve25519-sha256", self.job, "true"
+                )
+            },
+            "floor curve25519": {
+                "argv": self.floor_ssh("-o", "KexAlgorithms=curve25519-sha256", "floor", "true"),
+                "env": {"SHELL": "/bin/sh"},
+            },
+        }
         res = self.worker("times", {"cmds": cmds, "reps": reps})["runs"]
         self.results["phases"]["setup"] = self._times_result(res)
 
@@ -558,33 +622,40 @@ Host *
             "python -c pass": {"argv": [py, "-c", "pass"]},
             "python -I -S -c pass": {"argv": [py, "-I", "-S", "-c", "pass"]},
             "ssh-to-job -help (interpreter + imports)": {"argv": self.ssh_to_job("-help")},
-            "imports + default session key (client.ssh_to_job.generate_key)": {"argv": [
-                py, "-c", "import client.ssh_to_job as m; m.generate_key('')"]},
+            "imports + default session key (client.ssh_to_job.generate_key)": {
+                "argv": [py, "-c", "import client.ssh_to_job as m; m.generate_key('')"]
+            },
             "ProxyCommand helper start (_fdproxy.py, no argument)": {
-                "argv": [py, "-I", "-S", fdproxy]},
+                "argv": [py, "-I", "-S", fdproxy]
+            },
             "sshd exec (sshd -V)": {"argv": [SSHD, "-V"]},
             "ssh exec (ssh -V)": {"argv": ["ssh", "-V"]},
-        }  # fmt: skip
+        }
         st = self.worker("times", {"cmds": start_cmds, "reps": 5 if self.quick else 10})["runs"]
         startup = {k: summary([r["wall"] for r in v]) for k, v in st.items()}
         bd = self.worker("breakdown", {"job": self.job, "reps": 8 if self.quick else 20})
         imp = self.worker("importtime", {"code": "import client.ssh_to_job", "reps": 5})
         self.results["phases"]["setup_breakdown"] = {
-            "startup": startup, "phases": {k: summary(v) for k, v in bd["phases"].items()},
+            "startup": startup,
+            "phases": {k: summary(v) for k, v in bd["phases"].items()},
             "importtime": imp,
-        }  # fmt: skip
+        }
 
     def _times_result(self, res: dict[str, list[Json]]) -> Json:
         out: Json = {}
         for name, runs in res.items():
             walls = [r["wall"] for r in runs if r["rc"] == 0]
             fails = [r for r in runs if r["rc"] != 0]
-            out[name] = {"wall": summary(walls), "raw": [round(w, 5) for w in walls],
-                         "cpu": summary([r["cpu"] for r in runs]), "failed": len(fails),
-                         "errors": sorted({r["stderr"].strip()[-200:] for r in fails})[:3]}
+            out[name] = {
+                "wall": summary(walls),
+                "raw": [round(w, 5) for w in walls],
+                "cpu": summary([r["cpu"] for r in runs]),
+                "failed": len(fails),
+                "errors": sorted({r["stderr"].strip()[-200:] for r in fails})[:3],
+            }
         names = list(res)
         for n in names:
-            fl = "floor" + n[len("ssh-to-job"):] if n.startswith("ssh-to-job") else None
+            fl = "floor" + n[len("ssh-to-job") :] if n.startswith("ssh-to-job") else None
             if fl in res:
                 out[n]["ratio"] = paired_ratio(out[n]["raw"], out[fl]["raw"])
         return out
@@ -594,7 +665,7 @@ Host *
         cmds = {
             "ssh-to-job": {"argv": self.ssh_to_job(self.job, "true")},
             "floor": {"argv": self.floor_ssh("floor", "true"), "env": {"SHELL": "/bin/sh"}},
-        }  # fmt: skip
+        }
         merged: dict[str, list[Json]] = {"ssh-to-job": [], "floor": []}
         totals: dict[str, list[float]] = {"ssh-to-job": [], "floor": []}
         for _ in range(rounds):
@@ -616,23 +687,43 @@ Host *
         cases: dict[str, tuple[Json, Json]] = {}
 
         def case(name: str, prod: list[str], floor: list[str], stdin: str | None = None) -> None:
-            cases[name] = ({"argv": prod, "stdin": stdin, "before": rm, "timeout": 300},
-                           {"argv": floor, "stdin": stdin, "before": rm, "timeout": 300,
-                            "env": floor_env})  # fmt: skip
+            cases[name] = (
+                {"argv": prod, "stdin": stdin, "before": rm, "timeout": 300},
+                {"argv": floor, "stdin": stdin, "before": rm, "timeout": 300, "env": floor_env},
+            )
 
         for size_name, path in (("data", src), ("empty", empty)):
-            case(f"cat down {size_name}", self.ssh_to_job(j, f"cat {path}"),
-                 self.floor_ssh("floor", f"cat {path}"))  # fmt: skip
-            case(f"cat up {size_name}", self.ssh_to_job(j, "cat > /dev/null"),
-                 self.floor_ssh("floor", "cat > /dev/null"), stdin=path)  # fmt: skip
-            case(f"scp down {size_name}", self.ssh_to_job("-ssh", "scp", j, f"remote:{path}", dst),
-                 self.floor_ssh(f"floor:{path}", dst, prog="scp"))  # fmt: skip
-            case(f"scp up {size_name}", self.ssh_to_job("-ssh", "scp", j, path, f"remote:{dst}"),
-                 self.floor_ssh(path, f"floor:{dst}", prog="scp"))  # fmt: skip
-            case(f"rsync down {size_name}", ["rsync", "-e", "ssh-to-job", f"{j}:{path}", dst],
-                 ["rsync", "-e", f"ssh -F {shlex.quote(fcfg)}", f"floor:{path}", dst])  # fmt: skip
-            case(f"rsync up {size_name}", ["rsync", "-e", "ssh-to-job", path, f"{j}:{dst}"],
-                 ["rsync", "-e", f"ssh -F {shlex.quote(fcfg)}", path, f"floor:{dst}"])  # fmt: skip
+            case(
+                f"cat down {size_name}",
+                self.ssh_to_job(j, f"cat {path}"),
+                self.floor_ssh("floor", f"cat {path}"),
+            )
+            case(
+                f"cat up {size_name}",
+                self.ssh_to_job(j, "cat > /dev/null"),
+                self.floor_ssh("floor", "cat > /dev/null"),
+                stdin=path,
+            )
+            case(
+                f"scp down {size_name}",
+                self.ssh_to_job("-ssh", "scp", j, f"remote:{path}", dst),
+                self.floor_ssh(f"floor:{path}", dst, prog="scp"),
+            )
+            case(
+                f"scp up {size_name}",
+                self.ssh_to_job("-ssh", "scp", j, path, f"remote:{dst}"),
+                self.floor_ssh(path, f"floor:{dst}", prog="scp"),
+            )
+            case(
+                f"rsync down {size_name}",
+                ["rsync", "-e", "ssh-to-job", f"{j}:{path}", dst],
+                ["rsync", "-e", f"ssh -F {shlex.quote(fcfg)}", f"floor:{path}", dst],
+            )
+            case(
+                f"rsync up {size_name}",
+                ["rsync", "-e", "ssh-to-job", path, f"{j}:{dst}"],
+                ["rsync", "-e", f"ssh -F {shlex.quote(fcfg)}", path, f"floor:{dst}"],
+            )
         cmds: Json = {}
         for name, (p, f) in cases.items():
             cmds[f"ssh-to-job {name}"] = p
@@ -653,12 +744,18 @@ Host *
                 rates = [self.size / MIB / r["wall"] for r in runs]
                 # Only where set-up is under half the wall time: otherwise noise in the
                 # subtraction swamps the figure.
-                stream = [self.size / MIB / (r["wall"] - setup) for r in runs
-                          if r["wall"] > 2 * setup]  # fmt: skip
+                stream = [
+                    self.size / MIB / (r["wall"] - setup) for r in runs if r["wall"] > 2 * setup
+                ]
                 bad = [r["stderr"].strip()[-200:] for r in res[f"{who} {name}"] if r["rc"] != 0]
-                row[who] = {"mib_s": summary(rates), "raw": [round(x, 1) for x in rates],
-                            "stream_mib_s": summary(stream), "setup_s": setup,
-                            "failed": len(bad), "errors": bad[:2]}  # fmt: skip
+                row[who] = {
+                    "mib_s": summary(rates),
+                    "raw": [round(x, 1) for x in rates],
+                    "stream_mib_s": summary(stream),
+                    "setup_s": setup,
+                    "failed": len(bad),
+                    "errors": bad[:2],
+                }
             row["ratio"] = paired_ratio(row["ssh-to-job"]["raw"], row["floor"]["raw"])
             sp, sf = (row[w]["stream_mib_s"].get("median") for w in ("ssh-to-job", "floor"))
             row["stream_ratio"] = sp / sf if sp and sf else None
@@ -680,25 +777,33 @@ Host *
                 self._settle()
                 rec: Json = {}
                 with self.daemons(rec):
-                    r = self.worker("concurrent", {"n": n, "argvs": argvs, "timeout": 240},
-                                    timeout=420)  # fmt: skip
+                    r = self.worker(
+                        "concurrent", {"n": n, "argvs": argvs, "timeout": 240}, timeout=420
+                    )
                 r["setup"] = summary(r["setup"])
                 rec.update(r)
-                daemon_cpu = sum(rec[d]["cpu_s"] + rec[d]["children_cpu_s"]
-                                 for d in ("broker", "starter"))  # fmt: skip
+                daemon_cpu = sum(
+                    rec[d]["cpu_s"] + rec[d]["children_cpu_s"] for d in ("broker", "starter")
+                )
                 rec["cpu_per_session_s"] = r["client_cpu_per_session"] + daemon_cpu / n
                 out[name][str(n)] = rec
-                self.log(f"  {n} sessions into {name}: {r['ok']}/{n} ok, p50 "
-                         f"{r['setup'].get('median', 0):.2f}s p99 {r['setup'].get('p99', 0):.2f}s")
+                self.log(
+                    f"  {n} sessions into {name}: {r['ok']}/{n} ok, p50 "
+                    f"{r['setup'].get('median', 0):.2f}s p99 {r['setup'].get('p99', 0):.2f}s"
+                )
             self._settle()
-            r = self.worker("concurrent", {"n": n, "argvs": [self.floor_ssh("floor", hold)],
-                                           "timeout": 240},
-                            timeout=420, env={"SHELL": "/bin/sh"})  # fmt: skip
+            r = self.worker(
+                "concurrent",
+                {"n": n, "argvs": [self.floor_ssh("floor", hold)], "timeout": 240},
+                timeout=420,
+                env={"SHELL": "/bin/sh"},
+            )
             r["setup"] = summary(r["setup"])
             r["cpu_per_session_s"] = r["client_cpu_per_session"]  # sshd is ssh's grandchild
             out["floor"][str(n)] = r
-            self.log(f"  {n} floor sessions: {r['ok']}/{n} ok, p50 "
-                     f"{r['setup'].get('median', 0):.2f}s")
+            self.log(
+                f"  {n} floor sessions: {r['ok']}/{n} ok, p50 {r['setup'].get('median', 0):.2f}s"
+            )
 
     def _settle(self, timeout: float = 30) -> None:
         """Wait until the starter has no session processes left (the last run's are gone)."""
@@ -713,9 +818,10 @@ Host *
         self._settle()
         time.sleep(1)
         self.results["phases"]["memory_idle"] = {
-            "broker": proc_mem(self.broker_pid), "starter": proc_mem(self.starter_pid),
+            "broker": proc_mem(self.broker_pid),
+            "starter": proc_mem(self.starter_pid),
             "jobs_running": 21,
-        }  # fmt: skip
+        }
 
     def phase_broker(self) -> None:
         out: Json = {}
@@ -724,22 +830,26 @@ Host *
         sub = self.stj("submit", "/bin/sleep", "7200")
         self.idle_job = sub.split(":", 1)[1].split()[0]
         secs = 3.0 if self.quick else 5.0
-        for kind, job, threads in (("status", "", 4), ("refusal", self.idle_job, 4),
-                                   ("grant", self.job, 1), ("grant", self.job, 4),
-                                   ("grant", self.job, 16)):  # fmt: skip
+        for kind, job, threads in (
+            ("status", "", 4),
+            ("refusal", self.idle_job, 4),
+            ("grant", self.job, 1),
+            ("grant", self.job, 4),
+            ("grant", self.job, 16),
+        ):
             self._settle()
             rec: Json = {}
             with self.daemons(rec):
-                r = self.worker("broker_load", {"kind": kind, "job": job, "threads": threads,
-                                                "seconds": secs})  # fmt: skip
+                r = self.worker(
+                    "broker_load", {"kind": kind, "job": job, "threads": threads, "seconds": secs}
+                )
             r["latency"] = summary(r["latency"])
             rec.update(r)
             if r["ok"]:
                 rec["broker_cpu_per_op_ms"] = rec["broker"]["cpu_s"] / r["ok"] * 1000
                 rec["starter_cpu_per_op_ms"] = rec["starter"]["cpu_s"] / r["ok"] * 1000
             out[f"{kind} x{threads}"] = rec
-            self.log(f"  {kind} with {threads} thread(s): {r['rate']:.0f}/s "
-                     f"({r['failed']} failed)")
+            self.log(f"  {kind} with {threads} thread(s): {r['rate']:.0f}/s ({r['failed']} failed)")
 
     def phase_queue(self) -> None:
         out: Json = {}
@@ -751,9 +861,18 @@ Host *
         for label, count in (("10k", 10_000 - live), ("100k", 90_000)):
             rec: Json = {}
             with self.daemons(rec):
-                r = self.worker("times", {"cmds": {"submit": {
-                    "argv": [stj, "submit", "-n", str(count), "/bin/sleep", "7200"],
-                    "timeout": 600}}, "reps": 1})["runs"]["submit"][0]  # fmt: skip
+                r = self.worker(
+                    "times",
+                    {
+                        "cmds": {
+                            "submit": {
+                                "argv": [stj, "submit", "-n", str(count), "/bin/sleep", "7200"],
+                                "timeout": 600,
+                            }
+                        },
+                        "reps": 1,
+                    },
+                )["runs"]["submit"][0]
             if r["rc"] != 0:
                 raise BenchError(f"bulk submit failed: {r['stderr']}")
             status = json.loads(self.stj("status", "--json"))
@@ -764,27 +883,35 @@ Host *
             rec["queue_size"] = total
             qrec: Json = {}
             with self.daemons(qrec):
-                res = self.worker("times", {"cmds": {"stj q": {"argv": [stj, "q"],
-                                                              "timeout": 600}},
-                                            "reps": q_reps})["runs"]["stj q"]  # fmt: skip
+                res = self.worker(
+                    "times",
+                    {"cmds": {"stj q": {"argv": [stj, "q"], "timeout": 600}}, "reps": q_reps},
+                )["runs"]["stj q"]
             qrec["wall"] = summary([x["wall"] for x in res if x["rc"] == 0])
             qrec["client_cpu"] = summary([x["cpu"] for x in res])
             qrec["failed"] = sum(1 for x in res if x["rc"] != 0)
             rec["q"] = qrec
             rec["broker_rss_after_mib"] = proc_mem(self.broker_pid).get("VmRSS")
             out[label] = rec
-            self.log(f"  queue {total}: submit {rec['jobs_per_s']:.0f} jobs/s, stj q "
-                     f"{qrec['wall'].get('median', 0):.2f}s, broker "
-                     f"{rec['broker_rss_after_mib']:.0f} MiB")
+            self.log(
+                f"  queue {total}: submit {rec['jobs_per_s']:.0f} jobs/s, stj q "
+                f"{qrec['wall'].get('median', 0):.2f}s, broker "
+                f"{rec['broker_rss_after_mib']:.0f} MiB"
+            )
         # One job at a time: the CLI as a user types it, and the broker alone.
-        res = self.worker("times", {"cmds": {"stj submit": {
-            "argv": [stj, "submit", "/bin/sleep", "7200"]}},
-            "reps": 10 if self.quick else 20})["runs"]["stj submit"]  # fmt: skip
+        res = self.worker(
+            "times",
+            {
+                "cmds": {"stj submit": {"argv": [stj, "submit", "/bin/sleep", "7200"]}},
+                "reps": 10 if self.quick else 20,
+            },
+        )["runs"]["stj submit"]
         out["single_cli"] = summary([x["wall"] for x in res if x["rc"] == 0])
         rec = {}
         with self.daemons(rec):
-            r = self.worker("broker_load", {"kind": "submit", "job": "", "threads": 1,
-                                            "seconds": 3.0})  # fmt: skip
+            r = self.worker(
+                "broker_load", {"kind": "submit", "job": "", "threads": 1, "seconds": 3.0}
+            )
         r["latency"] = summary(r["latency"])
         rec.update(r)
         out["single_inprocess"] = rec
@@ -811,25 +938,37 @@ Host *
             "srun --overlap true": {"argv": [*srun, "true"]},
             "ssh-to-job true": {"argv": self.ssh_to_job(self.job, "true")},
         }
-        res = self.worker("times", {"cmds": cmds, "reps": 10 if self.quick else 20},
-                          env=env)["runs"]  # fmt: skip
-        out["times"] = {k: {"wall": summary([r["wall"] for r in v if r["rc"] == 0]),
-                            "failed": sum(1 for r in v if r["rc"] != 0),
-                            "errors": sorted({r["stderr"][-200:] for r in v if r["rc"]})[:2]}
-                        for k, v in res.items()}  # fmt: skip
+        res = self.worker("times", {"cmds": cmds, "reps": 10 if self.quick else 20}, env=env)[
+            "runs"
+        ]
+        out["times"] = {
+            k: {
+                "wall": summary([r["wall"] for r in v if r["rc"] == 0]),
+                "failed": sum(1 for r in v if r["rc"] != 0),
+                "errors": sorted({r["stderr"][-200:] for r in v if r["rc"]})[:2],
+            }
+            for k, v in res.items()
+        }
         size = min(self.size, 256 * MIB)
         cmds = {
-            "srun --overlap cat": {"argv": [*srun, "head", "-c", str(size), str(self.src)],
-                                   "timeout": 300},
-            "ssh-to-job cat": {"argv": self.ssh_to_job(self.job, f"head -c {size} {self.src}"),
-                               "timeout": 300},
-        }  # fmt: skip
-        res = self.worker("times", {"cmds": cmds, "reps": 2 if self.quick else 3},
-                          env=env)["runs"]  # fmt: skip
-        out["stream"] = {k: {"mib_s": summary([size / MIB / r["wall"] for r in v if r["rc"] == 0]),
-                             "failed": sum(1 for r in v if r["rc"] != 0),
-                             "errors": sorted({r["stderr"][-200:] for r in v if r["rc"]})[:2]}
-                         for k, v in res.items()}  # fmt: skip
+            "srun --overlap cat": {
+                "argv": [*srun, "head", "-c", str(size), str(self.src)],
+                "timeout": 300,
+            },
+            "ssh-to-job cat": {
+                "argv": self.ssh_to_job(self.job, f"head -c {size} {self.src}"),
+                "timeout": 300,
+            },
+        }
+        res = self.worker("times", {"cmds": cmds, "reps": 2 if self.quick else 3}, env=env)["runs"]
+        out["stream"] = {
+            k: {
+                "mib_s": summary([size / MIB / r["wall"] for r in v if r["rc"] == 0]),
+                "failed": sum(1 for r in v if r["rc"] != 0),
+                "errors": sorted({r["stderr"][-200:] for r in v if r["rc"]})[:2],
+            }
+            for k, v in res.items()
+        }
         out["stream_bytes"] = size
 
     # ------------------------------------------------------------------ driver
@@ -837,8 +976,9 @@ Host *
     def run(self) -> int:
         self.phase_versions()
         self.setup()
-        self.log(f"pool in {self.state}; job {self.job}; data {self.size // MIB} MiB in "
-                 f"{self.data}")  # fmt: skip
+        self.log(
+            f"pool in {self.state}; job {self.job}; data {self.size // MIB} MiB in {self.data}"
+        )
         self.guard("memory_idle", self.phase_memory_idle)
         self.guard("algorithms", self.phase_algorithms)
         self.guard("setup", self.phase_setup_time)
@@ -854,17 +994,31 @@ Host *
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="./dev bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="fewer repetitions, 256 MiB instead of 1 GiB, 50 and 200 sessions")
-    ap.add_argument("--slurm", action="store_true",
-                    help="also install Slurm (slurm-wlm, munge), run a one-node cluster, and "
-                    "measure srun --overlap")  # fmt: skip
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repetitions, 256 MiB instead of 1 GiB, 50 and 200 sessions",
+    )
+    ap.add_argument(
+        "--slurm",
+        action="store_true",
+        help="also install Slurm (slurm-wlm, munge), run a one-node cluster, and "
+        "measure srun --overlap",
+    )
     ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
-    ap.add_argument("--only", type=lambda s: set(s.split(",")), default=None,
-                    help="comma-separated phases (memory_idle, algorithms, setup, repeat, "
-                    "throughput, concurrency, broker, queue, slurm)")  # fmt: skip
-    ap.add_argument("--sessions", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="concurrency levels (default 50,100,200; quick: 50,200)")
+    ap.add_argument(
+        "--only",
+        type=lambda s: set(s.split(",")),
+        default=None,
+        help="comma-separated phases (memory_idle, algorithms, setup, repeat, "
+        "throughput, concurrency, broker, queue, slurm)",
+    )
+    ap.add_argument(
+        "--sessions",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="concurrency levels (default 50,100,200; quick: 50,200)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the state directory")
     a = ap.parse_args(argv)
     if a.only and "slurm" in a.only:

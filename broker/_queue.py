@@ -19,8 +19,13 @@ from typing import Any
 from ssh_to_job import wire
 
 IDLE, RUNNING, SUSPENDED, HELD, COMPLETED, REMOVED = (
-    "idle", "running", "suspended", "held", "completed", "removed",
-)  # fmt: skip
+    "idle",
+    "running",
+    "suspended",
+    "held",
+    "completed",
+    "removed",
+)
 LIVE_STATES = (IDLE, RUNNING, SUSPENDED, HELD)
 FINISHED_STATES = (COMPLETED, REMOVED)
 TAIL = 65536
@@ -98,7 +103,7 @@ class Row:
         "starter",
         "state",
         "submitted",
-    )  # fmt: skip
+    )
 
     cluster: int
     proc: int
@@ -126,9 +131,12 @@ class Row:
     def job_spec(self) -> wire.JobSpec:
         d = _spec_dict(self.spec)
         return wire.JobSpec(
-            executable=d["executable"], args=tuple(d["args"]), env=d["env"],
-            initialdir=d["initialdir"], hold_on_failure=d.get("hold_on_failure", False),
-        )  # fmt: skip
+            executable=d["executable"],
+            args=tuple(d["args"]),
+            env=d["env"],
+            initialdir=d["initialdir"],
+            hold_on_failure=d.get("hold_on_failure", False),
+        )
 
 
 _COLUMNS = ", ".join(Row.__slots__)
@@ -163,10 +171,15 @@ class JobQueue:
     def submit(self, spec: wire.JobSpec, count: int, owner: str, uid: int, gid: int) -> int:
         now = time.time()
         blob = json.dumps(
-            {"executable": spec.executable, "args": list(spec.args), "env": dict(spec.env),
-             "initialdir": spec.initialdir, "hold_on_failure": spec.hold_on_failure},
+            {
+                "executable": spec.executable,
+                "args": list(spec.args),
+                "env": dict(spec.env),
+                "initialdir": spec.initialdir,
+                "hold_on_failure": spec.hold_on_failure,
+            },
             separators=(",", ":"),
-        )  # fmt: skip
+        )
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             cur = self.db.execute("SELECT value FROM meta WHERE key='next_cluster'")
@@ -223,29 +236,69 @@ class JobQueue:
             raise UnknownJob(job_id)
         return _row(r)
 
-    def select(self, ids: wire.JobId | None = None, states: tuple[str, ...] = LIVE_STATES,
-               owner_uid: int | None = None) -> Iterator[Row]:  # fmt: skip
+    def select(
+        self,
+        ids: wire.JobId | None = None,
+        states: tuple[str, ...] = LIVE_STATES,
+        owner_uid: int | None = None,
+    ) -> Iterator[Row]:
         for r in self._select(_COLUMNS, ids, states, owner_uid):
             yield _row(r)
 
-    def infos(self, ids: wire.JobId | None = None, states: tuple[str, ...] = LIVE_STATES,
-              owner_uid: int | None = None) -> Iterator[wire.JobInfo]:  # fmt: skip
+    def infos(
+        self,
+        ids: wire.JobId | None = None,
+        states: tuple[str, ...] = LIVE_STATES,
+        owner_uid: int | None = None,
+    ) -> Iterator[wire.JobInfo]:
         """What ``stj q`` shows, straight from the rows (a listing may be 100,000 long)."""
-        cols = ("cluster, proc, owner, owner_uid, state, spec, submitted, started, finished, "
-                "exit_code, exit_signal, hold_reason, starter, pid, scratch, sessions")
+        cols = (
+            "cluster, proc, owner, owner_uid, state, spec, submitted, started, finished, "
+            "exit_code, exit_signal, hold_reason, starter, pid, scratch, sessions"
+        )
         info = wire.JobInfo
-        for (cluster, proc, owner, owner_uid_, state, spec, submitted, started, finished,
-             exit_code, exit_signal, hold_reason, starter, pid, scratch, sessions,
-             ) in self._select(cols, ids, states, owner_uid):  # fmt: skip
+        for (
+            cluster,
+            proc,
+            owner,
+            owner_uid_,
+            state,
+            spec,
+            submitted,
+            started,
+            finished,
+            exit_code,
+            exit_signal,
+            hold_reason,
+            starter,
+            pid,
+            scratch,
+            sessions,
+        ) in self._select(cols, ids, states, owner_uid):
             d = _spec_dict(spec)
             yield info(
-                f"{cluster}.{proc}", owner, owner_uid_, state, d["executable"], d["args_t"],
-                submitted, started, finished, exit_code, exit_signal, hold_reason, starter,
-                (pid,) if pid else (), scratch, d["initialdir"], sessions,
-            )  # fmt: skip
+                f"{cluster}.{proc}",
+                owner,
+                owner_uid_,
+                state,
+                d["executable"],
+                d["args_t"],
+                submitted,
+                started,
+                finished,
+                exit_code,
+                exit_signal,
+                hold_reason,
+                starter,
+                (pid,) if pid else (),
+                scratch,
+                d["initialdir"],
+                sessions,
+            )
 
-    def _select(self, columns: str, ids: wire.JobId | None, states: tuple[str, ...],
-                owner_uid: int | None) -> sqlite3.Cursor:  # fmt: skip
+    def _select(
+        self, columns: str, ids: wire.JobId | None, states: tuple[str, ...], owner_uid: int | None
+    ) -> sqlite3.Cursor:
         where = [f"state IN ({', '.join('?' * len(states))})"]
         args: list[object] = list(states)
         if ids is not None:

@@ -42,8 +42,13 @@ CLIENT_IDLE = 120.0
 RELEASING = "released; ending its debug hold"
 STARTER_SILENCE = 60.0
 MAX_CLIENT_KEY = 4096
-_KEY_PREFIXES = ("ssh-ed25519 ", "ssh-rsa ", "ecdsa-sha2-nistp256 ", "ecdsa-sha2-nistp384 ",
-                 "ecdsa-sha2-nistp521 ")  # fmt: skip
+_KEY_PREFIXES = (
+    "ssh-ed25519 ",
+    "ssh-rsa ",
+    "ecdsa-sha2-nistp256 ",
+    "ecdsa-sha2-nistp384 ",
+    "ecdsa-sha2-nistp521 ",
+)
 
 
 def user_name(uid: int) -> str:
@@ -85,8 +90,12 @@ class PendingSession:
 
 
 class Broker:
-    def __init__(self, state_dir: pathlib.Path, config: common.PoolConfig,
-                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+    def __init__(
+        self,
+        state_dir: pathlib.Path,
+        config: common.PoolConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.state_dir = state_dir
         self.config = config
         self.bc = config.broker
@@ -136,8 +145,9 @@ class Broker:
         tcp_listeners = await trio.open_tcp_listeners(self.bc.port, host=self.bc.host)
         self.tcp_port = tcp_listeners[0].socket.getsockname()[1]
         # Atomically: a starter may be reading it to redial.
-        common.write_public(self.state_dir / "broker.addr",
-                            f"{self.bc.host}:{self.tcp_port}\n".encode())  # fmt: skip
+        common.write_public(
+            self.state_dir / "broker.addr", f"{self.bc.host}:{self.tcp_port}\n".encode()
+        )
         log.info("broker listening on %s and %s:%d", self.socket_path, self.bc.host, self.tcp_port)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, unix, self._handle_client)
@@ -150,9 +160,10 @@ class Broker:
                 self.queue.close()
 
     async def _accept_loop(
-        self, sock: trio.socket.SocketType,
+        self,
+        sock: trio.socket.SocketType,
         handler: Callable[[trio.socket.SocketType], object],
-    ) -> None:  # fmt: skip
+    ) -> None:
         async with trio.open_nursery() as nursery:
             while True:
                 try:
@@ -171,9 +182,10 @@ class Broker:
         _pid, uid, gid = struct.unpack("3i", creds)
         stream = FramedStream(
             trio.SocketStream(sock),
-            wire.Connection(wire.Channel.CONTROL, wire.Role.BROKER, wire.Role.CLIENT,
-                            self.bc.max_frame),
-        )  # fmt: skip
+            wire.Connection(
+                wire.Channel.CONTROL, wire.Role.BROKER, wire.Role.CLIENT, self.bc.max_frame
+            ),
+        )
         try:
             while True:
                 try:
@@ -190,8 +202,9 @@ class Broker:
         except Exception:
             # A bug must cost this one connection, never the broker.
             log.exception("internal error serving uid %d", uid)
-            await self._try_send(stream, wire.Error("internal", "internal broker error; "
-                                                    "see the broker log"))  # fmt: skip
+            await self._try_send(
+                stream, wire.Error("internal", "internal broker error; see the broker log")
+            )
         finally:
             await stream.aclose()
 
@@ -199,9 +212,13 @@ class Broker:
         await stream.farewell(msg)
 
     async def _dispatch_client(
-        self, stream: FramedStream, sock: trio.socket.SocketType, msg: wire.Message,
-        uid: int, gid: int,
-    ) -> bool:  # fmt: skip
+        self,
+        stream: FramedStream,
+        sock: trio.socket.SocketType,
+        msg: wire.Message,
+        uid: int,
+        gid: int,
+    ) -> bool:
         if isinstance(msg, wire.Submit):
             await stream.send(self._submit(msg, uid, gid))
         elif isinstance(msg, wire.Query):
@@ -280,14 +297,16 @@ class Broker:
         if not self._authorized(row, uid):
             self.queue.audit(uid, action, jid, "denied")
             return wire.ActResult(
-                jid, False,
+                jid,
+                False,
                 f"job {jid} belongs to {row.owner}; only its owner or a queue superuser may "
                 f"{action} it",
-            )  # fmt: skip
+            )
         who = user_name(uid)
         if action == "rm":
-            self.queue.set_state(jid, REMOVED, finished=self.clock(),
-                                 hold_reason=reason or f"removed by {who}")  # fmt: skip
+            self.queue.set_state(
+                jid, REMOVED, finished=self.clock(), hold_reason=reason or f"removed by {who}"
+            )
             self._signal_starter(row, "kill", reason or f"removed by {who}")
         elif action == "hold":
             if row.state == HELD:
@@ -305,13 +324,17 @@ class Broker:
                 if row.debug_hold:
                     self._signal_starter(row, "evict", f"released by {who}")
                 self.queue.audit(uid, action, jid, "ok")
-                done = ("debug hold ended; it will run again" if row.debug_hold
-                        else "release done (once evicted)")  # fmt: skip
+                done = (
+                    "debug hold ended; it will run again"
+                    if row.debug_hold
+                    else "release done (once evicted)"
+                )
                 return wire.ActResult(jid, True, f"job {jid}: {done}")
             self.queue.set_state(jid, IDLE, hold_reason="", starter="", pid=0)
         elif action in ("suspend", "continue"):
-            want_from, want_to = ((RUNNING, SUSPENDED) if action == "suspend"
-                                  else (SUSPENDED, RUNNING))  # fmt: skip
+            want_from, want_to = (
+                (RUNNING, SUSPENDED) if action == "suspend" else (SUSPENDED, RUNNING)
+            )
             if row.state != want_from:
                 return wire.ActResult(jid, False, f"job {jid} is {row.state}, not {want_from}")
             if row.starter not in self.starters:
@@ -331,15 +354,23 @@ class Broker:
         counts = self.queue.counts()
         starters = []
         for conn in self.starters.values():
-            starters.append(wire.StarterInfo(
-                starter_id=conn.name, slots=conn.slots, busy=len(conn.jobs), connected=True,
-                jobs=tuple(sorted(conn.jobs)), address=conn.address,
-            ))  # fmt: skip
+            starters.append(
+                wire.StarterInfo(
+                    starter_id=conn.name,
+                    slots=conn.slots,
+                    busy=len(conn.jobs),
+                    connected=True,
+                    jobs=tuple(sorted(conn.jobs)),
+                    address=conn.address,
+                )
+            )
         return wire.StatusReply(
-            starters=tuple(starters), broker_pid=os.getpid(),
-            jobs_idle=counts.get(IDLE, 0), jobs_running=counts.get(RUNNING, 0),
+            starters=tuple(starters),
+            broker_pid=os.getpid(),
+            jobs_idle=counts.get(IDLE, 0),
+            jobs_running=counts.get(RUNNING, 0),
             jobs_held=counts.get(HELD, 0),
-        )  # fmt: skip
+        )
 
     async def _output(self, msg: wire.Output, uid: int) -> wire.Message:
         try:
@@ -358,8 +389,14 @@ class Broker:
             send, recv = trio.open_memory_channel[wire.OutputData](1)
             conn.pending_output[req] = send
             try:
-                conn.post(wire.FetchOutput(request=req, id=row.id, stream=msg.stream,
-                                           max_bytes=min(msg.max_bytes, 1 << 19)))  # fmt: skip
+                conn.post(
+                    wire.FetchOutput(
+                        request=req,
+                        id=row.id,
+                        stream=msg.stream,
+                        max_bytes=min(msg.max_bytes, 1 << 19),
+                    )
+                )
                 with trio.fail_after(10):
                     data = await recv.receive()
             except (PeerGone, trio.TooSlowError, trio.EndOfChannel):
@@ -367,13 +404,14 @@ class Broker:
             finally:
                 conn.pending_output.pop(req, None)
             return wire.OutputReply(id=row.id, data=data.data, running=True)
-        tail = self.queue.tail(row.id, msg.stream)[-msg.max_bytes:]
+        tail = self.queue.tail(row.id, msg.stream)[-msg.max_bytes :]
         return wire.OutputReply(id=row.id, data=tail, running=False)
 
     # ------------------------------------------------------------------ ssh sessions
 
-    def _ssh_refusal(self, msg: wire.SshRequest,
-                     uid: int) -> tuple[wire.Error | None, _queue.Row | None]:  # fmt: skip
+    def _ssh_refusal(
+        self, msg: wire.SshRequest, uid: int
+    ) -> tuple[wire.Error | None, _queue.Row | None]:
         try:
             jid = wire.parse_job_id(msg.job)
         except ValueError as exc:
@@ -388,29 +426,42 @@ class Broker:
                 "denied",
                 f"job {job} belongs to {row.owner}; only its owner or a queue superuser may "
                 "ssh to it",
-            ), row  # fmt: skip
+            ), row
         if row.state == IDLE:
-            return wire.Error("idle", f"job {job} is idle (not running yet); use -auto-retry "
-                                      "to wait for it to start"), row  # fmt: skip
+            return wire.Error(
+                "idle",
+                f"job {job} is idle (not running yet); use -auto-retry to wait for it to start",
+            ), row
         if row.state == HELD and not row.debug_hold:
-            return wire.Error("held", f"job {job} is held ({row.hold_reason}); release it "
-                                      "with 'stj release' first"), row  # fmt: skip
+            return wire.Error(
+                "held",
+                f"job {job} is held ({row.hold_reason}); release it with 'stj release' first",
+            ), row
         if row.state == SUSPENDED:
             return wire.Error("suspended", f"job {job} is suspended; continue it first"), row
         if row.state != RUNNING and not (row.state == HELD and row.debug_hold):
-            return wire.Error("finished", f"job {job} is {row.state}; there is nothing to "
-                                          "connect to"), row  # fmt: skip
+            return wire.Error(
+                "finished", f"job {job} is {row.state}; there is nothing to connect to"
+            ), row
         if row.starter not in self.starters:
-            return wire.Error("unavailable", f"the starter running job {job} ({row.starter}) "
-                              "is not connected; try again shortly"), row  # fmt: skip
+            return wire.Error(
+                "unavailable",
+                f"the starter running job {job} ({row.starter}) "
+                "is not connected; try again shortly",
+            ), row
         key = msg.client_key
-        if (len(key) > MAX_CLIENT_KEY or "\n" in key or "\r" in key
-                or not key.startswith(_KEY_PREFIXES)):  # fmt: skip
+        if (
+            len(key) > MAX_CLIENT_KEY
+            or "\n" in key
+            or "\r" in key
+            or not key.startswith(_KEY_PREFIXES)
+        ):
             return wire.Error("bad_request", "client_key is not an OpenSSH public key line"), row
         return None, row
 
-    async def _ssh(self, stream: FramedStream, sock: trio.socket.SocketType,
-                   msg: wire.SshRequest, uid: int) -> None:  # fmt: skip
+    async def _ssh(
+        self, stream: FramedStream, sock: trio.socket.SocketType, msg: wire.SshRequest, uid: int
+    ) -> None:
         refusal, row = self._ssh_refusal(msg, uid)
         job = row.id if row is not None else msg.job
         if refusal is not None:
@@ -422,10 +473,16 @@ class Broker:
         now = int(self.clock())
         session_id = secrets.token_hex(16)
         cap = wire.Capability(
-            session_id=session_id, job=row.id, owner_uid=row.owner_uid, requester_uid=uid,
-            client_key=msg.client_key.strip(), starter_id=conn.name, starter_key=conn.key,
-            issued_at=now, expires_at=now + self.bc.capability_lifetime,
-        )  # fmt: skip
+            session_id=session_id,
+            job=row.id,
+            owner_uid=row.owner_uid,
+            requester_uid=uid,
+            client_key=msg.client_key.strip(),
+            starter_id=conn.name,
+            starter_key=conn.key,
+            issued_at=now,
+            expires_at=now + self.bc.capability_lifetime,
+        )
         blob = wire.sign_capability(cap, self.signing_key)
         pending = PendingSession(session_id, row.id, conn.name, secrets.token_bytes(32))
         self.sessions[session_id] = pending
@@ -438,8 +495,13 @@ class Broker:
                 self.queue.audit(uid, "ssh", row.id, f"failed: {why}")
                 await stream.send(wire.Error("session_failed", f"job {row.id}: {why}"))
                 return
-            grant = wire.SshGrant(session_id=session_id, job=row.id, capability=blob,
-                                  starter_id=conn.name, starter_key=conn.key)  # fmt: skip
+            grant = wire.SshGrant(
+                session_id=session_id,
+                job=row.id,
+                capability=blob,
+                starter_id=conn.name,
+                starter_key=conn.key,
+            )
             data = stream.conn.send(grant)
             fds = array.array("i", [pending.sock.fileno()])
             try:
@@ -472,8 +534,9 @@ class Broker:
         if isinstance(first, wire.SessionAttach):
             self._attach(sock, first)
             return
-        conn = wire.Connection(wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER,
-                               self.bc.max_frame)  # fmt: skip
+        conn = wire.Connection(
+            wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER, self.bc.max_frame
+        )
         stream = FramedStream(trio.SocketStream(sock), conn)
         conn.receive_data(frame)
         # except*: the session's reader runs in a nursery body, which wraps what it raises.
@@ -496,11 +559,16 @@ class Broker:
         pending = self.sessions.get(msg.session_id)
         conn = self.starters.get(msg.starter_id)
         ok = (
-            pending is not None and conn is not None and pending.starter == msg.starter_id
+            pending is not None
+            and conn is not None
+            and pending.starter == msg.starter_id
             and pending.sock is None
-            and wire.verify(conn.key, wire.attach_statement(msg.session_id, msg.starter_id,
-                                                            pending.nonce), msg.signature)
-        )  # fmt: skip
+            and wire.verify(
+                conn.key,
+                wire.attach_statement(msg.session_id, msg.starter_id, pending.nonce),
+                msg.signature,
+            )
+        )
         if not ok or pending is None:
             log.warning("rejected session attach for %r from %r", msg.session_id, msg.starter_id)
             sock.close()
@@ -520,38 +588,30 @@ class Broker:
 
     async def _starter_session(self, stream: FramedStream, hello: wire.StarterHello) -> None:
         name = hello.starter_id
-        if not self._trusted(hello.starter_key):
-            log.warning("starter %r presented an untrusted key %s", name, hello.starter_key.hex())
-            await stream.send(wire.Error("untrusted", "this starter's key is not in the "
-                                         "broker's trusted_starters directory"))  # fmt: skip
-            return
-        if len(hello.nonce) != 32 or not name or len(name) > 128:
-            await stream.send(wire.Error("protocol", "malformed hello"))
-            return
-        # Our nonce is a fresh X25519 key: once both signatures verify, a DH between the two
-        # nonces keys the channel's encryption (see wire/_secure.py).
-        eph = wire.Ephemeral()
-        nonce = eph.public
-        sig = wire.sign(self.signing_key, wire.broker_auth_statement(name, hello.nonce, nonce))
-        await stream.send(wire.BrokerHello(nonce=nonce, signature=sig))
-        auth = await stream.receive(within=self.bc.frame_timeout)
-        assert isinstance(auth, wire.StarterAuth)
-        if not wire.verify(hello.starter_key,
-                           wire.starter_auth_statement(name, hello.nonce, nonce), auth.signature):
-            await stream.send(wire.Error("untrusted", "starter signature does not verify"))
+        handshake = wire.BrokerHandshake(self.signing_key, self._trusted)
+        try:
+            await stream.send(handshake.on_hello(hello))
+            auth = await stream.receive(within=self.bc.frame_timeout)
+            welcome, keys = handshake.on_auth(auth)
+        except wire.HandshakeError as exc:
+            log.warning("starter %r (key %s) refused: %s", name, hello.starter_key.hex(), exc)
+            await stream.send(exc.error())
             return
         old = self.starters.get(name)
         if old is not None:
             log.info("starter %s reconnected; dropping its old connection", name)
             await old.stream.aclose()
-        await stream.send(wire.Welcome())
-        transcript = wire.starter_auth_statement(name, hello.nonce, nonce)
-        up, down = wire.channel_keys(eph.shared(hello.nonce), hello.nonce, nonce, transcript)
-        stream.conn.start_encryption(send_key=down, receive_key=up)
+        await stream.send(welcome)
+        stream.conn.start_encryption(send_key=keys.send, receive_key=keys.receive)
         assert isinstance(stream.stream, trio.SocketStream)
         peer = stream.stream.socket.getpeername()
-        conn = StarterConn(name=name, key=hello.starter_key, slots=max(1, hello.slots),
-                           stream=stream, address=f"{peer[0]}:{peer[1]}")  # fmt: skip
+        conn = StarterConn(
+            name=name,
+            key=hello.starter_key,
+            slots=max(1, hello.slots),
+            stream=stream,
+            address=f"{peer[0]}:{peer[1]}",
+        )
         send, recv = trio.open_memory_channel[wire.Message](math.inf)
         conn.outbox = send
         self.starters[name] = conn
@@ -569,8 +629,9 @@ class Broker:
                 del self.starters[name]
                 log.info("starter %s disconnected", name)
 
-    async def _starter_writer(self, conn: StarterConn,
-                              recv: trio.MemoryReceiveChannel[wire.Message]) -> None:  # fmt: skip
+    async def _starter_writer(
+        self, conn: StarterConn, recv: trio.MemoryReceiveChannel[wire.Message]
+    ) -> None:
         async for msg in recv:
             await conn.stream.send(msg)
 
@@ -597,8 +658,13 @@ class Broker:
         for row in self.queue.on_starter(conn.name):
             if row.id not in known and row.debug_hold:
                 self.queue.set_state(
-                    row.id, HELD, starter="", pid=0, debug_hold=0,
-                    hold_reason=row.hold_reason + " (its starter lost it)")  # fmt: skip
+                    row.id,
+                    HELD,
+                    starter="",
+                    pid=0,
+                    debug_hold=0,
+                    hold_reason=row.hold_reason + " (its starter lost it)",
+                )
             elif row.id not in known:
                 # The starter does not have it: it never got it, or lost it with a restart.
                 log.warning("job %s is not on starter %s any more; back to idle", row.id, conn.name)
@@ -622,43 +688,79 @@ class Broker:
         if r.running and r.debug_hold and row.state in (RUNNING, SUSPENDED, HELD):
             conn.jobs.add(r.id)  # the slot stays taken while the job is kept for debugging
             self.queue.set_state(
-                r.id, HELD, hold_reason=row.hold_reason if row.debug_hold else r.reason,
-                debug_hold=1, pid=r.pid, scratch=r.scratch, starter=conn.name,
-                exit_code=r.exit_code, exit_signal=r.exit_signal, sessions=sessions,
-            )  # fmt: skip
+                r.id,
+                HELD,
+                hold_reason=row.hold_reason if row.debug_hold else r.reason,
+                debug_hold=1,
+                pid=r.pid,
+                scratch=r.scratch,
+                starter=conn.name,
+                exit_code=r.exit_code,
+                exit_signal=r.exit_signal,
+                sessions=sessions,
+            )
             return
         if r.running:
             conn.jobs.add(r.id)
             if row.state in (RUNNING, SUSPENDED):
-                self.queue.update(r.id, pid=r.pid, scratch=r.scratch, starter=conn.name,
-                                  started=r.started or row.started, sessions=sessions)  # fmt: skip
+                self.queue.update(
+                    r.id,
+                    pid=r.pid,
+                    scratch=r.scratch,
+                    starter=conn.name,
+                    started=r.started or row.started,
+                    sessions=sessions,
+                )
             else:
                 # Removed or held while the starter was away: finish the job off now.
                 action = "kill" if row.state == REMOVED else "evict"
-                conn.post(wire.SignalJob(id=r.id, action=action,
-                                                        reason=row.hold_reason))  # fmt: skip
+                conn.post(wire.SignalJob(id=r.id, action=action, reason=row.hold_reason))
             return
         conn.jobs.discard(r.id)
         fields: dict[str, object] = {
-            "finished": r.finished or self.clock(), "exit_code": r.exit_code,
-            "exit_signal": r.exit_signal, "stdout_tail": r.stdout_tail,
-            "stderr_tail": r.stderr_tail, "pid": 0, "sessions": 0, "debug_hold": 0,
-        }  # fmt: skip
+            "finished": r.finished or self.clock(),
+            "exit_code": r.exit_code,
+            "exit_signal": r.exit_signal,
+            "stdout_tail": r.stdout_tail,
+            "stderr_tail": r.stderr_tail,
+            "pid": 0,
+            "sessions": 0,
+            "debug_hold": 0,
+        }
         if row.state in (RUNNING, SUSPENDED):
             spec = row.job_spec()
             failed = r.reason.startswith("could not start")
             if failed or (spec.hold_on_failure and (r.exit_code or r.exit_signal)):
-                why = r.reason or f"exited with {r.exit_code if r.exit_code is not None else 'signal ' + str(r.exit_signal)}"  # noqa: E501
+                status = r.exit_code if r.exit_code is not None else f"signal {r.exit_signal}"
+                why = r.reason or f"exited with {status}"
                 self.queue.set_state(r.id, HELD, hold_reason=why, **fields)
             else:
                 self.queue.set_state(r.id, _queue.COMPLETED, **fields)
         elif row.state == HELD and row.hold_reason == RELEASING:
-            self.queue.set_state(r.id, IDLE, hold_reason="", starter="", pid=0, sessions=0,
-                                 debug_hold=0, exit_code=None, exit_signal=None)  # fmt: skip
+            self.queue.set_state(
+                r.id,
+                IDLE,
+                hold_reason="",
+                starter="",
+                pid=0,
+                sessions=0,
+                debug_hold=0,
+                exit_code=None,
+                exit_signal=None,
+            )
         elif row.state == HELD:
-            self.queue.set_state(r.id, HELD, starter="", pid=0, sessions=0, debug_hold=0,
-                                 exit_code=r.exit_code, exit_signal=r.exit_signal,
-                                 stdout_tail=r.stdout_tail, stderr_tail=r.stderr_tail)  # fmt: skip
+            self.queue.set_state(
+                r.id,
+                HELD,
+                starter="",
+                pid=0,
+                sessions=0,
+                debug_hold=0,
+                exit_code=r.exit_code,
+                exit_signal=r.exit_signal,
+                stdout_tail=r.stdout_tail,
+                stderr_tail=r.stderr_tail,
+            )
         else:
             self.queue.set_state(r.id, row.state, **fields)
 
@@ -671,8 +773,13 @@ class Broker:
             for row in self.queue.next_idle(free):
                 self.queue.set_state(row.id, RUNNING, starter=conn.name, started=self.clock())
                 conn.jobs.add(row.id)
-                run = wire.JobRun(id=row.id, uid=row.owner_uid, gid=row.owner_gid,
-                                  owner=row.owner, spec=row.job_spec())  # fmt: skip
+                run = wire.JobRun(
+                    id=row.id,
+                    uid=row.owner_uid,
+                    gid=row.owner_gid,
+                    owner=row.owner,
+                    spec=row.job_spec(),
+                )
                 conn.post(wire.RunJob(job=run))
 
 

@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) == 3 and args[0] in ("-name", "--name"):
         name, args = args[1], args[2:]
     if len(args) != 1 or not args[0].startswith(PREFIX):
-        return die("usage: python -m ssh_to_job.client.ideproxy [-name broker] "
-                   f"{PREFIX}CLUSTER.PROC", 2)
+        return die(
+            f"usage: python -m ssh_to_job.client.ideproxy [-name broker] {PREFIX}CLUSTER.PROC", 2
+        )
     host = args[0]
     try:
         jid = wire.parse_job_id(host[len(PREFIX) :])

@@ -194,12 +194,15 @@ def generate_key(options: str) -> tuple[bytes, str]:
     else:
         raise UsageError(f"-keygen-options: unsupported key type {kind!r} (ed25519, rsa, ecdsa)")
     private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
-    )  # fmt: skip
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    ).decode()
+    )
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
     return private, public
 
 
@@ -254,8 +257,9 @@ def _quote_cfg(path: pathlib.Path | str) -> str:
     return f'"{s}"'
 
 
-def ssh_config(d: pathlib.Path, login: str, alias: str, proxy_name: str,
-               x11: bool | None, debug: bool) -> str:  # fmt: skip
+def ssh_config(
+    d: pathlib.Path, login: str, alias: str, proxy_name: str, x11: bool | None, debug: bool
+) -> str:
     here = pathlib.Path(__file__).parent
     helper = here / "stj-fdpass"  # built at install: starts in <1 ms (the critical path)
     if os.access(helper, os.X_OK):
@@ -315,8 +319,9 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def open_session(sock: socket.socket, grant: wire.SshGrant, shells: tuple[str, ...],
-                 timeout: float = 30.0) -> wire.SessionReady:  # fmt: skip
+def open_session(
+    sock: socket.socket, grant: wire.SshGrant, shells: tuple[str, ...], timeout: float = 30.0
+) -> wire.SessionReady:
     """Present the capability; return the starter's verified, signed host key.
 
     Reads exactly one frame: sshd's first bytes follow right behind it and belong to ssh.
@@ -335,8 +340,10 @@ def open_session(sock: socket.socket, grant: wire.SshGrant, shells: tuple[str, .
     assert isinstance(msg, wire.SessionReady)
     statement = wire.host_key_statement(grant.session_id, msg.login, msg.host_key)
     if not wire.verify(grant.starter_key, statement, msg.signature):
-        raise SessionError("the starter's host key is not signed by the starter the broker "
-                           "named; refusing to connect (possible man in the middle)")  # fmt: skip
+        raise SessionError(
+            "the starter's host key is not signed by the starter the broker "
+            "named; refusing to connect (possible man in the middle)"
+        )
     if "\n" in msg.host_key or not msg.host_key.startswith("ssh-"):
         raise SessionError("the starter sent a malformed host key")
     sock.settimeout(None)
@@ -398,8 +405,9 @@ class _Signals:
             signal.signal(sig, old)  # type: ignore[arg-type]
 
 
-def hand_over(listener: socket.socket, session: socket.socket,
-              child: subprocess.Popen[bytes]) -> bool:  # fmt: skip
+def hand_over(
+    listener: socket.socket, session: socket.socket, child: subprocess.Popen[bytes]
+) -> bool:
     """Give the session socket to the proxy helper ssh starts (only to our own uid)."""
     listener.settimeout(0.2)
     deadline = time.monotonic() + 60
@@ -422,8 +430,10 @@ def hand_over(listener: socket.socket, session: socket.socket,
 
 def run(opts: Options) -> int:
     if opts.pool:
-        return die("-pool: remote pools are not supported yet; run ssh-to-job on the pool's "
-                   "broker host (or use -name to pick a local broker)")  # fmt: skip
+        return die(
+            "-pool: remote pools are not supported yet; run ssh-to-job on the pool's "
+            "broker host (or use -name to pick a local broker)"
+        )
     try:
         jid = wire.parse_job_id(opts.job)
     except ValueError as exc:
@@ -434,9 +444,11 @@ def run(opts: Options) -> int:
         try:
             pwd.getpwuid(os.getuid())
         except KeyError:
-            return die(f"your uid {os.getuid()} has no passwd entry on this host, and the OpenSSH "
-                       "client does not run without one; ask a queue superuser to connect, or "
-                       "add an entry for the uid")  # fmt: skip
+            return die(
+                f"your uid {os.getuid()} has no passwd entry on this host, and the OpenSSH "
+                "client does not run without one; ask a queue superuser to connect, or "
+                "add an entry for the uid"
+            )
     shells = opts.shells or ((os.environ["SHELL"],) if os.environ.get("SHELL") else ())
     try:
         base = runtime_dir()
@@ -464,8 +476,9 @@ def _debug(opts: Options, msg: str) -> None:
         print(f"ssh-to-job: {msg}", file=sys.stderr)
 
 
-def _session(opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib.Path,
-             signals: _Signals) -> int:  # fmt: skip
+def _session(
+    opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib.Path, signals: _Signals
+) -> int:
     try:
         private, public = generate_key(opts.keygen)
     except UsageError as exc:
@@ -484,11 +497,18 @@ def _session(opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib
         if isinstance(reply, wire.Error) and reply.code == "idle" and opts.auto_retry:
             waited = time.monotonic() - since
             if sys.stderr.isatty():
-                print(f"\rssh-to-job: job {jid.one} is idle; waited {int(waited)} s ...",
-                      end="", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"\rssh-to-job: job {jid.one} is idle; waited {int(waited)} s ...",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
             else:
-                print(f"ssh-to-job: job {jid.one} is idle; waited {int(waited)} s",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"ssh-to-job: job {jid.one} is idle; waited {int(waited)} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             status_shown = True
             time.sleep(1.0)
             continue
@@ -503,8 +523,10 @@ def _session(opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib
         break
     session = socket.socket(fileno=fd)
     try:
-        _debug(opts, f"session {reply.session_id[:8]} granted by the broker; starter "
-                     f"{reply.starter_id}")  # fmt: skip
+        _debug(
+            opts,
+            f"session {reply.session_id[:8]} granted by the broker; starter {reply.starter_id}",
+        )
         try:
             ready = open_session(session, reply, shells)
         except (SessionError, OSError, ConnectionError, wire.ProtocolError) as exc:
@@ -513,8 +535,10 @@ def _session(opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib
         alias = f"ssh-to-job-{reply.job}-{reply.session_id[:8]}"
         _write(d / "known_hosts", f"{alias} {ready.host_key}\n".encode())
         proxy_name = f"ssh-to-job-{os.getuid()}-{os.urandom(16).hex()}"
-        _write(d / "config", ssh_config(d, ready.login, alias, proxy_name, opts.x11,
-                                        opts.debug).encode())  # fmt: skip
+        _write(
+            d / "config",
+            ssh_config(d, ready.login, alias, proxy_name, opts.x11, opts.debug).encode(),
+        )
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind("\0" + proxy_name)
         listener.listen(1)
@@ -545,8 +569,9 @@ def _session(opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib
 def _remove_job(opts: Options, jid: wire.JobId) -> None:
     try:
         with BrokerClient(find_socket(opts.name), timeout=10) as bc:
-            reply = bc.request(wire.Act(action="rm", ids=(jid.one,),
-                                        reason="ssh-to-job -remove-on-interrupt"))  # fmt: skip
+            reply = bc.request(
+                wire.Act(action="rm", ids=(jid.one,), reason="ssh-to-job -remove-on-interrupt")
+            )
         if isinstance(reply, wire.ActReply):
             for r in reply.results:
                 print(f"ssh-to-job: {r.message}", file=sys.stderr)

@@ -47,8 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--count", type=int, default=None)
     p.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--initialdir", "-d")
-    p.add_argument("--hold-on-failure", action="store_true",
-                   help="hold the job (for debugging with ssh-to-job) if it exits non-zero")
+    p.add_argument(
+        "--hold-on-failure",
+        action="store_true",
+        help="hold the job (for debugging with ssh-to-job) if it exits non-zero",
+    )
     p.add_argument("-f", "--file", help="a TOML submit file")
     p.add_argument("executable", nargs="?")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -123,8 +126,12 @@ def cmd_pool(a: argparse.Namespace) -> int:
         return die("the broker did not start")
     st_args = ["--slots", str(a.slots)] if a.slots is not None else []
     starter = subprocess.Popen([*_daemon_argv("starter"), *flags, *st_args])
-    print(f"stj: personal pool running in {state} (broker pid {broker.pid}, starter pid "
-          f"{starter.pid}); Ctrl-C stops it", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"stj: personal pool running in {state} (broker pid {broker.pid}, starter pid "
+        f"{starter.pid}); Ctrl-C stops it",
+        file=sys.stderr,
+        flush=True,
+    )
 
     def stop(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -137,8 +144,12 @@ def cmd_pool(a: argparse.Namespace) -> int:
         said = False
         while starter.poll() is None:
             if broker.poll() is not None and not said:
-                print(f"stj: the broker exited ({broker.returncode}); the starter keeps the jobs "
-                      "running and redials", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"stj: the broker exited ({broker.returncode}); the starter keeps the jobs "
+                    "running and redials",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 said = True
             time.sleep(0.2)
     except KeyboardInterrupt:
@@ -199,8 +210,9 @@ def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
     hof = raw.get("hold_on_failure", False)
     if not isinstance(hof, bool):
         raise ValueError(f"{path}: 'hold_on_failure' must be true or false")
-    return wire.JobSpec(executable=exe, args=tuple(args), env=env, initialdir=idir,
-                        hold_on_failure=hof), count  # fmt: skip
+    return wire.JobSpec(
+        executable=exe, args=tuple(args), env=env, initialdir=idir, hold_on_failure=hof
+    ), count
 
 
 def _resolve_exe(exe: str, idir: str) -> str:
@@ -228,9 +240,13 @@ def cmd_submit(a: argparse.Namespace) -> int:
             env[k] = v
         given = a.initialdir or spec.initialdir if (a.initialdir or a.file) else os.getcwd()
         idir = str(pathlib.Path(given).absolute())
-        spec = attrs.evolve(spec, env=env, initialdir=idir,
-                            executable=_resolve_exe(spec.executable, idir),
-                            hold_on_failure=spec.hold_on_failure or a.hold_on_failure)  # fmt: skip
+        spec = attrs.evolve(
+            spec,
+            env=env,
+            initialdir=idir,
+            executable=_resolve_exe(spec.executable, idir),
+            hold_on_failure=spec.hold_on_failure or a.hold_on_failure,
+        )
         count = a.count if a.count is not None else count
     except ValueError as exc:
         return die(str(exc), 2)
@@ -242,9 +258,11 @@ def cmd_submit(a: argparse.Namespace) -> int:
     if isinstance(reply, wire.Error):
         return die(reply.message)
     assert isinstance(reply, wire.SubmitReply)
-    print(f"submitted {reply.count} job(s) to cluster {reply.cluster}: "
-          + " ".join(f"{reply.cluster}.{p}" for p in range(min(reply.count, 20)))
-          + (" ..." if reply.count > 20 else ""))  # fmt: skip
+    print(
+        f"submitted {reply.count} job(s) to cluster {reply.cluster}: "
+        + " ".join(f"{reply.cluster}.{p}" for p in range(min(reply.count, 20)))
+        + (" ..." if reply.count > 20 else "")
+    )
     return 0
 
 
@@ -292,8 +310,9 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
         with _client(a) as bc:
             jobs: list[wire.JobInfo] = []
             for ident in a.ids or [""]:
-                got = bc.jobs(wire.Query(ids=(ident,) if ident else (), history=history,
-                                         owner=a.owner or ""))  # fmt: skip
+                got = bc.jobs(
+                    wire.Query(ids=(ident,) if ident else (), history=history, owner=a.owner or "")
+                )
                 if isinstance(got, wire.Error):
                     return die(got.message)
                 jobs.extend(got)
@@ -306,28 +325,42 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
         return 0
     out = sys.stdout
     if history:
-        out.write(f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
-                  f"{'EXIT':<9} CMD\n")  # fmt: skip
+        out.write(
+            f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
+            f"{'EXIT':<9} CMD\n"
+        )
     else:
-        out.write(f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
-                  f"{'SSH':<4} CMD\n")  # fmt: skip
+        out.write(
+            f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
+            f"{'SSH':<4} CMD\n"
+        )
     for j in jobs:
         cmd = " ".join((os.path.basename(j.executable), *j.args))[:60]
         if history:
-            ex = (f"sig {j.exit_signal}" if j.exit_signal is not None
-                  else str(j.exit_code) if j.exit_code is not None else "-")  # fmt: skip
+            ex = (
+                f"sig {j.exit_signal}"
+                if j.exit_signal is not None
+                else str(j.exit_code)
+                if j.exit_code is not None
+                else "-"
+            )
             extra = f"{ex:<9}"
         else:
             extra = f"{j.sessions:<4}"
         state = j.state + (f" ({j.hold_reason})" if j.state == "held" and j.hold_reason else "")
-        out.write(f"{j.id:<10} {j.owner:<10} {state:<10} {_fmt_time(j.submitted):<15} "
-                  f"{_fmt_dur(j):<11} {extra} {cmd}\n")  # fmt: skip
+        out.write(
+            f"{j.id:<10} {j.owner:<10} {state:<10} {_fmt_time(j.submitted):<15} "
+            f"{_fmt_dur(j):<11} {extra} {cmd}\n"
+        )
     if not history:
         counts: dict[str, int] = {}
         for j in jobs:
             counts[j.state] = counts.get(j.state, 0) + 1
-        out.write(f"\n{len(jobs)} jobs; " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                  + "\n")  # fmt: skip
+        out.write(
+            f"\n{len(jobs)} jobs; "
+            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            + "\n"
+        )
     return 0
 
 
@@ -363,13 +396,17 @@ def cmd_status(a: argparse.Namespace) -> int:
         json.dump(attrs.asdict(reply), sys.stdout, indent=1, default=list)
         print()
         return 0
-    print(f"broker pid {reply.broker_pid}: {reply.jobs_idle} idle, {reply.jobs_running} running, "
-          f"{reply.jobs_held} held")  # fmt: skip
+    print(
+        f"broker pid {reply.broker_pid}: {reply.jobs_idle} idle, {reply.jobs_running} running, "
+        f"{reply.jobs_held} held"
+    )
     if not reply.starters:
         print("no starters connected")
     for s in reply.starters:
-        print(f"starter {s.starter_id} ({s.address}): {s.busy}/{s.slots} slots busy"
-              + (f": {' '.join(s.jobs)}" if s.jobs else ""))  # fmt: skip
+        print(
+            f"starter {s.starter_id} ({s.address}): {s.busy}/{s.slots} slots busy"
+            + (f": {' '.join(s.jobs)}" if s.jobs else "")
+        )
     return 0
 
 

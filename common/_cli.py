@@ -10,10 +10,13 @@ from ._config import PoolConfig, load_config, state_dir_for
 
 def add_pool_flags(p: argparse.ArgumentParser) -> None:
     """``--state-dir`` and ``--config``: where a pool lives and how it is configured."""
-    p.add_argument("--state-dir", help="pool state directory (default: $STJ_STATE_DIR, the "
-                   "config's, or your personal one)")  # fmt: skip
-    p.add_argument("--config", help="config file (default: $STJ_CONFIG or "
-                   "/etc/ssh-to-job/config.toml)")  # fmt: skip
+    p.add_argument(
+        "--state-dir",
+        help="pool state directory (default: $STJ_STATE_DIR, the config's, or your personal one)",
+    )
+    p.add_argument(
+        "--config", help="config file (default: $STJ_CONFIG or /etc/ssh-to-job/config.toml)"
+    )
 
 
 def config_and_state(args: argparse.Namespace) -> tuple[PoolConfig, pathlib.Path]:

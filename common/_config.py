@@ -28,8 +28,9 @@ def _between(low: float, high: float) -> Any:
 
     def check(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
         if isinstance(value, bool) or not low <= value <= high:
-            raise ValueError(f"{attribute.name} must be between {low:g} and {high:g}, "
-                             f"not {value!r}")  # fmt: skip
+            raise ValueError(
+                f"{attribute.name} must be between {low:g} and {high:g}, not {value!r}"
+            )
 
     return check
 

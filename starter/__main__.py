@@ -14,9 +14,10 @@ from ssh_to_job import common
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="stj starter",
-                                 description="run an ssh-to-job starter (it dials out to the "
-                                 "broker and opens no port)")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="stj starter",
+        description="run an ssh-to-job starter (it dials out to the broker and opens no port)",
+    )
     common.add_pool_flags(ap)
     ap.add_argument("--broker", help="broker host:port")
     ap.add_argument("--broker-key", help="broker public key (hex) or a file holding it")

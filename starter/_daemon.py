@@ -91,10 +91,17 @@ class Job:
         return self.pid != 0 and alive and not self.killed and not self.suspended
 
     def report(self) -> wire.JobReport:
-        return wire.JobReport(id=self.id, running=True, pid=self.pid, scratch=self.scratch,
-                              started=self.started, debug_hold=self.debug_hold,
-                              reason=self.hold_reason, exit_code=self.exit_code,
-                              exit_signal=self.exit_signal)  # fmt: skip
+        return wire.JobReport(
+            id=self.id,
+            running=True,
+            pid=self.pid,
+            scratch=self.scratch,
+            started=self.started,
+            debug_hold=self.debug_hold,
+            reason=self.hold_reason,
+            exit_code=self.exit_code,
+            exit_signal=self.exit_signal,
+        )
 
     def kill(self, reason: str) -> None:
         self.killed = reason
@@ -108,8 +115,9 @@ class Job:
 
 
 class Starter:
-    def __init__(self, state_dir: pathlib.Path, config: common.PoolConfig,
-                 debug: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, state_dir: pathlib.Path, config: common.PoolConfig, debug: bool = False
+    ) -> None:
         self.state_dir = state_dir
         self.config = config
         self.debug = debug
@@ -139,14 +147,17 @@ class Starter:
             d.chmod(mode)
         common.private_dir(self.spool_dir)
         if " " in str(self.sessions_dir) or '"' in str(self.sessions_dir):
-            raise SystemExit(f"starter: execute_dir {self.execute_dir} must not contain spaces "
-                             "or quotes (sshd config paths)")  # fmt: skip
+            raise SystemExit(
+                f"starter: execute_dir {self.execute_dir} must not contain spaces "
+                "or quotes (sshd config paths)"
+            )
         if os.getuid() == 0:
             why = _traversable(self.sessions_dir)
             if why:
                 raise SystemExit(
                     f"starter: job users cannot reach {self.sessions_dir}: {why}; "
-                    "set [starter] execute_dir to a path they can traverse")  # fmt: skip
+                    "set [starter] execute_dir to a path they can traverse"
+                )
             pathlib.Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         if not os.access(cfg.sshd, os.X_OK):
             raise SystemExit(f"starter: {cfg.sshd} not found; install openssh-server")
@@ -179,8 +190,10 @@ class Starter:
             try:
                 text = (self.state_dir / "broker.addr").read_text().strip()
             except OSError:
-                raise SystemExit("starter: no broker address: set [starter] broker or run "
-                                 "next to a broker's state directory") from None  # fmt: skip
+                raise SystemExit(
+                    "starter: no broker address: set [starter] broker or run "
+                    "next to a broker's state directory"
+                ) from None
         host, _, port = text.rpartition(":")
         return host, int(port)
 
@@ -215,8 +228,9 @@ class Starter:
                     await self._connect_once()
                     delay = 0.1
                 except* (OSError, PeerGone, trio.TooSlowError, wire.ProtocolError) as group:
-                    log.info("broker connection: %s; retrying in %.1f s", group.exceptions[0],
-                             delay)  # fmt: skip
+                    log.info(
+                        "broker connection: %s; retrying in %.1f s", group.exceptions[0], delay
+                    )
                 except* _Refused as group:
                     log.error("broker refused this starter: %s", group.exceptions[0])
                 except* Exception:
@@ -253,8 +267,10 @@ class Starter:
                 log.info("cannot read broker.addr (%s); trying the last address", exc)
         with trio.fail_after(10):
             await sock.connect(self.broker_addr)
-        stream = FramedStream(trio.SocketStream(sock), wire.Connection(
-            wire.Channel.STARTER, wire.Role.STARTER, wire.Role.BROKER))  # fmt: skip
+        stream = FramedStream(
+            trio.SocketStream(sock),
+            wire.Connection(wire.Channel.STARTER, wire.Role.STARTER, wire.Role.BROKER),
+        )
         try:
             await self._handshake(stream)
             send, recv = trio.open_memory_channel[wire.Message](math.inf)
@@ -274,29 +290,20 @@ class Starter:
             await stream.aclose()
 
     async def _handshake(self, stream: FramedStream) -> None:
-        eph = wire.Ephemeral()  # the nonce doubles as our half of the channel key exchange
-        nonce = eph.public
-        await stream.send(wire.StarterHello(
-            starter_id=self.name, starter_key=self.public_key, nonce=nonce,
-            slots=self.config.starter.slots))  # fmt: skip
-        reply = await stream.receive(within=10)
-        if isinstance(reply, wire.Error):
-            raise _Refused(reply.message)
-        assert isinstance(reply, wire.BrokerHello)
-        statement = wire.broker_auth_statement(self.name, nonce, reply.nonce)
-        if not wire.verify(self.broker_key, statement, reply.signature):
-            raise _Refused("the broker's signature does not verify: wrong broker key?")
-        sig = wire.sign(self.identity, wire.starter_auth_statement(self.name, nonce, reply.nonce))
-        await stream.send(wire.StarterAuth(signature=sig))
-        welcome = await stream.receive(within=10)
-        if isinstance(welcome, wire.Error):
-            raise _Refused(welcome.message)
-        transcript = wire.starter_auth_statement(self.name, nonce, reply.nonce)
-        up, down = wire.channel_keys(eph.shared(reply.nonce), nonce, reply.nonce, transcript)
-        stream.conn.start_encryption(send_key=up, receive_key=down)
+        hs = wire.StarterHandshake(
+            self.name, self.identity, self.broker_key, self.config.starter.slots
+        )
+        try:
+            await stream.send(hs.hello())
+            await stream.send(hs.on_broker_hello(await stream.receive(within=10)))
+            keys = hs.on_welcome(await stream.receive(within=10))
+        except wire.HandshakeError as exc:
+            raise _Refused(exc.message) from None
+        stream.conn.start_encryption(send_key=keys.send, receive_key=keys.receive)
 
-    async def _writer(self, stream: FramedStream,
-                      recv: trio.MemoryReceiveChannel[wire.Message]) -> None:  # fmt: skip
+    async def _writer(
+        self, stream: FramedStream, recv: trio.MemoryReceiveChannel[wire.Message]
+    ) -> None:
         async for msg in recv:
             await stream.send(msg)
 
@@ -319,16 +326,23 @@ class Starter:
         elif isinstance(msg, wire.OpenSession):
             target = self.jobs.get(msg.job)
             if target is None or not target.accepts_sessions():
-                self.post(wire.SessionFailed(session_id=msg.session_id,
-                                             message=f"job {msg.job} is not running on this "
-                                             "starter"))  # fmt: skip
+                self.post(
+                    wire.SessionFailed(
+                        session_id=msg.session_id,
+                        message=f"job {msg.job} is not running on this starter",
+                    )
+                )
                 return
-            self.jobs_nursery.start_soon(self._guard, run_session, self, target, msg.session_id,
-                                         msg.nonce)  # fmt: skip
+            self.jobs_nursery.start_soon(
+                self._guard, run_session, self, target, msg.session_id, msg.nonce
+            )
         elif isinstance(msg, wire.FetchOutput):
             target = self.jobs.get(msg.id)
-            path = None if target is None else (target.stdout_path if msg.stream == "stdout"
-                                                else target.stderr_path)  # fmt: skip
+            path = (
+                None
+                if target is None
+                else (target.stdout_path if msg.stream == "stdout" else target.stderr_path)
+            )
             data = _tail(path, msg.max_bytes) if path is not None else b""
             self.post(wire.OutputData(request=msg.request, data=data, found=target is not None))
         elif isinstance(msg, wire.Ack):
@@ -362,12 +376,14 @@ class Starter:
             pass
         env.setdefault("HOME", job.scratch)
         env.update(run.spec.env)
-        env.update({
-            "SSH_TO_JOB_ID": run.id,
-            "SSH_TO_JOB_SCRATCH_DIR": job.scratch,
-            "SSH_TO_JOB_IWD": run.spec.initialdir,
-            "SSH_TO_JOB_STARTER": self.name,
-        })  # fmt: skip
+        env.update(
+            {
+                "SSH_TO_JOB_ID": run.id,
+                "SSH_TO_JOB_SCRATCH_DIR": job.scratch,
+                "SSH_TO_JOB_IWD": run.spec.initialdir,
+                "SSH_TO_JOB_STARTER": self.name,
+            }
+        )
         return env
 
     async def _guard(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
@@ -400,10 +416,14 @@ class Starter:
             err = os.open(job.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 proc = await trio.lowlevel.open_process(
-                    [run.spec.executable, *run.spec.args], stdin=subprocess.DEVNULL,
-                    stdout=out, stderr=err, env=job.env, cwd=str(scratch),
+                    [run.spec.executable, *run.spec.args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    env=job.env,
+                    cwd=str(scratch),
                     preexec_fn=_procs.make_preexec(run.uid, run.gid, job.groups, cg),
-                )  # fmt: skip
+                )
             finally:
                 os.close(out)
                 os.close(err)
@@ -451,11 +471,16 @@ class Starter:
         The broker shows it as held and lets its owner ssh in; it ends with ``stj rm``,
         ``stj release`` (the job then runs again) or after ``debug_hold_time``.
         """
-        what = (f"exit status {job.exit_code}" if job.exit_code is not None
-                else f"signal {job.exit_signal}")  # fmt: skip
+        what = (
+            f"exit status {job.exit_code}"
+            if job.exit_code is not None
+            else f"signal {job.exit_signal}"
+        )
         job.debug_hold = True
-        job.hold_reason = (f"debug hold: the job failed with {what}; ssh-to-job {job.id} to "
-                           "look, then stj rm or stj release")  # fmt: skip
+        job.hold_reason = (
+            f"debug hold: the job failed with {what}; ssh-to-job {job.id} to "
+            "look, then stj rm or stj release"
+        )
         log.info("job %s: %s", job.id, job.hold_reason)
         self.post(wire.JobUpdate(report=job.report(), sessions=len(job.sessions)))
         with trio.move_on_after(self.config.starter.debug_hold_time):
@@ -466,10 +491,18 @@ class Starter:
 
     def _finish(self, job: Job, code: int | None, sig: int | None, reason: str) -> None:
         report = wire.JobReport(
-            id=job.id, running=False, pid=job.pid, scratch=job.scratch, exit_code=code,
-            exit_signal=sig, stdout_tail=_tail(job.stdout_path), stderr_tail=_tail(job.stderr_path),
-            reason=reason, started=job.started, finished=time.time(),
-        )  # fmt: skip
+            id=job.id,
+            running=False,
+            pid=job.pid,
+            scratch=job.scratch,
+            exit_code=code,
+            exit_signal=sig,
+            stdout_tail=_tail(job.stdout_path),
+            stderr_tail=_tail(job.stderr_path),
+            reason=reason,
+            started=job.started,
+            finished=time.time(),
+        )
         self.jobs.pop(job.id, None)
         self.unacked[job.id] = report
         log.info("job %s finished: code=%s signal=%s %s", job.id, code, sig, reason)

@@ -179,8 +179,9 @@ def _descendants(roots: Iterable[int]) -> set[int]:
     return out
 
 
-def make_preexec(uid: int, gid: int, groups: list[int], cgroup: pathlib.Path | None,
-                 setsid: bool = True) -> Callable[[], None]:  # fmt: skip
+def make_preexec(
+    uid: int, gid: int, groups: list[int], cgroup: pathlib.Path | None, setsid: bool = True
+) -> Callable[[], None]:
     """The child's last steps as root: join the cgroup, new session, then drop privileges.
 
     Runs between fork and exec (subprocess's preexec_fn), so it only makes system calls.

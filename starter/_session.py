@@ -93,8 +93,9 @@ def _setenv_line(env: dict[str, str]) -> str:
     return "SetEnv " + " ".join(words) + "\n" if words else ""
 
 
-def sshd_config(d: pathlib.Path, login: str, env: dict[str, str], forwarding: bool,
-                debug: bool) -> str:  # fmt: skip
+def sshd_config(
+    d: pathlib.Path, login: str, env: dict[str, str], forwarding: bool, debug: bool
+) -> str:
     fwd = "yes" if forwarding else "no"
     return f"""\
 # ssh-to-job session config: one connection on stdin/stdout (sshd -i), never a listener.
@@ -147,8 +148,13 @@ async def run_session(starter: Starter, job: Job, session_id: str, nonce: bytes)
             attach = wire.Connection(wire.Channel.ATTACH, wire.Role.STARTER, wire.Role.BROKER)
             statement = wire.attach_statement(session_id, starter.name, nonce)
             sig = wire.sign(starter.identity, statement)
-            await sock.send(attach.send(wire.SessionAttach(
-                session_id=session_id, starter_id=starter.name, signature=sig)))  # fmt: skip
+            await sock.send(
+                attach.send(
+                    wire.SessionAttach(
+                        session_id=session_id, starter_id=starter.name, signature=sig
+                    )
+                )
+            )
         frame = await receive_one_frame_exact(sock, wire.DEFAULT_MAX_FRAME, cfg.session_timeout)
     except (OSError, PeerGone, trio.TooSlowError, wire.ProtocolError) as exc:
         log.info("session %s: no capability arrived: %s", session_id[:8], exc)
@@ -188,9 +194,15 @@ def _check_capability(starter: Starter, job: Job, session_id: str, blob: bytes) 
     return cap
 
 
-async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capability,
-                 msg: wire.SessionOpen, sock: trio.socket.SocketType,
-                 conn: wire.Connection) -> None:  # fmt: skip
+async def _serve(
+    starter: Starter,
+    job: Job,
+    session_id: str,
+    cap: wire.Capability,
+    msg: wire.SessionOpen,
+    sock: trio.socket.SocketType,
+    conn: wire.Connection,
+) -> None:
     cfg = starter.config.starter
     uid, gid = job.run.uid, job.run.gid
     login, pw = login_name(uid)
@@ -208,43 +220,62 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
         common.write_private(d / "authorized_keys", (cap.client_key + "\n").encode(), uid, gid)
         pids = job.group.own_pids(job.pid)
         env = dict(job.env)
-        env.update({
-            "SSH_TO_JOB_PIDS": " ".join(map(str, pids)),
-            "SSH_TO_JOB_SESSION": session_id[:16],
-        })  # fmt: skip
-        banner = (f"ssh-to-job: welcome to job {job.id} on {starter.name}; "
-                  f"its processes: {' '.join(map(str, pids)) or 'none'}")  # fmt: skip
-        common.write_private(d / "sshd_config", sshd_config(
-            d, login, env, cfg.allow_forwarding, starter.debug).encode(), uid, gid)  # fmt: skip
+        env.update(
+            {
+                "SSH_TO_JOB_PIDS": " ".join(map(str, pids)),
+                "SSH_TO_JOB_SESSION": session_id[:16],
+            }
+        )
+        banner = (
+            f"ssh-to-job: welcome to job {job.id} on {starter.name}; "
+            f"its processes: {' '.join(map(str, pids)) or 'none'}"
+        )
+        common.write_private(
+            d / "sshd_config",
+            sshd_config(d, login, env, cfg.allow_forwarding, starter.debug).encode(),
+            uid,
+            gid,
+        )
         cgroup = job.group.session_cgroup(session_id)
         # sshd starts every session in the passwd home: the shim makes that the job's
         # working directory (the job's own HOME still reaches the session through SetEnv).
         home = job.scratch
         statement = wire.host_key_statement(session_id, login, public)
-        ready = wire.SessionReady(host_key=public, login=login,
-                                  signature=wire.sign(starter.identity, statement),
-                                  banner=banner)  # fmt: skip
+        ready = wire.SessionReady(
+            host_key=public,
+            login=login,
+            signature=wire.sign(starter.identity, statement),
+            banner=banner,
+        )
         # sshd gets its own duplicate of the socket as stdin/stdout; ours is closed below.
         argv = [cfg.sshd, "-i", "-e", "-f", str(d / "sshd_config")]
         sshd_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
         log_path = d / "sshd.log"
         # d belongs to the job's uid by now, and its owner knows the session id: a symlink
         # planted here must not make us (root) truncate and chown the file it points to.
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)  # fmt: skip
+        log_fd = os.open(
+            log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         os.fchown(log_fd, uid, gid)
         preexec = _procs.make_preexec(uid, gid, job.groups, cgroup)
         if cfg.use_shim:
             parent, child = socket.socketpair()
-            shim_cfg = preload.ShimConfig(uid=uid, gid=gid, name=login, home=home, shell=shell,
-                                          hide_tty_group=True)  # fmt: skip
+            shim_cfg = preload.ShimConfig(
+                uid=uid, gid=gid, name=login, home=home, shell=shell, hide_tty_group=True
+            )
             sshd_env["LD_PRELOAD"] = str(starter.shim)
             sshd_env[preload.ENV_FD] = str(child.fileno())
             try:
                 proc = await trio.lowlevel.open_process(
-                    argv, stdin=ours.fileno(), stdout=ours.fileno(), stderr=log_fd,
-                    env=sshd_env, cwd="/", preexec_fn=preexec, pass_fds=(child.fileno(),),
-                )  # fmt: skip
+                    argv,
+                    stdin=ours.fileno(),
+                    stdout=ours.fileno(),
+                    stderr=log_fd,
+                    env=sshd_env,
+                    cwd="/",
+                    preexec_fn=preexec,
+                    pass_fds=(child.fileno(),),
+                )
             finally:
                 child.close()
                 os.close(log_fd)
@@ -261,9 +292,14 @@ async def _serve(starter: Starter, job: Job, session_id: str, cap: wire.Capabili
             ours.sendall(conn.send(ready))
             try:
                 proc = await trio.lowlevel.open_process(
-                    argv, stdin=ours.fileno(), stdout=ours.fileno(), stderr=log_fd,
-                    env=sshd_env, cwd="/", preexec_fn=preexec,
-                )  # fmt: skip
+                    argv,
+                    stdin=ours.fileno(),
+                    stdout=ours.fileno(),
+                    stderr=log_fd,
+                    env=sshd_env,
+                    cwd="/",
+                    preexec_fn=preexec,
+                )
             finally:
                 os.close(log_fd)
             job.group.adopt(proc.pid)

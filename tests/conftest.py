@@ -73,10 +73,12 @@ def users() -> dict[str, User]:
         pass
     # The users stay afterwards: several test runs may share them, and they own nothing.
     return {
-        "a": made["stjta"], "b": made["stjtb"], "su": made["stjtsu"],
+        "a": made["stjta"],
+        "b": made["stjtb"],
+        "su": made["stjtsu"],
         "root": User("root", 0, 0, "/root"),
         "bare": User(None, BARE_UID, BARE_UID, "/tmp"),
-    }  # fmt: skip
+    }
 
 
 class Pool:
@@ -108,11 +110,22 @@ class Pool:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [STJ, "pool", "--state-dir", str(self.state), "--config", str(self.config_path),
-                 "--slots", str(self.slots)],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env(ROOT),
+                [
+                    STJ,
+                    "pool",
+                    "--state-dir",
+                    str(self.state),
+                    "--config",
+                    str(self.config_path),
+                    "--slots",
+                    str(self.slots),
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=self.env(ROOT),
                 start_new_session=True,
-            )  # fmt: skip
+            )
         self.wait_for_starter()
 
     def wait_for_starter(self, timeout: float = 20) -> None:
@@ -126,8 +139,12 @@ class Pool:
 
     def pids(self, role: str) -> list[int]:
         """pids of this pool's 'broker' or 'starter' process."""
-        out = subprocess.run(["pgrep", "-f", f"ssh_to_job.{role} --state-dir {self.state} "],
-                             capture_output=True, text=True, check=False).stdout  # fmt: skip
+        out = subprocess.run(
+            ["pgrep", "-f", f"ssh_to_job.{role} --state-dir {self.state} "],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
         return [int(p) for p in out.split()]
 
     def stop(self) -> None:
@@ -151,25 +168,48 @@ class Pool:
         except OSError:
             return ""
 
-    def run(self, user: User, argv: Sequence[str], *, input: bytes | str | None = None,
-            timeout: float = 60, check: bool = False, cwd: str | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def run(
+        self,
+        user: User,
+        argv: Sequence[str],
+        *,
+        input: bytes | str | None = None,
+        timeout: float = 60,
+        check: bool = False,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` as ``user`` with this pool's environment; text output."""
         return subprocess.run(
-            [*user.prefix(), *argv], input=input, capture_output=True, text=True,
-            timeout=timeout, check=check, cwd=cwd or "/tmp", env=self.env(user, env),
-        )  # fmt: skip
+            [*user.prefix(), *argv],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            cwd=cwd or "/tmp",
+            env=self.env(user, env),
+        )
 
-    def stj(self, user: User, *args: str, check: bool = True,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def stj(
+        self, user: User, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         r = self.run(user, [STJ, *args], timeout=timeout)
         if check and r.returncode != 0:
-            raise AssertionError(f"stj {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n"
-                                 f"{r.stderr}\n--- pool log ---\n{self.log_text()}")  # fmt: skip
+            raise AssertionError(
+                f"stj {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n"
+                f"{r.stderr}\n--- pool log ---\n{self.log_text()}"
+            )
         return r
 
-    def ssh(self, user: User, *args: str, timeout: float = 60, input: str | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def ssh(
+        self,
+        user: User,
+        *args: str,
+        timeout: float = 60,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         return self.run(user, [SSH_TO_JOB, *args], timeout=timeout, input=input, env=env)
 
     def submit(self, user: User, *argv: str, count: int = 1) -> list[str]:
@@ -199,8 +239,9 @@ class Pool:
             if job.get("state") == state and (state != "running" or job.get("pids")):
                 return job
             time.sleep(0.1)
-        raise AssertionError(f"job {job_id} did not become {state} (last: {job})\n"
-                             f"{self.log_text()}")  # fmt: skip
+        raise AssertionError(
+            f"job {job_id} did not become {state} (last: {job})\n{self.log_text()}"
+        )
 
 
 ROOT = User("root", 0, 0, "/root")

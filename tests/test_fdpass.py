@@ -46,8 +46,12 @@ def test_helper_passes_the_socket_on(kind: str) -> None:
 @pytest.mark.parametrize("kind", sorted(HELPERS))
 def test_helper_fails_clearly_without_a_listener(kind: str) -> None:
     """With nothing to connect to, the helper says so and exits non-zero."""
-    r = subprocess.run([*HELPERS[kind], f"stj-none-{secrets.token_hex(8)}"],
-                       capture_output=True, text=True, timeout=10)  # fmt: skip
+    r = subprocess.run(
+        [*HELPERS[kind], f"stj-none-{secrets.token_hex(8)}"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert r.returncode == 1
     assert "ssh-to-job proxy" in r.stderr
 

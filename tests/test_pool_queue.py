@@ -45,8 +45,11 @@ def stopped(pid: int) -> bool:
     if proc_state(pid) == "T":
         return True
     try:
-        line = next(x for x in pathlib.Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-                    if x.startswith("0::"))  # fmt: skip
+        line = next(
+            x
+            for x in pathlib.Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+            if x.startswith("0::")
+        )
     except (OSError, StopIteration):
         return False
     mounts = pathlib.Path("/proc/self/mounts").read_text().splitlines()
@@ -88,8 +91,9 @@ def grouped(users: dict[str, User]) -> User:
         pwd.getpwnam(GROUPED_USER)
         subprocess.run(["usermod", "-aG", EXTRA_GROUP, GROUPED_USER], check=True)
     except KeyError:
-        subprocess.run(["useradd", "-m", "-s", "/bin/bash", "-G", EXTRA_GROUP, GROUPED_USER],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            ["useradd", "-m", "-s", "/bin/bash", "-G", EXTRA_GROUP, GROUPED_USER], check=True
+        )
     pw = pwd.getpwnam(GROUPED_USER)
     return User(GROUPED_USER, pw.pw_uid, pw.pw_gid, pw.pw_dir)
 
@@ -107,8 +111,19 @@ def test_submit_runs_procs_as_owner_in_scratch_with_env(pool: Pool, grouped: Use
     """`stj submit -n 3 -e --initialdir` makes C.0-C.2, run as the owner's uid, gid and groups,
     each in its own scratch directory, with the submitted environment plus SSH_TO_JOB_*."""
     iwd = str(pool.state)
-    argv = ["-n", "3", "-e", "GREETING=hello world", "-e", "EMPTY=", "--initialdir", iwd,
-            "/bin/sh", "-c", IDENTITY]  # fmt: skip
+    argv = [
+        "-n",
+        "3",
+        "-e",
+        "GREETING=hello world",
+        "-e",
+        "EMPTY=",
+        "--initialdir",
+        iwd,
+        "/bin/sh",
+        "-c",
+        IDENTITY,
+    ]
     cluster, ids = submit_cluster(pool, grouped, *argv)
     assert ids == [f"{cluster}.0", f"{cluster}.1", f"{cluster}.2"]
     want_groups = set(os.getgrouplist(GROUPED_USER, grouped.gid))
@@ -383,15 +398,21 @@ def test_bare_uid_without_passwd_entry_runs_a_job(pool: Pool, users: dict[str, U
     assert info["exit_code"] == 0
     assert info["owner"] == f"uid{bare.uid}"
     assert output(pool, bare, job).splitlines() == [
-        str(bare.uid), str(bare.gid), info["scratch"], info["scratch"]]  # fmt: skip
+        str(bare.uid),
+        str(bare.gid),
+        info["scratch"],
+        info["scratch"],
+    ]
 
 
 def test_job_tree_suspends_resumes_and_dies_as_a_whole(pool: Pool, users: dict[str, User]) -> None:
     """suspend stops the job's main process and the grandchild it forked, continue resumes
     both, and rm kills both."""
     a = users["a"]
-    script = ("( while :; do echo g >> g.ticks; sleep 0.05; done ) & echo $!; "
-              "while :; do echo m >> m.ticks; sleep 0.05; done")  # fmt: skip
+    script = (
+        "( while :; do echo g >> g.ticks; sleep 0.05; done ) & echo $!; "
+        "while :; do echo m >> m.ticks; sleep 0.05; done"
+    )
     _, (job,) = submit_cluster(pool, a, "/bin/sh", "-c", script)
     try:
         info = pool.wait_state(job, "running")
@@ -417,8 +438,11 @@ def test_job_tree_suspends_resumes_and_dies_as_a_whole(pool: Pool, users: dict[s
 
         pool.stj(a, "continue", job)
         assert pool.job(job)["state"] == "running"
-        wait_for("both to tick again",
-                 lambda: all(n > f for n, f in zip(sizes(), frozen, strict=True)), 5)  # fmt: skip
+        wait_for(
+            "both to tick again",
+            lambda: all(n > f for n, f in zip(sizes(), frozen, strict=True)),
+            5,
+        )
         assert not stopped(main)
         assert not stopped(child)
 
@@ -444,8 +468,10 @@ def test_one_slot_runs_jobs_one_at_a_time_in_submit_order(
         info = pool.wait_state(job, "running")
         everything = {**pool.jobs(history=True), **pool.jobs()}
         states = {j: everything[j]["state"] for j in order}
-        assert states == {j: "completed" if k < i else "running" if k == i else "idle"
-                          for k, j in enumerate(order)}  # fmt: skip
+        assert states == {
+            j: "completed" if k < i else "running" if k == i else "idle"
+            for k, j in enumerate(order)
+        }
         pathlib.Path(info["scratch"], "go").touch()
         pool.wait_state(job, "completed")
     hist = pool.jobs(history=True)
@@ -467,8 +493,10 @@ def test_no_one_acts_on_another_users_jobs(pool: Pool, users: dict[str, User]) -
                 for target in (job, str(cluster)):
                     r = pool.stj(who, action, target, check=False)
                     assert r.returncode == 1, (who, action, r)
-                    assert (f"job {job} belongs to stjta; only its owner or a queue superuser "
-                            f"may {action} it") in r.stderr, r.stderr  # fmt: skip
+                    assert (
+                        f"job {job} belongs to stjta; only its owner or a queue superuser "
+                        f"may {action} it"
+                    ) in r.stderr, r.stderr
             r = pool.stj(who, "output", job, check=False)
             assert r.returncode == 1
             assert f"job {job} belongs to stjta" in r.stderr

@@ -80,9 +80,12 @@ def test_broker_sigkill_and_restart_loses_nothing(
     log = open(pool.state / "broker2.log", "ab")
     broker = subprocess.Popen(
         [STJ, "broker", "--state-dir", str(pool.state), "--config", str(pool.config_path)],
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=pool.env(ROOT),
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        env=pool.env(ROOT),
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         pool.wait_for_starter(timeout=15)
         # The new broker (almost always) listens on a new port: the starter found it.
@@ -92,8 +95,7 @@ def test_broker_sigkill_and_restart_loses_nothing(
         assert live[long]["pids"] == [long_pid]
         assert alive(long_pid)
         assert (live[held]["state"], live[held]["hold_reason"]) == ("held", "keep me held")
-        done = wait_for("the exit to be recorded",
-                        lambda: pool.jobs(history=True).get(ends), 10)  # fmt: skip
+        done = wait_for("the exit to be recorded", lambda: pool.jobs(history=True).get(ends), 10)
         assert (done["state"], done["exit_code"], done["exit_signal"]) == ("completed", 5, None)
         st = json.loads(pool.stj(a, "status", "--json").stdout)
         assert st["broker_pid"] == broker.pid
@@ -153,19 +155,43 @@ def _frame(body: dict[str, object]) -> bytes:
 
 #: (name, bytes to send, then half-close?, what the broker's error must say)
 BAD_INPUT = [
-    ("garbage", b"GET / HTTP/1.1\r\nHost: broker\r\n\r\n", False,
-     "peer announced a 1195725856-byte frame; the limit is 1048576"),
-    ("not-json", wire.encode_frame(b"\xff\x00this is {not json"), False,
-     "frame is not valid UTF-8 JSON"),
-    ("oversize-header", b"\xff\xff\xff\xff" + b"x" * 64, False,
-     "peer announced a 4294967295-byte frame"),
-    ("disconnect-mid-frame", wire.FRAME_HEADER.pack(100) + b'{"type": "sub', True,
-     "in the middle of a frame"),
-    ("wrong-field-type", _frame({"type": "submit", "spec": {"executable": 5}}), False,
-     "field spec.executable: expected a string"),
-    ("unknown-type", _frame({"type": "launch_missiles"}), False,
-     "unknown message type 'launch_missiles'"),
-]  # fmt: skip
+    (
+        "garbage",
+        b"GET / HTTP/1.1\r\nHost: broker\r\n\r\n",
+        False,
+        "peer announced a 1195725856-byte frame; the limit is 1048576",
+    ),
+    (
+        "not-json",
+        wire.encode_frame(b"\xff\x00this is {not json"),
+        False,
+        "frame is not valid UTF-8 JSON",
+    ),
+    (
+        "oversize-header",
+        b"\xff\xff\xff\xff" + b"x" * 64,
+        False,
+        "peer announced a 4294967295-byte frame",
+    ),
+    (
+        "disconnect-mid-frame",
+        wire.FRAME_HEADER.pack(100) + b'{"type": "sub',
+        True,
+        "in the middle of a frame",
+    ),
+    (
+        "wrong-field-type",
+        _frame({"type": "submit", "spec": {"executable": 5}}),
+        False,
+        "field spec.executable: expected a string",
+    ),
+    (
+        "unknown-type",
+        _frame({"type": "launch_missiles"}),
+        False,
+        "unknown message type 'launch_missiles'",
+    ),
+]
 
 
 @pytest.fixture
@@ -185,8 +211,9 @@ def serving(pool: Pool, users: dict[str, User]) -> Iterator[int]:
     assert pool.stj(a, "output", job).stdout == "still serving\n"
 
 
-@pytest.mark.parametrize(("name", "data", "half_close", "says"), BAD_INPUT,
-                         ids=[b[0] for b in BAD_INPUT])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "data", "half_close", "says"), BAD_INPUT, ids=[b[0] for b in BAD_INPUT]
+)
 def test_bad_input_on_unix_socket_costs_only_that_connection(
     pool: Pool, serving: int, name: str, data: bytes, half_close: bool, says: str
 ) -> None:
@@ -206,8 +233,9 @@ def test_bad_input_on_unix_socket_costs_only_that_connection(
     assert says in err.message, err
 
 
-@pytest.mark.parametrize(("name", "data", "half_close", "says"), BAD_INPUT,
-                         ids=[b[0] for b in BAD_INPUT])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "data", "half_close", "says"), BAD_INPUT, ids=[b[0] for b in BAD_INPUT]
+)
 def test_bad_input_on_tcp_port_costs_only_that_connection(
     pool: Pool, serving: int, name: str, data: bytes, half_close: bool, says: str
 ) -> None:
@@ -234,8 +262,9 @@ def test_starter_with_unknown_key_is_refused(pool: Pool, serving: int) -> None:
     conn = wire.Connection(wire.Channel.STARTER, wire.Role.STARTER, wire.Role.BROKER)
     key = wire.public_key_of(wire.new_signing_key())
     # It even claims the real starter's name: the key, not the name, is what counts.
-    hello = wire.StarterHello(starter_id=before[0]["starter_id"], starter_key=key,
-                              nonce=secrets.token_bytes(32), slots=64)  # fmt: skip
+    hello = wire.StarterHello(
+        starter_id=before[0]["starter_id"], starter_key=key, nonce=secrets.token_bytes(32), slots=64
+    )
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(conn.send(hello))
         replies = _read_until_closed(s)
@@ -246,7 +275,8 @@ def test_starter_with_unknown_key_is_refused(pool: Pool, serving: int) -> None:
     assert "trusted_starters" in err.message
     after = json.loads(pool.stj(ROOT, "status", "--json").stdout)["starters"]
     assert [(s["starter_id"], s["slots"]) for s in after] == [
-        (s["starter_id"], s["slots"]) for s in before]  # fmt: skip
+        (s["starter_id"], s["slots"]) for s in before
+    ]
 
 
 def test_unanswerable_requests_get_errors_on_a_live_connection(pool: Pool, serving: int) -> None:
@@ -299,8 +329,16 @@ def test_unknown_and_malformed_job_ids_get_clear_errors(pool: Pool, users: dict[
     assert r.returncode == 1
     assert "job 4242.0 is not in the queue" in r.stderr
     assert json.loads(pool.stj(a, "q", "--json", "4242").stdout) == []
-    bad_ids = [["rm", "abc"], ["hold", "1.x"], ["release", "-"], ["suspend", "1..2"],
-               ["continue", "١٢"], ["output", "1.2.3.4"], ["q", "abc"], ["history", "x"]]
+    bad_ids = [
+        ["rm", "abc"],
+        ["hold", "1.x"],
+        ["release", "-"],
+        ["suspend", "1..2"],
+        ["continue", "١٢"],
+        ["output", "1.2.3.4"],
+        ["q", "abc"],
+        ["history", "x"],
+    ]
     for argv in bad_ids:
         r = pool.stj(a, *argv, check=False)
         assert r.returncode == 2, (argv, r)
@@ -337,8 +375,12 @@ def test_state_files_are_private_and_no_secret_is_in_argv_or_environ(
         needles = [h.encode() for h in secrets_hex] + [h.upper().encode() for h in secrets_hex]
         needles += [bytes.fromhex(h) for h in secrets_hex]
         assert pool.proc is not None
-        pids = {"pool": pool.proc.pid, "broker": pool.pids("broker")[0],
-                "starter": pool.pids("starter")[0], "job": job_pid}  # fmt: skip
+        pids = {
+            "pool": pool.proc.pid,
+            "broker": pool.pids("broker")[0],
+            "starter": pool.pids("starter")[0],
+            "job": job_pid,
+        }
         for role, pid in pids.items():
             for what in ("cmdline", "environ"):
                 data = pathlib.Path(f"/proc/{pid}/{what}").read_bytes()
@@ -362,8 +404,17 @@ def test_state_files_are_private_and_no_secret_is_in_argv_or_environ(
         ("[broker]\ncapability_lifetime = 61\n", "capability_lifetime must be between 1 and 60"),
         ("[broker]\nport = 70000\n", "port must be between 0 and 65535, not 70000"),
     ],
-    ids=["unknown-broker-key", "unknown-starter-key", "unknown-section", "unknown-pool-key",
-         "wrong-type", "bad-toml", "zero-slots", "long-capability", "bad-port"],
+    ids=[
+        "unknown-broker-key",
+        "unknown-starter-key",
+        "unknown-section",
+        "unknown-pool-key",
+        "wrong-type",
+        "bad-toml",
+        "zero-slots",
+        "long-capability",
+        "bad-port",
+    ],
 )
 def test_config_with_unknown_or_bad_keys_is_refused(
     pool: Pool, users: dict[str, User], text: str, says: str
@@ -374,15 +425,16 @@ def test_config_with_unknown_or_bad_keys_is_refused(
     bad.write_text(text)
     bad.chmod(0o644)
     a = users["a"]
-    for argv in (["q", "--config", str(bad)],
-                 ["q", "--config", str(bad), "--state-dir", str(pool.state)],
-                 ["submit", "--config", str(bad), "/bin/true"]):  # fmt: skip
+    for argv in (
+        ["q", "--config", str(bad)],
+        ["q", "--config", str(bad), "--state-dir", str(pool.state)],
+        ["submit", "--config", str(bad), "/bin/true"],
+    ):
         r = pool.stj(a, *argv, check=False)
         assert (r.returncode, r.stdout) == (2, ""), (argv, r)
         assert re.search(rf"config: .*{re.escape(says)}", r.stderr), (argv, r.stderr)
     fresh = pool.state / f"never-{secrets.token_hex(3)}"
-    r = pool.run(ROOT, [STJ, "broker", "--config", str(bad), "--state-dir", str(fresh)],
-                 timeout=20)  # fmt: skip
+    r = pool.run(ROOT, [STJ, "broker", "--config", str(bad), "--state-dir", str(fresh)], timeout=20)
     assert r.returncode == 2, r
     assert says in r.stderr, r
     assert not fresh.exists()

@@ -71,11 +71,17 @@ def local_dir(user: User) -> Iterator[pathlib.Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def check_commands(pool: Pool, client: User, info: dict[str, Any], owner_uid: int,
-                   env: dict[str, str] | None = None) -> None:  # fmt: skip
+def check_commands(
+    pool: Pool,
+    client: User,
+    info: dict[str, Any],
+    owner_uid: int,
+    env: dict[str, str] | None = None,
+) -> None:
     """A command runs as the job's uid, in its dir, with its env, under a working shell."""
-    r = pool.ssh(client, info["id"], 'echo "$(id -u)|$PWD|$MARK|$HOME|$SSH_TO_JOB_ID|$0"; exit 4',
-                 env=env)  # fmt: skip
+    r = pool.ssh(
+        client, info["id"], 'echo "$(id -u)|$PWD|$MARK|$HOME|$SSH_TO_JOB_ID|$0"; exit 4', env=env
+    )
     assert r.returncode == 4, r.stderr
     uid, cwd, mark, _home, jid, shell = r.stdout.strip().split("|")
     assert (int(uid), cwd, jid) == (owner_uid, info["scratch"], info["id"])
@@ -83,13 +89,24 @@ def check_commands(pool: Pool, client: User, info: dict[str, Any], owner_uid: in
     assert shell in ("bash", "sh", "dash")
 
 
-def check_interactive(pool: Pool, client: User, info: dict[str, Any], owner_uid: int,
-                      env: dict[str, str] | None = None) -> None:  # fmt: skip
+def check_interactive(
+    pool: Pool,
+    client: User,
+    info: dict[str, Any],
+    owner_uid: int,
+    env: dict[str, str] | None = None,
+) -> None:
     """The interactive login: a pty, the job's uid and dir, typed commands, the exit status."""
     argv = [*client.prefix(), SSH_TO_JOB, info["id"]]
-    child = pexpect.spawn(argv[0], argv[1:], cwd="/tmp", encoding="utf-8", timeout=TIMEOUT,
-                          env=pool.env(client, {"TERM": "dumb", **(env or {})}),
-                          dimensions=(40, 250))  # fmt: skip
+    child = pexpect.spawn(
+        argv[0],
+        argv[1:],
+        cwd="/tmp",
+        encoding="utf-8",
+        timeout=TIMEOUT,
+        env=pool.env(client, {"TERM": "dumb", **(env or {})}),
+        dimensions=(40, 250),
+    )
     try:
         child.expect(rf"welcome to job {info['id']} on \S+; its processes: {info['pids'][0]}\b")
         child.sendline('printf "R:%s|%s|%s|%s\\n" "$(tty)" "$(id -u)" "$PWD" "$MARK"')
@@ -103,8 +120,13 @@ def check_interactive(pool: Pool, client: User, info: dict[str, Any], owner_uid:
     assert child.exitstatus == 6
 
 
-def check_copies(pool: Pool, client: User, info: dict[str, Any], owner_uid: int,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+def check_copies(
+    pool: Pool,
+    client: User,
+    info: dict[str, Any],
+    owner_uid: int,
+    env: dict[str, str] | None = None,
+) -> None:
     """scp both ways, sftp and rsync both ways; remote files belong to the job's uid."""
     jid = info["id"]
     with local_dir(client) as local:
@@ -117,19 +139,26 @@ def check_copies(pool: Pool, client: User, info: dict[str, Any], owner_uid: int,
 
         run(SSH_TO_JOB, "-ssh", "scp", jid, "up load.txt", "remote:scp in.txt")
         run(SSH_TO_JOB, "-ssh", "scp", jid, "remote:scp in.txt", "scp back.txt")
-        run(SSH_TO_JOB, "-ssh", "sftp -b -", jid,
-            stdin='put "up load.txt" "sftp in.txt"\nget "sftp in.txt" "sftp back.txt"\n')
+        run(
+            SSH_TO_JOB,
+            "-ssh",
+            "sftp -b -",
+            jid,
+            stdin='put "up load.txt" "sftp in.txt"\nget "sftp in.txt" "sftp back.txt"\n',
+        )
         run("rsync", "-a", "-e", "ssh-to-job", "up load.txt", f"{jid}:rsync dir/")
         run("rsync", "-a", "-e", "ssh-to-job", f"{jid}:rsync dir/", "rsync back/")
         for name in ("scp back.txt", "sftp back.txt", "rsync back/up load.txt"):
             assert (local / name).read_text() == "up\n", name
-        listing = run(SSH_TO_JOB, jid,
-                      "stat -c '%u %n' 'scp in.txt' 'sftp in.txt' 'rsync dir/up load.txt'")
+        listing = run(
+            SSH_TO_JOB, jid, "stat -c '%u %n' 'scp in.txt' 'sftp in.txt' 'rsync dir/up load.txt'"
+        )
         assert [line.split(" ", 1)[0] for line in listing.splitlines()] == [str(owner_uid)] * 3
 
 
-def test_bare_uid_client_is_refused_clearly(pool: Pool, users: dict[str, User],
-                                            bare_job: dict[str, Any]) -> None:  # fmt: skip
+def test_bare_uid_client_is_refused_clearly(
+    pool: Pool, users: dict[str, User], bare_job: dict[str, Any]
+) -> None:
     """A uid with no passwd entry cannot run the OpenSSH client: ssh-to-job says so and exits 1."""
     r = pool.ssh(users["bare"], bare_job["id"], "true")
     assert r.returncode == 1
@@ -137,8 +166,9 @@ def test_bare_uid_client_is_refused_clearly(pool: Pool, users: dict[str, User],
     assert pool.job(bare_job["id"])["sessions"] == 0
 
 
-def test_bare_uid_job_root_commands(pool: Pool, users: dict[str, User],
-                                    bare_job: dict[str, Any]) -> None:  # fmt: skip
+def test_bare_uid_job_root_commands(
+    pool: Pool, users: dict[str, User], bare_job: dict[str, Any]
+) -> None:
     """Root runs commands as a job uid with no passwd entry, a uid that cannot be the client.
 
     The OpenSSH client refuses to run for a uid with no passwd entry ("No user exists for uid"),
@@ -149,14 +179,16 @@ def test_bare_uid_job_root_commands(pool: Pool, users: dict[str, User],
     assert r.stdout == f"u{BARE_UID} {bare_job['scratch']}\n"
 
 
-def test_bare_uid_job_root_interactive(pool: Pool, users: dict[str, User],
-                                       bare_job: dict[str, Any]) -> None:  # fmt: skip
+def test_bare_uid_job_root_interactive(
+    pool: Pool, users: dict[str, User], bare_job: dict[str, Any]
+) -> None:
     """Root gets an interactive pty shell as the passwd-less job uid (itself no OpenSSH client)."""
     check_interactive(pool, users["root"], bare_job, BARE_UID)
 
 
-def test_bare_uid_job_root_copies(pool: Pool, users: dict[str, User],
-                                  bare_job: dict[str, Any]) -> None:  # fmt: skip
+def test_bare_uid_job_root_copies(
+    pool: Pool, users: dict[str, User], bare_job: dict[str, Any]
+) -> None:
     """Root copies files in and out of a passwd-less uid's job with scp, sftp and rsync."""
     check_copies(pool, users["root"], bare_job, BARE_UID)
 

@@ -34,24 +34,45 @@ TRICKY = """a "quoted" \\back\\slash $dollar 'single' #hash  two  spaces=eq\ttab
 @pytest.fixture(scope="module")
 def job(pool: Pool, users: dict[str, User]) -> dict[str, Any]:
     """A running job of user a with a marker variable; shared by the tests that only read it."""
-    (jid,) = pool.submit(users["a"], "-e", "MARK=hello world", "-e", f"TRICKY={TRICKY}",
-                         "-e", "EMPTY=", "/bin/sleep", "3000")  # fmt: skip
+    (jid,) = pool.submit(
+        users["a"],
+        "-e",
+        "MARK=hello world",
+        "-e",
+        f"TRICKY={TRICKY}",
+        "-e",
+        "EMPTY=",
+        "/bin/sleep",
+        "3000",
+    )
     return pool.wait_state(jid, "running")
 
 
 def spawn(pool: Pool, user: User, *args: str, env: dict[str, str] | None = None) -> Any:
     """ssh-to-job in a real pty, as ``user``, with the pool's environment."""
     argv = [*user.prefix(), SSH_TO_JOB, *args]
-    return pexpect.spawn(argv[0], argv[1:], env=pool.env(user, {"TERM": "dumb", **(env or {})}),
-                         cwd="/tmp", encoding="utf-8", timeout=TIMEOUT,
-                         dimensions=(40, 250))  # fmt: skip
+    return pexpect.spawn(
+        argv[0],
+        argv[1:],
+        env=pool.env(user, {"TERM": "dumb", **(env or {})}),
+        cwd="/tmp",
+        encoding="utf-8",
+        timeout=TIMEOUT,
+        dimensions=(40, 250),
+    )
 
 
 def popen(pool: Pool, user: User, *args: str) -> subprocess.Popen[str]:
     """ssh-to-job in the background (pipes for all three streams), killed after TIMEOUT."""
-    proc = subprocess.Popen([*user.prefix(), SSH_TO_JOB, *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=pool.env(user), cwd="/tmp")  # fmt: skip
+    proc = subprocess.Popen(
+        [*user.prefix(), SSH_TO_JOB, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=pool.env(user),
+        cwd="/tmp",
+    )
     # A hard deadline even for readline(): a killed process's pipes reach EOF.
     watchdog = threading.Timer(TIMEOUT, proc.kill)
     watchdog.daemon = True
@@ -59,10 +80,18 @@ def popen(pool: Pool, user: User, *args: str) -> subprocess.Popen[str]:
     return proc
 
 
-def run_bytes(pool: Pool, user: User, *args: str,
-              data: bytes) -> subprocess.CompletedProcess[bytes]:  # fmt: skip
-    return subprocess.run([*user.prefix(), SSH_TO_JOB, *args], input=data, capture_output=True,
-                          timeout=TIMEOUT, env=pool.env(user), cwd="/tmp", check=False)  # fmt: skip
+def run_bytes(
+    pool: Pool, user: User, *args: str, data: bytes
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*user.prefix(), SSH_TO_JOB, *args],
+        input=data,
+        capture_output=True,
+        timeout=TIMEOUT,
+        env=pool.env(user),
+        cwd="/tmp",
+        check=False,
+    )
 
 
 def test_interactive_login(pool: Pool, users: dict[str, User], job: dict[str, Any]) -> None:
@@ -80,14 +109,21 @@ def _interact(child: Any, a: User, job: dict[str, Any]) -> None:
     child.expect(r"welcome to job (\S+) on \S+; its processes: ([0-9 ]+)\r\n")
     assert child.match.group(1) == job["id"]
     assert child.match.group(2).split()[0] == str(job["pids"][0])
-    child.sendline('printf "R:%s|%s|%s|%s|%s|%s\\n" "$(tty)" "$(id -u)" "$PWD" "$MARK" '
-                   '"${SSH_TO_JOB_PIDS%% *}" "$SSH_TO_JOB_ID"')  # fmt: skip
+    child.sendline(
+        'printf "R:%s|%s|%s|%s|%s|%s\\n" "$(tty)" "$(id -u)" "$PWD" "$MARK" '
+        '"${SSH_TO_JOB_PIDS%% *}" "$SSH_TO_JOB_ID"'
+    )
     child.expect(r"R:(/dev/pts/\d+)\|(\d+)\|([^|]*)\|([^|]*)\|(\d+)\|([0-9.]+)\r\n")
     tty, uid, cwd, mark, main_pid, jid = child.match.groups()
     assert (int(uid), cwd, mark, int(main_pid), jid) == (
-        a.uid, job["scratch"], "hello world", job["pids"][0], job["id"])
+        a.uid,
+        job["scratch"],
+        "hello world",
+        job["pids"][0],
+        job["id"],
+    )
     # A second command in the same shell: state carries over, as in any login.
-    child.sendline("cd /; X=$((6*7)); echo \"second:$X:$PWD\"")
+    child.sendline('cd /; X=$((6*7)); echo "second:$X:$PWD"')
     child.expect(r"second:42:/\r\n")
     # The pty is a real terminal: its size came across, and Ctrl-C interrupts the remote
     # command (not ssh-to-job), leaving the shell alive.
@@ -104,8 +140,9 @@ def _interact(child: Any, a: User, job: dict[str, Any]) -> None:
     child.expect(pexpect.EOF)
 
 
-def test_command_streams_and_exit_status(pool: Pool, users: dict[str, User],
-                                         job: dict[str, Any]) -> None:  # fmt: skip
+def test_command_streams_and_exit_status(
+    pool: Pool, users: dict[str, User], job: dict[str, Any]
+) -> None:
     """A remote command's stdout and stderr arrive separately and its exit status is ours."""
     r = pool.ssh(users["a"], job["id"], "echo out; echo err >&2; exit 7")
     assert (r.returncode, r.stdout, r.stderr) == (7, "out\n", "err\n")
@@ -116,11 +153,21 @@ def test_command_streams_and_exit_status(pool: Pool, users: dict[str, User],
 
 def test_job_environment(pool: Pool, users: dict[str, User], job: dict[str, Any]) -> None:
     """The session sees the job's environment exactly (quotes, backslashes, empty values)."""
-    r = pool.ssh(users["a"], job["id"], 'printf "%s\\0" "$TRICKY" "${EMPTY-unset}" "$HOME" '
-                 '"$SSH_TO_JOB_ID" "$SSH_TO_JOB_SCRATCH_DIR" "$SSH_TO_JOB_IWD"')  # fmt: skip
+    r = pool.ssh(
+        users["a"],
+        job["id"],
+        'printf "%s\\0" "$TRICKY" "${EMPTY-unset}" "$HOME" '
+        '"$SSH_TO_JOB_ID" "$SSH_TO_JOB_SCRATCH_DIR" "$SSH_TO_JOB_IWD"',
+    )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\0")[:-1] == [TRICKY, "", users["a"].home, job["id"], job["scratch"],
-                                         job["initialdir"]]  # fmt: skip
+    assert r.stdout.split("\0")[:-1] == [
+        TRICKY,
+        "",
+        users["a"].home,
+        job["id"],
+        job["scratch"],
+        job["initialdir"],
+    ]
 
 
 def test_stdin_streams(pool: Pool, users: dict[str, User], job: dict[str, Any]) -> None:
@@ -133,18 +180,22 @@ def test_stdin_streams(pool: Pool, users: dict[str, User], job: dict[str, Any]) 
     assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["-bogus", "1", "true"], "unknown option -bogus"),
-    (["--bogus=1", "1", "true"], "unknown option --bogus=1"),
-    (["not-a-job", "true"], "'not-a-job' is not a job id"),
-    (["1.2.3.4", "true"], "is not a job id"),
-    ([], "no job id given"),
-    (["-debug"], "no job id given"),
-    (["-name"], "option -name needs a value"),
-    (["-keygen-options", "-t dsa", "1", "true"], "unsupported key type 'dsa'"),
-])  # fmt: skip
-def test_bad_arguments_exit_2(pool: Pool, users: dict[str, User], argv: list[str],
-                              message: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-bogus", "1", "true"], "unknown option -bogus"),
+        (["--bogus=1", "1", "true"], "unknown option --bogus=1"),
+        (["not-a-job", "true"], "'not-a-job' is not a job id"),
+        (["1.2.3.4", "true"], "is not a job id"),
+        ([], "no job id given"),
+        (["-debug"], "no job id given"),
+        (["-name"], "option -name needs a value"),
+        (["-keygen-options", "-t dsa", "1", "true"], "unsupported key type 'dsa'"),
+    ],
+)
+def test_bad_arguments_exit_2(
+    pool: Pool, users: dict[str, User], argv: list[str], message: str
+) -> None:
     """Bad arguments exit 2 with a message saying what is wrong."""
     r = pool.ssh(users["a"], *argv)
     assert r.returncode == 2, r.stderr
@@ -173,16 +224,20 @@ def test_pool_option_is_refused(pool: Pool, users: dict[str, User], job: dict[st
         assert "-pool: remote pools are not supported yet" in r.stderr
 
 
-def test_ssh_exit_255_passes_through(pool: Pool, users: dict[str, User],
-                                     job: dict[str, Any]) -> None:  # fmt: skip
+def test_ssh_exit_255_passes_through(
+    pool: Pool, users: dict[str, User], job: dict[str, Any]
+) -> None:
     """When ssh itself fails (sshd killed mid-session, a bad ssh option), its 255 is our status."""
     t0 = time.monotonic()
     # $PPID of the command's shell is the session's sshd: killing it cuts the connection.
     r = pool.ssh(users["a"], job["id"], "kill -9 $PPID; sleep 20")
     assert r.returncode == 255, r.stderr
     # ssh words a lost connection by what it was doing when it noticed.
-    assert ("closed by remote host" in r.stderr or "Broken pipe" in r.stderr
-            or "Connection reset" in r.stderr), r.stderr  # fmt: skip
+    assert (
+        "closed by remote host" in r.stderr
+        or "Broken pipe" in r.stderr
+        or "Connection reset" in r.stderr
+    ), r.stderr
     assert time.monotonic() - t0 < 15
     r = pool.ssh(users["a"], "-ssh", "ssh -o BadOption=1", job["id"], "true")
     assert r.returncode == 255
@@ -192,8 +247,11 @@ def test_ssh_exit_255_passes_through(pool: Pool, users: dict[str, User],
 def test_name_option(pool: Pool, users: dict[str, User], job: dict[str, Any]) -> None:
     """-name takes the broker's state directory or socket path, and wins over STJ_STATE_DIR."""
     wrong = {"STJ_STATE_DIR": "/tmp/stju-no-such-pool"}
-    for argv in (["-name", str(pool.state)], ["--name", str(pool.state / "broker.sock")],
-                 [f"--name={pool.state}"]):  # fmt: skip
+    for argv in (
+        ["-name", str(pool.state)],
+        ["--name", str(pool.state / "broker.sock")],
+        [f"--name={pool.state}"],
+    ):
         r = pool.ssh(users["a"], *argv, job["id"], "echo $SSH_TO_JOB_ID", env=wrong)
         assert (r.returncode, r.stdout, r.stderr) == (0, f"{job['id']}\n", "")
     r = pool.ssh(users["a"], job["id"], "true", env=wrong)
@@ -201,8 +259,9 @@ def test_name_option(pool: Pool, users: dict[str, User], job: dict[str, Any]) ->
     assert "cannot reach the broker at /tmp/stju-no-such-pool/broker.sock" in r.stderr
 
 
-def test_ssh_option_with_extra_words(pool: Pool, users: dict[str, User],
-                                     job: dict[str, Any]) -> None:  # fmt: skip
+def test_ssh_option_with_extra_words(
+    pool: Pool, users: dict[str, User], job: dict[str, Any]
+) -> None:
     """-ssh "ssh opts..." runs ssh with those options (here: quiet, and a forced pty)."""
     r = pool.ssh(users["a"], "-ssh", "ssh -o LogLevel=QUIET -tt", job["id"], "tty")
     assert r.returncode == 0, r.stderr
@@ -404,8 +463,9 @@ def fake_x_display() -> Iterator[tuple[int, list[bytes]]]:
     t.join(TIMEOUT)
 
 
-def test_x11_forwarding(pool: Pool, users: dict[str, User], job: dict[str, Any],
-                        fake_x_display: tuple[int, list[bytes]]) -> None:  # fmt: skip
+def test_x11_forwarding(
+    pool: Pool, users: dict[str, User], job: dict[str, Any], fake_x_display: tuple[int, list[bytes]]
+) -> None:
     """-X forwards X11 from the session to the client's display; -x and the default do not."""
     if shutil.which("xauth") is None:
         pytest.skip("sshd needs xauth for X11 forwarding; the dev script installs it")
@@ -451,8 +511,7 @@ def test_job_id_forms(pool: Pool, users: dict[str, User]) -> None:
     pool.stj(a, "rm", cluster)
 
 
-def test_ssh_style_user_arguments(pool: Pool, users: dict[str, User],
-                                  job: dict[str, Any]) -> None:  # fmt: skip
+def test_ssh_style_user_arguments(pool: Pool, users: dict[str, User], job: dict[str, Any]) -> None:
     """What rsync passes an "ssh" (-l user, user@host) is accepted; the job decides the login."""
     a = users["a"]
     for argv in (["-l", "someuser", job["id"]], [f"someuser@{job['id']}"]):
@@ -460,9 +519,11 @@ def test_ssh_style_user_arguments(pool: Pool, users: dict[str, User],
         assert (r.returncode, r.stdout) == (0, "stjta\n"), r.stderr
 
 
-def test_twenty_concurrent_sessions(pool: Pool, users: dict[str, User],
-                                    job: dict[str, Any]) -> None:  # fmt: skip
+def test_twenty_concurrent_sessions(
+    pool: Pool, users: dict[str, User], job: dict[str, Any]
+) -> None:
     """Twenty sessions into one job at once all succeed, each with its own output."""
+
     def one(i: int) -> tuple[int, str, str]:
         r = pool.ssh(users["a"], job["id"], f"echo token-{i}-$SSH_TO_JOB_SESSION")
         return r.returncode, r.stdout, r.stderr

@@ -52,15 +52,20 @@ def tree(root: pathlib.Path) -> dict[str, str]:
     """Relative path -> sha256 (or "dir") of everything under root."""
     out = {}
     for p in sorted(root.rglob("*")):
-        out[str(p.relative_to(root))] = ("dir" if p.is_dir() else
-                                         hashlib.sha256(p.read_bytes()).hexdigest())  # fmt: skip
+        out[str(p.relative_to(root))] = (
+            "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        )
     return out
 
 
 def remote_tree(pool: Pool, user: User, job: str, path: str) -> dict[str, str]:
     """The same listing, taken inside the job (find + sha256sum, NUL-safe enough for our names)."""
-    r = pool.ssh(user, job, f"cd {path} && find . -mindepth 1 -type d -printf 'dir  %P\\n' && "
-                            "find . -type f -printf '%P\\0' | xargs -0 -r sha256sum")  # fmt: skip
+    r = pool.ssh(
+        user,
+        job,
+        f"cd {path} && find . -mindepth 1 -type d -printf 'dir  %P\\n' && "
+        "find . -type f -printf '%P\\0' | xargs -0 -r sha256sum",
+    )
     assert r.returncode == 0, r.stderr
     out = {}
     for line in r.stdout.splitlines():
@@ -69,12 +74,14 @@ def remote_tree(pool: Pool, user: User, job: str, path: str) -> dict[str, str]:
     return out
 
 
-def test_scp_both_directions(pool: Pool, users: dict[str, User], job: dict[str, Any],
-                             local: pathlib.Path) -> None:  # fmt: skip
+def test_scp_both_directions(
+    pool: Pool, users: dict[str, User], job: dict[str, Any], local: pathlib.Path
+) -> None:
     """-ssh scp copies files and trees out of and into the job, names with spaces included."""
     a, jid = users["a"], job["id"]
-    r = pool.run(a, [SSH_TO_JOB, "-ssh", "scp", jid, "remote:out/with space.txt", "."],
-                 cwd=str(local))  # fmt: skip
+    r = pool.run(
+        a, [SSH_TO_JOB, "-ssh", "scp", jid, "remote:out/with space.txt", "."], cwd=str(local)
+    )
     assert r.returncode == 0, r.stderr
     assert (local / "with space.txt").read_text() == "one\n"
     r = pool.run(a, [SSH_TO_JOB, "-ssh", "scp -r", jid, "remote:out", "copy"], cwd=str(local))
@@ -93,8 +100,9 @@ def test_scp_both_directions(pool: Pool, users: dict[str, User], job: dict[str, 
     assert "no-such-file" in r.stderr
 
 
-def test_sftp_batch(pool: Pool, users: dict[str, User], job: dict[str, Any],
-                    local: pathlib.Path) -> None:  # fmt: skip
+def test_sftp_batch(
+    pool: Pool, users: dict[str, User], job: dict[str, Any], local: pathlib.Path
+) -> None:
     """-ssh "sftp -b -" runs a batch from stdin (mkdir, put, get, ls); a failing one fails it."""
     a, jid = users["a"], job["id"]
     (local / "local file.txt").write_text("via sftp\n")
@@ -114,46 +122,66 @@ ls -1 sftpdir
     r = pool.run(a, [SSH_TO_JOB, "-ssh", "sftp", jid], input="ls -1 sftpdir\n", cwd=str(local))
     assert r.returncode == 0, r.stderr
     assert "sftpdir/remote name.txt" in r.stdout
-    r = pool.run(a, [SSH_TO_JOB, "-ssh", "sftp -b -", jid], input="get no-such-file\n",
-                 cwd=str(local))  # fmt: skip
+    r = pool.run(
+        a, [SSH_TO_JOB, "-ssh", "sftp -b -", jid], input="get no-such-file\n", cwd=str(local)
+    )
     assert r.returncode == 1
     assert "no-such-file" in r.stderr
 
 
-def test_rsync_both_directions(pool: Pool, users: dict[str, User], job: dict[str, Any],
-                               local: pathlib.Path) -> None:  # fmt: skip
+def test_rsync_both_directions(
+    pool: Pool, users: dict[str, User], job: dict[str, Any], local: pathlib.Path
+) -> None:
     """rsync -e ssh-to-job pulls a tree out of the job and pushes it back, odd names intact."""
     a, jid = users["a"], job["id"]
-    r = pool.run(a, ["rsync", "-a", "-e", "ssh-to-job", f"{jid}:out/", "./got/"], cwd=str(local),
-                 timeout=TIMEOUT)  # fmt: skip
+    r = pool.run(
+        a,
+        ["rsync", "-a", "-e", "ssh-to-job", f"{jid}:out/", "./got/"],
+        cwd=str(local),
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, r.stderr
     pulled = tree(local / "got")
     assert pulled == remote_tree(pool, a, jid, "out")
     assert {"with space.txt", "sub dir/it's here.txt", "empty"} <= set(pulled)
     (local / "got" / "new one.txt").write_text("pushed\n")
-    r = pool.run(a, ["rsync", "-av", "-e", "ssh-to-job", "./got/", f"{jid}:back up/"],
-                 cwd=str(local), timeout=TIMEOUT)  # fmt: skip
+    r = pool.run(
+        a,
+        ["rsync", "-av", "-e", "ssh-to-job", "./got/", f"{jid}:back up/"],
+        cwd=str(local),
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, r.stderr
     assert "new one.txt" in r.stdout
     assert remote_tree(pool, a, jid, "'back up'") == tree(local / "got")
     # A second push transfers nothing: rsync's own protocol really runs on both ends.
-    r = pool.run(a, ["rsync", "-a", "--stats", "-e", "ssh-to-job", "./got/", f"{jid}:back up/"],
-                 cwd=str(local), timeout=TIMEOUT)  # fmt: skip
+    r = pool.run(
+        a,
+        ["rsync", "-a", "--stats", "-e", "ssh-to-job", "./got/", f"{jid}:back up/"],
+        cwd=str(local),
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, r.stderr
     assert "Number of regular files transferred: 0" in r.stdout
 
 
-def test_large_file_sha256(pool: Pool, users: dict[str, User], job: dict[str, Any],
-                           local: pathlib.Path) -> None:  # fmt: skip
+def test_large_file_sha256(
+    pool: Pool, users: dict[str, User], job: dict[str, Any], local: pathlib.Path
+) -> None:
     """A 200 MB file made in the job arrives through scp with the same sha256."""
     a, jid = users["a"], job["id"]
-    r = pool.ssh(a, jid, "head -c 200M /dev/urandom > big.bin && sha256sum big.bin",
-                 timeout=TIMEOUT)  # fmt: skip
+    r = pool.ssh(
+        a, jid, "head -c 200M /dev/urandom > big.bin && sha256sum big.bin", timeout=TIMEOUT
+    )
     assert r.returncode == 0, r.stderr
     remote_digest = r.stdout.split()[0]
     try:
-        r = pool.run(a, [SSH_TO_JOB, "-ssh", "scp", jid, "remote:big.bin", "."], cwd=str(local),
-                     timeout=TIMEOUT)  # fmt: skip
+        r = pool.run(
+            a,
+            [SSH_TO_JOB, "-ssh", "scp", jid, "remote:big.bin", "."],
+            cwd=str(local),
+            timeout=TIMEOUT,
+        )
         assert r.returncode == 0, r.stderr
         h = hashlib.sha256()
         with open(local / "big.bin", "rb") as f:

@@ -712,10 +712,16 @@ async def test_starter_follows_no_link_its_job_owner_plants(
 
         monkeypatch.setattr(_session, "make_host_key", plant_then_make_key)
         cap = wire.Capability(
-            session_id=session_id, job=job.id, owner_uid=a.uid, requester_uid=a.uid,
-            client_key=generate_key("")[1], starter_id=starter.name,
-            starter_key=starter.public_key, issued_at=0, expires_at=0,
-        )  # fmt: skip
+            session_id=session_id,
+            job=job.id,
+            owner_uid=a.uid,
+            requester_uid=a.uid,
+            client_key=generate_key("")[1],
+            starter_id=starter.name,
+            starter_key=starter.public_key,
+            issued_at=0,
+            expires_at=0,
+        )
         msg = wire.SessionOpen(capability=b"checked already")
         conn = wire.Connection(wire.Channel.SESSION, wire.Role.STARTER, wire.Role.CLIENT)
         conn.receive_data(
@@ -730,8 +736,10 @@ async def test_starter_follows_no_link_its_job_owner_plants(
                 theirs.close()  # so that an sshd, had one started, sees the end at once
         st = victim.stat()
         assert (victim.read_text(), st.st_uid, stat.S_IMODE(st.st_mode)) == (
-            "root's data\n", 0, 0o644,
-        ), "the starter wrote through the planted link"  # fmt: skip
+            "root's data\n",
+            0,
+            0o644,
+        ), "the starter wrote through the planted link"
         assert b"session set-up failed" in first, first
         assert not (starter.sessions_dir / session_id[:16]).exists()
     finally:

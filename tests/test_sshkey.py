@@ -16,8 +16,9 @@ def test_ssh_keygen_reads_our_private_key(tmp_path: pathlib.Path) -> None:
         key.unlink(missing_ok=True)
         key.write_bytes(private)
         key.chmod(0o600)
-        derived = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True,
-                                 text=True, check=True).stdout.split()  # fmt: skip
+        derived = subprocess.run(
+            ["ssh-keygen", "-y", "-f", str(key)], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert derived[:2] == public.split()
         assert public.startswith("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI")
 

@@ -16,15 +16,27 @@ def test_pool_started_by_a_user_runs_their_jobs_and_sessions(users: dict[str, Us
     b = users["b"]
     state = new_state_dir()
     os.chown(state, b.uid, b.gid)
-    env = {"PATH": f"{os.path.dirname(STJ)}:/usr/bin:/bin", "HOME": b.home, "USER": str(b.name),
-           "STJ_STATE_DIR": str(state), "LANG": "C.UTF-8", "SHELL": "/bin/bash"}  # fmt: skip
+    env = {
+        "PATH": f"{os.path.dirname(STJ)}:/usr/bin:/bin",
+        "HOME": b.home,
+        "USER": str(b.name),
+        "STJ_STATE_DIR": str(state),
+        "LANG": "C.UTF-8",
+        "SHELL": "/bin/bash",
+    }
 
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*b.prefix(), *argv], env=env, capture_output=True, text=True,
-                              timeout=60, cwd="/tmp")  # fmt: skip
+        return subprocess.run(
+            [*b.prefix(), *argv], env=env, capture_output=True, text=True, timeout=60, cwd="/tmp"
+        )
 
-    pool = subprocess.Popen([*b.prefix(), STJ, "pool"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    pool = subprocess.Popen(
+        [*b.prefix(), STJ, "pool"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -32,10 +32,16 @@ STARTER_PK = b"\x01" * 32
 T0 = 1_700_000_000
 
 CAP = Capability(
-    session_id="s1", job="32.0", owner_uid=1000, requester_uid=1001,
-    client_key="ssh-ed25519 AAAA", starter_id="st1", starter_key=STARTER_PK,
-    issued_at=T0, expires_at=T0 + MAX_CAP_LIFETIME,
-)  # fmt: skip
+    session_id="s1",
+    job="32.0",
+    owner_uid=1000,
+    requester_uid=1001,
+    client_key="ssh-ed25519 AAAA",
+    starter_id="st1",
+    starter_key=STARTER_PK,
+    issued_at=T0,
+    expires_at=T0 + MAX_CAP_LIFETIME,
+)
 BLOB = sign_capability(CAP, BROKER_SK)
 
 
@@ -112,10 +118,16 @@ def test_capability_encoding_is_byte_exact() -> None:
     """A capability is its domain, nine fields in order (ints as decimal ASCII), then 64 bytes."""
     body = (
         b"ssh-to-job capability v1\x00"
-        + field(b"s1") + field(b"32.0") + field(b"1000") + field(b"1001")
-        + field(b"ssh-ed25519 AAAA") + field(b"st1") + field(STARTER_PK)
-        + field(b"1700000000") + field(b"1700000060")
-    )  # fmt: skip
+        + field(b"s1")
+        + field(b"32.0")
+        + field(b"1000")
+        + field(b"1001")
+        + field(b"ssh-ed25519 AAAA")
+        + field(b"st1")
+        + field(STARTER_PK)
+        + field(b"1700000000")
+        + field(b"1700000060")
+    )
     assert CAP.encode() == body
     assert BLOB[:-64] == body
     assert len(BLOB) == len(body) + 64
@@ -142,13 +154,18 @@ def test_round_trip() -> None:
 @given(
     st.builds(
         Capability,
-        session_id=st.text(), job=st.text(), owner_uid=st.integers(), requester_uid=st.integers(),
-        client_key=st.text(), starter_id=st.text(), starter_key=st.binary(),
+        session_id=st.text(),
+        job=st.text(),
+        owner_uid=st.integers(),
+        requester_uid=st.integers(),
+        client_key=st.text(),
+        starter_id=st.text(),
+        starter_key=st.binary(),
         issued_at=st.integers(-(2**40), 2**40),
         expires_at=st.just(0),
     ),
     st.integers(0, MAX_CAP_LIFETIME),
-)  # fmt: skip
+)
 def test_round_trip_any_fields(cap: Capability, lifetime: int) -> None:
     """Any field values survive signing and verification unchanged."""
     cap = attrs.evolve(cap, expires_at=cap.issued_at + lifetime)
@@ -249,9 +266,21 @@ def signed(body: bytes) -> bytes:
         (CAP.encode().replace(field(b"1000"), field("١٠٠٠".encode())), "not in canonical form"),
         (b"ssh-to-job capability v2\x00" + CAP.encode()[25:], "wrong domain"),
     ],
-    ids=["8-fields", "10-fields", "short-field", "short-length", "not-a-number", "not-utf8",
-         "space", "plus", "leading-zero", "underscore", "arabic-digits", "v2"],
-)  # fmt: skip
+    ids=[
+        "8-fields",
+        "10-fields",
+        "short-field",
+        "short-length",
+        "not-a-number",
+        "not-utf8",
+        "space",
+        "plus",
+        "leading-zero",
+        "underscore",
+        "arabic-digits",
+        "v2",
+    ],
+)
 def test_malformed_but_signed_bodies(body: bytes, match: str) -> None:
     """Even validly signed, a body that is not exactly one canonical capability is refused."""
     with pytest.raises(CapabilityError, match=match):
@@ -352,10 +381,32 @@ def test_parse_job_id_accepts(text: str, job: JobId) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", " ", ".", "32.", ".0", "32..0", "32.0.", "a", "32.a", "-1", "+1", "32.-1", "1e3",
-     "32.0.1.2", "1" * 13, "32." + "1" * 10, "32 .0", "32. 0", "32,0", "0x20",
-     "\u0663\u0662", "\uff13\uff12", "32.\u0660"],
-)  # fmt: skip
+    [
+        "",
+        " ",
+        ".",
+        "32.",
+        ".0",
+        "32..0",
+        "32.0.",
+        "a",
+        "32.a",
+        "-1",
+        "+1",
+        "32.-1",
+        "1e3",
+        "32.0.1.2",
+        "1" * 13,
+        "32." + "1" * 10,
+        "32 .0",
+        "32. 0",
+        "32,0",
+        "0x20",
+        "\u0663\u0662",
+        "\uff13\uff12",
+        "32.\u0660",
+    ],
+)
 def test_parse_job_id_rejects(text: str) -> None:
     """Anything else, including non-ASCII digits and over-long numbers, is a ValueError."""
     with pytest.raises(ValueError, match="is not a job id"):
@@ -389,24 +440,47 @@ def test_protocol_doc_worked_example() -> None:
     starter_pk = wire.public_key_of(starter_sk)
     assert starter_pk.hex() == "29acbae141bccaf0b22e1a94d34d0bc7361e526d0bfe12c89794bc9322966dd7"
     cap = Capability(
-        session_id="5e1f", job="32.0", owner_uid=1000, requester_uid=1000,
-        client_key="ssh-ed25519 AAAA", starter_id="node1", starter_key=starter_pk,
-        issued_at=1_700_000_000, expires_at=1_700_000_060,
-    )  # fmt: skip
+        session_id="5e1f",
+        job="32.0",
+        owner_uid=1000,
+        requester_uid=1000,
+        client_key="ssh-ed25519 AAAA",
+        starter_id="node1",
+        starter_key=starter_pk,
+        issued_at=1_700_000_000,
+        expires_at=1_700_000_060,
+    )
     assert sign_capability(cap, broker_sk).hex() == (
         "7373682d746f2d6a6f62206361706162696c69747920763100"
-        "00000004" "35653166" "00000004" "33322e30" "00000004" "31303030"
-        "00000004" "31303030" "00000010" "7373682d656432353531392041414141"
-        "00000005" "6e6f646531" "00000020" + starter_pk.hex() +
-        "0000000a" "31373030303030303030" "0000000a" "31373030303030303630"
+        "00000004"
+        "35653166"
+        "00000004"
+        "33322e30"
+        "00000004"
+        "31303030"
+        "00000004"
+        "31303030"
+        "00000010"
+        "7373682d656432353531392041414141"
+        "00000005"
+        "6e6f646531"
+        "00000020" + starter_pk.hex() + "0000000a"
+        "31373030303030303030"
+        "0000000a"
+        "31373030303030303630"
         "af8f992dd24d229f2a7a4ae41efb8f03fff8bccbe51fe55e9969d3fd0e4005b6"
         "d358f789ba3ff171a8c328932e531c23ded48071ccd6378c08a9f0693498df00"
-    )  # fmt: skip
+    )
     stmt = wire.attach_statement("5e1f", "node1", bytes.fromhex("00112233445566778899aabbccddeeff"))
     assert stmt.hex() == (
         "7373682d746f2d6a6f622073657373696f6e2061747461636820763100"
-        "00000004" "35653166" "00000005" "6e6f646531" "00000010" "00112233445566778899aabbccddeeff"
-    )  # fmt: skip
+        "00000004"
+        "35653166"
+        "00000005"
+        "6e6f646531"
+        "00000010"
+        "00112233445566778899aabbccddeeff"
+    )
     assert sign(starter_sk, stmt).hex() == (
         "2e68598ebe745cc4702764c4e2c455f1e76929a9f226a605adfb723a387e63d5"
         "ace673bfff2ad0f3f009c934db6daa37bb98b6113755fd2880ba6d6685bd570c"

@@ -182,9 +182,16 @@ def test_missing_defaulted_fields_take_their_defaults() -> None:
 def test_optional_fields_accept_null() -> None:
     """``null`` is accepted exactly where a field is optional, and means None."""
     info = {
-        "id": "1.0", "owner": "ann", "owner_uid": 1000, "state": "running", "executable": "x",
-        "args": [], "submitted": 5, "started": None, "exit_code": None,
-    }  # fmt: skip
+        "id": "1.0",
+        "owner": "ann",
+        "owner_uid": 1000,
+        "state": "running",
+        "executable": "x",
+        "args": [],
+        "submitted": 5,
+        "started": None,
+        "exit_code": None,
+    }
     msg = decode_message(json.dumps({"type": "job_list", "jobs": [info]}).encode())
     assert isinstance(msg, wire.JobList)
     assert msg.jobs[0].started is None
@@ -247,9 +254,16 @@ def body(type_: str, **fields: Any) -> bytes:
         (b'{"type":"ping",}', "not valid UTF-8 JSON"),
         (b"{'type':'ping'}", "not valid UTF-8 JSON"),
     ],
-    ids=["empty", "unterminated", "trailing-junk", "two-objects", "bad-utf8", "trailing-comma",
-         "single-quotes"],
-)  # fmt: skip
+    ids=[
+        "empty",
+        "unterminated",
+        "trailing-junk",
+        "two-objects",
+        "bad-utf8",
+        "trailing-comma",
+        "single-quotes",
+    ],
+)
 def test_malformed_json(payload: bytes, match: str) -> None:
     """A payload that is not exactly one UTF-8 JSON value is the peer's error."""
     refused(payload, match)
@@ -265,9 +279,16 @@ def test_non_object(payload: bytes) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"{}", b'{"type":"nope"}', b'{"type":1}', b'{"type":null}', b'{"type":"Ping"}',
-     b'{"type":["ping"]}', b'{"type":"message"}'],
-)  # fmt: skip
+    [
+        b"{}",
+        b'{"type":"nope"}',
+        b'{"type":1}',
+        b'{"type":null}',
+        b'{"type":"Ping"}',
+        b'{"type":["ping"]}',
+        b'{"type":"message"}',
+    ],
+)
 def test_unknown_type(payload: bytes) -> None:
     """A missing, misspelt or non-string ``type`` is refused."""
     refused(payload, "unknown message type")
@@ -324,8 +345,15 @@ def test_integer_too_long_for_python() -> None:
 
 
 def jobinfo(**over: Any) -> bytes:
-    info = {"id": "1.0", "owner": "a", "owner_uid": 1, "state": "r", "executable": "x",
-            "args": [], "submitted": 1.5}  # fmt: skip
+    info = {
+        "id": "1.0",
+        "owner": "a",
+        "owner_uid": 1,
+        "state": "r",
+        "executable": "x",
+        "args": [],
+        "submitted": 1.5,
+    }
     info.update(over)
     return json.dumps({"type": "job_list", "jobs": [info]}).encode()
 
@@ -384,10 +412,23 @@ def test_bytes_are_strict_base64(fields: dict[str, Any], match: str) -> None:
         (body("submit", spec={"executable": "x", "env": {"\udfff": ""}}), "spec.env: string is"),
         (body("submit", spec={"executable": "x", "env": {"A": "\ud800"}}), "spec.env.A: string"),
     ],
-    ids=["bool-int", "bool-str", "str-int", "str-null", "list-str", "list-obj", "list-item",
-         "map-list", "map-value", "obj-str", "obj-list", "surrogate", "surrogate-key",
-         "surrogate-value"],
-)  # fmt: skip
+    ids=[
+        "bool-int",
+        "bool-str",
+        "str-int",
+        "str-null",
+        "list-str",
+        "list-obj",
+        "list-item",
+        "map-list",
+        "map-value",
+        "obj-str",
+        "obj-list",
+        "surrogate",
+        "surrogate-key",
+        "surrogate-value",
+    ],
+)
 def test_wrong_types_name_the_field(payload: bytes, match: str) -> None:
     """A value of the wrong JSON type is refused with the path of the field that holds it."""
     refused(payload, match)

@@ -16,13 +16,22 @@ def _handshake() -> tuple[wire.Connection, wire.Connection]:
     s = wire.Connection(wire.Channel.STARTER, wire.Role.STARTER, wire.Role.BROKER)
     b = wire.Connection(wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER)
     es, eb = wire.Ephemeral(), wire.Ephemeral()
-    b.receive_data(s.send(wire.StarterHello(
-        starter_id="x", starter_key=wire.public_key_of(starter_seed), nonce=es.public, slots=1)))
+    b.receive_data(
+        s.send(
+            wire.StarterHello(
+                starter_id="x",
+                starter_key=wire.public_key_of(starter_seed),
+                nonce=es.public,
+                slots=1,
+            )
+        )
+    )
     hello = b.next_event()
     assert isinstance(hello, wire.StarterHello)
     statement = wire.broker_auth_statement("x", hello.nonce, eb.public)
-    s.receive_data(b.send(wire.BrokerHello(nonce=eb.public,
-                                           signature=wire.sign(broker_seed, statement))))
+    s.receive_data(
+        b.send(wire.BrokerHello(nonce=eb.public, signature=wire.sign(broker_seed, statement)))
+    )
     bh = s.next_event()
     assert isinstance(bh, wire.BrokerHello)
     transcript = wire.starter_auth_statement("x", es.public, bh.nonce)
@@ -126,8 +135,9 @@ def test_encryption_cannot_be_started_twice() -> None:
 def test_output_payloads_round_trip(chunks: list[bytes]) -> None:
     """Arbitrary output payloads survive sealing and opening in order."""
     s, b = _handshake()
-    data = b"".join(s.send(wire.OutputData(request=i, data=c, found=True))
-                    for i, c in enumerate(chunks))  # fmt: skip
+    data = b"".join(
+        s.send(wire.OutputData(request=i, data=c, found=True)) for i, c in enumerate(chunks)
+    )
     b.receive_data(data)
     got = []
     ev = b.next_event()

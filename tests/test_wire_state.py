@@ -48,8 +48,9 @@ SAMPLES: dict[str, Message] = {
         wire.Output(id="32.0"),
         wire.OutputReply(id="32.0", data=b"hello\n", running=True),
         wire.SshRequest(job="32.0", client_key="ssh-ed25519 AAAA"),
-        wire.SshGrant(session_id="s1", job="32.0", capability=b"cap", starter_id="st1",
-                      starter_key=b"k" * 32),
+        wire.SshGrant(
+            session_id="s1", job="32.0", capability=b"cap", starter_id="st1", starter_key=b"k" * 32
+        ),
         wire.Error(code="denied", message="not your job"),
         wire.StarterHello(starter_id="st1", starter_key=b"k" * 32, nonce=b"n" * 32, slots=4),
         wire.BrokerHello(nonce=b"m" * 32, signature=b"s" * 64),
@@ -69,7 +70,7 @@ SAMPLES: dict[str, Message] = {
         wire.SessionOpen(capability=b"cap", shells=("bash",)),
         wire.SessionReady(host_key="ssh-ed25519 AAAA", login="ann", signature=b"s" * 64),
     ]
-}  # fmt: skip
+}
 
 # The specification, written out independently of wire/_state.py: (state, sender, type) -> next.
 SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
@@ -101,10 +102,14 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("challenged", S, "starter_auth"): "authing",
         ("authing", B, "welcome"): "ready",
         ("authing", B, "error"): "closed",
-        **{("ready", S, t): "ready"
-           for t in ("starter_sync", "job_update", "session_failed", "output_data", "ping")},
-        **{("ready", B, t): "ready"
-           for t in ("run_job", "signal_job", "open_session", "fetch_output", "ack", "ping")},
+        **{
+            ("ready", S, t): "ready"
+            for t in ("starter_sync", "job_update", "session_failed", "output_data", "ping")
+        },
+        **{
+            ("ready", B, t): "ready"
+            for t in ("run_job", "signal_job", "open_session", "fetch_output", "ack", "ping")
+        },
         ("ready", S, "error"): "closed",
         ("ready", B, "error"): "closed",
     },
@@ -116,7 +121,7 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("opening", S, "session_ready"): "raw",
         ("opening", S, "error"): "closed",
     },
-}  # fmt: skip
+}
 
 
 def paths(channel: Channel) -> dict[str, list[tuple[Role, str]]]:
@@ -210,9 +215,14 @@ def test_table_matches_spec(channel: Channel, state: str) -> None:
 
 @pytest.mark.parametrize(
     ("request_type", "reply_type"),
-    [("submit", "submit_reply"), ("query", "job_list"), ("act", "act_reply"),
-     ("status", "status_reply"), ("output", "output_reply")],
-)  # fmt: skip
+    [
+        ("submit", "submit_reply"),
+        ("query", "job_list"),
+        ("act", "act_reply"),
+        ("status", "status_reply"),
+        ("output", "output_reply"),
+    ],
+)
 def test_control_requests_repeat(request_type: str, reply_type: str) -> None:
     """On the control channel a client may make request after request on one connection."""
     pair = Pair(Channel.CONTROL)
@@ -241,8 +251,9 @@ def test_ssh_grant_ends_the_control_conversation() -> None:
 def test_job_list_paging() -> None:
     """job_list pages with last=false keep the query open; the last=true page closes it."""
     pair = Pair(Channel.CONTROL)
-    info = wire.JobInfo(id="1.0", owner="a", owner_uid=1, state="idle", executable="x",
-                        args=(), submitted=1.0)  # fmt: skip
+    info = wire.JobInfo(
+        id="1.0", owner="a", owner_uid=1, state="idle", executable="x", args=(), submitted=1.0
+    )
     pair.say(C, wire.Query())
     for _ in range(3):
         pair.say(B, wire.JobList(jobs=(info,), last=False))
@@ -257,13 +268,23 @@ def test_starter_handshake_then_free_traffic() -> None:
     """The starter handshake runs hello, challenge, auth, welcome; then both sides talk freely."""
     pair = Pair(Channel.STARTER)
     for sender, type_, state in [
-        (S, "starter_hello", "hello"), (B, "broker_hello", "challenged"),
-        (S, "starter_auth", "authing"), (B, "welcome", "ready"),
-        (S, "starter_sync", "ready"), (B, "run_job", "ready"), (S, "job_update", "ready"),
-        (B, "ack", "ready"), (B, "open_session", "ready"), (S, "session_failed", "ready"),
-        (B, "fetch_output", "ready"), (S, "output_data", "ready"), (B, "ping", "ready"),
-        (S, "ping", "ready"), (B, "signal_job", "ready"), (S, "error", "closed"),
-    ]:  # fmt: skip
+        (S, "starter_hello", "hello"),
+        (B, "broker_hello", "challenged"),
+        (S, "starter_auth", "authing"),
+        (B, "welcome", "ready"),
+        (S, "starter_sync", "ready"),
+        (B, "run_job", "ready"),
+        (S, "job_update", "ready"),
+        (B, "ack", "ready"),
+        (B, "open_session", "ready"),
+        (S, "session_failed", "ready"),
+        (B, "fetch_output", "ready"),
+        (S, "output_data", "ready"),
+        (B, "ping", "ready"),
+        (S, "ping", "ready"),
+        (B, "signal_job", "ready"),
+        (S, "error", "closed"),
+    ]:
         pair.say(sender, SAMPLES[type_])
         assert pair.state == state
 

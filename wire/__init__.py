@@ -75,17 +75,30 @@ from ._sshkey import ed25519_keypair
 from ._state import Channel, Role, next_state
 
 if TYPE_CHECKING:
+    from ._handshake import BrokerHandshake, ChannelKeys, HandshakeError, StarterHandshake
     from ._secure import Ephemeral, FrameCipher, channel_keys
+
+_LAZY = {
+    "Ephemeral": "_secure",
+    "FrameCipher": "_secure",
+    "channel_keys": "_secure",
+    "BrokerHandshake": "_handshake",
+    "ChannelKeys": "_handshake",
+    "HandshakeError": "_handshake",
+    "StarterHandshake": "_handshake",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # The channel cipher (nacl's X25519 and SecretBox) is for the daemons: loaded on first
-    # use, so that ssh-to-job's start-up does not pay for it.
-    if name in ("Ephemeral", "FrameCipher", "channel_keys"):
-        from . import _secure
+    # The channel cipher and the handshake (nacl's X25519 and SecretBox) are for the daemons:
+    # loaded on first use, so that ssh-to-job's start-up does not pay for them.
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
 
-        return getattr(_secure, name)
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
     raise AttributeError(f"module 'ssh_to_job.wire' has no attribute {name!r}")
+
 
 __all__ = [
     "CLOCK_SKEW",
@@ -99,16 +112,19 @@ __all__ = [
     "Act",
     "ActReply",
     "ActResult",
+    "BrokerHandshake",
     "BrokerHello",
     "Capability",
     "CapabilityError",
     "Channel",
+    "ChannelKeys",
     "Connection",
     "Ephemeral",
     "Error",
     "FetchOutput",
     "FrameCipher",
     "FrameDecoder",
+    "HandshakeError",
     "JobId",
     "JobInfo",
     "JobList",
@@ -138,6 +154,7 @@ __all__ = [
     "SshGrant",
     "SshRequest",
     "StarterAuth",
+    "StarterHandshake",
     "StarterHello",
     "StarterInfo",
     "StarterSync",
@@ -164,4 +181,4 @@ __all__ = [
     "starter_auth_statement",
     "verify",
     "verify_capability",
-]  # fmt: skip
+]

@@ -23,9 +23,12 @@ ERROR_STATE = "error"
 
 class Connection:
     def __init__(
-        self, channel: Channel, our_role: Role, their_role: Role,
+        self,
+        channel: Channel,
+        our_role: Role,
+        their_role: Role,
         max_frame: int = DEFAULT_MAX_FRAME,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.channel = channel
         self.our_role = our_role
         self.their_role = their_role

@@ -100,9 +100,17 @@ class Capability:
 
     def encode(self) -> bytes:
         return canonical(
-            CAP_DOMAIN, self.session_id, self.job, self.owner_uid, self.requester_uid,
-            self.client_key, self.starter_id, self.starter_key, self.issued_at, self.expires_at,
-        )  # fmt: skip
+            CAP_DOMAIN,
+            self.session_id,
+            self.job,
+            self.owner_uid,
+            self.requester_uid,
+            self.client_key,
+            self.starter_id,
+            self.starter_key,
+            self.issued_at,
+            self.expires_at,
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Capability:
@@ -112,10 +120,16 @@ class Capability:
         try:
             s = [f.decode("utf-8") for f in fields[:6]]
             cap = cls(
-                session_id=s[0], job=s[1], owner_uid=int(s[2]), requester_uid=int(s[3]),
-                client_key=s[4], starter_id=s[5], starter_key=fields[6],
-                issued_at=int(fields[7]), expires_at=int(fields[8]),
-            )  # fmt: skip
+                session_id=s[0],
+                job=s[1],
+                owner_uid=int(s[2]),
+                requester_uid=int(s[3]),
+                client_key=s[4],
+                starter_id=s[5],
+                starter_key=fields[6],
+                issued_at=int(fields[7]),
+                expires_at=int(fields[8]),
+            )
         except (UnicodeDecodeError, ValueError):
             raise CapabilityError("capability has a malformed field") from None
         # int() also reads " 7", "+7", "0_7" and other scripts' digits: only the one

@@ -385,12 +385,38 @@ class SessionReady(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
-        Submit, SubmitReply, Query, JobList, Act, ActReply, Status, StatusReply, Output,
-        OutputReply, SshRequest, SshGrant, Error, StarterHello, BrokerHello, StarterAuth,
-        Welcome, StarterSync, RunJob, SignalJob, OpenSession, FetchOutput, OutputData,
-        JobUpdate, Ack, SessionFailed, Ping, SessionAttach, SessionOpen, SessionReady,
+        Submit,
+        SubmitReply,
+        Query,
+        JobList,
+        Act,
+        ActReply,
+        Status,
+        StatusReply,
+        Output,
+        OutputReply,
+        SshRequest,
+        SshGrant,
+        Error,
+        StarterHello,
+        BrokerHello,
+        StarterAuth,
+        Welcome,
+        StarterSync,
+        RunJob,
+        SignalJob,
+        OpenSession,
+        FetchOutput,
+        OutputData,
+        JobUpdate,
+        Ack,
+        SessionFailed,
+        Ping,
+        SessionAttach,
+        SessionOpen,
+        SessionReady,
     )
-}  # fmt: skip
+}
 
 
 # --------------------------------------------------------------------------- encoding
@@ -458,8 +484,9 @@ def _encode_attrs(value: Any) -> dict[str, Any]:
                 optional.append(f"    if v.{name} != _k{i}:\n        d[{name!r}] = {expr}\n")
             else:
                 items.append(f"{name!r}: {expr}")
-        src = (f"def enc(v):\n    d = {{{', '.join(items)}}}\n" + "".join(optional)
-               + "    return d\n")  # fmt: skip
+        src = (
+            f"def enc(v):\n    d = {{{', '.join(items)}}}\n" + "".join(optional) + "    return d\n"
+        )
         exec(compile(src, f"<wire encoder {cls.__name__}>", "exec"), ns)  # noqa: S102
         enc = ns["enc"]
         _compiled_encoders[cls] = enc
@@ -568,8 +595,12 @@ def _dec_env(value: Any, path: str) -> dict[str, str]:
 
 def _build_decoder(tp: Any) -> _Decoder:
     simple: dict[Any, _Decoder] = {
-        int: _dec_int, float: _dec_float, bool: _dec_bool, str: _dec_str, bytes: _dec_bytes,
-    }  # fmt: skip
+        int: _dec_int,
+        float: _dec_float,
+        bool: _dec_bool,
+        str: _dec_str,
+        bytes: _dec_bytes,
+    }
     if tp in simple:
         return simple[tp]
     origin = typing.get_origin(tp)
@@ -605,8 +636,14 @@ def _table(cls: type) -> tuple[frozenset[str], list[_Field]]:
         for f in attrs.fields(cls):
             tp = hints[f.name]
             # str and int fields are checked inline in _decode_attrs (most fields are).
-            fields.append((f.name, tp if tp in (str, int) else None, _decoder_for(tp),
-                           f.default is attrs.NOTHING))  # fmt: skip
+            fields.append(
+                (
+                    f.name,
+                    tp if tp in (str, int) else None,
+                    _decoder_for(tp),
+                    f.default is attrs.NOTHING,
+                )
+            )
         table = (frozenset(name for name, *_ in fields), fields)
         _tables[cls] = table
     return table
@@ -643,9 +680,15 @@ def _compile_decoder(cls: type) -> Callable[[Any, str, frozenset[str]], Any]:
     """
     known, fields = _table(cls)
     ns: dict[str, Any] = {
-        "_cls": cls, "_known": known, "_MISSING": _MISSING, "_fail": _fail, "_sub": _sub,
-        "_unknown": _unknown_fields, "_construct": _construct, "_LIMIT": _INT_LIMIT,
-    }  # fmt: skip
+        "_cls": cls,
+        "_known": known,
+        "_MISSING": _MISSING,
+        "_fail": _fail,
+        "_sub": _sub,
+        "_unknown": _unknown_fields,
+        "_construct": _construct,
+        "_LIMIT": _INT_LIMIT,
+    }
     lines = [
         "def dec(value, path, skip):",
         "    if type(value) is not dict:",
@@ -658,8 +701,10 @@ def _compile_decoder(cls: type) -> Callable[[Any, str, frozenset[str]], Any]:
         ns[f"_d{i}"] = dec
         lines.append(f"    v = value.get({name!r}, _MISSING)")
         if required:
-            lines += ["    if v is _MISSING:",
-                      f"        raise _fail(_sub(path, {name!r}), 'missing')"]  # fmt: skip
+            lines += [
+                "    if v is _MISSING:",
+                f"        raise _fail(_sub(path, {name!r}), 'missing')",
+            ]
             indent = "    "
         else:
             # Absent: the attrs default (a factory is called, as attrs' own __init__ would).
@@ -678,8 +723,10 @@ def _compile_decoder(cls: type) -> Callable[[Any, str, frozenset[str]], Any]:
         else:
             test = ""
         if test:
-            lines += [f"{indent}if not ({test}):",
-                      f"{indent}    v = _d{i}(v, _sub(path, {name!r}))"]  # fmt: skip
+            lines += [
+                f"{indent}if not ({test}):",
+                f"{indent}    v = _d{i}(v, _sub(path, {name!r}))",
+            ]
         else:
             lines.append(f"{indent}v = _d{i}(v, _sub(path, {name!r}))")
         lines.append(f"{indent}a{i} = v")

@@ -43,8 +43,9 @@ class Ephemeral:
             raise RemoteProtocolError("peer's X25519 key is degenerate") from None
 
 
-def channel_keys(shared: bytes, starter_public: bytes, broker_public: bytes,
-                 transcript: bytes) -> tuple[bytes, bytes]:  # fmt: skip
+def channel_keys(
+    shared: bytes, starter_public: bytes, broker_public: bytes, transcript: bytes
+) -> tuple[bytes, bytes]:
     """(starter->broker key, broker->starter key) from the DH secret and the handshake."""
     h = hashlib.blake2b(digest_size=64, person=_PERSON)
     for part in (shared, starter_public, broker_public, transcript):

@@ -28,15 +28,24 @@ def ed25519_keypair(comment: str = "") -> tuple[bytes, str]:
     public_blob = _string(_KEYTYPE) + _string(pk)
     check = os.urandom(4)
     private = (
-        check + check + _string(_KEYTYPE) + _string(pk) + _string(seed + pk)
+        check
+        + check
+        + _string(_KEYTYPE)
+        + _string(pk)
+        + _string(seed + pk)
         + _string(comment.encode())
-    )  # fmt: skip
+    )
     # Pad to the cipher block size ("none": 8) with 1, 2, 3, ... as the format requires.
     private += bytes(range(1, 1 + (-len(private) % 8)))
     body = (
-        _MAGIC + _string(b"none") + _string(b"none") + _string(b"") + struct.pack(">I", 1)
-        + _string(public_blob) + _string(private)
-    )  # fmt: skip
+        _MAGIC
+        + _string(b"none")
+        + _string(b"none")
+        + _string(b"")
+        + struct.pack(">I", 1)
+        + _string(public_blob)
+        + _string(private)
+    )
     b64 = base64.b64encode(body).decode()
     lines = [b64[i : i + 70] for i in range(0, len(b64), 70)]
     pem = "-----BEGIN OPENSSH PRIVATE KEY-----\n" + "\n".join(lines)
