@@ -461,35 +461,40 @@ def _fields_encoders(cls: type) -> list[tuple[str, _Encoder | None]]:
     return table
 
 
-_compiled_encoders: dict[type, Callable[[Any], dict[str, Any]]] = {}
+_encode_fns: dict[type, Callable[[Any], dict[str, Any]]] = {}
+_KEEP = object()  # "no default to leave out" in an encoder's plan
+
+
+def _make_encoder(cls: type) -> Callable[[Any], dict[str, Any]]:
+    """The JSON-ready dict of one attrs class's values: a closure over a per-field plan.
+
+    Classes marked ``OMIT_DEFAULTS`` (long job listings) leave out fields at their default
+    value; the decoder puts the default back.
+    """
+    omit = getattr(cls, "OMIT_DEFAULTS", False)
+    plan: list[tuple[str, _Encoder | None, Any]] = []
+    for f, (name, conv) in zip(attrs.fields(cls), _fields_encoders(cls), strict=True):
+        default = f.default
+        plain = default is not attrs.NOTHING and not isinstance(default, attrs.Factory)  # type: ignore[arg-type]  # a class at run time
+        plan.append((name, conv, default if omit and plain else _KEEP))
+
+    def enc(value: Any) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for name, conv, default in plan:
+            v = getattr(value, name)
+            if default is not _KEEP and v == default:
+                continue
+            d[name] = v if conv is None else conv(v)
+        return d
+
+    return enc
 
 
 def _encode_attrs(value: Any) -> dict[str, Any]:
-    """The JSON-ready dict of an attrs value, by a function generated once per class."""
     cls = type(value)
-    enc = _compiled_encoders.get(cls)
+    enc = _encode_fns.get(cls)
     if enc is None:
-        table = _fields_encoders(cls)
-        defaults = {f.name: f.default for f in attrs.fields(cls)}
-        omit = getattr(cls, "OMIT_DEFAULTS", False)
-        ns: dict[str, Any] = {}
-        items, optional = [], []
-        for i, (name, conv) in enumerate(table):
-            expr = f"v.{name}" if conv is None else f"_c{i}(v.{name})"
-            ns[f"_c{i}"] = conv
-            default = defaults[name]
-            factory = isinstance(default, attrs.Factory)  # type: ignore[arg-type]  # a class at run time
-            if omit and default is not attrs.NOTHING and not factory:
-                ns[f"_k{i}"] = default
-                optional.append(f"    if v.{name} != _k{i}:\n        d[{name!r}] = {expr}\n")
-            else:
-                items.append(f"{name!r}: {expr}")
-        src = (
-            f"def enc(v):\n    d = {{{', '.join(items)}}}\n" + "".join(optional) + "    return d\n"
-        )
-        exec(compile(src, f"<wire encoder {cls.__name__}>", "exec"), ns)  # noqa: S102
-        enc = ns["enc"]
-        _compiled_encoders[cls] = enc
+        enc = _encode_fns[cls] = _make_encoder(cls)
     return enc(value)
 
 
@@ -668,87 +673,65 @@ def _construct(cls: type, path: str, kwargs: dict[str, Any]) -> Any:
         raise _fail(path or cls.__name__, what) from None
 
 
-_compiled_decoders: dict[type, Callable[[Any, str, frozenset[str]], Any]] = {}
+_DecodeFn = Callable[[Any, str, frozenset[str]], Any]
+_decode_fns: dict[type, _DecodeFn] = {}
+_REQUIRED, _FACTORY, _DEFAULT = range(3)
 
 
-def _compile_decoder(cls: type) -> Callable[[Any, str, frozenset[str]], Any]:
-    """A decoder for one attrs class, generated once (the way attrs writes __init__).
+def _make_decoder(cls: type) -> _DecodeFn:
+    """The checking decoder of one attrs class: a closure over the per-field table.
 
-    Same checks, in the same order, as the table-driven description in _table: str and int
-    fields are tested inline, other types call their decoder, absent fields keep their
-    default, unknown fields and failing validators are the peer's error.
+    str and int fields (most of them) are checked inline and call their decoder only to raise
+    the error; absent fields take their attrs default (a factory is called, as attrs' own
+    __init__ would); unknown fields and failing validators are the peer's error.
     """
     known, fields = _table(cls)
-    ns: dict[str, Any] = {
-        "_cls": cls,
-        "_known": known,
-        "_MISSING": _MISSING,
-        "_fail": _fail,
-        "_sub": _sub,
-        "_unknown": _unknown_fields,
-        "_construct": _construct,
-        "_LIMIT": _INT_LIMIT,
-    }
-    lines = [
-        "def dec(value, path, skip):",
-        "    if type(value) is not dict:",
-        "        raise _fail(path, 'expected an object')",
-        "    if not _known.issuperset(value.keys()):",
-        "        _unknown(_cls, value, path, skip)",
-    ]
-    defaults = {f.name: f.default for f in attrs.fields(cls)}
-    for i, (name, inline, dec, required) in enumerate(fields):
-        ns[f"_d{i}"] = dec
-        lines.append(f"    v = value.get({name!r}, _MISSING)")
-        if required:
-            lines += [
-                "    if v is _MISSING:",
-                f"        raise _fail(_sub(path, {name!r}), 'missing')",
-            ]
-            indent = "    "
-        else:
-            # Absent: the attrs default (a factory is called, as attrs' own __init__ would).
-            default = defaults[name]
-            if isinstance(default, attrs.Factory):  # type: ignore[arg-type]  # a class at run time
-                ns[f"_f{i}"] = default.factory
-                lines += ["    if v is _MISSING:", f"        a{i} = _f{i}()", "    else:"]
-            else:
-                ns[f"_k{i}"] = default
-                lines += ["    if v is _MISSING:", f"        a{i} = _k{i}", "    else:"]
-            indent = "        "
-        if inline is str:
-            test = "type(v) is str and v.isascii()"
-        elif inline is int:
-            test = "type(v) is int and -_LIMIT <= v < _LIMIT"
-        else:
-            test = ""
-        if test:
-            lines += [
-                f"{indent}if not ({test}):",
-                f"{indent}    v = _d{i}(v, _sub(path, {name!r}))",
-            ]
-        else:
-            lines.append(f"{indent}v = _d{i}(v, _sub(path, {name!r}))")
-        lines.append(f"{indent}a{i} = v")
+    attr_fields = attrs.fields(cls)
     names = [name for name, *_ in fields]
-    args = ", ".join(f"a{i}" for i in range(len(fields)))
-    kw = ", ".join(f"{name!r}: a{i}" for i, name in enumerate(names))
-    lines += [
-        "    try:",
-        f"        return _cls({args})",
-        "    except (ValueError, TypeError):",
-        f"        return _construct(_cls, path, {{{kw}}})",
-    ]
-    exec(compile("\n".join(lines) + "\n", f"<wire decoder {cls.__name__}>", "exec"), ns)  # noqa: S102
-    dec_fn: Callable[[Any, str, frozenset[str]], Any] = ns["dec"]
+    plan: list[tuple[str, Any, _Decoder, int, Any]] = []
+    for f, (name, inline, dec, required) in zip(attr_fields, fields, strict=True):
+        if required:
+            plan.append((name, inline, dec, _REQUIRED, None))
+        elif isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]  # a class at run time
+            plan.append((name, inline, dec, _FACTORY, f.default.factory))
+        else:
+            plan.append((name, inline, dec, _DEFAULT, f.default))
+
+    def dec_fn(value: Any, path: str, skip: frozenset[str]) -> Any:
+        if type(value) is not dict:
+            raise _fail(path, "expected an object")
+        if not known.issuperset(value.keys()):
+            _unknown_fields(cls, value, path, skip)
+        get = value.get
+        args: list[Any] = []
+        for name, inline, dec, kind, default in plan:
+            v = get(name, _MISSING)
+            if v is _MISSING:
+                if kind == _REQUIRED:
+                    raise _fail(_sub(path, name), "missing")
+                args.append(default() if kind == _FACTORY else default)
+                continue
+            if inline is str:
+                if not (type(v) is str and v.isascii()):
+                    v = dec(v, _sub(path, name))
+            elif inline is int:
+                if not (type(v) is int and -_INT_LIMIT <= v < _INT_LIMIT):
+                    v = dec(v, _sub(path, name))
+            else:
+                v = dec(v, _sub(path, name))
+            args.append(v)
+        try:
+            return cls(*args)
+        except (ValueError, TypeError):
+            return _construct(cls, path, dict(zip(names, args, strict=True)))
+
     return dec_fn
 
 
 def _decode_attrs(cls: type, value: Any, path: str, skip: frozenset[str] = frozenset()) -> Any:
-    dec = _compiled_decoders.get(cls)
+    dec = _decode_fns.get(cls)
     if dec is None:
-        dec = _compile_decoder(cls)
-        _compiled_decoders[cls] = dec
+        dec = _decode_fns[cls] = _make_decoder(cls)
     return dec(value, path, skip)
 
 
