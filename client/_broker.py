@@ -11,6 +11,7 @@ import os
 import pathlib
 import socket
 import sys
+from typing import TypeVar
 
 from ssh_to_job import common, wire
 
@@ -18,7 +19,23 @@ SYSTEM_SOCKET = common.SYSTEM_STATE_DIR / "broker.sock"
 
 
 class BrokerUnavailable(ConnectionError):
-    pass
+    """The broker cannot be reached, went away mid-request, or answered nonsense."""
+
+
+class BrokerRefused(Exception):
+    """The broker answered with an error frame; ``message`` is meant for the user."""
+
+    def __init__(self, error: wire.Error) -> None:
+        super().__init__(error.message)
+        self.code = error.code
+        self.message = error.message
+
+
+class RequestTooLarge(ValueError):
+    """The request does not fit in one frame (e.g. a submit with a huge environment)."""
+
+
+_R = TypeVar("_R", bound=wire.Message)
 
 
 def find_socket(name: str | None = None, config_path: str | None = None) -> pathlib.Path:
@@ -82,9 +99,32 @@ class BrokerClient:
                     self.fds.extend(fds)
             self.conn.receive_data(data)
 
+    def _receive(self) -> wire.Message:
+        try:
+            return self._next()
+        except wire.RemoteProtocolError as exc:
+            raise BrokerUnavailable(f"the broker sent something unreadable: {exc}") from None
+
     def request(self, msg: wire.Message) -> wire.Message:
-        self.sock.sendall(self.conn.send(msg))
-        return self._next()
+        try:
+            data = self.conn.send(msg)
+        except wire.LocalProtocolError as exc:
+            raise RequestTooLarge(f"the request is too large to send: {exc}") from None
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise BrokerUnavailable(f"lost the broker: {exc.strerror or exc}") from None
+        return self._receive()
+
+    def call(self, msg: wire.Message, reply_type: type[_R]) -> _R:
+        """Send ``msg`` and return its reply: BrokerRefused for an error, BrokerUnavailable
+        for anything that is not a ``reply_type``."""
+        reply = self.request(msg)
+        if isinstance(reply, wire.Error):
+            raise BrokerRefused(reply)
+        if not isinstance(reply, reply_type):
+            raise BrokerUnavailable(f"the broker answered {reply.TYPE!r} to {msg.TYPE!r}")
+        return reply
 
     def jobs(self, query: wire.Query) -> list[wire.JobInfo] | wire.Error:
         reply = self.request(query)
@@ -92,11 +132,12 @@ class BrokerClient:
         while True:
             if isinstance(reply, wire.Error):
                 return reply
-            assert isinstance(reply, wire.JobList)
+            if not isinstance(reply, wire.JobList):
+                raise BrokerUnavailable(f"the broker answered {reply.TYPE!r} to a query")
             out.extend(reply.jobs)
             if reply.last:
                 return out
-            reply = self._next()
+            reply = self._receive()
 
     def ssh(self, msg: wire.SshRequest) -> tuple[wire.Message, int | None]:
         """Returns the reply and, with a grant, the session socket's file descriptor."""
@@ -107,6 +148,17 @@ class BrokerClient:
         return reply, fd
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (an escape sequence in a job's
+    arguments, a hold reason, a starter's name) are shown as ``\\xNN``, never sent raw."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+        for c in text
+    )
+
+
 def die(message: str, code: int = 1) -> int:
-    print(f"{os.path.basename(sys.argv[0]) or 'stj'}: {message}", file=sys.stderr)
+    print(f"{os.path.basename(sys.argv[0]) or 'stj'}: {printable(message)}", file=sys.stderr)
     return code

@@ -82,6 +82,7 @@ class Options:
     x11: bool | None = None
     debug: bool = False
     help: bool = False
+    version: bool = False
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -121,6 +122,8 @@ def parse_args(argv: list[str]) -> Options:
         elif key in _FLAGS and not eq:
             if key in ("help", "h"):
                 opts.help = True
+            elif key == "version":
+                opts.version = True
             elif key == "debug":
                 opts.debug = True
             elif key == "auto-retry":
@@ -134,7 +137,7 @@ def parse_args(argv: list[str]) -> Options:
         else:
             raise UsageError(f"unknown option {arg}")
         i += 1
-    if opts.help:
+    if opts.help or opts.version:
         return opts
     if i >= len(argv):
         raise UsageError("no job id given")
@@ -587,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if opts.help:
         print(USAGE)
+        return 0
+    if opts.version:
+        from ssh_to_job import __version__
+
+        print(f"ssh-to-job {__version__}")
         return 0
     return run(opts)
 

@@ -23,7 +23,15 @@ import attrs
 
 from ssh_to_job import common, wire
 
-from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
+from ._broker import (
+    BrokerClient,
+    BrokerRefused,
+    BrokerUnavailable,
+    RequestTooLarge,
+    die,
+    find_socket,
+    printable,
+)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -32,7 +40,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ssh_to_job import __version__
+
     ap = argparse.ArgumentParser(prog="stj", description="ssh-to-job pool commands")
+    ap.add_argument("--version", action="version", version=f"stj (ssh-to-job) {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("pool", help="run a personal pool: a broker and a starter on this host")
@@ -250,14 +261,8 @@ def cmd_submit(a: argparse.Namespace) -> int:
         count = a.count if a.count is not None else count
     except ValueError as exc:
         return die(str(exc), 2)
-    try:
-        with _client(a) as bc:
-            reply = bc.request(wire.Submit(spec=spec, count=count))
-    except BrokerUnavailable as exc:
-        return die(str(exc))
-    if isinstance(reply, wire.Error):
-        return die(reply.message)
-    assert isinstance(reply, wire.SubmitReply)
+    with _client(a) as bc:
+        reply = bc.call(wire.Submit(spec=spec, count=count), wire.SubmitReply)
     print(
         f"submitted {reply.count} job(s) to cluster {reply.cluster}: "
         + " ".join(f"{reply.cluster}.{p}" for p in range(min(reply.count, 20)))
@@ -335,7 +340,7 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
             f"{'SSH':<4} CMD\n"
         )
     for j in jobs:
-        cmd = " ".join((os.path.basename(j.executable), *j.args))[:60]
+        cmd = printable(" ".join((os.path.basename(j.executable), *j.args))[:60])
         if history:
             ex = (
                 f"sig {j.exit_signal}"
@@ -348,8 +353,9 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
         else:
             extra = f"{j.sessions:<4}"
         state = j.state + (f" ({j.hold_reason})" if j.state == "held" and j.hold_reason else "")
+        owner, state = printable(j.owner), printable(state)
         out.write(
-            f"{j.id:<10} {j.owner:<10} {state:<10} {_fmt_time(j.submitted):<15} "
+            f"{j.id:<10} {owner:<10} {state:<10} {_fmt_time(j.submitted):<15} "
             f"{_fmt_dur(j):<11} {extra} {cmd}\n"
         )
     if not history:
@@ -367,31 +373,21 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
 def cmd_act(a: argparse.Namespace) -> int:
     if (rc := _bad_id(a.ids)) is not None:
         return rc
-    try:
-        with _client(a) as bc:
-            reply = bc.request(wire.Act(action=a.cmd, ids=tuple(a.ids), reason=a.reason))
-    except BrokerUnavailable as exc:
-        return die(str(exc))
-    if isinstance(reply, wire.Error):
-        return die(reply.message)
-    assert isinstance(reply, wire.ActReply)
+    with _client(a) as bc:
+        reply = bc.call(wire.Act(action=a.cmd, ids=tuple(a.ids), reason=a.reason), wire.ActReply)
     rc = 0
     for r in reply.results:
         if r.ok:
-            print(r.message)
+            print(printable(r.message))
         else:
-            print(f"stj {a.cmd}: {r.message}", file=sys.stderr)
+            print(f"stj {a.cmd}: {printable(r.message)}", file=sys.stderr)
             rc = 1
     return rc
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    try:
-        with _client(a) as bc:
-            reply = bc.request(wire.Status())
-    except BrokerUnavailable as exc:
-        return die(str(exc))
-    assert isinstance(reply, wire.StatusReply)
+    with _client(a) as bc:
+        reply = bc.call(wire.Status(), wire.StatusReply)
     if a.json:
         json.dump(attrs.asdict(reply), sys.stdout, indent=1, default=list)
         print()
@@ -404,8 +400,10 @@ def cmd_status(a: argparse.Namespace) -> int:
         print("no starters connected")
     for s in reply.starters:
         print(
-            f"starter {s.starter_id} ({s.address}): {s.busy}/{s.slots} slots busy"
-            + (f": {' '.join(s.jobs)}" if s.jobs else "")
+            printable(
+                f"starter {s.starter_id} ({s.address}): {s.busy}/{s.slots} slots busy"
+                + (f": {' '.join(s.jobs)}" if s.jobs else "")
+            )
         )
     return 0
 
@@ -413,15 +411,12 @@ def cmd_status(a: argparse.Namespace) -> int:
 def cmd_output(a: argparse.Namespace) -> int:
     try:
         jid = wire.parse_job_id(a.id)
-        with _client(a) as bc:
-            reply = bc.request(wire.Output(id=jid.one, stream="stderr" if a.stderr else "stdout"))
     except ValueError as exc:
         return die(str(exc), 2)
-    except BrokerUnavailable as exc:
-        return die(str(exc))
-    if isinstance(reply, wire.Error):
-        return die(reply.message)
-    assert isinstance(reply, wire.OutputReply)
+    with _client(a) as bc:
+        reply = bc.call(
+            wire.Output(id=jid.one, stream="stderr" if a.stderr else "stdout"), wire.OutputReply
+        )
     sys.stdout.buffer.write(reply.data)
     return 0
 
@@ -452,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except common.ConfigError as exc:
         return die(f"config: {exc}", 2)
+    except RequestTooLarge as exc:
+        return die(str(exc), 2)
+    except (BrokerUnavailable, BrokerRefused) as exc:
+        return die(str(exc))
     except KeyboardInterrupt:
         return 130
     raise AssertionError(a.cmd)

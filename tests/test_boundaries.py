@@ -84,8 +84,9 @@ def _edges() -> list[tuple[str, str, str, int]]:
                 continue
             if top == "ssh_to_job":
                 parts = name.split(".")
-                target = parts[1] if len(parts) > 1 else ""
-                if target == part:
+                # ssh_to_job.<part>...; anything else is the root's metadata (__version__).
+                target = parts[1] if len(parts) > 1 and parts[1] in ALLOWED else ""
+                if target in (part, ""):
                     continue
                 if any(p.startswith("_") for p in parts[2:]) and (part, name) not in PRIVATE_OK:
                     edges.append((part, name + " (private)", str(path), line))

@@ -1,0 +1,90 @@
+"""The command-line clients fail cleanly: one line, an exit status, never a traceback; and
+what they print from the queue cannot drive the user's terminal."""
+
+from __future__ import annotations
+
+import pathlib
+import socket
+import threading
+
+from conftest import SSH_TO_JOB, STJ, Pool, User
+
+from ssh_to_job import __version__
+
+
+def test_version_flags(pool: Pool, users: dict[str, User]) -> None:
+    """-version (condor spelling) and --version print the installed version and exit 0."""
+    for argv in ([SSH_TO_JOB, "-version"], [SSH_TO_JOB, "--version"], [STJ, "--version"]):
+        r = pool.run(users["a"], argv)
+        assert r.returncode == 0, r
+        assert __version__ in r.stdout, r
+
+
+def test_a_submit_too_large_for_a_frame_is_one_clear_line(
+    pool: Pool, users: dict[str, User]
+) -> None:
+    """A 1.2 MB environment does not fit a frame: exit 2 and a sentence, not a traceback."""
+    # Ten variables of 120 kB: each under the kernel's 128 KiB limit for one argument.
+    env = [x for i in range(10) for x in ("-e", f"BIG{i}=" + "x" * 120_000)]
+    r = pool.stj(users["a"], "submit", *env, "/bin/true", check=False)
+    assert r.returncode == 2, r
+    assert "too large" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_control_characters_are_escaped_in_listings(pool: Pool, users: dict[str, User]) -> None:
+    """An escape sequence in a job's arguments or hold reason is shown as text in stj q."""
+    a = users["a"]
+    (job,) = pool.submit(a, "/bin/sh", "-c", "sleep 300", "\x1b]0;owned\x07\x1b[2J")
+    try:
+        pool.stj(a, "hold", "--reason", "why\x1b[31mred", job)
+        pool.wait_state(job, "held")
+        r = pool.stj(a, "q")
+        assert "\x1b" not in r.stdout, repr(r.stdout)
+        assert "\x07" not in r.stdout, repr(r.stdout)
+        line = next(x for x in r.stdout.splitlines() if x.startswith(job + " "))
+        assert "\\x1b]0;owned\\x07" in line, line
+        assert "why\\x1b[31mred" in line, line
+        # The reason comes back in stj's own messages too.
+        r = pool.stj(a, "hold", "--reason", "\x1b[2J", job, check=False)
+        assert "\x1b" not in r.stderr + r.stdout
+    finally:
+        pool.stj(a, "rm", job, check=False)
+
+
+def _one_shot_peer(path: pathlib.Path, answer: bytes) -> threading.Thread:
+    """A unix-socket peer that reads a request, writes ``answer`` and hangs up."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    path.chmod(0o666)
+    srv.listen(1)
+    srv.settimeout(20)
+
+    def serve() -> None:
+        with srv:
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(10)
+                conn.recv(65536)
+                if answer:
+                    conn.sendall(answer)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_broker_that_dies_mid_request_is_one_line(
+    tmp_path: pathlib.Path, pool: Pool, users: dict[str, User]
+) -> None:
+    """A broker that hangs up, or answers garbage, gives stj exit 1 and a sentence."""
+    tmp_path.chmod(0o755)
+    for answer, says in ((b"", "closed the connection"), (b"\0\0\0\3{x}", "unreadable")):
+        sock = tmp_path / f"b{len(answer)}.sock"
+        t = _one_shot_peer(sock, answer)
+        r = pool.run(users["root"], [STJ, "status", "--name", str(sock)], timeout=30)
+        t.join(5)
+        assert r.returncode == 1, r
+        assert says in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr, r.stderr
