@@ -12,8 +12,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import tomllib
@@ -23,6 +21,7 @@ import attrs
 
 from ssh_to_job import common, wire
 
+from . import _pool
 from ._broker import (
     BrokerClient,
     BrokerRefused,
@@ -108,7 +107,7 @@ def run_daemon(role: str, argv: list[str]) -> NoReturn:
 
 
 def cmd_pool(a: argparse.Namespace) -> int:
-    """A broker and a starter as two processes, so either can die without the other."""
+    """A broker and a starter on this host, supervised (see _pool)."""
     config, state = common.config_and_state(a)
     if a.slots is not None:
         # Checked here, with the config's own validator, before any daemon starts.
@@ -120,61 +119,23 @@ def cmd_pool(a: argparse.Namespace) -> int:
     trust = state / "trusted_starters"
     trust.mkdir(mode=0o755, exist_ok=True)
     common.write_public(trust / "local.pub", common.public_hex(seed).encode() + b"\n")
+    try:
+        _lock = _pool.lock_pool(state)  # held until this process ends
+    except _pool.PoolLocked as exc:
+        return die(str(exc))
     flags = ["--state-dir", str(state)]
     if a.config:
         flags += ["--config", a.config]
     if a.debug:
         flags.append("--debug")
-    addr = state / "broker.addr"
-    addr.unlink(missing_ok=True)
-    broker = subprocess.Popen([*_daemon_argv("broker"), *flags])
-    for _ in range(200):
-        if addr.exists() or broker.poll() is not None:
-            break
-        time.sleep(0.05)
-    if not addr.exists():
-        broker.kill()
-        return die("the broker did not start")
     st_args = ["--slots", str(a.slots)] if a.slots is not None else []
-    starter = subprocess.Popen([*_daemon_argv("starter"), *flags, *st_args])
-    print(
-        f"stj: personal pool running in {state} (broker pid {broker.pid}, starter pid "
-        f"{starter.pid}); Ctrl-C stops it",
-        file=sys.stderr,
-        flush=True,
+    label = "pool" if os.getuid() == 0 else "personal pool"
+    return _pool.supervise(
+        state,
+        [*_daemon_argv("broker"), *flags],
+        [*_daemon_argv("starter"), *flags, *st_args],
+        label,
     )
-
-    def stop(_sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, stop)
-    try:
-        # The starter holds the jobs: a broker that dies (or is restarted by hand) does not
-        # take it down; the starter redials until a broker is back.
-        said = False
-        while starter.poll() is None:
-            if broker.poll() is not None and not said:
-                print(
-                    f"stj: the broker exited ({broker.returncode}); the starter keeps the jobs "
-                    "running and redials",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                said = True
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in (starter, broker):
-            if p.poll() is None:
-                p.terminate()
-        for p in (starter, broker):
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    return 0
 
 
 # ---------------------------------------------------------------------------- clients
@@ -451,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         return die(str(exc), 2)
     except (BrokerUnavailable, BrokerRefused) as exc:
         return die(str(exc))
+    except OSError as exc:
+        # E.g. a --state-dir whose parent this user cannot write.
+        where = f": {exc.filename}" if exc.filename else ""
+        return die(f"{exc.strerror or exc}{where}")
     except KeyboardInterrupt:
         return 130
     raise AssertionError(a.cmd)

@@ -17,7 +17,6 @@ import signal
 import socket
 import sqlite3
 import stat
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -46,9 +45,9 @@ def submit(pool: Pool, user: User, *argv: str) -> str:
 def test_broker_sigkill_and_restart_loses_nothing(
     make_pool: Callable[..., Pool], users: dict[str, User]
 ) -> None:
-    """With the broker killed by SIGKILL, jobs keep running and one finishes; a broker restarted
-    on the same state directory has every job back, the starter redials by itself, and the exit
-    code of the job that ended meanwhile is recorded."""
+    """With the broker killed by SIGKILL, jobs keep running and one finishes; the broker that
+    stj pool restarts on the same state directory has every job back, the starter redials by
+    itself, and the exit code of the job that ended meanwhile is recorded."""
     a = users["a"]
     pool = make_pool(config="[starter]\nreconnect_max = 0.3\n")
     long = submit(pool, a, "/bin/sleep", "120")
@@ -60,70 +59,62 @@ def test_broker_sigkill_and_restart_loses_nothing(
     (ends_pid,) = ends_info["pids"]
     (broker_pid,) = pool.pids("broker")
     (starter_pid,) = pool.pids("starter")
+    assert pool.proc is not None
 
-    os.kill(broker_pid, signal.SIGKILL)
-    wait_for("the broker to die", lambda: not alive(broker_pid), 5)
-    r = pool.stj(a, "q", check=False)
-    assert r.returncode == 1
-    assert "cannot reach the broker" in r.stderr
-    # Jobs keep running without a broker; one of them finishes meanwhile.
-    procs = {"long job": long_pid, "ending job": ends_pid, "starter": starter_pid}
-    assert {k: alive(p) for k, p in procs.items()} == dict.fromkeys(procs, True), pool.log_text()
-    scratch = pathlib.Path(ends_info["scratch"])
-    (scratch / "go").touch()
-    wait_for("the job to end while the broker is down", lambda: not alive(ends_pid), 5)
-    wait_for("the starter to clean up after it", lambda: not scratch.exists(), 5)
-    time.sleep(0.2)
-    assert alive(long_pid)
-    assert alive(starter_pid)
-
-    log = open(pool.state / "broker2.log", "ab")
-    broker = subprocess.Popen(
-        [STJ, "broker", "--state-dir", str(pool.state), "--config", str(pool.config_path)],
-        stdout=log,
-        stderr=log,
-        stdin=subprocess.DEVNULL,
-        env=pool.env(ROOT),
-        start_new_session=True,
-    )
+    # Pause the supervisor so that the broker stays down while we look; it restarts the broker
+    # when it runs again.
+    os.kill(pool.proc.pid, signal.SIGSTOP)
     try:
-        pool.wait_for_starter(timeout=15)
-        # The new broker (almost always) listens on a new port: the starter found it.
-        assert pool.pids("starter") == [starter_pid]
-        live = pool.jobs()
-        assert live[long]["state"] == "running"
-        assert live[long]["pids"] == [long_pid]
+        os.kill(broker_pid, signal.SIGKILL)
+        wait_for("the broker to die", lambda: not alive(broker_pid), 5)
+        r = pool.stj(a, "q", check=False)
+        assert r.returncode == 1
+        assert "cannot reach the broker" in r.stderr
+        # Jobs keep running without a broker; one of them finishes meanwhile.
+        procs = {"long job": long_pid, "ending job": ends_pid, "starter": starter_pid}
+        assert {k: alive(p) for k, p in procs.items()} == dict.fromkeys(procs, True)
+        scratch = pathlib.Path(ends_info["scratch"])
+        (scratch / "go").touch()
+        wait_for("the job to end while the broker is down", lambda: not alive(ends_pid), 5)
+        wait_for("the starter to clean up after it", lambda: not scratch.exists(), 5)
+        time.sleep(0.2)
         assert alive(long_pid)
-        assert (live[held]["state"], live[held]["hold_reason"]) == ("held", "keep me held")
-        done = wait_for("the exit to be recorded", lambda: pool.jobs(history=True).get(ends), 10)
-        assert (done["state"], done["exit_code"], done["exit_signal"]) == ("completed", 5, None)
-        st = json.loads(pool.stj(a, "status", "--json").stdout)
-        assert st["broker_pid"] == broker.pid
-        assert [s["jobs"] for s in st["starters"]] == [[long]]
-        # The restarted broker runs new work, and can still end the old.
-        new = submit(pool, a, "/bin/true")
-        assert pool.wait_state(new, "completed")["exit_code"] == 0
-        pool.stj(a, "rm", long)
-        pool.wait_state(long, "removed")
-        wait_for("the old job to be killed", lambda: not alive(long_pid), 5)
-        # The queue that survived is SQLite in WAL mode (the mode is stored in the file).
-        db = pool.state / "queue.db"
-        header = db.read_bytes()[:20]
-        assert header[:16] == b"SQLite format 3\0"
-        assert header[18:20] == b"\x02\x02"
-        ro = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            assert ro.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        finally:
-            ro.close()
+        assert alive(starter_pid)
     finally:
-        broker.terminate()
-        try:
-            broker.wait(10)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
-        log.close()
+        os.kill(pool.proc.pid, signal.SIGCONT)
+
+    pool.wait_for_starter(timeout=15)
+    new_broker = wait_for("the pool to restart the broker", lambda: pool.pids("broker"), 10)
+    assert new_broker != [broker_pid]
+    assert "the broker (pid" in pool.log_text()
+    # The new broker (almost always) listens on a new port: the starter found it.
+    assert pool.pids("starter") == [starter_pid]
+    live = pool.jobs()
+    assert live[long]["state"] == "running"
+    assert live[long]["pids"] == [long_pid]
+    assert alive(long_pid)
+    assert (live[held]["state"], live[held]["hold_reason"]) == ("held", "keep me held")
+    done = wait_for("the exit to be recorded", lambda: pool.jobs(history=True).get(ends), 10)
+    assert (done["state"], done["exit_code"], done["exit_signal"]) == ("completed", 5, None)
+    st = json.loads(pool.stj(a, "status", "--json").stdout)
+    assert [st["broker_pid"]] == new_broker
+    assert [s["jobs"] for s in st["starters"]] == [[long]]
+    # The restarted broker runs new work, and can still end the old.
+    new = submit(pool, a, "/bin/true")
+    assert pool.wait_state(new, "completed")["exit_code"] == 0
+    pool.stj(a, "rm", long)
+    pool.wait_state(long, "removed")
+    wait_for("the old job to be killed", lambda: not alive(long_pid), 5)
+    # The queue that survived is SQLite in WAL mode (the mode is stored in the file).
+    db = pool.state / "queue.db"
+    header = db.read_bytes()[:20]
+    assert header[:16] == b"SQLite format 3\0"
+    assert header[18:20] == b"\x02\x02"
+    ro = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        assert ro.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        ro.close()
 
 
 # --------------------------------------------------------------------------- bad input
