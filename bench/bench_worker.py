@@ -97,7 +97,7 @@ def mode_breakdown(a: dict[str, Any]) -> dict[str, Any]:
     stj.generate_key("")
     for _ in range(a["reps"]):
         t = [time.perf_counter()]
-        d = stj.runtime_dir() / secrets.token_hex(6)
+        d = stj.runtime_dir()[0] / secrets.token_hex(6)
         os.mkdir(d, 0o700)
         try:
             private, public = stj.generate_key("")

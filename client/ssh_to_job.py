@@ -22,6 +22,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -212,8 +213,13 @@ def generate_key(options: str) -> tuple[bytes, str]:
 # ---------------------------------------------------------------------------- session files
 
 
-def runtime_dir() -> pathlib.Path:
-    """Our private directory for session files: 0700, ours, not a symlink."""
+def runtime_dir() -> tuple[pathlib.Path, bool]:
+    """Our private directory for session files (0700, ours, not a symlink), and whether it is
+    the shared per-uid one (True) or a fresh one made because that one was squatted.
+
+    With XDG_RUNTIME_DIR unset the per-uid name in /tmp is predictable, so another user can
+    create it first; that must not lock us out: we then make an unpredictable one instead.
+    """
     base = os.environ.get("XDG_RUNTIME_DIR")
     if not base or not os.path.isdir(base) or os.stat(base).st_uid != os.getuid():
         base = os.environ.get("TMPDIR") or "/tmp"
@@ -222,11 +228,14 @@ def runtime_dir() -> pathlib.Path:
         os.mkdir(d, 0o700)
     except FileExistsError:
         st = os.lstat(d)
-        if not os.path.isdir(d) or os.path.islink(d) or st.st_uid != os.getuid():
-            raise PermissionError(f"{d} is not a directory owned by you; remove it") from None
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            import tempfile  # only here: it is not cheap to import
+
+            fresh = tempfile.mkdtemp(prefix=f"ssh-to-job-{os.getuid()}-", dir=base)
+            return pathlib.Path(fresh), False
         if st.st_mode & 0o077:
             os.chmod(d, 0o700)
-    return d
+    return d, True
 
 
 def sweep_stale(base: pathlib.Path) -> None:
@@ -454,8 +463,9 @@ def run(opts: Options) -> int:
             )
     shells = opts.shells or ((os.environ["SHELL"],) if os.environ.get("SHELL") else ())
     try:
-        base = runtime_dir()
-        sweep_stale(base)
+        base, shared = runtime_dir()
+        if shared:
+            sweep_stale(base)
     except OSError as exc:
         return die(f"cannot prepare a private directory for session keys: {exc}")
     d = base / os.urandom(6).hex()
@@ -472,6 +482,8 @@ def run(opts: Options) -> int:
         return die("interrupted", 128 + signals.signum)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+        if not shared:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def _debug(opts: Options, msg: str) -> None:

@@ -4,7 +4,9 @@ what they print from the queue cannot drive the user's terminal."""
 from __future__ import annotations
 
 import pathlib
+import shutil
 import socket
+import tempfile
 import threading
 
 from conftest import SSH_TO_JOB, STJ, Pool, User
@@ -88,3 +90,26 @@ def test_a_broker_that_dies_mid_request_is_one_line(
         assert r.returncode == 1, r
         assert says in r.stderr, r.stderr
         assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_squatted_runtime_dir_does_not_lock_the_user_out(
+    pool: Pool, users: dict[str, User]
+) -> None:
+    """With XDG_RUNTIME_DIR unset, another user who creates our predictable directory first
+    neither blocks ssh-to-job nor gets our session files, and nothing of ours is left there."""
+    a, b = users["a"], users["b"]
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="stjsq-", dir="/tmp"))
+    try:
+        tmp.chmod(0o1777)
+        squat = tmp / f"ssh-to-job-{a.uid}"
+        r = pool.run(b, ["mkdir", "-m", "0777", str(squat)])
+        assert r.returncode == 0, r
+        (job,) = pool.submit(a, "/bin/sleep", "300")
+        pool.wait_state(job, "running")
+        r = pool.ssh(a, job, "id -u", env={"TMPDIR": str(tmp)})
+        assert (r.returncode, r.stdout.strip()) == (0, str(a.uid)), r
+        assert list(squat.iterdir()) == []
+        assert sorted(p.name for p in tmp.iterdir()) == [squat.name]
+        pool.stj(a, "rm", job)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
