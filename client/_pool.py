@@ -56,14 +56,14 @@ def lock_pool(state: pathlib.Path) -> int:
     return fd
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A preexec hook: the child gets SIGTERM when the supervisor dies, however it dies."""
+def _die_with_parent(parent: int, sig: int) -> Callable[[], None]:
+    """A preexec hook: the child gets ``sig`` when the supervisor dies, however it dies."""
 
     def hook() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
         if os.getppid() != parent:  # the supervisor died before the prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
 
     return hook
 
@@ -79,16 +79,18 @@ def _how(code: int) -> str:
 class Daemon:
     """One supervised daemon: its argv, its process, and its restart schedule."""
 
-    def __init__(self, role: str, argv: list[str]) -> None:
+    def __init__(self, role: str, argv: list[str], death_signal: int) -> None:
         self.role = role
         self.argv = argv
+        self.death_signal = death_signal
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.backoff = BACKOFF_FIRST
         self.restart_at: float | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent(os.getpid()))
+        hook = _die_with_parent(os.getpid(), self.death_signal)
+        self.proc = subprocess.Popen(self.argv, preexec_fn=hook)
         self.started = time.monotonic()
         self.restart_at = None
 
@@ -132,7 +134,14 @@ def supervise(state: pathlib.Path, broker: list[str], starter: list[str], label:
     """Run the broker, then the starter, and keep both running until SIGTERM/SIGINT/SIGHUP."""
     addr = state / "broker.addr"
     addr.unlink(missing_ok=True)
-    daemons = [Daemon("broker", broker), Daemon("starter", starter)]
+    # When the supervisor dies (even by SIGKILL) its daemons go too, never left unsupervised:
+    # the broker stops cleanly (its queue is on disk); the starter goes as if killed, which
+    # leaves its jobs running for the next pool's starter to take back, so that the death of
+    # a supervisor is not the death of every job (a Ctrl-C of stj pool still ends them).
+    daemons = [
+        Daemon("broker", broker, signal.SIGTERM),
+        Daemon("starter", starter, signal.SIGKILL),
+    ]
 
     def stop(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
