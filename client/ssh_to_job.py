@@ -146,9 +146,17 @@ def parse_args(argv: list[str]) -> Options:
     # rsync -e ssh-to-job writes the host word as "user@32.0" when asked for a user.
     job = job.rpartition("@")[2]
     try:
-        wire.parse_job_id(job)
+        jid = wire.parse_job_id(job)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if jid.node:
+        # Jobs of this queue have one node, node 0: never quietly enter another than asked.
+        raise UsageError(f"job {jid.one} has no node {jid.node} (its only node is 0)")
+    if os.path.basename(shlex.split(opts.ssh)[0]) == "rsync":
+        raise UsageError(
+            "rsync runs ssh-to-job, not the other way round: "
+            f"rsync -av -e ssh-to-job {jid.one}:remote/path ./local/"
+        )
     opts.job = job
     opts.command = argv[i + 1 :]
     return opts
@@ -164,7 +172,16 @@ def generate_key(options: str) -> tuple[bytes, str]:
     j = 0
     while j < len(words):
         w = words[j]
-        if w in ("-t", "-b", "-C", "-N") and j + 1 < len(words):
+        if w in ("-N", "-C"):
+            # A passphrase or a comment on a key that lives for one session and never
+            # leaves this host would be silently meaningless: refuse them.
+            raise UsageError(
+                f"-keygen-options: {w} is not supported for ephemeral session keys "
+                "(only -t TYPE and -b BITS)"
+            )
+        if w in ("-t", "-b"):
+            if j + 1 >= len(words):
+                raise UsageError(f"-keygen-options: {w} needs a value")
             if w == "-t":
                 kind = words[j + 1].lower()
             elif w == "-b":

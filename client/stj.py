@@ -54,9 +54,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="queue jobs")
     _common(p)
-    p.add_argument("-n", "--count", type=int, default=None)
-    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
-    p.add_argument("--initialdir", "-d")
+    p.add_argument(
+        "-n", "--count", type=int, default=None, help="how many jobs (procs) in the cluster"
+    )
+    p.add_argument(
+        "-e",
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the job (repeat for more)",
+    )
+    p.add_argument(
+        "--initialdir", "-d", help="the job's working directory (default: the current one)"
+    )
     p.add_argument(
         "--hold-on-failure",
         action="store_true",
@@ -313,21 +324,21 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
             extra = f"{ex:<9}"
         else:
             extra = f"{j.sessions:<4}"
-        state = j.state + (f" ({j.hold_reason})" if j.state == "held" and j.hold_reason else "")
-        owner, state = printable(j.owner), printable(state)
+        owner = printable(j.owner)
         out.write(
-            f"{j.id:<10} {owner:<10} {state:<10} {_fmt_time(j.submitted):<15} "
+            f"{j.id:<10} {owner:<10} {j.state:<10} {_fmt_time(j.submitted):<15} "
             f"{_fmt_dur(j):<11} {extra} {cmd}\n"
         )
+        if j.hold_reason and j.state == "held":
+            # Under its row, so that a long reason cannot push the columns apart.
+            out.write(f"{'':<10} hold reason: {printable(j.hold_reason)}\n")
     if not history:
         counts: dict[str, int] = {}
         for j in jobs:
             counts[j.state] = counts.get(j.state, 0) + 1
-        out.write(
-            f"\n{len(jobs)} jobs; "
-            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-            + "\n"
-        )
+        total = f"{len(jobs)} job" + ("" if len(jobs) == 1 else "s")
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        out.write(f"\n{total}" + (f": {parts}" if parts else "") + "\n")
     return 0
 
 

@@ -45,9 +45,10 @@ def test_control_characters_are_escaped_in_listings(pool: Pool, users: dict[str,
         r = pool.stj(a, "q")
         assert "\x1b" not in r.stdout, repr(r.stdout)
         assert "\x07" not in r.stdout, repr(r.stdout)
-        line = next(x for x in r.stdout.splitlines() if x.startswith(job + " "))
-        assert "\\x1b]0;owned\\x07" in line, line
-        assert "why\\x1b[31mred" in line, line
+        lines = r.stdout.splitlines()
+        at = next(i for i, x in enumerate(lines) if x.startswith(job + " "))
+        assert "\\x1b]0;owned\\x07" in lines[at], lines[at]
+        assert lines[at + 1].split() == ["hold", "reason:", "why\\x1b[31mred"], lines[at + 1]
         # The reason comes back in stj's own messages too.
         r = pool.stj(a, "hold", "--reason", "\x1b[2J", job, check=False)
         assert "\x1b" not in r.stderr + r.stdout
@@ -113,3 +114,24 @@ def test_a_squatted_runtime_dir_does_not_lock_the_user_out(
         pool.stj(a, "rm", job)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_help_texts_and_one_job(pool: Pool, users: dict[str, User]) -> None:
+    """Every submit and pool option says what it does; a listing of one job says "1 job"."""
+    a = users["a"]
+    text = pool.stj(a, "submit", "--help").stdout
+    for flag, words in (
+        ("--count", "how many jobs"),
+        ("--env", "environment variable"),
+        ("--initialdir", "working directory"),
+    ):
+        assert flag in text
+        assert words in text, (flag, text)
+    assert "how many jobs run at once" in pool.stj(a, "pool", "--help").stdout
+    (job,) = pool.submit(a, "/bin/sleep", "300")
+    try:
+        pool.wait_state(job, "running")
+        last = pool.stj(a, "q", job).stdout.splitlines()[-1]
+        assert last == "1 job: 1 running", last
+    finally:
+        pool.stj(a, "rm", job)

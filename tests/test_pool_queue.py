@@ -258,9 +258,11 @@ def test_q_lists_id_owner_state_times_and_command(pool: Pool, users: dict[str, U
         assert m, row
         assert int(m[1]) >= 1, row
         assert row[-2:] == ["sleep", "120"]
-        hrow = next(r for r in rows if r.startswith(held + " "))
-        assert hrow.split()[1:4] == ["stjtb", "held", "(wait"]
-        assert "(wait for me)" in hrow
+        at = next(i for i, r in enumerate(rows) if r.startswith(held + " "))
+        assert rows[at].split()[1:3] == ["stjtb", "held"]
+        assert rows[at].split()[-2:] == ["sleep", "121"]
+        assert rows[at + 1].split() == ["hold", "reason:", "wait", "for", "me"]
+        assert re.fullmatch(r"\d+ jobs: (\d+ \w+(, )?)+", rows[-1]), rows[-1]
         listed = {j["id"]: j for j in json.loads(pool.stj(b, "q", "--json").stdout)}
         j = listed[running]
         assert (j["owner"], j["owner_uid"], j["state"]) == ("stjta", a.uid, "running")

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -191,13 +192,24 @@ def test_stdin_streams(pool: Pool, users: dict[str, User], job: dict[str, Any]) 
         (["-debug"], "no job id given"),
         (["-name"], "option -name needs a value"),
         (["-keygen-options", "-t dsa", "1", "true"], "unsupported key type 'dsa'"),
+        (["-keygen-options", "-N foo", "1", "true"], "-N is not supported"),
+        (["-keygen-options", "-C me", "1", "true"], "-C is not supported"),
+        (["-keygen-options", "-t", "1", "true"], "-t needs a value"),
+        (["1.0.7", "true"], "job 1.0 has no node 7 (its only node is 0)"),
+        (["-ssh", "rsync", "1.0"], "rsync -av -e ssh-to-job 1.0:remote/path"),
     ],
 )
 def test_bad_arguments_exit_2(
     pool: Pool, users: dict[str, User], argv: list[str], message: str
 ) -> None:
-    """Bad arguments exit 2 with a message saying what is wrong."""
-    r = pool.ssh(users["a"], *argv)
+    """Bad arguments exit 2 with a message saying what is wrong, and leave no file behind."""
+    cwd = pathlib.Path(tempfile.mkdtemp(prefix="stjcwd-", dir="/tmp"))
+    try:
+        cwd.chmod(0o777)
+        r = pool.run(users["a"], [SSH_TO_JOB, *argv], cwd=str(cwd))
+        assert list(cwd.iterdir()) == []
+    finally:
+        shutil.rmtree(cwd, ignore_errors=True)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
     assert "Traceback" not in r.stderr
@@ -497,7 +509,8 @@ def test_debug_and_help(pool: Pool, users: dict[str, User], job: dict[str, Any])
 
 
 def test_job_id_forms(pool: Pool, users: dict[str, User]) -> None:
-    """cluster means proc 0; cluster.proc and cluster.proc.node name that proc."""
+    """cluster means proc 0, cluster.proc and cluster.proc.0 name that proc; another node is
+    refused rather than quietly entering node 0."""
     a = users["a"]
     ids = pool.submit(a, "/bin/sleep", "3000", count=2)
     for jid in ids:
@@ -508,6 +521,9 @@ def test_job_id_forms(pool: Pool, users: dict[str, User]) -> None:
         assert (r.returncode, r.stdout) == (0, f"{expected}\n"), r.stderr
     r = pool.ssh(a, f"{cluster}.7", "true")
     assert (r.returncode, r.stderr) == (1, f"ssh-to-job: job {cluster}.7 is not in the queue\n")
+    r = pool.ssh(a, f"{ids[1]}.3", "true")
+    assert r.returncode == 2
+    assert f"job {ids[1]} has no node 3" in r.stderr
     pool.stj(a, "rm", cluster)
 
 
