@@ -18,12 +18,13 @@ import fcntl
 import os
 import pathlib
 import shlex
+import signal
 import socket
 import sys
 
 from ssh_to_job import wire
 
-from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
+from ._broker import BrokerClient, BrokerUnavailable, die, find_socket, printable
 from .ssh_to_job import SessionError, generate_key, open_session
 
 PREFIX = "job-"
@@ -72,12 +73,13 @@ def pin(d: pathlib.Path, host: str, host_key: str) -> None:
         os.replace(tmp, path)
 
 
-def ssh_config_block(name: str | None) -> str:
+def ssh_config_block(name: str | None, config: str | None = None) -> str:
+    """The ``Host job-*`` block, with the pool's socket baked in as found now (from -name,
+    $STJ_STATE_DIR or the config): editors run ssh without this shell's environment."""
     d = config_dir()
     user_key(d)
-    proxy = [sys.executable, "-P", "-m", "ssh_to_job.client.ideproxy"]
-    if name:
-        proxy += ["-name", name]
+    sock = find_socket(name, config).absolute()
+    proxy = [sys.executable, "-P", "-m", "ssh_to_job.client.ideproxy", "-name", str(sock)]
     cmd = " ".join(shlex.quote(p) for p in proxy) + " %n"
     return f"""\
 # ssh-to-job: `ssh job-32.0` opens a fresh session into job 32.0 (also for VS Code
@@ -100,6 +102,25 @@ Host {PREFIX}*
 """
 
 
+def refuse(message: str, code: int = 1) -> int:
+    """Say why in one line, and spare the user OpenSSH's fd-passing complaints.
+
+    A ProxyCommand that passes no socket makes ssh add two lines of its own ("mm_receive_fd:
+    ..." and "proxy dialer did not pass back a connection") after ours. ssh has not touched
+    the terminal yet at this point, so ending it with SIGTERM loses nothing and leaves our
+    line as the only one; it still exits with a failure status.
+    """
+    print(f"ssh-to-job: {printable(message)}", file=sys.stderr, flush=True)
+    parent = os.getppid()
+    try:
+        is_ssh = pathlib.Path(f"/proc/{parent}/comm").read_text().strip() == "ssh"
+    except OSError:
+        is_ssh = False
+    if is_ssh:
+        os.kill(parent, signal.SIGTERM)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     name = None
@@ -113,23 +134,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         jid = wire.parse_job_id(host[len(PREFIX) :])
     except ValueError as exc:
-        return die(str(exc), 2)
+        return refuse(str(exc), 2)
+    if jid.node:
+        return refuse(f"job {jid.one} has no node {jid.node} (its only node is 0)", 2)
     d = config_dir()
     public = user_key(d)
     try:
         with BrokerClient(find_socket(name)) as bc:
             reply, fd = bc.ssh(wire.SshRequest(job=jid.one, client_key=public))
     except BrokerUnavailable as exc:
-        return die(str(exc))
+        return refuse(str(exc))
     if isinstance(reply, wire.Error):
-        return die(reply.message)
-    assert isinstance(reply, wire.SshGrant)
-    assert fd is not None
+        return refuse(reply.message)
+    if not isinstance(reply, wire.SshGrant) or fd is None:
+        return refuse(f"the broker answered {reply.TYPE!r} to a session request")
     with socket.socket(fileno=fd) as session:
         try:
             ready = open_session(session, reply, ())
         except (SessionError, OSError, wire.ProtocolError) as exc:
-            return die(f"job {reply.job}: {exc}")
+            return refuse(f"job {reply.job}: {exc}")
         pin(d, host, ready.host_key)
         out = socket.socket(fileno=os.dup(1))
         socket.send_fds(out, [b"\0"], [session.fileno()])

@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "ssh-config":
             from .ideproxy import ssh_config_block
 
-            sys.stdout.write(ssh_config_block(a.broker_name or a.state_dir))
+            sys.stdout.write(ssh_config_block(a.broker_name or a.state_dir, a.config))
             return 0
     except common.ConfigError as exc:
         return die(f"config: {exc}", 2)
