@@ -21,7 +21,7 @@ import attrs
 
 from ssh_to_job import common, wire
 
-from . import _pool
+from . import _interactive, _pool
 from ._broker import (
     BrokerClient,
     BrokerRefused,
@@ -72,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
         "--hold-on-failure",
         action="store_true",
         help="hold the job (for debugging with ssh-to-job) if it exits non-zero",
+    )
+    p.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="submit a job, wait for it to start, and open a session in it (a shell, or the "
+        "given command); the job is removed when the session ends",
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="with -i: keep the job running after the session"
     )
     p.add_argument("-f", "--file", help="a TOML submit file")
     p.add_argument("executable", nargs="?")
@@ -208,8 +218,14 @@ def _resolve_exe(exe: str, idir: str) -> str:
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
+    if a.keep and not a.interactive:
+        return die("--keep goes with -i", 2)
     try:
-        if a.file:
+        if a.interactive:
+            if a.file or (a.count or 1) != 1:
+                return die("-i submits one job: no -f, no -n", 2)
+            spec, count = _interactive.holder_spec(wire.JobSpec(executable="/")), 1
+        elif a.file:
             spec, count = _load_submit_file(a.file)
         elif a.executable:
             spec, count = wire.JobSpec(executable=a.executable, args=tuple(a.args)), 1
@@ -227,7 +243,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
             spec,
             env=env,
             initialdir=idir,
-            executable=_resolve_exe(spec.executable, idir),
+            executable=spec.executable if a.interactive else _resolve_exe(spec.executable, idir),
             hold_on_failure=spec.hold_on_failure or a.hold_on_failure,
         )
         count = a.count if a.count is not None else count
@@ -235,6 +251,11 @@ def cmd_submit(a: argparse.Namespace) -> int:
         return die(str(exc), 2)
     with _client(a) as bc:
         reply = bc.call(wire.Submit(spec=spec, count=count), wire.SubmitReply)
+        sock = bc.path
+    if a.interactive:
+        print(f"stj: submitted job {reply.cluster}.0", file=sys.stderr, flush=True)
+        command = [a.executable, *a.args] if a.executable else []
+        return _interactive.enter(sock, reply.cluster, command, a.keep, [])
     print(
         f"submitted {reply.count} job(s) to cluster {reply.cluster}: "
         + " ".join(f"{reply.cluster}.{p}" for p in range(min(reply.count, 20)))

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import pathlib
 import shutil
+import signal
 import socket
+import subprocess
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 
-from conftest import SSH_TO_JOB, STJ, Pool, User
+import pexpect
+from conftest import SSH_TO_JOB, STJ, Pool, User, wait_for
 
 from ssh_to_job import __version__
 
@@ -135,3 +140,95 @@ def test_help_texts_and_one_job(pool: Pool, users: dict[str, User]) -> None:
         assert last == "1 job: 1 running", last
     finally:
         pool.stj(a, "rm", job)
+
+
+def test_submit_interactive_runs_the_command_in_the_job_and_removes_it(
+    pool: Pool, users: dict[str, User]
+) -> None:
+    """stj submit -i CMD waits for the job, runs CMD inside it as the owner, in the job's
+    directory and environment, exits with CMD's status and removes the job afterwards."""
+    a = users["a"]
+    r = pool.stj(
+        a,
+        "submit",
+        "-i",
+        "-e",
+        "COLOR=teal",
+        "/bin/sh",
+        "-c",
+        'echo "in=$SSH_TO_JOB_ID uid=$(id -u) color=$COLOR dir=$PWD"; exit 3',
+        check=False,
+    )
+    assert r.returncode == 3, r
+    job = r.stderr.split("submitted job ")[1].split()[0]
+    assert f"in={job} uid={a.uid} color=teal dir=" in r.stdout, r.stdout
+    done = pool.wait_state(job, "removed")
+    assert "session ended" in done["hold_reason"]
+
+
+def test_submit_interactive_keep(pool: Pool, users: dict[str, User]) -> None:
+    """With --keep the job stays running after the session, for later sessions."""
+    a = users["a"]
+    r = pool.stj(a, "submit", "-i", "--keep", "/bin/true", check=False)
+    assert r.returncode == 0, r
+    job = r.stderr.split("submitted job ")[1].split()[0]
+    try:
+        assert pool.job(job)["state"] == "running"
+        r = pool.ssh(a, job, "echo again")
+        assert (r.returncode, r.stdout) == (0, "again\n"), r
+    finally:
+        pool.stj(a, "rm", job)
+
+
+def test_submit_interactive_interrupted_while_waiting_removes_the_job(
+    make_pool: Callable[..., Pool], users: dict[str, User]
+) -> None:
+    """Ctrl-C while the job waits for a slot removes it and exits 130."""
+    a = users["a"]
+    pool = make_pool(slots=1)
+    (busy,) = pool.submit(a, "/bin/sleep", "300")
+    pool.wait_state(busy, "running")
+    proc = subprocess.Popen(
+        [*a.prefix(), STJ, "submit", "-i", "/bin/true"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=pool.env(a),
+        cwd="/tmp",
+    )
+    job = wait_for("the -i job to be queued", lambda: [j for j in pool.jobs() if j != busy])[0]
+    assert pool.job(job)["state"] == "idle"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert f"job {job} removed" in err
+    assert pool.job(job)["state"] == "removed"
+
+
+def test_submit_interactive_gives_a_shell_in_a_pty(pool: Pool, users: dict[str, User]) -> None:
+    """stj submit -i with no command: a login shell on a terminal inside the job; exiting it
+    ends and removes the job."""
+    a = users["a"]
+    argv = [*a.prefix(), STJ, "submit", "-i"]
+    child = pexpect.spawn(
+        argv[0],
+        argv[1:],
+        env=pool.env(a, {"TERM": "dumb", "PS1": "$ "}),
+        cwd="/tmp",
+        encoding="utf-8",
+        timeout=30,
+        dimensions=(40, 200),
+    )
+    try:
+        child.expect(r"submitted job (\d+\.0)")
+        job = child.match.group(1)
+        child.expect(r"\$ ")
+        child.sendline('echo "tty=$(tty) id=$SSH_TO_JOB_ID"')
+        child.expect(r"tty=(/dev/pts/\d+) id=(\S+)")
+        assert child.match.group(2) == job
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert pool.wait_state(job, "removed")["state"] == "removed"
