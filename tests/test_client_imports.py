@@ -1,0 +1,74 @@
+"""What ssh-to-job's session path imports is pinned, so that a heavy import cannot creep back
+into every session's start-up unnoticed (a test of the set, never of a timing)."""
+
+from __future__ import annotations
+
+import sys
+
+from conftest import SSH_TO_JOB, Pool, User
+
+#: Our modules a whole local session loads, no more (the daemons, trio and the channel cipher
+#: are not among them).
+OURS = {
+    "ssh_to_job",
+    "ssh_to_job.client",
+    "ssh_to_job.client._broker",
+    "ssh_to_job.client.ssh_to_job",
+    "ssh_to_job.common",
+    "ssh_to_job.common._config",
+    "ssh_to_job.wire",
+    "ssh_to_job.wire._connection",
+    "ssh_to_job.wire._crypto",
+    "ssh_to_job.wire._errors",
+    "ssh_to_job.wire._frame",
+    "ssh_to_job.wire._jobid",
+    "ssh_to_job.wire._messages",
+    "ssh_to_job.wire._sshkey",
+    "ssh_to_job.wire._state",
+}
+#: Third-party distributions it may load (by top-level name).
+THIRD_PARTY = {"attr", "attrs", "nacl", "_cffi_backend"}
+#: Standard-library modules that cost start-up time and that the session path does not need
+#: (tomllib is needed: the pool here has a config file).
+NEVER = {"argparse", "logging", "asyncio", "tempfile", "ssl", "concurrent", "hmac"}
+
+
+def _imported(stderr: str) -> set[str]:
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip()
+            if name != "imported package":
+                names.add(name)
+    return names
+
+
+#: Modules the interpreter's own start-up may load, whatever the program, and "org" (the
+#: standard library's copy module probes for Jython's org.python.core; the probe fails).
+STARTUP = {
+    "ssh_to_job",
+    "sitecustomize",
+    "usercustomize",
+    "apport_python_hook",
+    "_distutils_hack",
+    "org",
+}
+
+
+def test_session_path_imports_only_what_it_uses(pool: Pool, users: dict[str, User]) -> None:
+    """A real session through the installed entry point (ssh-to-job JOB true) loads exactly
+    OURS of ours, only THIRD_PARTY distributions, and none of the NEVER modules."""
+    a = users["a"]
+    (job,) = pool.submit(a, "/bin/sleep", "300")
+    pool.wait_state(job, "running")
+    try:
+        r = pool.run(a, [sys.executable, "-X", "importtime", SSH_TO_JOB, job, "true"])
+    finally:
+        pool.stj(a, "rm", job)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = _imported(r.stderr)
+    ours = {n for n in names if n.split(".")[0] == "ssh_to_job"}
+    assert ours == OURS, sorted(ours ^ OURS)
+    third = {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - STARTUP
+    assert third == THIRD_PARTY, sorted(third)
+    assert not names & NEVER, sorted(names & NEVER)
