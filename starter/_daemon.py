@@ -526,7 +526,13 @@ class Starter:
             # The reaper itself was killed (job group killed, or by its owner).
             return (rc, None, "") if rc >= 0 else (None, -rc, "")
 
-        await self._supervise(job, main_exit())
+        try:
+            await self._supervise(job, main_exit())
+        finally:
+            if proc.returncode is None and not self.leaving:
+                with trio.CancelScope(shield=True):
+                    proc.kill()  # the group is dead by now; this only covers a cgroup-less race
+                    await proc.wait()
 
     async def _supervise(
         self, job: Job, main_exit: Awaitable[tuple[int | None, int | None, str]]
