@@ -24,7 +24,6 @@ import fcntl
 import logging
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -49,7 +48,7 @@ from ._jobs import (
     process_start_time,
     scratch_dir,
 )
-from ._session import cleanup_session_dirs, run_session, wait_gone
+from ._session import cleanup_session_dirs, remove_owned_tree, run_session, wait_gone
 
 log = logging.getLogger("stj.starter")
 
@@ -415,7 +414,7 @@ class Starter:
                     await _end_cgroup(cg)
         for d in self.execute_dir.glob("job_*"):
             if not any(d == scratch_dir(self.execute_dir, jid) for jid in known):
-                shutil.rmtree(d, ignore_errors=True)
+                remove_owned_tree(d)
 
     async def _adopt(self, rec: Recorded, plan: JobPlan) -> None:
         job = Job(plan, self.post, pid=rec.pid, reaper_pid=rec.reaper_pid, started=rec.started)
@@ -455,7 +454,7 @@ class Starter:
         """Start the job's reaper (which starts the job); the job's pid is known on return."""
         plan = job.plan
         run = plan.run
-        shutil.rmtree(plan.scratch, ignore_errors=True)
+        remove_owned_tree(plan.scratch)
         common.private_dir(plan.scratch, run.uid, run.gid)
         job.group = _procs.JobGroup(plan.cgroup)
         fds: list[int] = []
@@ -506,10 +505,13 @@ class Starter:
             job.started = time.time()
             # Durable before reported: a starter restarted from here on takes the job back.
             self.records.write_running(job, process_start_time(proc.pid))
-        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        except Exception as exc:
+            # Whatever it was, the job must not sit "running" with no pid, holding its slot.
+            if not isinstance(exc, OSError | subprocess.SubprocessError | ValueError):
+                log.exception("job %s: unexpected failure to start", job.id)
             with trio.CancelScope(shield=True):
                 await _end_group(job.group)
-            shutil.rmtree(plan.scratch, ignore_errors=True)
+            remove_owned_tree(plan.scratch)
             self.records.forget(job.id)
             self.jobs.pop(job.id, None)
             self._could_not_start(plan.run, f"{plan.run.spec.executable}: {exc}")
@@ -569,7 +571,7 @@ class Starter:
                         while job.sessions:
                             await job.sessions_changed.wait()
                     await _end_group(job.group)
-                    shutil.rmtree(job.plan.scratch, ignore_errors=True)
+                    remove_owned_tree(job.plan.scratch)
                     self._finish(job, exit_code, exit_signal, reason)
 
     async def _debug_hold(self, job: Job) -> None:

@@ -14,7 +14,6 @@ to sshd).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -393,20 +392,16 @@ async def _end_session(d: pathlib.Path, cgroup: pathlib.Path | None, grace: floa
     """Leave nothing of a session behind: its processes (after ``grace``), cgroup and dir.
 
     A remote command whose client went away outlives sshd unless its cgroup is ended. The
-    session dir belongs to the job's uid, whose processes may race us by creating entries in
-    it: it is taken back (root, 0700) first, so only an already-open descriptor can still add
-    anything, and its removal is retried.
+    session dir belongs to the job's uid, whose other processes may race us by creating
+    entries in it: ``remove_owned_tree`` takes it back first.
     """
-    with contextlib.suppress(OSError):
-        os.chown(d, 0, 0, follow_symlinks=False)
-        os.chmod(d, 0o700, follow_symlinks=False)
     if cgroup is not None:
         path = cgroup
         await wait_gone(lambda: _procs.cgroup_pids(path), grace)
         _procs.kill_cgroup(cgroup)
         await wait_gone(lambda: _procs.cgroup_pids(path), 5)
         _procs.remove_cgroup_tree(cgroup)
-    _remove_tree(d)
+    remove_owned_tree(d)
 
 
 async def wait_gone(pids: Callable[[], set[int]], seconds: float) -> None:
@@ -418,19 +413,42 @@ async def wait_gone(pids: Callable[[], set[int]], seconds: float) -> None:
             await trio.sleep(0.02)
 
 
-def _remove_tree(d: pathlib.Path) -> None:
-    for _ in range(5):
-        shutil.rmtree(d, ignore_errors=True)
-        if not os.path.lexists(d):
-            return
-    log.warning("could not remove session dir %s", d)
+def _take_back(top: pathlib.Path) -> None:
+    """Make every directory of a tree a job's uid owns root's and 0700, top-down.
+
+    Each directory is taken before it is listed, so its listing is final: after this, the
+    job's uid cannot add an entry anywhere in the tree, not even through a directory it
+    still has open.
+    """
+    todo = [top]
+    while todo:
+        path = todo.pop()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o700)
+            with os.scandir(fd) as entries:
+                subdirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            subdirs = []
+        finally:
+            os.close(fd)
+        todo.extend(path / name for name in subdirs)
+
+
+def remove_owned_tree(d: pathlib.Path) -> None:
+    """Remove a directory tree that a job's uid owns, even while its processes race us."""
+    _take_back(d)
+    shutil.rmtree(d, ignore_errors=True)
+    if os.path.lexists(d):
+        log.warning("could not remove %s", d)
 
 
 def cleanup_session_dirs(sessions_dir: pathlib.Path) -> None:
     """At start: the session dirs (keys, configs) of sessions an earlier starter served."""
     for d in sessions_dir.iterdir() if sessions_dir.is_dir() else ():
         log.info("removing session dir %s left by an earlier starter", d)
-        with contextlib.suppress(OSError):
-            os.chown(d, 0, 0, follow_symlinks=False)
-            os.chmod(d, 0o700, follow_symlinks=False)
-        _remove_tree(d)
+        remove_owned_tree(d)

@@ -219,3 +219,61 @@ def test_an_interrupted_client_leaves_no_session_behind(
         if client.poll() is None:
             os.killpg(client.pid, signal.SIGKILL)
             client.wait()
+
+
+def test_a_job_owner_racing_the_cleanup_leaves_no_session_dir(
+    make_pool: Any, users: dict[str, User]
+) -> None:
+    """A process of the job's owner that keeps creating files inside a session dir (through
+    a directory it holds open) cannot keep the starter from removing that dir."""
+    pool = make_pool()
+    a = users["a"]
+    [job] = pool.submit(a, "/bin/sleep", "1000")
+    pool.wait_state(job, "running")
+    sessions = pool.state / "execute" / ".sessions"
+    client = subprocess.Popen(
+        [
+            *a.prefix(),
+            SSH_TO_JOB,
+            job,
+            'echo "$SSH_TO_JOB_SESSION"; sleep 3',
+        ],
+        env=pool.env(a),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    racer: subprocess.Popen[bytes] | None = None
+    try:
+        assert client.stdout is not None
+        sid = client.stdout.readline().strip()
+        d = sessions / sid
+        assert d.is_dir()
+        # The racer is the owner's, outside the job and the session (so no cgroup kill
+        # ends it): it holds the session dir's subdirectory open as its cwd and fills it.
+        (d / "sub").mkdir()
+        os.chown(d / "sub", a.uid, a.gid)
+        racer = subprocess.Popen(
+            [
+                *a.prefix(),
+                "/bin/sh",
+                "-c",
+                f'cd "{d}/sub" && i=0 && while :; do i=$((i+1)); touch f$i 2>/dev/null; done',
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for("the racer's files", lambda: len(list((d / "sub").iterdir())) > 10)
+        client.wait(30)
+        wait_for("the session dir's removal", lambda: not d.exists(), timeout=15)
+    finally:
+        for p in (client, racer):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        if client.stdout is not None:
+            client.stdout.close()
