@@ -277,3 +277,45 @@ def test_a_job_owner_racing_the_cleanup_leaves_no_session_dir(
                 p.wait()
         if client.stdout is not None:
             client.stdout.close()
+
+
+def test_sessions_of_a_dead_starter_are_ended_by_the_next(
+    make_pool: Any, users: dict[str, User]
+) -> None:
+    """A session served by a starter that was SIGKILLed is ended by the next starter (its
+    command and session dir gone), while the job it was in is taken back and runs on."""
+    pool = make_pool()
+    a = users["a"]
+    [job] = pool.submit(a, "/bin/sleep", "1000")
+    job_pid = pool.wait_state(job, "running")["pids"][0]
+    marker = f"{5000 + os.getpid() % 1000}.{time.monotonic_ns() % 1000}"
+    client = subprocess.Popen(
+        [*a.prefix(), SSH_TO_JOB, job, f"exec sleep {marker}"],
+        env=pool.env(a),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    sessions = pool.state / "execute" / ".sessions"
+    try:
+        out = wait_for(
+            "the remote command",
+            lambda: subprocess.run(
+                ["pgrep", "-f", f"^sleep {marker}$"], capture_output=True, text=True, check=False
+            ).stdout.split(),
+            timeout=30,
+        )
+        cmd = int(out[0])
+        _orphan_daemons(pool)
+        _kill_starter(pool)
+        assert _alive(cmd)  # nothing ends it but the next starter
+        _start_starter(pool)
+        wait_for("the dead starter's session to end", lambda: not _alive(cmd), timeout=20)
+        wait_for("its session dir's removal", lambda: not list(sessions.iterdir()), timeout=15)
+        assert pool.wait_state(job, "running")["pids"][0] == job_pid
+        assert _alive(job_pid)
+    finally:
+        if client.poll() is None:
+            os.killpg(client.pid, signal.SIGKILL)
+        client.wait()
