@@ -1,5 +1,6 @@
 """Build hook: compile the LD_PRELOAD shim (preload/stjshim.c) into preload/libstjshim.so,
-and the ProxyCommand helper (client/stj-fdpass.c) into client/stj-fdpass.
+the ProxyCommand helper (client/stj-fdpass.c) into client/stj-fdpass, and the jobs' reaper
+(starter/stj-reaper.c) into starter/stj-reaper.
 
 All metadata lives in pyproject.toml. The shim is a plain C shared object that depends only on
 libc (it is preloaded into sshd, so it must not be a Python extension); it is built with the
@@ -51,22 +52,34 @@ def compiler() -> list[str]:
 
 FDPASS_SOURCE = HERE / "client" / "stj-fdpass.c"
 FDPASS = "stj-fdpass"
+REAPER_SOURCE = HERE / "starter" / "stj-reaper.c"
+REAPER = "stj-reaper"
 
 
-def compile_fdpass(out: Path) -> None:
-    """The ProxyCommand helper: a plain program, so it starts in well under a millisecond."""
+def compile_program(source: Path, out: Path, what: str) -> None:
+    """A plain C program, so it starts in well under a millisecond."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    argv = [*compiler(), "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp), str(FDPASS_SOURCE)]
-    print("building the proxy helper:", shlex.join(argv))
+    argv = [*compiler(), "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp), str(source)]
+    print(f"building {what}:", shlex.join(argv))
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise CompileError(
-            f"ssh-to-job: compiling {FDPASS_SOURCE.name} failed:\n{proc.stdout}{proc.stderr}"
+            f"ssh-to-job: compiling {source.name} failed:\n{proc.stdout}{proc.stderr}"
         )
     tmp.chmod(0o755)
     tmp.replace(out)
+
+
+def compile_fdpass(out: Path) -> None:
+    """The ProxyCommand helper (on the critical path of every session)."""
+    compile_program(FDPASS_SOURCE, out, "the proxy helper")
+
+
+def compile_reaper(out: Path) -> None:
+    """The first process of every job: keeps its exit status for a restarted starter."""
+    compile_program(REAPER_SOURCE, out, "the job reaper")
 
 
 def compile_shim(out: Path) -> None:
@@ -106,15 +119,18 @@ class BuildPyWithShim(build_py):
             # Editable installs import preload/ from the source tree: build it there.
             compile_shim(HERE / "preload" / LIBRARY)
             compile_fdpass(HERE / "client" / FDPASS)
+            compile_reaper(HERE / "starter" / REAPER)
         else:
             compile_shim(Path(self.build_lib) / "ssh_to_job" / "preload" / LIBRARY)
             compile_fdpass(Path(self.build_lib) / "ssh_to_job" / "client" / FDPASS)
+            compile_reaper(Path(self.build_lib) / "ssh_to_job" / "starter" / REAPER)
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
         outputs: list[str] = list(super().get_outputs(include_bytecode))
         if not getattr(self, "editable_mode", False):
             outputs.append(str(Path(self.build_lib) / "ssh_to_job" / "preload" / LIBRARY))
             outputs.append(str(Path(self.build_lib) / "ssh_to_job" / "client" / FDPASS))
+            outputs.append(str(Path(self.build_lib) / "ssh_to_job" / "starter" / REAPER))
         return outputs
 
 

@@ -76,6 +76,14 @@ class StarterConfig:
     #: Let sessions forward ports and X11 (both only ever bind loopback inside the job's host).
     allow_forwarding: bool = True
     reconnect_max: float = attrs.field(default=5.0, validator=_SECONDS)
+    #: On SIGTERM/SIGINT, leave running jobs to the next starter on this state directory
+    #: (service upgrades) instead of ending them.
+    keep_jobs_on_stop: bool = attrs.field(
+        default=False, validator=attrs.validators.instance_of(bool)
+    )
+    #: After a session's sshd ends, what it started (a remote command whose client was
+    #: interrupted) gets this long to end before the session's processes are killed (seconds).
+    session_end_grace: float = attrs.field(default=2.0, validator=_between(0, 3600))
 
 
 @attrs.frozen

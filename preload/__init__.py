@@ -10,18 +10,21 @@ the configuration record and its wire form, the ack parser, a blocking handshake
 
 from ssh_to_job.preload._library import LIBRARY_NAME, SYMBOLS, check_shim, shim_path
 from ssh_to_job.preload._protocol import (
+    ACK_MAX,
     CONFIG_MAX,
     ENV_FD,
     GO,
     NOT_LOADED,
     ShimConfig,
     ShimError,
+    ShimHandshake,
     encode_config,
     parse_ack,
     run_handshake,
 )
 
 __all__ = [
+    "ACK_MAX",
     "CONFIG_MAX",
     "ENV_FD",
     "GO",
@@ -30,6 +33,7 @@ __all__ = [
     "SYMBOLS",
     "ShimConfig",
     "ShimError",
+    "ShimHandshake",
     "check_shim",
     "encode_config",
     "parse_ack",

@@ -1,7 +1,8 @@
 """The shim's configuration protocol (docs/shim.md): the config record, its encoding, the ack.
 
-Sans-IO except :func:`run_handshake`, a small blocking helper for the parent's end of the
-socketpair (tests and benchmarks use it; the starter has its own trio version).
+Sans-IO (:class:`ShimHandshake`) except :func:`run_handshake`, a small blocking driver for the
+parent's end of the socketpair (tests and benchmarks use it; the starter drives the same
+object from trio).
 """
 
 from __future__ import annotations
@@ -136,23 +137,54 @@ def parse_ack(line: bytes) -> int:
     raise ShimError(f"unexpected answer from the shim {line[:80]!r}: {NOT_LOADED}")
 
 
-def _read_line(sock: socket.socket, deadline: float) -> bytes:
-    buf = b""
-    while b"\n" not in buf:
-        if len(buf) >= ACK_MAX:
-            break
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        sock.settimeout(remaining)
-        chunk = sock.recv(ACK_MAX - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    line, nl, rest = buf.partition(b"\n")
-    if rest:
-        raise ShimError(f"unexpected data after the shim's answer: {buf[:80]!r}")
-    return line + nl
+class ShimHandshake:
+    """The parent's end of the shim handshake, sans-IO: config bytes out, the ack parsed in.
+
+    Send :attr:`config`, then feed whatever arrives to :meth:`receive_data` until it returns
+    the pid the shim reports (``b""`` means end of stream). It raises :class:`ShimError` for a
+    refusal, garbage, an overlong line, data after the line, or an early end of stream. The
+    blocking :func:`run_handshake` and the starter's trio code both drive this object, so the
+    rules and the messages are the same everywhere. Sending :data:`GO` is left to the caller.
+    """
+
+    def __init__(self, cfg: ShimConfig) -> None:
+        self.config = encode_config(cfg)
+        self._buf = b""
+        self.pid: int | None = None
+
+    def receive_data(self, data: bytes) -> int | None:
+        if self.pid is not None:
+            if data:
+                raise ShimError(f"unexpected data after the shim's answer: {data[:80]!r}")
+            return self.pid
+        if not data:
+            # End of stream: whatever we have is the whole answer (parse_ack says what is wrong).
+            self.pid = parse_ack(self._buf)
+            return self.pid
+        self._buf += data
+        line, nl, rest = self._buf.partition(b"\n")
+        if rest:
+            raise ShimError(f"unexpected data after the shim's answer: {self._buf[:80]!r}")
+        if not nl:
+            if len(self._buf) >= ACK_MAX:
+                raise ShimError(f"unexpected answer from the shim {self._buf[:80]!r}: {NOT_LOADED}")
+            return None
+        self.pid = parse_ack(line + nl)
+        return self.pid
+
+    @staticmethod
+    def send_failed(timeout: float, error: OSError | None = None) -> ShimError:
+        if error is None:
+            return ShimError(
+                f"the shim did not take its configuration within {timeout:g} s: {NOT_LOADED}"
+            )
+        return ShimError(f"cannot send the shim its configuration ({error}): {NOT_LOADED}")
+
+    @staticmethod
+    def no_answer(timeout: float, error: OSError | None = None) -> ShimError:
+        if error is None:
+            return ShimError(f"no answer from the shim within {timeout:g} s: {NOT_LOADED}")
+        return ShimError(f"cannot read the shim's answer ({error}): {NOT_LOADED}")
 
 
 def run_handshake(sock: socket.socket, cfg: ShimConfig, timeout: float) -> int:
@@ -161,25 +193,30 @@ def run_handshake(sock: socket.socket, cfg: ShimConfig, timeout: float) -> int:
     Blocking; gives up after ``timeout`` seconds. Does not send :data:`GO`: the caller sends
     it when it is ready for the program to start.
     """
-    data = encode_config(cfg)
+    hs = ShimHandshake(cfg)
     deadline = time.monotonic() + timeout
     old_timeout = sock.gettimeout()
     try:
         try:
             sock.settimeout(max(timeout, 0.001))
-            sock.sendall(data)
+            sock.sendall(hs.config)
         except TimeoutError:
-            raise ShimError(
-                f"the shim did not take its configuration within {timeout:g} s: {NOT_LOADED}"
-            ) from None
+            raise hs.send_failed(timeout) from None
         except OSError as e:
-            raise ShimError(f"cannot send the shim its configuration ({e}): {NOT_LOADED}") from e
-        try:
-            line = _read_line(sock, deadline)
-        except TimeoutError:
-            raise ShimError(f"no answer from the shim within {timeout:g} s: {NOT_LOADED}") from None
-        except OSError as e:
-            raise ShimError(f"cannot read the shim's answer ({e}): {NOT_LOADED}") from e
+            raise hs.send_failed(timeout, e) from e
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise hs.no_answer(timeout)
+            try:
+                sock.settimeout(remaining)
+                chunk = sock.recv(ACK_MAX)
+            except TimeoutError:
+                raise hs.no_answer(timeout) from None
+            except OSError as e:
+                raise hs.no_answer(timeout, e) from e
+            pid = hs.receive_data(chunk)
+            if pid is not None:
+                return pid
     finally:
         sock.settimeout(old_timeout)
-    return parse_ack(line)

@@ -5,17 +5,25 @@ knows the broker's public key; the broker has the starter's in its trusted set).
 the starter's own nursery, not the connection's: when the broker goes away, jobs keep running,
 the starter redials with backoff, and reports what happened meanwhile (exit codes included)
 until the broker acknowledges each report.
+
+Jobs also outlive the starter itself: each job's first process is a small reaper
+(``stj-reaper``) that writes the job's exit status to a file, and each job has a durable record
+(``_jobs.Records``). A restarted starter takes back the jobs it recorded (same processes, same
+cgroups), reports those that ended while it was down, and kills only what it has no record
+of. One starter owns a state directory at a time (``starter.lock``).
+
+Must never: block the event loop (no ``time.sleep``); run two starters on one state dir; report
+a job twice as finished to a broker that has acknowledged it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
-import math
 import os
 import pathlib
-import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,15 +34,37 @@ from typing import Any
 import trio
 
 from ssh_to_job import common, preload, wire
-from ssh_to_job.transport import FramedStream, PeerGone, set_nodelay
+from ssh_to_job.transport import FramedStream, Outbox, PeerGone, set_nodelay
 
 from . import _procs
-from ._session import run_session
+from ._jobs import (
+    CannotStart,
+    Job,
+    JobPlan,
+    Recorded,
+    Records,
+    parse_report,
+    plan_job,
+    process_start_time,
+    scratch_dir,
+)
+from ._session import cleanup_session_dirs, remove_owned_tree, run_session, wait_gone
 
 log = logging.getLogger("stj.starter")
 
 PING_INTERVAL = 15.0
+"""Seconds between the starter's pings on its control channel. The broker drops a starter it
+has not heard from for a few intervals, and pings back; the starter gives up on a channel that
+has been silent for ``SILENCE`` and redials."""
+
+SILENCE = PING_INTERVAL * 4
+"""A control channel this long without any message from the broker is dead."""
+
+BACKOFF_MIN = 0.1
+"""The first reconnect delay, and the delay again after every successful connection."""
+
 TAIL = 65536
+REAPER = pathlib.Path(__file__).resolve().parent / "stj-reaper"
 
 
 def _tail(path: pathlib.Path, n: int = TAIL) -> bytes:
@@ -60,58 +90,21 @@ def _traversable(path: pathlib.Path) -> str | None:
     return None
 
 
-class Job:
-    def __init__(self, starter: Starter, run: wire.JobRun) -> None:
-        self.starter = starter
-        self.run = run
-        self.id = run.id
-        self.pid = 0
-        self.scratch = ""
-        self.env: dict[str, str] = {}
-        self.groups: list[int] = [run.gid]
-        self.group = _procs.JobGroup(None)
-        self.started = 0.0
-        self.sessions: dict[str, trio.Process] = {}
-        self.main_exited = False
-        self.killed = ""
-        self.suspended = False
-        self.done = trio.Event()
-        self.killed_event = trio.Event()
-        self.debug_hold = False
-        self.hold_reason = ""
-        self.exit_code: int | None = None
-        self.exit_signal: int | None = None
-        self.sessions_changed = trio.Event()
-        spool = starter.spool_dir
-        self.stdout_path = spool / f"{run.id}.stdout"
-        self.stderr_path = spool / f"{run.id}.stderr"
+class Backoff:
+    """Reconnect delays: doubling from ``first`` up to ``most``, back to ``first`` on reset."""
 
-    def accepts_sessions(self) -> bool:
-        alive = not self.main_exited or self.debug_hold
-        return self.pid != 0 and alive and not self.killed and not self.suspended
+    def __init__(self, first: float, most: float) -> None:
+        self.first = first
+        self.most = max(first, most)
+        self._next = first
 
-    def report(self) -> wire.JobReport:
-        return wire.JobReport(
-            id=self.id,
-            running=True,
-            pid=self.pid,
-            scratch=self.scratch,
-            started=self.started,
-            debug_hold=self.debug_hold,
-            reason=self.hold_reason,
-            exit_code=self.exit_code,
-            exit_signal=self.exit_signal,
-        )
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(delay * 2, self.most)
+        return delay
 
-    def kill(self, reason: str) -> None:
-        self.killed = reason
-        self.group.kill()
-        self.killed_event.set()
-
-    def report_sessions(self) -> None:
-        self.sessions_changed.set()
-        self.sessions_changed = trio.Event()
-        self.starter.post(wire.JobUpdate(report=self.report(), sessions=len(self.sessions)))
+    def reset(self) -> None:
+        self._next = self.first
 
 
 class Starter:
@@ -128,24 +121,31 @@ class Starter:
         self.execute_dir = pathlib.Path(cfg.execute_dir or state_dir / "execute")
         self.spool_dir = state_dir / "spool"
         self.sessions_dir = self.execute_dir / ".sessions"
+        self.records = Records(state_dir / "jobs")
         self.replay = wire.ReplayCache()
         self.jobs: dict[str, Job] = {}
         self.unacked: dict[str, wire.JobReport] = {}
-        self._outbox: trio.MemorySendChannel[wire.Message] | None = None
+        self._outbox: Outbox | None = None
         self.stopping = False
+        #: Stopping with keep_jobs_on_stop: leave every job running for the next starter.
+        self.leaving = False
         self.shim = preload.check_shim() if cfg.use_shim else None
         self.cgroup_base: pathlib.Path | None = None
         self.broker_addr = ("", 0)
         self.broker_key = b""
+        self.backoff = Backoff(BACKOFF_MIN, cfg.reconnect_max)
+        self._lock_fd = -1
 
     # ------------------------------------------------------------------ set-up
 
     def prepare(self) -> None:
         cfg = self.config.starter
+        self._lock()
         for d, mode in ((self.execute_dir, 0o755), (self.sessions_dir, 0o711)):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(mode)
         common.private_dir(self.spool_dir)
+        self.records.prepare()
         if " " in str(self.sessions_dir) or '"' in str(self.sessions_dir):
             raise SystemExit(
                 f"starter: execute_dir {self.execute_dir} must not contain spaces "
@@ -161,28 +161,41 @@ class Starter:
             pathlib.Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         if not os.access(cfg.sshd, os.X_OK):
             raise SystemExit(f"starter: {cfg.sshd} not found; install openssh-server")
+        if not os.access(REAPER, os.X_OK):
+            raise SystemExit(f"starter: {REAPER} is missing; reinstall ssh-to-job")
         if cfg.use_cgroups and os.getuid() == 0:
             root = _procs.find_cgroup_root()
             if root is not None:
                 # One base per starter identity, not per name: every personal pool on a host
-                # has the host's name, and a starter kills the leftovers in its base at start.
+                # has the host's name, and a starter cleans up what it has no record of in its
+                # base at start.
                 self.cgroup_base = root / f"ssh-to-job-{self.public_key.hex()[:16]}"
                 self.cgroup_base.mkdir(exist_ok=True)
-                self._kill_leftovers()
         self.broker_addr = self._broker_address()
         self.broker_key = self._broker_key()
 
-    def _kill_leftovers(self) -> None:
-        assert self.cgroup_base is not None
-        for cg in self.cgroup_base.glob("job-*"):
-            log.warning("killing processes left in %s by an earlier starter", cg)
-            group = _procs.JobGroup(cg)
-            group.kill()
-            for _ in range(50):
-                if not group.all_pids():
-                    break
-                time.sleep(0.02)
-            group.remove()
+    def _lock(self) -> None:
+        """Own the state directory: a second starter on it would kill and rerun our jobs."""
+        path = self.state_dir / "starter.lock"
+        # O_CLOEXEC: a job (or sshd) that inherited the lock would keep it after we die.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise SystemExit(
+                f"starter: another starter (pid {holder}) is running on {self.state_dir}; "
+                "stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd != -1:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def _broker_address(self) -> tuple[str, int]:
         text = self.config.starter.broker
@@ -207,45 +220,52 @@ class Starter:
 
     def post(self, msg: wire.Message) -> None:
         if self._outbox is not None and not self.stopping:
-            try:
-                self._outbox.send_nowait(msg)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
+            self._outbox.post(msg)
 
     # ------------------------------------------------------------------ main loop
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.prepare()
-        delay = 0.1
-        async with trio.open_nursery() as jobs_nursery:
-            self.jobs_nursery = jobs_nursery
-            jobs_nursery.start_soon(self._stop_on_signal, jobs_nursery.cancel_scope)
-            task_status.started()
-            while True:
-                # except*: the connection's reader runs in a nursery body, which wraps what it
-                # raises; a broker going away must never take the starter (and its jobs) along.
-                try:
-                    await self._connect_once()
-                    delay = 0.1
-                except* (OSError, PeerGone, trio.TooSlowError, wire.ProtocolError) as group:
-                    log.info(
-                        "broker connection: %s; retrying in %.1f s", group.exceptions[0], delay
-                    )
-                except* _Refused as group:
-                    log.error("broker refused this starter: %s", group.exceptions[0])
-                except* Exception:
-                    log.exception("internal error on the broker connection; reconnecting")
-                await trio.sleep(delay)
-                delay = min(delay * 2, self.config.starter.reconnect_max)
+        try:
+            async with trio.open_nursery() as jobs_nursery:
+                self.jobs_nursery = jobs_nursery
+                await self._recover()
+                jobs_nursery.start_soon(self._stop_on_signal, jobs_nursery.cancel_scope)
+                task_status.started()
+                await self._dial_forever()
+        finally:
+            self._unlock()
+
+    async def _dial_forever(self) -> None:
+        while True:
+            # except*: the connection's reader runs in a nursery body, which wraps what it
+            # raises; a broker going away must never take the starter (and its jobs) along.
+            try:
+                await self._connect_once()
+            except* (OSError, PeerGone, trio.TooSlowError, wire.ProtocolError) as group:
+                log.info("broker connection: %s", group.exceptions[0])
+            except* _Refused as group:
+                log.error("broker refused this starter: %s", group.exceptions[0])
+            except* Exception:
+                log.exception("internal error on the broker connection; reconnecting")
+            delay = self.backoff.next()
+            log.info("redialing the broker in %.1f s", delay)
+            await trio.sleep(delay)
 
     async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
-        """SIGTERM/SIGINT: end every job as a whole, then stop; no job outlives its starter."""
+        """SIGTERM/SIGINT: end every job as a whole, then stop (a personal pool stopped with
+        Ctrl-C runs nothing), unless ``keep_jobs_on_stop`` leaves them to the next starter."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
                 break
+        self.stopping = True
+        if self.config.starter.keep_jobs_on_stop:
+            log.info("starter stopping: leaving %d job(s) to the next starter", len(self.jobs))
+            self.leaving = True
+            scope.cancel()
+            return
         log.info("starter stopping: ending %d job(s)", len(self.jobs))
         # No final reports: the broker puts these jobs back to idle when the starter returns.
-        self.stopping = True
         terminate_all(self)
         with trio.move_on_after(10):
             for job in list(self.jobs.values()):
@@ -271,22 +291,24 @@ class Starter:
             trio.SocketStream(sock),
             wire.Connection(wire.Channel.STARTER, wire.Role.STARTER, wire.Role.BROKER),
         )
+        outbox = Outbox(stream)
         try:
             await self._handshake(stream)
-            send, recv = trio.open_memory_channel[wire.Message](math.inf)
             reports = [j.report() for j in self.jobs.values() if j.pid]
             reports += list(self.unacked.values())
             await stream.send(wire.StarterSync(jobs=tuple(reports)))
-            self._outbox = send
+            self._outbox = outbox
+            self.backoff.reset()
             log.info("connected to broker %s:%d as %s", *self.broker_addr, self.name)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, stream, recv)
+                nursery.start_soon(outbox.run)
                 nursery.start_soon(self._pinger)
                 while True:
-                    msg = await stream.receive(within=PING_INTERVAL * 4)
+                    msg = await stream.receive(within=SILENCE)
                     self._dispatch(msg)
         finally:
             self._outbox = None
+            outbox.close()
             await stream.aclose()
 
     async def _handshake(self, stream: FramedStream) -> None:
@@ -301,12 +323,6 @@ class Starter:
             raise _Refused(exc.message) from None
         stream.conn.start_encryption(send_key=keys.send, receive_key=keys.receive)
 
-    async def _writer(
-        self, stream: FramedStream, recv: trio.MemoryReceiveChannel[wire.Message]
-    ) -> None:
-        async for msg in recv:
-            await stream.send(msg)
-
     async def _pinger(self) -> None:
         while True:
             await trio.sleep(PING_INTERVAL)
@@ -314,9 +330,20 @@ class Starter:
 
     def _dispatch(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.RunJob):
-            if msg.job.id in self.jobs:
+            if msg.job.id in self.jobs or msg.job.id in self.unacked:
                 return
-            job = Job(self, msg.job)
+            try:
+                plan = plan_job(
+                    msg.job,
+                    execute_dir=self.execute_dir,
+                    spool_dir=self.spool_dir,
+                    cgroup_base=self.cgroup_base,
+                    starter_name=self.name,
+                )
+            except CannotStart as exc:
+                self._could_not_start(msg.job, str(exc))
+                return
+            job = Job(plan, self.post)
             self.jobs[job.id] = job
             self.jobs_nursery.start_soon(self._guard, self._run_job, job)
         elif isinstance(msg, wire.SignalJob):
@@ -341,13 +368,16 @@ class Starter:
             path = (
                 None
                 if target is None
-                else (target.stdout_path if msg.stream == "stdout" else target.stderr_path)
+                else (
+                    target.plan.stdout_path if msg.stream == "stdout" else target.plan.stderr_path
+                )
             )
             data = _tail(path, msg.max_bytes) if path is not None else b""
             self.post(wire.OutputData(request=msg.request, data=data, found=target is not None))
         elif isinstance(msg, wire.Ack):
             for jid in msg.ids:
                 if self.unacked.pop(jid, None) is not None:
+                    self.records.forget(jid)
                     for p in (self.spool_dir / f"{jid}.stdout", self.spool_dir / f"{jid}.stderr"):
                         p.unlink(missing_ok=True)
 
@@ -362,29 +392,47 @@ class Starter:
             job.suspended = False
             job.group.freeze(False)
 
-    # ------------------------------------------------------------------ jobs
+    # ------------------------------------------------------------------ recovery
 
-    def _job_env(self, job: Job) -> dict[str, str]:
-        run = job.run
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
-        try:
-            pw = pwd.getpwuid(run.uid)
-            env.update(USER=pw.pw_name, LOGNAME=pw.pw_name)
-            if os.path.isdir(pw.pw_dir):
-                env["HOME"] = pw.pw_dir
-        except KeyError:
-            pass
-        env.setdefault("HOME", job.scratch)
-        env.update(run.spec.env)
-        env.update(
-            {
-                "SSH_TO_JOB_ID": run.id,
-                "SSH_TO_JOB_SCRATCH_DIR": job.scratch,
-                "SSH_TO_JOB_IWD": run.spec.initialdir,
-                "SSH_TO_JOB_STARTER": self.name,
-            }
-        )
-        return env
+    async def _recover(self) -> None:
+        """Take back the jobs an earlier starter recorded; clean up everything else it left."""
+        recorded = self.records.load()
+        known: set[str] = set()
+        for rec in recorded:
+            if rec.final is not None:
+                self.unacked[rec.final.id] = rec.final
+                known.add(rec.final.id)
+            elif rec.plan is not None:
+                known.add(rec.plan.id)
+                await self._adopt(rec, rec.plan)
+        # Sessions of a dead starter: their keys and sshd processes go.
+        cleanup_session_dirs(self.sessions_dir)
+        if self.cgroup_base is not None:
+            for cg in self.cgroup_base.glob("job-*"):
+                if cg.name[len("job-") :] not in known:
+                    log.warning("killing processes left in %s by an earlier starter", cg)
+                    await _end_cgroup(cg)
+        for d in self.execute_dir.glob("job_*"):
+            if not any(d == scratch_dir(self.execute_dir, jid) for jid in known):
+                remove_owned_tree(d)
+
+    async def _adopt(self, rec: Recorded, plan: JobPlan) -> None:
+        job = Job(plan, self.post, pid=rec.pid, reaper_pid=rec.reaper_pid, started=rec.started)
+        job.adopted = True
+        job.group = _procs.JobGroup(plan.cgroup)
+        if plan.cgroup is not None:
+            for sub in plan.cgroup.glob("session-*"):
+                await _end_cgroup(sub)
+        pidfd = _open_reaper(rec)
+        self.jobs[job.id] = job
+        if pidfd is None:
+            log.warning("job %s ended while no starter was watching it", job.id)
+        else:
+            log.info("job %s (pid %d) taken back from an earlier starter", job.id, job.pid)
+            job.group.leaders.append(rec.reaper_pid)
+        self.jobs_nursery.start_soon(self._guard, self._supervise, job, _wait_pidfd(pidfd))
+
+    # ------------------------------------------------------------------ jobs
 
     async def _guard(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         """A bug in one job's or session's task must not take the starter down."""
@@ -393,77 +441,138 @@ class Starter:
         except Exception:
             log.exception("internal error in %s", getattr(fn, "__name__", fn))
 
-    async def _run_job(self, job: Job) -> None:
-        run = job.run
-        exit_code: int | None = None
-        exit_signal: int | None = None
-        reason = ""
-        scratch = self.execute_dir / f"job_{run.id.replace('.', '_')}"
+    def _could_not_start(self, run: wire.JobRun, why: str) -> None:
+        """Report a job that never ran; the broker holds it with the reason and frees its slot."""
+        reason = f"could not start: {why}"
+        log.warning("job %s: %s", run.id, reason)
+        report = wire.JobReport(id=run.id, running=False, reason=reason, finished=time.time())
+        self.records.write_final(report)
+        self.unacked[run.id] = report
+        self.post(wire.JobUpdate(report=report, sessions=0))
+
+    async def _spawn(self, job: Job) -> trio.Process:
+        """Start the job's reaper (which starts the job); the job's pid is known on return."""
+        plan = job.plan
+        run = plan.run
+        remove_owned_tree(plan.scratch)
+        common.private_dir(plan.scratch, run.uid, run.gid)
+        job.group = _procs.JobGroup(plan.cgroup)
+        fds: list[int] = []
         try:
-            if run.uid == 0:
-                raise PermissionError("jobs never run as root")
-            try:
-                job.groups = os.getgrouplist(pwd.getpwuid(run.uid).pw_name, run.gid)
-            except KeyError:
-                job.groups = [run.gid]
-            shutil.rmtree(scratch, ignore_errors=True)
-            common.private_dir(scratch, run.uid, run.gid)
-            job.scratch = str(scratch)
-            job.env = self._job_env(job)
-            cg = self.cgroup_base / f"job-{run.id}" if self.cgroup_base is not None else None
-            job.group = _procs.JobGroup(cg)
-            out = os.open(job.stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            err = os.open(job.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fds.append(
+                out := os.open(plan.stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            )
+            fds.append(
+                err := os.open(plan.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            )
+            fds.append(status := self.records.open_status(run.id))
+            report_r, report_w = os.pipe()
+            fds.append(report_w)
             try:
                 proc = await trio.lowlevel.open_process(
-                    [run.spec.executable, *run.spec.args],
+                    [str(REAPER), str(status), str(report_w), *plan.argv],
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
-                    env=job.env,
-                    cwd=str(scratch),
-                    preexec_fn=_procs.make_preexec(run.uid, run.gid, job.groups, cg),
+                    env=dict(plan.env),
+                    cwd=str(plan.scratch),
+                    preexec_fn=_procs.make_preexec(
+                        run.uid, run.gid, list(plan.groups), plan.cgroup
+                    ),
+                    pass_fds=(status, report_w),
                 )
-            finally:
-                os.close(out)
-                os.close(err)
-        except (OSError, subprocess.SubprocessError) as exc:
-            reason = f"could not start {run.spec.executable}: {exc}"
-            log.warning("job %s: %s", job.id, reason)
-            self._finish(job, None, None, reason)
-            shutil.rmtree(scratch, ignore_errors=True)
-            return
-        job.pid = proc.pid
+            except BaseException:
+                os.close(report_r)
+                raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        job.reaper_pid = proc.pid
         job.group.leaders.append(proc.pid)
-        job.started = time.time()
-        log.info("job %s started as pid %d (uid %d)", job.id, proc.pid, run.uid)
-        self.post(wire.JobUpdate(report=job.report(), sessions=0))
+        # No deadline: the pipe ends as soon as the reaper has exec'd the job or failed to.
         try:
+            job.pid = parse_report(await _read_line(report_r))
+        except OSError:
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+            raise
+        return proc
+
+    async def _run_job(self, job: Job) -> None:
+        plan = job.plan
+        try:
+            proc = await self._spawn(job)
+            job.started = time.time()
+            # Durable before reported: a starter restarted from here on takes the job back.
+            self.records.write_running(job, process_start_time(proc.pid))
+        except Exception as exc:
+            # Whatever it was, the job must not sit "running" with no pid, holding its slot.
+            if not isinstance(exc, OSError | subprocess.SubprocessError | ValueError):
+                log.exception("job %s: unexpected failure to start", job.id)
+            with trio.CancelScope(shield=True):
+                await _end_group(job.group)
+            remove_owned_tree(plan.scratch)
+            self.records.forget(job.id)
+            self.jobs.pop(job.id, None)
+            self._could_not_start(plan.run, f"{plan.run.spec.executable}: {exc}")
+            job.done.set()
+            return
+        log.info("job %s started as pid %d (uid %d)", job.id, job.pid, plan.run.uid)
+        self.post(wire.JobUpdate(report=job.report(), sessions=0))
+
+        async def main_exit() -> tuple[int | None, int | None, str]:
             rc = await proc.wait()
+            status = self.records.read_status(job.id)
+            if status is not None:
+                return status[0], status[1], ""
+            # The reaper itself was killed (job group killed, or by its owner).
+            return (rc, None, "") if rc >= 0 else (None, -rc, "")
+
+        try:
+            await self._supervise(job, main_exit())
+        finally:
+            if proc.returncode is None and not self.leaving:
+                with trio.CancelScope(shield=True):
+                    proc.kill()  # the group is dead by now; this only covers a cgroup-less race
+                    await proc.wait()
+
+    async def _supervise(
+        self, job: Job, main_exit: Awaitable[tuple[int | None, int | None, str]]
+    ) -> None:
+        """From the job's main exit to its final report: debug hold, session grace, clean-up."""
+        spec = job.plan.run.spec
+        exit_code: int | None = None
+        exit_signal: int | None = None
+        reason = ""
+        try:
+            exit_code, exit_signal, reason = await main_exit
+            if not reason and job.adopted:
+                status = self.records.read_status(job.id)
+                if status is None:
+                    reason = "its exit status was lost while no starter was watching it"
+                else:
+                    exit_code, exit_signal = status
             job.main_exited = True
-            job.group.release(proc.pid)  # reaped: without cgroups its pid may be reused
-            if rc < 0:
-                exit_signal = -rc
-            else:
-                exit_code = rc
+            job.group.release(job.reaper_pid)  # reaped: without cgroups its pid may be reused
             job.exit_code, job.exit_signal = exit_code, exit_signal
-            if rc != 0 and not job.killed and run.spec.hold_on_failure:
+            failed = exit_code != 0 or exit_signal is not None
+            if failed and not job.killed and spec.hold_on_failure:
                 await self._debug_hold(job)
             # HTCondor semantics: open sessions keep the job alive until they close.
             with trio.move_on_after(self.config.starter.session_grace):
                 while job.sessions and not job.killed:
                     await job.sessions_changed.wait()
-            reason = job.killed
+            reason = job.killed or reason
         finally:
             with trio.CancelScope(shield=True):
-                job.group.kill()
-                for _ in range(100):
-                    if not job.group.all_pids() and not job.sessions:
-                        break
-                    await trio.sleep(0.02)
-                job.group.remove()
-                shutil.rmtree(scratch, ignore_errors=True)
-                self._finish(job, exit_code, exit_signal, reason)
+                if not self.leaving:
+                    job.group.kill()
+                    with trio.move_on_after(10):
+                        while job.sessions:
+                            await job.sessions_changed.wait()
+                    await _end_group(job.group)
+                    remove_owned_tree(job.plan.scratch)
+                    self._finish(job, exit_code, exit_signal, reason)
 
     async def _debug_hold(self, job: Job) -> None:
         """Keep a failed job (its leftover processes, scratch dir, environment) for debugging.
@@ -494,17 +603,22 @@ class Starter:
             id=job.id,
             running=False,
             pid=job.pid,
-            scratch=job.scratch,
+            scratch=str(job.plan.scratch),
             exit_code=code,
             exit_signal=sig,
-            stdout_tail=_tail(job.stdout_path),
-            stderr_tail=_tail(job.stderr_path),
+            stdout_tail=_tail(job.plan.stdout_path),
+            stderr_tail=_tail(job.plan.stderr_path),
             reason=reason,
             started=job.started,
             finished=time.time(),
         )
         self.jobs.pop(job.id, None)
-        self.unacked[job.id] = report
+        if self.stopping:
+            # Ended by our own shutdown: no report; the broker requeues the job.
+            self.records.forget(job.id)
+        else:
+            self.records.write_final(report)
+            self.unacked[job.id] = report
         log.info("job %s finished: code=%s signal=%s %s", job.id, code, sig, reason)
         self.post(wire.JobUpdate(report=report, sessions=0))
         job.done.set()
@@ -518,3 +632,60 @@ def terminate_all(starter: Starter) -> None:
     """On SIGTERM of the starter: end every job (and its sessions)."""
     for job in list(starter.jobs.values()):
         job.kill("starter shut down")  # also ends a debug hold
+
+
+async def _read_line(fd: int, limit: int = 64) -> bytes:
+    """One short line from a pipe we own (closed on return)."""
+    buf = b""
+    async with trio.lowlevel.FdStream(fd) as stream:
+        while b"\n" not in buf and len(buf) < limit:
+            chunk = await stream.receive_some(limit)
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+async def _end_group(group: _procs.JobGroup) -> None:
+    group.kill()
+    await wait_gone(group.all_pids, 5)
+    group.remove()
+
+
+async def _end_cgroup(path: pathlib.Path) -> None:
+    _procs.kill_cgroup(path)
+    await wait_gone(lambda: _procs.cgroup_pids(path), 5)
+    _procs.remove_cgroup_tree(path)
+
+
+def _open_reaper(rec: Recorded) -> int | None:
+    """A pidfd for the recorded reaper if it is still that very process, else None."""
+    try:
+        fd = os.pidfd_open(rec.reaper_pid)
+    except OSError as exc:
+        if exc.errno not in (errno.ESRCH, errno.EINVAL):
+            log.warning("pidfd_open(%d): %s", rec.reaper_pid, exc)
+        return None
+    try:
+        # Checked after opening the pidfd, so the pidfd names the process we checked.
+        same = process_start_time(rec.reaper_pid) == rec.reaper_start
+    except (OSError, ValueError, IndexError):
+        same = False
+    if not same:
+        os.close(fd)
+        return None
+    return fd
+
+
+async def _wait_pidfd(fd: int | None) -> tuple[int | None, int | None, str]:
+    """Wait for a process that is not our child (a pidfd is readable once it has ended).
+
+    The exit status comes from the reaper's status file (read by the caller); the empty reason
+    says so."""
+    if fd is not None:
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+    return None, None, ""

@@ -6,9 +6,9 @@ in it, however it forked); sessions get a child cgroup each, so the job's own pi
 apart from the sessions'. Without cgroups, the group is the set of descendants of its leaders
 found through /proc, which a double-forking process can escape; the admin guide says so.
 
-Processes are started as the job's uid by ``spawn_as``: the child joins the cgroup while still
-root, then drops to the job's gid, groups and uid, then execs. Nothing of the starter's own
-privilege survives the exec.
+Processes are started as the job's uid with the ``preexec_fn`` that :func:`make_preexec` makes:
+the child joins the cgroup while still root, then drops to the job's gid, groups and uid, then
+execs. Nothing of the starter's own privilege survives the exec.
 """
 
 from __future__ import annotations
@@ -67,10 +67,12 @@ class JobGroup:
         if pid in self.leaders and self.cgroup is None:
             self.leaders.remove(pid)
 
-    def own_pids(self, main_pid: int) -> list[int]:
-        """The job's processes (not its sessions'), the main process first."""
+    def own_pids(self, main_pid: int, hidden: Iterable[int] = ()) -> list[int]:
+        """The job's processes (not its sessions', nor ``hidden`` ones such as its reaper),
+        the main process first."""
         if self.cgroup is not None:
-            pids = _read_pids(self.cgroup / "cgroup.procs")
+            skip = set(hidden)
+            pids = [p for p in _read_pids(self.cgroup / "cgroup.procs") if p not in skip]
         else:
             pids = sorted(_descendants([main_pid]) | ({main_pid} if _alive(main_pid) else set()))
         rest = [p for p in pids if p != main_pid]
@@ -78,10 +80,7 @@ class JobGroup:
 
     def all_pids(self) -> set[int]:
         if self.cgroup is not None:
-            out: set[int] = set()
-            for procs in self.cgroup.rglob("cgroup.procs"):
-                out.update(_read_pids(procs))
-            return out
+            return cgroup_pids(self.cgroup)
         return _descendants(self.leaders) | {p for p in self.leaders if _alive(p)}
 
     def kill(self) -> None:
@@ -108,16 +107,47 @@ class JobGroup:
             _signal(pid, sig)
 
     def remove(self) -> None:
-        if self.cgroup is None:
-            return
-        for sub in sorted(self.cgroup.glob("session-*"), reverse=True):
-            _rmdir(sub)
-        _rmdir(self.cgroup)
+        if self.cgroup is not None:
+            remove_cgroup_tree(self.cgroup)
 
 
 def remove_session_cgroup(path: pathlib.Path | None) -> None:
     if path is not None:
         _rmdir(path)
+
+
+def cgroup_pids(path: pathlib.Path) -> set[int]:
+    """Every process in the cgroup ``path`` and its descendants."""
+    out: set[int] = set()
+    for procs in path.rglob("cgroup.procs"):
+        out.update(_read_pids(procs))
+    return out
+
+
+def kill_cgroup(path: pathlib.Path) -> None:
+    """SIGKILL every process in the cgroup ``path`` (and below), however they forked."""
+    try:
+        (path / "cgroup.kill").write_text("1")
+        return
+    except FileNotFoundError:
+        if not path.exists():
+            return
+    except OSError as exc:
+        log.warning("cgroup.kill in %s failed (%s); signalling each process", path, exc)
+    for _ in range(10):
+        pids = cgroup_pids(path)
+        if not pids:
+            return
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+
+
+def remove_cgroup_tree(path: pathlib.Path) -> None:
+    """Remove the (empty) cgroup ``path`` and its child cgroups, deepest first."""
+    subs = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts))
+    for sub in reversed(subs):
+        _rmdir(sub)
+    _rmdir(path)
 
 
 def _rmdir(path: pathlib.Path) -> None:

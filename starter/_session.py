@@ -14,6 +14,7 @@ to sshd).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import pathlib
@@ -23,6 +24,7 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -33,11 +35,14 @@ from ssh_to_job.transport import PeerGone, receive_one_frame_exact, set_nodelay
 from . import _procs
 
 if TYPE_CHECKING:
-    from ._daemon import Job, Starter
+    from ._daemon import Starter
+    from ._jobs import Job
 
 log = logging.getLogger("stj.starter")
 
 _BAD_SHELLS = ("nologin", "false")
+#: Seconds sshd (with the shim loaded) has to take its configuration and answer.
+SHIM_TIMEOUT = 10.0
 
 
 class SessionRefused(Exception):
@@ -186,7 +191,7 @@ def _check_capability(starter: Starter, job: Job, session_id: str, blob: bytes) 
         raise SessionRefused("the capability is for another starter")
     if cap.job != job.id:
         raise SessionRefused(f"the capability is for job {cap.job}, not {job.id}")
-    if cap.owner_uid != job.run.uid:
+    if cap.owner_uid != job.plan.run.uid:
         raise SessionRefused("the capability names another job owner")
     if not job.accepts_sessions():
         raise SessionRefused(f"job {job.id} is not running here any more")
@@ -204,7 +209,7 @@ async def _serve(
     conn: wire.Connection,
 ) -> None:
     cfg = starter.config.starter
-    uid, gid = job.run.uid, job.run.gid
+    uid, gid = job.plan.run.uid, job.plan.run.gid
     login, pw = login_name(uid)
     shell = choose_shell(msg.shells, pw)
     d = starter.sessions_dir / session_id[:16]
@@ -218,8 +223,8 @@ async def _serve(
         private, public = make_host_key()
         common.write_private(d / "host_key", private, uid, gid)
         common.write_private(d / "authorized_keys", (cap.client_key + "\n").encode(), uid, gid)
-        pids = job.group.own_pids(job.pid)
-        env = dict(job.env)
+        pids = job.group.own_pids(job.pid, hidden=(job.reaper_pid,))
+        env = dict(job.plan.env)
         env.update(
             {
                 "SSH_TO_JOB_PIDS": " ".join(map(str, pids)),
@@ -239,7 +244,7 @@ async def _serve(
         cgroup = job.group.session_cgroup(session_id)
         # sshd starts every session in the passwd home: the shim makes that the job's
         # working directory (the job's own HOME still reaches the session through SetEnv).
-        home = job.scratch
+        home = str(job.plan.scratch)
         statement = wire.host_key_statement(session_id, login, public)
         ready = wire.SessionReady(
             host_key=public,
@@ -257,7 +262,7 @@ async def _serve(
             log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         os.fchown(log_fd, uid, gid)
-        preexec = _procs.make_preexec(uid, gid, job.groups, cgroup)
+        preexec = _procs.make_preexec(uid, gid, list(job.plan.groups), cgroup)
         if cfg.use_shim:
             parent, child = socket.socketpair()
             shim_cfg = preload.ShimConfig(
@@ -282,7 +287,7 @@ async def _serve(
             job.group.adopt(proc.pid)
             with parent:
                 try:
-                    await _shim_handshake(parent, shim_cfg)
+                    await _shim_handshake(parent, shim_cfg, SHIM_TIMEOUT)
                 except preload.ShimError as exc:
                     proc.kill()
                     raise SessionRefused(str(exc)) from None
@@ -327,11 +332,10 @@ async def _serve(
             if proc is not None and proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-        if proc is not None:
-            job.group.release(proc.pid)  # reaped: the pid may now be anyone's
+            if proc is not None:
+                job.group.release(proc.pid)  # reaped: the pid may now be anyone's
+            await _end_session(d, cgroup, cfg.session_end_grace)
         job.sessions.pop(session_id, None)
-        shutil.rmtree(d, ignore_errors=True)
-        _procs.remove_session_cgroup(cgroup)
         job.report_sessions()
         starter.audit("session-closed", job.id, f"session {session_id[:16]}")
 
@@ -361,16 +365,90 @@ def _tell(sock: socket.socket, conn: wire.Connection, message: str) -> None:
         pass
 
 
-async def _shim_handshake(parent: socket.socket, cfg: preload.ShimConfig) -> None:
+async def _shim_handshake(parent: socket.socket, cfg: preload.ShimConfig, within: float) -> None:
     """Send the shim its config and wait for its ``ok``; it then waits for GO from us."""
+    hs = preload.ShimHandshake(cfg)
     parent.setblocking(False)
     tsock = trio.socket.from_stdlib_socket(parent)
-    await tsock.send(preload.encode_config(cfg))
-    line = b""
-    with trio.move_on_after(10):
-        while not line.endswith(b"\n") and len(line) < 4096:
-            chunk = await tsock.recv(4096)
-            if not chunk:
-                break
-            line += chunk
-    preload.parse_ack(line)
+    with trio.move_on_after(within) as scope:
+        try:
+            sent = 0
+            while sent < len(hs.config):
+                sent += await tsock.send(hs.config[sent:])
+        except OSError as exc:
+            raise hs.send_failed(within, exc) from exc
+        while True:
+            try:
+                chunk = await tsock.recv(preload.ACK_MAX)
+            except OSError as exc:
+                raise hs.no_answer(within, exc) from exc
+            if hs.receive_data(chunk) is not None:
+                return
+    if scope.cancelled_caught:
+        raise hs.no_answer(within)
+
+
+async def _end_session(d: pathlib.Path, cgroup: pathlib.Path | None, grace: float) -> None:
+    """Leave nothing of a session behind: its processes (after ``grace``), cgroup and dir.
+
+    A remote command whose client went away outlives sshd unless its cgroup is ended. The
+    session dir belongs to the job's uid, whose other processes may race us by creating
+    entries in it: ``remove_owned_tree`` takes it back first.
+    """
+    if cgroup is not None:
+        path = cgroup
+        await wait_gone(lambda: _procs.cgroup_pids(path), grace)
+        _procs.kill_cgroup(cgroup)
+        await wait_gone(lambda: _procs.cgroup_pids(path), 5)
+        _procs.remove_cgroup_tree(cgroup)
+    remove_owned_tree(d)
+
+
+async def wait_gone(pids: Callable[[], set[int]], seconds: float) -> None:
+    """Poll (without blocking the loop) until ``pids()`` is empty, for at most ``seconds``."""
+    with trio.move_on_after(seconds):
+        for _ in itertools.count():
+            if not pids():
+                return
+            await trio.sleep(0.02)
+
+
+def _take_back(top: pathlib.Path) -> None:
+    """Make every directory of a tree a job's uid owns root's and 0700, top-down.
+
+    Each directory is taken before it is listed, so its listing is final: after this, the
+    job's uid cannot add an entry anywhere in the tree, not even through a directory it
+    still has open.
+    """
+    todo = [top]
+    while todo:
+        path = todo.pop()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o700)
+            with os.scandir(fd) as entries:
+                subdirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            subdirs = []
+        finally:
+            os.close(fd)
+        todo.extend(path / name for name in subdirs)
+
+
+def remove_owned_tree(d: pathlib.Path) -> None:
+    """Remove a directory tree that a job's uid owns, even while its processes race us."""
+    _take_back(d)
+    shutil.rmtree(d, ignore_errors=True)
+    if os.path.lexists(d):
+        log.warning("could not remove %s", d)
+
+
+def cleanup_session_dirs(sessions_dir: pathlib.Path) -> None:
+    """At start: the session dirs (keys, configs) of sessions an earlier starter served."""
+    for d in sessions_dir.iterdir() if sessions_dir.is_dir() else ():
+        log.info("removing session dir %s left by an earlier starter", d)
+        remove_owned_tree(d)

@@ -44,7 +44,7 @@ from ssh_to_job.client.ssh_to_job import (
     ssh_config,
 )
 from ssh_to_job.starter import Starter
-from ssh_to_job.starter._daemon import Job
+from ssh_to_job.starter._jobs import Job, JobPlan
 from ssh_to_job.starter._session import _check_capability
 
 #: Hard limit for any one test (SIGALRM): pytest-timeout is not installed.
@@ -697,8 +697,9 @@ async def test_starter_follows_no_link_its_job_owner_plants(
         starter = Starter(state, config)
         starter.sessions_dir.mkdir(parents=True, mode=0o711)
         spec = wire.JobSpec(executable="/bin/true")
-        job = Job(starter, wire.JobRun(id="1.0", uid=a.uid, gid=a.gid, owner="a", spec=spec))
-        job.pid, job.scratch = os.getpid(), str(state)
+        run = wire.JobRun(id="1.0", uid=a.uid, gid=a.gid, owner="a", spec=spec)
+        plan = JobPlan(run, (a.gid,), {}, state, state / "out", state / "err", None)
+        job = Job(plan, starter.post, pid=os.getpid())
         session_id = secrets.token_hex(16)
         make_host_key = _session.make_host_key
 
