@@ -46,24 +46,20 @@ def _alive(pid: int) -> bool:
 
 
 def _start_starter(pool: Pool) -> None:
-    """Start a starter by hand (stj pool does not restart it); Pool.stop() stops it."""
-    with open(pool.log, "ab") as log:
-        pool.proc = subprocess.Popen(
-            _starter_argv(pool),
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            env=pool.env(User("root", 0, 0, "/root")),
-            start_new_session=True,
-        )
+    """Let the paused ``stj pool`` run again: it sees its starter gone and starts a new one."""
+    assert pool.proc is not None
+    old = pool.pids("starter")
+    os.kill(pool.proc.pid, signal.SIGCONT)
+    wait_for(
+        "stj pool to start a new starter", lambda: [p for p in pool.pids("starter") if p not in old]
+    )
 
 
 def _orphan_daemons(pool: Pool) -> None:
-    """SIGKILL the ``stj pool`` parent so it cannot stop the broker when its starter dies (its
-    supervision is not this test's subject); broker and starter go on as they were."""
+    """Pause the ``stj pool`` supervisor (SIGSTOP) so that it does not restart the starter
+    while the test wants it down; _start_starter lets it go on."""
     assert pool.proc is not None
-    pool.proc.send_signal(signal.SIGKILL)
-    pool.proc.wait()
+    os.kill(pool.proc.pid, signal.SIGSTOP)
 
 
 def _kill_starter(pool: Pool) -> int:
