@@ -63,7 +63,8 @@ def test_a_killed_broker_is_restarted(
 def test_the_pools_death_takes_its_daemons_down(
     make_pool: Callable[..., Pool], users: dict[str, User]
 ) -> None:
-    """SIGKILL of stj pool itself leaves no broker or starter running unsupervised."""
+    """SIGKILL of stj pool itself leaves no broker or starter running unsupervised; the job
+    keeps running and the next stj pool on the state directory takes it back, same process."""
     pool = make_pool()
     (job,) = pool.submit(users["a"], "/bin/sleep", "300")
     (job_pid,) = pool.wait_state(job, "running")["pids"]
@@ -72,9 +73,15 @@ def test_the_pools_death_takes_its_daemons_down(
     assert pool.proc is not None
     os.kill(pool.proc.pid, signal.SIGKILL)
     pool.proc.wait(5)
-    assert job_pid
     for pid in daemons:
         wait_for(f"pid {pid} to end with its pool", functools.partial(dead, pid), 20)
+    assert alive(job_pid)
+    pool.start()
+    pool.wait_for_starter()
+    info = pool.wait_state(job, "running")
+    assert info["pids"] == [job_pid]
+    pool.stj(users["a"], "rm", job)
+    wait_for("the job to end", functools.partial(dead, job_pid), 20)
 
 
 def test_a_second_pool_on_the_same_state_is_refused(
