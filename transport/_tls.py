@@ -177,6 +177,8 @@ def peer_identity(stream: trio.SSLStream[Any], pool_id: str) -> PeerIdentity | N
 
 def _reason(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS handshake failed: certificate not accepted: {cause.verify_message}"
     if isinstance(cause, ssl.SSLError):
         return f"TLS handshake failed: {cause.reason or cause}"
     if cause is not None:
