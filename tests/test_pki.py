@@ -497,3 +497,52 @@ def test_join_token_rejects_bad_fields() -> None:
         JoinToken("x", b"\0" * 32, b"\0" * 32)
     with pytest.raises(ValueError, match="32 bytes"):
         JoinToken("0123456789abcdef", b"\0", b"\0" * 32)
+
+
+# ------------------------------------------------------------------ identities and start-up
+
+
+@given(
+    pool=st.from_regex(wire.POOL_ID_RE, fullmatch=True),
+    role=st.sampled_from(sorted(wire.ROLES)),
+    name=st.from_regex(wire.PEER_NAME_RE, fullmatch=True),
+)
+def test_peer_uri_round_trips(pool: str, role: str, name: str) -> None:
+    """Every valid identity prints as one stj:// URI that parses back to itself."""
+    peer = wire.PeerName(pool, role, name)
+    assert wire.parse_peer_uri(peer.uri) == peer
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "stj://pool/starter",
+        "stj://pool/starter/a/b",
+        "stj://Pool/starter/a",
+        "stj://pool/admin/a",
+        "stj://pool/starter/-a",
+        "stj://pool/starter/a%2F",
+        "https://pool/starter/a",
+        "stj://pool/starter/a ",
+        "stj://-pool/starter/a",
+    ],
+)
+def test_peer_uri_refuses_everything_else(uri: str) -> None:
+    """Anything but the one spelling of a valid identity is a ValueError."""
+    with pytest.raises(ValueError, match="not"):
+        wire.parse_peer_uri(uri)
+
+
+def test_common_does_not_load_cryptography_until_asked() -> None:
+    """Importing common (every client's start-up) does not import cryptography; PoolCA does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from ssh_to_job import common\n"
+        "assert 'cryptography' not in sys.modules, 'loaded too early'\n"
+        "common.PoolCA\n"
+        "assert 'cryptography' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-P", "-c", code], check=True, timeout=60)
