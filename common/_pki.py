@@ -205,6 +205,8 @@ def verify_leaf(
             continue
         if pool_id_of_ca(ca) != pool_id:
             raise PkiError(f"certificate is from pool {pool_id_of_ca(ca)!r}, not {pool_id!r}")
+        if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+            raise PkiError(f"the pool CA is not valid now (valid until {ca.not_valid_after_utc})")
         break
     else:
         raise PkiError("certificate is not signed by the pool CA")

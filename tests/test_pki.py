@@ -355,6 +355,27 @@ def test_codec_never_crashes_on_garbage(data: bytes) -> None:
         pass
 
 
+def test_framed_messages_decode_fed_all_at_once_and_byte_by_byte() -> None:
+    """In wire frames, the messages come out the same however the bytes arrive; junk after
+    the last frame is the peer's error."""
+    stream = b"".join(wire.encode_frame(encode_enroll(m)) for m in _SAMPLES)  # type: ignore[arg-type]
+    for chunk in (len(stream), 1, 7):
+        dec = wire.FrameDecoder()
+        out = []
+        for i in range(0, len(stream), chunk):
+            dec.receive_data(stream[i : i + chunk])
+            while isinstance(frame := dec.next_frame(), bytes):
+                out.append(decode_enroll(frame))
+        assert out == _SAMPLES
+    dec = wire.FrameDecoder()
+    dec.receive_data(stream + b"\x00\x00")
+    dec.receive_data(b"")
+    for _ in _SAMPLES:
+        assert isinstance(dec.next_frame(), bytes)
+    with pytest.raises(wire.RemoteProtocolError, match="middle of a frame"):
+        dec.next_frame()
+
+
 def test_codec_refuses_to_encode_foreign_objects() -> None:
     """Encoding something that is not an enrolment message is our own error."""
     with pytest.raises(wire.LocalProtocolError):
@@ -546,3 +567,44 @@ def test_common_does_not_load_cryptography_until_asked() -> None:
         "assert 'cryptography' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-P", "-c", code], check=True, timeout=60)
+
+
+_HOSTILE_PKI: list[BrokerPki] = []
+
+
+def _hostile_pki() -> BrokerPki:
+    # One broker for every Hypothesis example (made lazily: hypothesis and tmp_path do not mix).
+    if not _HOSTILE_PKI:
+        import tempfile
+
+        _HOSTILE_PKI.append(BrokerPki.open(pathlib.Path(tempfile.mkdtemp()) / "pki"))
+    return _HOSTILE_PKI[0]
+
+
+@given(
+    token_id=st.one_of(st.text(max_size=20), st.from_regex(r"[0-9a-f]{16}", fullmatch=True)),
+    secret=st.binary(max_size=40),
+    name=st.one_of(st.text(max_size=30), st.from_regex(wire.PEER_NAME_RE, fullmatch=True)),
+    key=st.one_of(
+        st.text(max_size=100), st.just(common.public_key_pem(common.new_private_key().public_key()))
+    ),
+)
+def test_broker_side_refuses_any_forged_request_cleanly(
+    token_id: str, secret: bytes, name: str, key: str
+) -> None:
+    """Whatever a peer without the secret sends, the broker answers with an EnrollError and
+    issues nothing."""
+    pki = _hostile_pki()
+    book = TokenBook()
+    book.create(pki.ca.fingerprint, 600, now=0.0)
+    issued: list[str] = []
+    side = BrokerEnrollment(
+        pki.ca_file.read_bytes(),
+        book,
+        lambda n, k: issued.append(n) or pki.ca.issue("starter", n, k),  # type: ignore[func-returns-value]
+        now=lambda: 1.0,
+    )
+    side.on_hello(EnrollHello())
+    with pytest.raises(EnrollError):
+        side.on_request(EnrollRequest(token_id, secret, name, key))
+    assert issued == []

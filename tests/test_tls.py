@@ -322,6 +322,59 @@ async def test_bad_peers_cost_only_their_own_connection(
     assert any("TLS handshake failed" in r for r in reasons)
 
 
+async def test_connect_tls_gives_up_on_a_server_that_never_answers(
+    world: World, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A broker port that accepts but never handshakes costs the starter one deadline."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with listeners[0]:
+        start = trio.current_time()
+        with pytest.raises(TlsRefused, match="no TLS handshake from server within 10 s"):
+            await transport.connect_tls(
+                "127.0.0.1",
+                port,
+                world.client_ctx(world.starter),
+                pool_id=world.pki.pool_id,
+                handshake_timeout=10,
+            )
+        assert trio.current_time() - start == pytest.approx(10)
+        accepted = await listeners[0].accept()
+        await accepted.aclose()
+
+
+async def test_connect_tls_refuses_a_broker_of_another_pool(
+    world: World, tmp_path: pathlib.Path
+) -> None:
+    """A server with a valid certificate of another pool (both CAs trusted) is refused."""
+    other = BrokerPki.open(tmp_path / "other", hosts=("127.0.0.1",))
+    bundle = tmp_path / "both.crt"
+    bundle.write_bytes(world.pki.ca_file.read_bytes() + other.ca_file.read_bytes())
+
+    async def handler(stream: trio.SSLStream[Any], ident: PeerIdentity | None) -> None:
+        await stream.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server_ctx = transport.server_context(other.cert_file, other.key_file, bundle)
+            listeners = await nursery.start(
+                lambda task_status: transport.serve_tls(
+                    handler,
+                    0,
+                    server_ctx,
+                    host="127.0.0.1",
+                    pool_id=other.pool_id,
+                    roles=("starter",),
+                    task_status=task_status,
+                )
+            )
+            port = listeners[0].socket.getsockname()[1]
+            ctx = transport.client_context(bundle, world.starter.cert, world.starter.key)
+            with pytest.raises(TlsRefused, match="belongs to pool"):
+                await transport.connect_tls("127.0.0.1", port, ctx, pool_id=world.pki.pool_id)
+            nursery.cancel_scope.cancel()
+
+
 async def test_watch_revocation_cuts_a_live_connection(
     world: World, autojump_clock: trio.testing.MockClock
 ) -> None:

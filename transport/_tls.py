@@ -265,12 +265,17 @@ async def connect_tls(
     nothing is checked here and the identity is None; the caller verifies
     ``peer_certificate_der`` itself before it says anything secret.
 
-    ``OSError`` if the TCP connection fails (the caller's reconnect loop backs off), ``TlsRefused``
-    if the handshake or the check fails. With TLS 1.3 the server judges *our* certificate after
-    this returns: a refusal shows up as ``PeerGone`` on the first read.
+    ``OSError`` if the TCP connection fails or takes longer than the deadline (``TimeoutError``;
+    the caller's reconnect loop backs off), ``TlsRefused`` if the handshake or the check fails.
+    With TLS 1.3 the server judges *our* certificate after this returns: a refusal shows up on
+    the first read (``PeerBroken`` through ``FramedStream``).
     """
-    with trio.fail_after(handshake_timeout):
+    tcp: trio.SocketStream | None = None
+    with trio.move_on_after(handshake_timeout):
         tcp = await trio.open_tcp_stream(host, port)
+    if tcp is None:
+        # An OSError like every other failure to connect, so reconnect loops treat it alike.
+        raise TimeoutError(f"no TCP connection to {host}:{port} within {handshake_timeout:g} s")
     set_nodelay(tcp.socket)
     # The host name goes out as SNI (for DNS names) and, with check_hostname, is verified.
     ssl_stream = trio.SSLStream(tcp, context, server_hostname=host)
