@@ -47,7 +47,6 @@ import ipaddress
 import os
 import pathlib
 import secrets
-import stat
 from collections.abc import Iterable, Sequence
 
 import attrs
@@ -165,8 +164,8 @@ def identity_of(cert: x509.Certificate) -> PeerName:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise PkiError("certificate has no subject alternative name") from None
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
-    ours = [u for u in uris if u.startswith("stj://")]
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    ours = [u for u in uris if u.startswith("stj:")]
     if len(ours) != 1:
         raise PkiError(f"certificate must name exactly one stj:// identity, not {len(ours)}")
     try:
@@ -697,9 +696,3 @@ def _ed25519_public(cert: x509.Certificate) -> ed25519.Ed25519PublicKey:
     if not isinstance(pub, ed25519.Ed25519PublicKey):
         raise PkiError("certificate key is not Ed25519")
     return pub
-
-
-def is_private_file(path: pathlib.Path) -> bool:
-    """True if ``path`` is a regular file nobody but its owner can read or write."""
-    st = os.lstat(path)
-    return stat.S_ISREG(st.st_mode) and not st.st_mode & 0o077
