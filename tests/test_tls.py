@@ -400,6 +400,37 @@ async def test_watch_revocation_cuts_a_live_connection(
     assert "error" in out or out.get("read") == b""
 
 
+async def test_a_session_connection_can_leave_tls_for_raw_bytes(world: World) -> None:
+    """After an authenticated attach frame both sides unwrap TLS with nothing left over, and
+    the bare socket carries raw bytes (the way session sockets go on to SSH)."""
+    server, client = await _pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def starter() -> None:
+                st = trio.SSLStream(client, world.client_ctx(world.starter), server_hostname="b")
+                await st.do_handshake()
+                await st.send_all(b"attach")
+                raw, extra = await st.unwrap()
+                assert extra == b""
+                await raw.send_all(b"SSH-2.0-starter")
+                assert await raw.receive_some(100) == b"SSH-2.0-client"
+                await raw.aclose()
+
+            nursery.start_soon(starter)
+            stream, ident = await transport.accept_tls(
+                server, world.server_ctx(), pool_id=world.pki.pool_id, roles=("starter",)
+            )
+            assert ident is not None
+            assert await stream.receive_some(100) == b"attach"
+            raw, extra = await stream.unwrap()
+            assert extra == b""
+            assert isinstance(raw, trio.SocketStream)
+            assert await raw.receive_some(100) == b"SSH-2.0-starter"
+            await raw.send_all(b"SSH-2.0-client")
+            await raw.aclose()
+
+
 async def _send_frame(stream: trio.abc.Stream, msg: Any) -> None:
     await stream.send_all(wire.encode_frame(common.encode_enroll(msg)))
 

@@ -108,7 +108,9 @@ def server_context(
     ctx.load_cert_chain(cert_file, key_file)
     ctx.load_verify_locations(cafile=ca_file)
     ctx.verify_mode = ssl.CERT_OPTIONAL if allow_enrollment else ssl.CERT_REQUIRED
-    # No resumption: each connection presents (and we check) its certificate afresh.
+    # No resumption: each connection presents (and we check) its certificate afresh. And no
+    # NewSessionTicket after the handshake, so a session connection that leaves TLS
+    # (``SSLStream.unwrap`` after its attach frame, then raw SSH) has no TLS bytes left over.
     ctx.num_tickets = 0
     ctx.options |= ssl.OP_NO_TICKET
     return ctx
