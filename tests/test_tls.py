@@ -216,6 +216,15 @@ async def test_revocation_list_file_refuses_the_next_connection(world: World) ->
     assert isinstance(refused, TlsRefused)
 
 
+async def test_an_unreadable_revocation_list_refuses_everyone(world: World) -> None:
+    """A damaged revoked file fails closed: the connection is refused with the reason."""
+    (world.pki.directory / common.REVOKED).write_text("zz-not-hex\n")
+    result, _ = await _accept(world, world.starter, is_revoked=world.pki.revocations.is_revoked)
+    assert isinstance(result, TlsRefused)
+    assert "revocation list unusable" in result.reason
+    assert "not a hex serial" in result.reason
+
+
 async def test_roles_are_enforced(world: World) -> None:
     """A client certificate is refused where only starters may connect."""
     result, _ = await _accept(world, world.client, roles=("starter",))

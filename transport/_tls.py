@@ -203,7 +203,13 @@ def _check_peer(
         return
     if ident.role not in roles:
         raise TlsRefused(f"peer {ident} is a {ident.role}; expected {' or '.join(sorted(roles))}")
-    if is_revoked(ident.serial):
+    try:
+        revoked = is_revoked(ident.serial)
+    except Exception as exc:
+        # Fail closed: an unreadable revocation list refuses everyone, and says so, rather
+        # than letting a revoked starter in (or ending the whole server).
+        raise TlsRefused(f"peer {ident}: revocation list unusable: {exc}") from exc
+    if revoked:
         raise TlsRefused(f"peer {ident}: certificate revoked")
 
 
