@@ -52,6 +52,21 @@ class BrokerConfig:
     #: Seconds a peer has to send a whole frame once it has started.
     frame_timeout: float = attrs.field(default=10.0, validator=_SECONDS)
     max_frame: int = attrs.field(default=1 << 20, validator=_between(4096, 64 << 20))
+    # -- added by the multi-host work (TLS control channels, the pool CA; common._pki) --
+    #: Where the pool CA, the broker's certificate, the issued/revoked lists and the join
+    #: tokens live; default: ``<state>/pki`` (made 0700).
+    pki_dir: str = ""
+    #: DNS names and IP addresses starters dial the broker by: the broker certificate's
+    #: subject alternative names (only checked by starters that set ``check_hostname``).
+    cert_hosts: tuple[str, ...] = ()
+    #: Days a certificate the broker issues stays valid (renewed when a third is left).
+    cert_days: int = attrs.field(default=90, validator=_between(1, 3650))
+    #: Seconds a new TCP connection has to finish its TLS handshake.
+    handshake_timeout: float = attrs.field(default=10.0, validator=_between(0.1, 600))
+    #: Default lifetime of ``stj token create`` tokens, in seconds (at most a week).
+    token_ttl: float = attrs.field(default=600.0, validator=_between(1, 7 * 86400))
+    #: Accept enrolment (join tokens) on the TLS port; off: only already enrolled starters.
+    allow_enrollment: bool = True
 
 
 @attrs.frozen
@@ -84,6 +99,15 @@ class StarterConfig:
     #: After a session's sshd ends, what it started (a remote command whose client was
     #: interrupted) gets this long to end before the session's processes are killed (seconds).
     session_end_grace: float = attrs.field(default=2.0, validator=_between(0, 3600))
+    # -- added by the multi-host work (TLS control channels, the pool CA; common._pki) --
+    #: Where the starter keeps the pool CA, its key and certificate after enrolment;
+    #: default: ``<state>/pki`` (made 0700).
+    pki_dir: str = ""
+    #: Seconds the broker has to finish the TLS handshake of a new connection.
+    handshake_timeout: float = attrs.field(default=10.0, validator=_between(0.1, 600))
+    #: Also check that the broker's certificate names the host in ``broker`` (its pool id and
+    #: role are always checked).
+    check_hostname: bool = False
 
 
 @attrs.frozen

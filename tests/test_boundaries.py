@@ -22,8 +22,9 @@ PACKAGE = pathlib.Path(ssh_to_job.__file__).parent
 ALLOWED: dict[str, frozenset[str]] = {
     # The protocol, sans-IO: no trio, no sockets, no other part.
     "wire": frozenset({"attrs", "nacl"}),
-    # Config, key files, logging: shared by every process, so no trio.
-    "common": frozenset({"wire", "attrs"}),
+    # Config, key files, logging, the pool CA and join tokens: shared by every process, so no
+    # trio (cryptography for the PKI; imported only by what issues or checks certificates).
+    "common": frozenset({"wire", "attrs", "cryptography"}),
     # The daemons' trio adapter.
     "transport": frozenset({"wire", "trio"}),
     # The shim's Python half: opened with cffi, spoken to over a socket.

@@ -28,6 +28,17 @@ from ._crypto import (
 from ._errors import CapabilityError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
 from ._frame import HEADER as FRAME_HEADER
+from ._identity import (
+    PEER_NAME_RE,
+    POOL_ID_RE,
+    ROLE_BROKER,
+    ROLE_CLIENT,
+    ROLE_STARTER,
+    ROLES,
+    PeerName,
+    check_pool_id,
+    parse_peer_uri,
+)
 from ._jobid import JobId, parse_job_id
 from ._messages import (
     MESSAGE_TYPES,
@@ -108,6 +119,12 @@ __all__ = [
     "MAX_CAP_LIFETIME",
     "MESSAGE_TYPES",
     "NEED_DATA",
+    "PEER_NAME_RE",
+    "POOL_ID_RE",
+    "ROLES",
+    "ROLE_BROKER",
+    "ROLE_CLIENT",
+    "ROLE_STARTER",
     "Ack",
     "Act",
     "ActReply",
@@ -138,6 +155,7 @@ __all__ = [
     "Output",
     "OutputData",
     "OutputReply",
+    "PeerName",
     "Ping",
     "ProtocolError",
     "Query",
@@ -166,6 +184,7 @@ __all__ = [
     "attach_statement",
     "broker_auth_statement",
     "channel_keys",
+    "check_pool_id",
     "decode_message",
     "ed25519_keypair",
     "encode_frame",
@@ -174,6 +193,7 @@ __all__ = [
     "new_signing_key",
     "next_state",
     "parse_job_id",
+    "parse_peer_uri",
     "public_key_of",
     "same_secret",
     "sign",
