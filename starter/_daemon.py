@@ -262,6 +262,9 @@ class Starter:
         if self.config.starter.keep_jobs_on_stop:
             log.info("starter stopping: leaving %d job(s) to the next starter", len(self.jobs))
             self.leaving = True
+            if self.cgroup_base is not None and not self.jobs:
+                with contextlib.suppress(OSError):
+                    self.cgroup_base.rmdir()
             scope.cancel()
             return
         log.info("starter stopping: ending %d job(s)", len(self.jobs))
