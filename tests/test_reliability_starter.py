@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+import pytest
 from conftest import SSH_TO_JOB, Pool, User, wait_for
 
 PYTHON = str(pathlib.Path(sys.executable))
@@ -100,11 +101,16 @@ def pool_root() -> User:
     return User("root", 0, 0, "/root")
 
 
-def test_jobs_survive_a_sigkilled_starter(make_pool: Any, users: dict[str, User]) -> None:
+@pytest.mark.parametrize(
+    "config", ["", "[starter]\nuse_cgroups = false\n"], ids=["cgroups", "no-cgroups"]
+)
+def test_jobs_survive_a_sigkilled_starter(
+    make_pool: Any, users: dict[str, User], config: str
+) -> None:
     """After a SIGKILL of the starter, the next starter takes back the running job (same pid,
     still running in stj q, still removable), records once the exit code of a job that ended
-    while no starter was up, and runs no job twice."""
-    pool = make_pool()
+    while no starter was up, and runs no job twice (with cgroups and without)."""
+    pool = make_pool(config)
     a = users["a"]
     runs = _job_dir(a)
     log, flag = runs / "runs.log", runs / "flag"
