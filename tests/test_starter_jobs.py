@@ -7,6 +7,7 @@ import os
 import pathlib
 import stat
 
+import attrs
 import pytest
 
 from ssh_to_job import wire
@@ -45,6 +46,7 @@ def _plan(run: wire.JobRun, tmp_path: pathlib.Path) -> object:
         (_run("/bin/true", env={"A": "x\0y"}), "environment variable A contains a NUL byte"),
         (_run("/bin/true", uid=0), "jobs never run as root"),
         (_run(""), "no executable given"),
+        (attrs.evolve(_run("/bin/true"), id="../x"), "bad job id '../x'"),
     ],
 )
 def test_plan_refuses_jobs_that_can_never_start(
