@@ -403,7 +403,9 @@ def test_starter_replay_cache_refuses_a_second_open() -> None:
         replay=wire.ReplayCache(),
     )
     job = types.SimpleNamespace(
-        id="7.0", run=types.SimpleNamespace(uid=4242), accepts_sessions=lambda: True
+        id="7.0",
+        plan=types.SimpleNamespace(run=types.SimpleNamespace(uid=4242)),
+        accepts_sessions=lambda: True,
     )
     check = cast("Callable[[Any, Any, str, bytes], wire.Capability]", _check_capability)
     assert check(starter, job, cap.session_id, blob) == cap
