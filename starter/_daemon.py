@@ -262,6 +262,9 @@ class Starter:
         if self.config.starter.keep_jobs_on_stop:
             log.info("starter stopping: leaving %d job(s) to the next starter", len(self.jobs))
             self.leaving = True
+            if self.cgroup_base is not None and not self.jobs:
+                with contextlib.suppress(OSError):
+                    self.cgroup_base.rmdir()
             scope.cancel()
             return
         log.info("starter stopping: ending %d job(s)", len(self.jobs))
@@ -418,7 +421,6 @@ class Starter:
 
     async def _adopt(self, rec: Recorded, plan: JobPlan) -> None:
         job = Job(plan, self.post, pid=rec.pid, reaper_pid=rec.reaper_pid, started=rec.started)
-        job.adopted = True
         job.group = _procs.JobGroup(plan.cgroup)
         if plan.cgroup is not None:
             for sub in plan.cgroup.glob("session-*"):
@@ -430,7 +432,9 @@ class Starter:
         else:
             log.info("job %s (pid %d) taken back from an earlier starter", job.id, job.pid)
             job.group.leaders.append(rec.reaper_pid)
-        self.jobs_nursery.start_soon(self._guard, self._supervise, job, _wait_pidfd(pidfd))
+        self.jobs_nursery.start_soon(
+            self._guard, self._supervise, job, _wait_pidfd(pidfd, self.records, job.id)
+        )
 
     # ------------------------------------------------------------------ jobs
 
@@ -520,13 +524,13 @@ class Starter:
         log.info("job %s started as pid %d (uid %d)", job.id, job.pid, plan.run.uid)
         self.post(wire.JobUpdate(report=job.report(), sessions=0))
 
-        async def main_exit() -> tuple[int | None, int | None, str]:
+        async def main_exit() -> tuple[int | None, int | None]:
             rc = await proc.wait()
             status = self.records.read_status(job.id)
             if status is not None:
-                return status[0], status[1], ""
+                return status
             # The reaper itself was killed (job group killed, or by its owner).
-            return (rc, None, "") if rc >= 0 else (None, -rc, "")
+            return (rc, None) if rc >= 0 else (None, -rc)
 
         try:
             await self._supervise(job, main_exit())
@@ -537,7 +541,7 @@ class Starter:
                     await proc.wait()
 
     async def _supervise(
-        self, job: Job, main_exit: Awaitable[tuple[int | None, int | None, str]]
+        self, job: Job, main_exit: Awaitable[tuple[int | None, int | None] | None]
     ) -> None:
         """From the job's main exit to its final report: debug hold, session grace, clean-up."""
         spec = job.plan.run.spec
@@ -545,13 +549,15 @@ class Starter:
         exit_signal: int | None = None
         reason = ""
         try:
-            exit_code, exit_signal, reason = await main_exit
-            if not reason and job.adopted:
-                status = self.records.read_status(job.id)
-                if status is None:
-                    reason = "its exit status was lost while no starter was watching it"
-                else:
-                    exit_code, exit_signal = status
+            status = await main_exit
+            if status is not None:
+                exit_code, exit_signal = status
+            elif job.killed:
+                # Killed as a group (rm, hold) while its reaper was not our child: the reaper
+                # died with the job before it could write the status.
+                exit_signal = signal.SIGKILL
+            else:
+                reason = "its exit status was lost while no starter was watching it"
             job.main_exited = True
             job.group.release(job.reaper_pid)  # reaped: without cgroups its pid may be reused
             job.exit_code, job.exit_signal = exit_code, exit_signal
@@ -677,15 +683,15 @@ def _open_reaper(rec: Recorded) -> int | None:
     return fd
 
 
-async def _wait_pidfd(fd: int | None) -> tuple[int | None, int | None, str]:
-    """Wait for a process that is not our child (a pidfd is readable once it has ended).
-
-    The exit status comes from the reaper's status file (read by the caller); the empty reason
-    says so."""
+async def _wait_pidfd(
+    fd: int | None, records: Records, job_id: str
+) -> tuple[int | None, int | None] | None:
+    """Wait for a reaper that is not our child (its pidfd is readable once it has ended), then
+    read the status it wrote; None if it wrote none."""
     if fd is not None:
         try:
             await trio.lowlevel.wait_readable(fd)
         finally:
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
-    return None, None, ""
+    return records.read_status(job_id)

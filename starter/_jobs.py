@@ -87,6 +87,9 @@ def plan_job(
 ) -> JobPlan:
     """Work out the job's fixed description; ``CannotStart`` if it can never run here."""
     spec = run.spec
+    if not run.id or "/" in run.id or run.id.startswith(".") or "\0" in run.id:
+        # It names files and cgroups of ours.
+        raise CannotStart(f"bad job id {run.id!r}")
     if run.uid == 0:
         raise CannotStart("jobs never run as root")
     if not spec.executable:
@@ -143,7 +146,6 @@ class Job:
     pid: int = 0
     reaper_pid: int = 0
     started: float = 0.0
-    adopted: bool = False
     sessions: dict[str, trio.Process] = attrs.field(factory=dict)
     main_exited: bool = False
     killed: str = ""
@@ -252,6 +254,8 @@ class Records:
 
     def load(self) -> list[Recorded]:
         out: list[Recorded] = []
+        for tmp in self.dir.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)  # a write that a crash interrupted
         for path in sorted(self.dir.glob("*.json")):
             try:
                 out.append(_decode_record(json.loads(path.read_bytes())))

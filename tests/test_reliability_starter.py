@@ -12,7 +12,10 @@ import sys
 import time
 from typing import Any
 
+import pytest
 from conftest import SSH_TO_JOB, Pool, User, wait_for
+
+from ssh_to_job import common
 
 PYTHON = str(pathlib.Path(sys.executable))
 
@@ -69,6 +72,13 @@ def _kill_starter(pool: Pool) -> int:
     return pid
 
 
+def _cgroup_bases(pool: Pool) -> list[pathlib.Path]:
+    """This pool's starter's cgroup base(s) (named after its key, like the starter does)."""
+    seed = common.load_or_create_key(pool.state / "keys" / "starter.key")
+    name = f"ssh-to-job-{common.public_hex(seed)[:16]}"
+    return list(pathlib.Path("/sys/fs/cgroup").glob(f"**/{name}"))
+
+
 def _job_dir(user: User) -> pathlib.Path:
     d = pathlib.Path(f"/tmp/stjt-runs-{os.getpid()}-{time.monotonic_ns()}")
     d.mkdir(mode=0o700)
@@ -96,11 +106,16 @@ def pool_root() -> User:
     return User("root", 0, 0, "/root")
 
 
-def test_jobs_survive_a_sigkilled_starter(make_pool: Any, users: dict[str, User]) -> None:
+@pytest.mark.parametrize(
+    "config", ["", "[starter]\nuse_cgroups = false\n"], ids=["cgroups", "no-cgroups"]
+)
+def test_jobs_survive_a_sigkilled_starter(
+    make_pool: Any, users: dict[str, User], config: str
+) -> None:
     """After a SIGKILL of the starter, the next starter takes back the running job (same pid,
     still running in stj q, still removable), records once the exit code of a job that ended
-    while no starter was up, and runs no job twice."""
-    pool = make_pool()
+    while no starter was up, and runs no job twice (with cgroups and without)."""
+    pool = make_pool(config)
     a = users["a"]
     runs = _job_dir(a)
     log, flag = runs / "runs.log", runs / "flag"
@@ -200,11 +215,12 @@ def test_an_interrupted_client_leaves_no_session_behind(
     try:
         [cmd] = wait_for("the remote command", remote, timeout=30)
         assert list(sessions.iterdir())
+        cgroups = [p for base in _cgroup_bases(pool) for p in base.glob("job-*/session-*")]
+        assert cgroups or not _cgroup_bases(pool)  # with cgroups, the session has its own
         os.killpg(client.pid, signal.SIGKILL)
         client.wait()
         wait_for("the remote command's end", lambda: not _alive(cmd), timeout=15)
         wait_for("the session dir's removal", lambda: not list(sessions.iterdir()), timeout=15)
-        cgroups = list(pathlib.Path("/sys/fs/cgroup").glob("**/ssh-to-job-*/job-*/session-*"))
         wait_for(
             "the session cgroup's removal",
             lambda: not any(p.exists() for p in cgroups),

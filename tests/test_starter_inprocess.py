@@ -17,6 +17,7 @@ from conftest import User, new_state_dir
 from starterharness import FAR, real_wait, running_starter, starter_config
 
 from ssh_to_job import wire
+from ssh_to_job.starter._daemon import PING_INTERVAL, SILENCE
 
 pytestmark = pytest.mark.usefixtures("users")
 
@@ -179,3 +180,27 @@ async def test_a_job_that_cannot_start_is_reported_and_leaves_nothing(
         done = await broker.next_report("5.0", running=False)
         assert isinstance(done.msg, wire.JobUpdate)
         assert done.msg.report.exit_code == 0
+
+
+async def test_a_channel_kept_alive_by_pings_stays_up_and_a_silent_one_is_redialed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The starter pings every PING_INTERVAL; while the broker answers, one connection lasts
+    (here 1000 s); once the broker falls silent, the starter redials after SILENCE."""
+    state = new_state_dir()
+    async with running_starter(state, starter_config()) as (_starter, broker):
+        first = await broker.next(wire.StarterSync)
+        pings = 0
+        with trio.move_on_after(1000):
+            while True:
+                await broker.next(wire.Ping)
+                pings += 1
+        assert len(broker.attempts) == 1
+        assert pings == pytest.approx(1000 / PING_INTERVAL, abs=1)
+        broker.pong = False
+        quiet = trio.current_time()
+        again = await broker.next(wire.StarterSync)
+        assert len(broker.attempts) == 2
+        # The last pong came at most one interval before the broker fell silent.
+        assert SILENCE - PING_INTERVAL <= again.at - quiet <= SILENCE + 1
+        assert first.at < quiet
