@@ -38,15 +38,18 @@ from ssh_to_job.transport import FramedStream, Outbox, PeerGone, set_nodelay
 
 from . import _procs
 from ._jobs import (
+    UNSTARTED,
     CannotStart,
     Job,
     JobPlan,
     Recorded,
     Records,
+    parse_exec,
     parse_report,
     plan_job,
     process_start_time,
     scratch_dir,
+    status_word,
 )
 from ._session import cleanup_session_dirs, remove_owned_tree, run_session, wait_gone
 
@@ -406,6 +409,12 @@ class Starter:
                 self.unacked[rec.final.id] = rec.final
                 known.add(rec.final.id)
             elif rec.plan is not None:
+                if await self._never_started(rec.plan.id):
+                    # Its starter died between the record and the go: the job never ran, so
+                    # nothing is reported and the broker gives it to a starter again.
+                    log.info("job %s was never started; leaving it to the broker", rec.plan.id)
+                    self.records.forget(rec.plan.id)
+                    continue
                 known.add(rec.plan.id)
                 await self._adopt(rec, rec.plan)
         # Sessions of a dead starter: their keys and sshd processes go.
@@ -418,6 +427,19 @@ class Starter:
         for d in self.execute_dir.glob("job_*"):
             if not any(d == scratch_dir(self.execute_dir, jid) for jid in known):
                 remove_owned_tree(d)
+
+    async def _never_started(self, job_id: str) -> bool:
+        """Whether the recorded job's reaper gave up before exec (see stj-reaper.c).
+
+        A reaper still waiting for its go byte gets end of file as soon as the old starter is
+        gone, so an undecided status settles within moments; we wait for it a little.
+        """
+        for _ in range(40):
+            word = status_word(self.records.status_text(job_id))
+            if word:
+                return word == UNSTARTED
+            await trio.sleep(0.05)
+        return False
 
     async def _adopt(self, rec: Recorded, plan: JobPlan) -> None:
         job = Job(plan, self.post, pid=rec.pid, reaper_pid=rec.reaper_pid, started=rec.started)
@@ -454,8 +476,13 @@ class Starter:
         self.unacked[run.id] = report
         self.post(wire.JobUpdate(report=report, sessions=0))
 
-    async def _spawn(self, job: Job) -> trio.Process:
-        """Start the job's reaper (which starts the job); the job's pid is known on return."""
+    async def _spawn(self, job: Job, record: Callable[[int], None]) -> trio.Process:
+        """Start the job's reaper, ``record`` the job durably, and only then let it exec the job.
+
+        The reaper reports the job's pid as soon as it has forked; ``record(reaper_pid)`` then
+        writes the job's record, and one byte on the go pipe lets the job exec. Should this
+        starter die before that byte, the job never runs (see stj-reaper.c).
+        """
         plan = job.plan
         run = plan.run
         remove_owned_tree(plan.scratch)
@@ -472,9 +499,11 @@ class Starter:
             fds.append(status := self.records.open_status(run.id))
             report_r, report_w = os.pipe()
             fds.append(report_w)
+            go_r, go_w = os.pipe()
+            fds.append(go_r)
             try:
                 proc = await trio.lowlevel.open_process(
-                    [str(REAPER), str(status), str(report_w), *plan.argv],
+                    [str(REAPER), str(status), str(report_w), str(go_r), *plan.argv],
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
@@ -483,32 +512,46 @@ class Starter:
                     preexec_fn=_procs.make_preexec(
                         run.uid, run.gid, list(plan.groups), plan.cgroup
                     ),
-                    pass_fds=(status, report_w),
+                    pass_fds=(status, report_w, go_r),
                 )
             except BaseException:
                 os.close(report_r)
+                os.close(go_w)
                 raise
         finally:
             for fd in fds:
                 os.close(fd)
         job.reaper_pid = proc.pid
         job.group.leaders.append(proc.pid)
-        # No deadline: the pipe ends as soon as the reaper has exec'd the job or failed to.
+        # No deadline: the reaper answers at once, and its pipe ends if it dies.
         try:
-            job.pid = parse_report(await _read_line(report_r))
+            async with trio.lowlevel.FdStream(report_r) as report:
+                lines = _Lines(report)
+                job.pid = parse_report(await lines.next())
+                record(proc.pid)
+                os.write(go_w, b"g")
+                os.close(go_w)
+                go_w = -1
+                parse_exec(await lines.next())
         except OSError:
             with trio.CancelScope(shield=True):
                 await proc.wait()
             raise
+        finally:
+            if go_w != -1:
+                os.close(go_w)
         return proc
 
     async def _run_job(self, job: Job) -> None:
         plan = job.plan
-        try:
-            proc = await self._spawn(job)
+
+        def record(reaper_pid: int) -> None:
+            # Durable before the job runs: a starter restarted from here on takes it back.
             job.started = time.time()
-            # Durable before reported: a starter restarted from here on takes the job back.
-            self.records.write_running(job, process_start_time(proc.pid))
+            self.records.write_running(job, process_start_time(reaper_pid))
+
+        try:
+            proc = await self._spawn(job, record)
         except Exception as exc:
             # Whatever it was, the job must not sit "running" with no pid, holding its slot.
             if not isinstance(exc, OSError | subprocess.SubprocessError | ValueError):
@@ -640,16 +683,22 @@ def terminate_all(starter: Starter) -> None:
         job.kill("starter shut down")  # also ends a debug hold
 
 
-async def _read_line(fd: int, limit: int = 64) -> bytes:
-    """One short line from a pipe we own (closed on return)."""
-    buf = b""
-    async with trio.lowlevel.FdStream(fd) as stream:
-        while b"\n" not in buf and len(buf) < limit:
-            chunk = await stream.receive_some(limit)
+class _Lines:
+    """Short lines, one at a time, from a pipe (what is read past a line is kept)."""
+
+    def __init__(self, stream: trio.lowlevel.FdStream, limit: int = 64) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._buf = b""
+
+    async def next(self) -> bytes:
+        while b"\n" not in self._buf and len(self._buf) < self._limit:
+            chunk = await self._stream.receive_some(self._limit)
             if not chunk:
                 break
-            buf += chunk
-    return buf
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
 
 
 async def _end_group(group: _procs.JobGroup) -> None:

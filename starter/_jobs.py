@@ -214,17 +214,20 @@ class Records:
         path.unlink(missing_ok=True)
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
 
-    def read_status(self, job_id: str) -> tuple[int | None, int | None] | None:
-        """(exit code, signal) the reaper wrote, or None if it wrote nothing usable."""
+    def status_text(self, job_id: str) -> str:
+        """What the reaper wrote so far ("" if nothing, or no file)."""
         try:
             fd = os.open(self.status_path(job_id), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
-            return None
+            return ""
         try:
-            text = os.read(fd, STATUS_MAX).decode("ascii", "replace")
+            return os.read(fd, STATUS_MAX).decode("ascii", "replace")
         finally:
             os.close(fd)
-        return parse_status(text)
+
+    def read_status(self, job_id: str) -> tuple[int | None, int | None] | None:
+        """(exit code, signal) the reaper wrote, or None if it wrote nothing usable."""
+        return parse_status(self.status_text(job_id))
 
     def write_running(self, job: Job, reaper_start: int) -> None:
         body = {
@@ -312,9 +315,21 @@ def _decode_record(body: dict[str, Any]) -> Recorded:
     )
 
 
+#: The reaper's status lines that are not an ending (see stj-reaper.c): the job was exec'd,
+#: or it never was because its starter died before recording it.
+RUNNING = "running"
+UNSTARTED = "unstarted"
+
+
+def status_word(text: str) -> str:
+    """The reaper's last status line ("" if none): RUNNING, UNSTARTED or an ending."""
+    lines = text.strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
 def parse_status(text: str) -> tuple[int | None, int | None] | None:
-    """The reaper's line as (exit code, signal); None for anything else."""
-    word, _, number = text.strip().partition(" ")
+    """The reaper's ending as (exit code, signal); None while running or for anything else."""
+    word, _, number = status_word(text).partition(" ")
     if not number.isdigit() or len(number) > 5:
         return None
     n = int(number)
@@ -325,6 +340,17 @@ def parse_status(text: str) -> tuple[int | None, int | None] | None:
     if word == "error":
         return 127, None
     return None
+
+
+def parse_exec(line: bytes) -> None:
+    """The reaper's second line: "ok" once the job was exec'd; OSError if the exec failed."""
+    word, _, number = line.decode("ascii", "replace").strip().partition(" ")
+    if word == "ok" and not number:
+        return
+    if word == "error" and number.isdigit() and len(number) <= 5 and int(number) > 0:
+        err = int(number)
+        raise OSError(err, os.strerror(err))
+    raise OSError(f"the job's reaper did not say whether the job started ({line[:40]!r})")
 
 
 def parse_report(line: bytes) -> int:

@@ -6,18 +6,24 @@ from __future__ import annotations
 import os
 import pathlib
 import stat
+import subprocess
 
 import attrs
 import pytest
 
+from ssh_to_job import starter as starter_package
 from ssh_to_job import wire
 from ssh_to_job.starter._jobs import (
+    RUNNING,
+    UNSTARTED,
     CannotStart,
     Job,
     Records,
+    parse_exec,
     parse_report,
     parse_status,
     plan_job,
+    status_word,
 )
 
 
@@ -143,3 +149,73 @@ def test_report_lines() -> None:
     for junk in (b"", b"pid 0\n", b"pid x\n", b"hello\n"):
         with pytest.raises(OSError, match="did not report its pid"):
             parse_report(junk)
+
+
+def test_exec_lines() -> None:
+    """The reaper's second line: "ok", or why the job did not start."""
+    parse_exec(b"ok")
+    with pytest.raises(OSError, match="Permission denied") as info:
+        parse_exec(b"error 13")
+    assert info.value.errno == 13
+    for junk in (b"", b"error 0", b"ok 1", b"pid 3"):
+        with pytest.raises(OSError, match="did not say"):
+            parse_exec(junk)
+
+
+def test_status_after_running_is_the_last_line() -> None:
+    """The reaper writes "running" when the job execs, then its ending; a job that never got
+    its go says "unstarted"."""
+    assert parse_status("running\n") is None
+    assert status_word("running\n") == RUNNING
+    assert parse_status("running\nexit 3\n") == (3, None)
+    assert parse_status("running\nsignal 9\n") == (None, 9)
+    assert status_word("unstarted\n") == UNSTARTED
+    assert parse_status("unstarted\n") is None
+    assert status_word("") == ""
+
+
+REAPER = pathlib.Path(starter_package.__file__).parent / "stj-reaper"
+
+
+def _reaper(tmp_path: pathlib.Path, program: list[str], go: bool) -> tuple[list[str], str]:
+    """Run the installed reaper; send the go byte or not; its report lines and status file."""
+    status = tmp_path / "status"
+    status_fd = os.open(status, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    report_r, report_w = os.pipe()
+    go_r, go_w = os.pipe()
+    proc = subprocess.Popen(
+        [str(REAPER), str(status_fd), str(report_w), str(go_r), *program],
+        pass_fds=(status_fd, report_w, go_r),
+    )
+    for fd in (status_fd, report_w, go_r):
+        os.close(fd)
+    with os.fdopen(report_r, "rb") as report:
+        first = report.readline().decode()
+        if go:
+            os.write(go_w, b"g")
+        os.close(go_w)
+        rest = report.read().decode()
+    proc.wait(10)
+    return [first.strip(), *rest.split()], status.read_text()
+
+
+def test_the_reaper_waits_for_its_go(tmp_path: pathlib.Path) -> None:
+    """With the go byte the job runs; without it (its starter died before recording it) the job
+    never runs and the status says so; an exec failure is reported with its errno."""
+    marker = tmp_path / "ran"
+    lines, status = _reaper(tmp_path, ["/bin/sh", "-c", f"touch {marker}; exit 4"], go=True)
+    assert lines[0].startswith("pid ")
+    assert lines[1:] == ["ok"]
+    assert status == "running\nexit 4\n"
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / "status").unlink()
+    lines, status = _reaper(tmp_path, ["/bin/sh", "-c", f"touch {marker}"], go=False)
+    assert lines[0].startswith("pid ")
+    assert lines[1:] == ["error", "0"]
+    assert status == "unstarted\n"
+    assert not marker.exists()
+    (tmp_path / "status").unlink()
+    lines, status = _reaper(tmp_path, [str(tmp_path / "nothing-here")], go=True)
+    assert lines[1:] == ["error", "2"]
+    assert status == "error 2\n"

@@ -28,17 +28,6 @@ from ._crypto import (
 from ._errors import CapabilityError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
 from ._frame import HEADER as FRAME_HEADER
-from ._identity import (
-    PEER_NAME_RE,
-    POOL_ID_RE,
-    ROLE_BROKER,
-    ROLE_CLIENT,
-    ROLE_STARTER,
-    ROLES,
-    PeerName,
-    check_pool_id,
-    parse_peer_uri,
-)
 from ._jobid import JobId, parse_job_id
 from ._messages import (
     MESSAGE_TYPES,
@@ -87,6 +76,17 @@ from ._state import Channel, Role, next_state
 
 if TYPE_CHECKING:
     from ._handshake import BrokerHandshake, ChannelKeys, HandshakeError, StarterHandshake
+    from ._identity import (
+        PEER_NAME_RE,
+        POOL_ID_RE,
+        ROLE_BROKER,
+        ROLE_CLIENT,
+        ROLE_STARTER,
+        ROLES,
+        PeerName,
+        check_pool_id,
+        parse_peer_uri,
+    )
     from ._secure import Ephemeral, FrameCipher, channel_keys
 
 _LAZY = {
@@ -97,6 +97,15 @@ _LAZY = {
     "ChannelKeys": "_handshake",
     "HandshakeError": "_handshake",
     "StarterHandshake": "_handshake",
+    "PEER_NAME_RE": "_identity",
+    "POOL_ID_RE": "_identity",
+    "ROLE_BROKER": "_identity",
+    "ROLE_CLIENT": "_identity",
+    "ROLE_STARTER": "_identity",
+    "ROLES": "_identity",
+    "PeerName": "_identity",
+    "check_pool_id": "_identity",
+    "parse_peer_uri": "_identity",
 }
 
 
