@@ -297,7 +297,7 @@ def render(r: Json) -> str:
         imp = bd.get("importtime")
         if imp:
             w(
-                f"\n`python -X importtime -c 'import client.ssh_to_job'`: "
+                f"\n`python -X importtime -c 'import ssh_to_job.client.ssh_to_job'`: "
                 f"{imp['total_us'] / 1000:.0f} ms in imports; the costliest modules it imports "
                 "directly (cumulative): "
                 + ", ".join(f"{n} {us / 1000:.1f} ms" for n, us in imp["top"][:8])

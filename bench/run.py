@@ -429,7 +429,7 @@ Host *
         if not self.broker_pid:
             raise BenchError(f"the pool did not start:\n{self.pool_log()}")
         for pid in children_of(self.pool.pid):
-            if " starter " in cmdline(pid):
+            if "ssh_to_job.starter " in cmdline(pid):
                 self.starter_pid = pid
         # One job for single-job figures, twenty more for the spread ones: all 21 slots busy,
         # so anything submitted later stays idle (the queue figures rely on that).
@@ -623,7 +623,7 @@ Host *
             "python -I -S -c pass": {"argv": [py, "-I", "-S", "-c", "pass"]},
             "ssh-to-job -help (interpreter + imports)": {"argv": self.ssh_to_job("-help")},
             "imports + default session key (client.ssh_to_job.generate_key)": {
-                "argv": [py, "-c", "import client.ssh_to_job as m; m.generate_key('')"]
+                "argv": [py, "-c", "import ssh_to_job.client.ssh_to_job as m; m.generate_key('')"]
             },
             "ProxyCommand helper start (_fdproxy.py, no argument)": {
                 "argv": [py, "-I", "-S", fdproxy]
@@ -634,7 +634,7 @@ Host *
         st = self.worker("times", {"cmds": start_cmds, "reps": 5 if self.quick else 10})["runs"]
         startup = {k: summary([r["wall"] for r in v]) for k, v in st.items()}
         bd = self.worker("breakdown", {"job": self.job, "reps": 8 if self.quick else 20})
-        imp = self.worker("importtime", {"code": "import client.ssh_to_job", "reps": 5})
+        imp = self.worker("importtime", {"code": "import ssh_to_job.client.ssh_to_job", "reps": 5})
         self.results["phases"]["setup_breakdown"] = {
             "startup": startup,
             "phases": {k: summary(v) for k, v in bd["phases"].items()},
