@@ -205,8 +205,9 @@ class Connections:
         buffered = stream.conn.trailing_data
         if len(buffered) >= wire.FRAME_HEADER.size:
             (length,) = wire.FRAME_HEADER.unpack(buffered[: wire.FRAME_HEADER.size])
-            if length > self.bc.max_frame:
-                left = min(length, _DRAIN_LIMIT) - (len(buffered) - wire.FRAME_HEADER.size)
+            # Past _DRAIN_LIMIT it is garbage (say, HTTP) rather than a big request.
+            if self.bc.max_frame < length <= _DRAIN_LIMIT:
+                left = length - (len(buffered) - wire.FRAME_HEADER.size)
                 with trio.move_on_after(self.bc.frame_timeout), contextlib.suppress(OSError):
                     while left > 0:
                         chunk = await sock.recv(min(left, 1 << 16))
@@ -216,7 +217,8 @@ class Connections:
                 return wire.Error(
                     "too_big",
                     f"the request is {length} bytes; the broker accepts at most "
-                    f"{self.bc.max_frame} (broker.max_frame): pass big inputs as files",
+                    f"{self.bc.max_frame} (broker.max_frame): pass big inputs as files, or submit "
+                    "fewer arguments or a smaller environment",
                 )
         return wire.Error("protocol", f"protocol error: {exc}")
 
