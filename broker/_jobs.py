@@ -56,6 +56,8 @@ class StarterConn:
     address: str
     outbox: Outbox
     jobs: set[str] = attrs.field(factory=set)
+    #: It has sent its sync: until then it gets no new job (the sync would call it lost).
+    synced: bool = False
     pending_output: dict[int, trio.MemorySendChannel[wire.OutputData]] = attrs.field(factory=dict)
 
     def post(self, msg: wire.Message) -> None:
@@ -107,15 +109,17 @@ class Jobs:
         self.is_superuser = is_superuser
         self.clock = clock
         self.starters: dict[str, StarterConn] = {}
-        #: Set (and replaced) whenever a starter connects: ssh requests wait on it briefly.
+        #: Set (and replaced) whenever a starter has synced: ssh requests wait on it briefly.
         self._starter_joined = trio.Event()
 
     # ------------------------------------------------------------------ starters come and go
 
     def starter_joined(self, conn: StarterConn) -> None:
         self.starters[conn.name] = conn
-        self._starter_joined.set()
-        self._starter_joined = trio.Event()
+
+    def _ready(self, name: str) -> StarterConn | None:
+        conn = self.starters.get(name)
+        return conn if conn is not None and conn.synced else None
 
     def starter_left(self, conn: StarterConn) -> None:
         conn.outbox.close()
@@ -126,9 +130,9 @@ class Jobs:
     async def wait_for_starter(self, name: str, within: float) -> StarterConn | None:
         """The connected starter ``name``, waiting up to ``within`` s for it to come back."""
         with trio.move_on_after(within):
-            while name not in self.starters:
+            while self._ready(name) is None:
                 await self._starter_joined.wait()
-        return self.starters.get(name)
+        return self._ready(name)
 
     # ------------------------------------------------------------------ submit
 
@@ -306,6 +310,9 @@ class Jobs:
         for report in reports:
             self.report(conn, report, 0)
         conn.post(wire.Ack(ids=tuple(sorted(known))))
+        conn.synced = True
+        self._starter_joined.set()
+        self._starter_joined = trio.Event()
         self.schedule()
 
     def report(self, conn: StarterConn, r: wire.JobReport, sessions: int) -> None:
@@ -382,7 +389,7 @@ class Jobs:
         """Match idle jobs to free slots, oldest job first."""
         for conn in list(self.starters.values()):
             free = conn.slots - len(conn.jobs)
-            if free <= 0:
+            if free <= 0 or not conn.synced:
                 continue
             for row in self.queue.next_idle(free):
                 d = lc.decide(_job(row, True), lc.Event.MATCH, lc.Actor.BROKER)

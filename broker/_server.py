@@ -151,23 +151,32 @@ class Broker:
             self.close()
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
-        unix = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
-        await unix.bind(str(self.socket_path))
-        # Anyone may connect: who they are comes from SO_PEERCRED on every connection.
-        os.chmod(self.socket_path, 0o666)  # noqa: S103
-        unix.listen(512)
-        tcp_listeners = await trio.open_tcp_listeners(self.bc.port, host=self.bc.host)
-        self.tcp_port = tcp_listeners[0].socket.getsockname()[1]
-        # Atomically: a starter may be reading it to redial.
-        common.write_public(
-            self.state_dir / "broker.addr", f"{self.bc.host}:{self.tcp_port}\n".encode()
-        )
-        log.info("broker listening on %s and %s:%d", self.socket_path, self.bc.host, self.tcp_port)
-        c = self.connections
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(c.accept_loop, unix, c.handle_client)
-            for lst in tcp_listeners:
-                nursery.start_soon(c.accept_loop, lst.socket, c.handle_tcp)
-            task_status.started()
+        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+            await unix.bind(str(self.socket_path))
+            # Anyone may connect: who they are comes from SO_PEERCRED on every connection.
+            os.chmod(self.socket_path, 0o666)  # noqa: S103
+            unix.listen(512)
+            tcp_listeners = await trio.open_tcp_listeners(self.bc.port, host=self.bc.host)
+            try:
+                self.tcp_port = tcp_listeners[0].socket.getsockname()[1]
+                # Atomically: a starter may be reading it to redial.
+                common.write_public(
+                    self.state_dir / "broker.addr", f"{self.bc.host}:{self.tcp_port}\n".encode()
+                )
+                log.info(
+                    "broker listening on %s and %s:%d",
+                    self.socket_path,
+                    self.bc.host,
+                    self.tcp_port,
+                )
+                c = self.connections
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(c.accept_loop, unix, c.handle_client)
+                    for lst in tcp_listeners:
+                        nursery.start_soon(c.accept_loop, lst.socket, c.handle_tcp)
+                    task_status.started()
+            finally:
+                for lst in tcp_listeners:
+                    lst.socket.close()
