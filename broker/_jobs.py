@@ -30,6 +30,8 @@ PER_JOB_RESULTS = 100
 #: Rows changed per transaction in a bulk action, between which other requests are served.
 CHUNK = 2000
 _ALL_PROCS = (0, (1 << 62))
+#: Jobs matched to one starter per scheduling round (well under the outbox's bound).
+MATCH_BATCH = 512
 
 _ACTION_EVENTS = {
     "rm": lc.Event.RM,
@@ -276,8 +278,11 @@ class Jobs:
         fields = self._action_fields(d, action, msg.reason, uid, lc.State(row.state))
         self.queue.set_state(jid, d.job.state.value, **fields)
         if d.signal is not None and conn is not None:
-            why = fields.get("hold_reason") or (f"released by {user_name(uid)}")
-            conn.post(wire.SignalJob(id=jid, action=d.signal.value, reason=str(why)))
+            if event is lc.Event.RELEASE:
+                why = f"released by {user_name(uid)}"
+            else:
+                why = str(fields.get("hold_reason", ""))
+            conn.post(wire.SignalJob(id=jid, action=d.signal.value, reason=why))
         self.queue.audit(uid, action, jid, "ok")
         if d.job.state is lc.State.RELEASING:
             done = (
@@ -388,7 +393,9 @@ class Jobs:
     def schedule(self) -> None:
         """Match idle jobs to free slots, oldest job first."""
         for conn in list(self.starters.values()):
-            free = conn.slots - len(conn.jobs)
+            # At most MATCH_BATCH at a time: a starter with very many slots must not overflow
+            # its outbox; every job start reported brings the next round.
+            free = min(conn.slots - len(conn.jobs), MATCH_BATCH)
             if free <= 0 or not conn.synced:
                 continue
             for row in self.queue.next_idle(free):

@@ -3,6 +3,7 @@ stop another uid, and one broker per state directory."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -107,3 +108,31 @@ def test_a_second_broker_on_a_state_dir_exits_naming_the_first(
     assert time.monotonic() - start < 10
     assert pool.pids("broker") == [first]
     pool.stj(ROOT, "q")
+
+
+def test_a_slow_sender_on_the_unix_socket_is_cut_at_frame_timeout(
+    make_pool: Any, users: dict[str, User]
+) -> None:
+    """A local user sending a byte every half second is disconnected after frame_timeout (2 s here),
+    not held for the idle timeout (the unix socket used to ignore frame_timeout)."""
+    pool: Pool = make_pool("frame_timeout = 2.0\n")
+    frame = b"\x00\x00\x00\x40" + b'{"type": "status"}' + b" " * 46
+    start = time.monotonic()
+    sent = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(pool.state / "broker.sock"))
+        s.settimeout(0.5)
+        try:
+            for byte in frame:
+                s.send(bytes([byte]))
+                sent += 1
+                try:
+                    if s.recv(1) == b"":
+                        break
+                except TimeoutError:
+                    pass  # still open: the half-second wait is our "one byte a second"
+        except OSError:
+            pass  # the broker hung up mid-send
+    took = time.monotonic() - start
+    assert sent < len(frame)
+    assert took < 6, took
