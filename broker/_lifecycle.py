@@ -133,7 +133,8 @@ class Decision:
 
 @attrs.frozen
 class _Rule:
-    to: State
+    #: The state afterwards; None: unchanged.
+    to: State | None = None
     #: on_starter afterwards: True, False, or None (unchanged).
     on: bool | None = None
     signal: Signal | None = None
@@ -147,7 +148,14 @@ class _Rule:
 _TABLE: dict[tuple[State, Event, bool], _Rule] = {}
 
 S, E, SIG = State, Event, Signal
-_GONE = {"on": False, "debug": False}
+_NOOP = _Rule(noop=True)
+
+
+def _gone(to: State | None = None) -> _Rule:
+    """The job's processes have left its starter (the slot there is free)."""
+    return _Rule(to, on=False, debug=False)
+
+
 _ROWS: list[tuple[frozenset[State], Event, bool | None, _Rule]] = [
     # -- users. rm ends every live job; one on a starter is killed there, and its slot frees on
     # the starter's exit report (so the end is still recorded).
@@ -169,13 +177,10 @@ _ROWS: list[tuple[frozenset[State], Event, bool | None, _Rule]] = [
         frozenset({S.IDLE, S.RUNNING, S.SUSPENDED, S.RELEASING}),
         E.LOST,
         True,
-        _Rule(S.IDLE, **_GONE),  # type: ignore[arg-type]
+        _gone(S.IDLE),
     ),
-    *(
-        (frozenset({s}), E.LOST, True, _Rule(s, **_GONE))  # type: ignore[arg-type]
-        for s in (S.HELD, S.REMOVED, S.COMPLETED)
-    ),
-    (frozenset(S), E.LOST, False, _Rule(S.IDLE, noop=True)),  # to: see decide (noop keeps it)
+    (frozenset({S.HELD, S.REMOVED, S.COMPLETED}), E.LOST, True, _gone()),
+    (frozenset(S), E.LOST, False, _NOOP),
     # -- the job's starter: running as it should be
     (frozenset({S.RUNNING}), E.REPORT_RUNNING, True, _Rule(S.RUNNING, on=True)),
     (frozenset({S.SUSPENDED}), E.REPORT_RUNNING, True, _Rule(S.SUSPENDED, on=True)),
@@ -204,25 +209,30 @@ _ROWS: list[tuple[frozenset[State], Event, bool | None, _Rule]] = [
         for e in (E.REPORT_RUNNING, E.REPORT_DEBUG_HOLD)
     ),
     # -- the job's starter: its processes are gone
-    (frozenset({S.RUNNING, S.SUSPENDED}), E.REPORT_EXITED, True, _Rule(S.COMPLETED, **_GONE)),  # type: ignore[arg-type]
-    (frozenset({S.RUNNING, S.SUSPENDED}), E.REPORT_FAILED_HOLD, True, _Rule(S.HELD, **_GONE)),  # type: ignore[arg-type]
-    (frozenset({S.RUNNING, S.SUSPENDED}), E.REPORT_COULD_NOT_START, True, _Rule(S.HELD, **_GONE)),  # type: ignore[arg-type]
+    (frozenset({S.RUNNING, S.SUSPENDED}), E.REPORT_EXITED, True, _gone(S.COMPLETED)),
+    (frozenset({S.RUNNING, S.SUSPENDED}), E.REPORT_FAILED_HOLD, True, _gone(S.HELD)),
+    (frozenset({S.RUNNING, S.SUSPENDED}), E.REPORT_COULD_NOT_START, True, _gone(S.HELD)),
+    # Held (evicted, or its debug hold ended or expired), an old copy, or finished: it stays as
+    # it is, off its starter. Released: now it may run again.
     *(
-        (frozenset({s}), e, True, _Rule(S.IDLE if s is S.RELEASING else s, **_GONE))  # type: ignore[arg-type]
-        for s in (S.IDLE, S.HELD, S.RELEASING, S.REMOVED, S.COMPLETED)
+        (frozenset({S.IDLE, S.HELD, S.REMOVED, S.COMPLETED}), e, True, _gone())
+        for e in (E.REPORT_EXITED, E.REPORT_FAILED_HOLD, E.REPORT_COULD_NOT_START)
+    ),
+    *(
+        (frozenset({S.RELEASING}), e, True, _gone(S.IDLE))
         for e in (E.REPORT_EXITED, E.REPORT_FAILED_HOLD, E.REPORT_COULD_NOT_START)
     ),
     # A report that a job not on any starter is gone (a duplicate, or stale): nothing to do.
     *(
-        (frozenset(S), e, False, _Rule(S.IDLE, noop=True))
+        (frozenset(S), e, False, _NOOP)
         for e in (E.REPORT_EXITED, E.REPORT_FAILED_HOLD, E.REPORT_COULD_NOT_START)
     ),
 ]
 for _states, _event, _on, _rule in _ROWS:
     for _s in _states:
         for _o in (True, False) if _on is None else (_on,):
-            # One rule per key: a row that overlaps another is a bug in the table.
-            assert (_s, _event, _o) not in _TABLE, (_s, _event, _o)
+            if (_s, _event, _o) in _TABLE:
+                raise RuntimeError(f"two lifecycle rules for {(_s, _event, _o)}")
             _TABLE[(_s, _event, _o)] = _rule
 
 
@@ -247,7 +257,8 @@ def decide(job: Job, event: Event, actor: Actor) -> Decision:
         return Decision(job, noop=True)
     on = job.on_starter if rule.on is None else rule.on
     debug = job.debug_hold if rule.debug is None else rule.debug
-    after = Job(state=rule.to, on_starter=on, connected=job.connected, debug_hold=debug and on)
+    state = job.state if rule.to is None else rule.to
+    after = Job(state=state, on_starter=on, connected=job.connected, debug_hold=debug and on)
     return Decision(after, signal=signal)
 
 
@@ -275,5 +286,6 @@ def table() -> dict[tuple[State, Event, bool], tuple[State, bool, Signal | None]
         if r.noop:
             out[(state, event, on)] = (state, on, None)
         else:
-            out[(state, event, on)] = (r.to, on if r.on is None else r.on, r.signal)
+            to = state if r.to is None else r.to
+            out[(state, event, on)] = (to, on if r.on is None else r.on, r.signal)
     return out
