@@ -189,31 +189,32 @@ class Jobs:
                 out.fail(str(jid), f"job {jid} is not in the queue")
                 continue
             detailed = sum(g[3] for g in groups) <= PER_JOB_RESULTS
-            for state, placed, debug, count, lo, hi, owner, owner_uid in groups:
-                match = (state, placed, debug)
+            for state, placed, debug, count, lo, hi, _owner, owner_uid in groups:
                 await self._act_group(
-                    jid.cluster, (lo, hi), match, count, owner, owner_uid, event, msg, uid,
-                    detailed, out,
-                )  # fmt: skip
+                    _Group(jid.cluster, (lo, hi), (state, placed, debug), count, owner_uid),
+                    event,
+                    msg,
+                    uid,
+                    detailed,
+                    out,
+                )
         self.schedule()
         return wire.ActReply(results=out.results())
 
     async def _act_group(
         self,
-        cluster: int,
-        procs: tuple[int, int],
-        match: tuple[str, int, int],
-        count: int,
-        owner: str,
-        owner_uid: int,
+        group: _Group,
         event: lc.Event,
         msg: wire.Act,
         uid: int,
         detailed: bool,
         out: _Results,
     ) -> None:
+        """``msg``'s action on one group of a cluster's jobs (same state, placement, debug hold):
+        one decision of the table for all, written in chunks of CHUNK rows."""
+        cluster, procs, match, count = group.cluster, group.procs, group.match, group.count
         action = msg.action
-        actor = self._actor(owner_uid, uid)
+        actor = self._actor(group.owner_uid, uid)
         state, placed, debug = match
         # suspend/continue depend on each job's starter being connected: decided job by job.
         job = lc.Job(lc.State(state), bool(placed), True, bool(debug))
@@ -226,7 +227,7 @@ class Jobs:
             if d.refusal is not None and count > limit:
                 out.fail(f"{cluster}", f"and {count - limit} more jobs of cluster {cluster}")
             return
-        fields = self._action_fields(d, action, msg.reason, uid, lc.State(state))
+        fields = self._action_fields(d, msg.reason, uid)
         shown = self.queue.procs_in(cluster, procs, match, PER_JOB_RESULTS) if detailed else []
         done = 0
         lo, hi = procs
@@ -244,14 +245,13 @@ class Jobs:
         elif done:
             out.ok(f"{cluster}", f"cluster {cluster}: {action} done for {done} {state} jobs")
 
-    def _action_fields(
-        self, d: lc.Decision, action: str, reason: str, uid: int, before: lc.State
-    ) -> dict[str, object]:
+    def _action_fields(self, d: lc.Decision, reason: str, uid: int) -> dict[str, object]:
+        """The columns a user's action sets besides the state."""
         who = user_name(uid)
         after = d.job.state
         if after is lc.State.REMOVED:
             return {"finished": self.clock(), "hold_reason": reason or f"removed by {who}"}
-        if after is lc.State.HELD and before is not lc.State.RELEASING:
+        if after is lc.State.HELD:
             return {"hold_reason": reason or f"held by {who}"}
         if after is lc.State.IDLE:
             return {"hold_reason": "", "starter": "", "pid": 0}
@@ -275,7 +275,7 @@ class Jobs:
             if d.refusal == "its starter is not connected":
                 return wire.ActResult(jid, False, f"the starter of job {jid} is not connected")
             return wire.ActResult(jid, False, f"job {jid} {d.refusal}")
-        fields = self._action_fields(d, action, msg.reason, uid, lc.State(row.state))
+        fields = self._action_fields(d, msg.reason, uid)
         self.queue.set_state(jid, d.job.state.value, **fields)
         if d.signal is not None and conn is not None:
             if event is lc.Event.RELEASE:
@@ -414,6 +414,17 @@ class Jobs:
                     spec=row.job_spec(),
                 )
                 conn.post(wire.RunJob(job=run))
+
+
+@attrs.frozen
+class _Group:
+    cluster: int
+    #: The lowest and highest proc of the group (other procs in between may be elsewhere).
+    procs: tuple[int, int]
+    #: (state, placed, debug_hold), as stored.
+    match: tuple[str, int, int]
+    count: int
+    owner_uid: int
 
 
 class _Results:

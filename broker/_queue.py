@@ -340,7 +340,8 @@ class JobQueue:
         self, cluster: int, procs: tuple[int, int]
     ) -> list[tuple[str, int, int, int, int, int, str, int]]:
         """The live jobs of ``cluster`` in ``procs``, grouped by (state, placed, debug_hold):
-        (state, placed, debug_hold, count, min proc, max proc, owner, owner_uid) each."""
+        (state, placed, debug_hold, count, min proc, max proc, owner, owner_uid) each (a
+        cluster has one owner)."""
         try:
             cur = self.db.execute(
                 "SELECT state, placed, debug_hold, COUNT(*), MIN(proc), MAX(proc), MIN(owner),"  # noqa: S608
