@@ -175,6 +175,11 @@ class Jobs:
         return lc.Actor.SUPERUSER if self.is_superuser(uid) else lc.Actor.OTHER_USER
 
     async def act(self, msg: wire.Act, uid: int) -> wire.Message:
+        """rm, hold, release, suspend or continue the jobs ``msg`` names.
+
+        A cluster is worked through CHUNK procs at a time, each chunk its own transactions,
+        with a checkpoint between chunks: a 100,000-job cluster never holds up other requests
+        for more than one chunk. The reply lists jobs one by one only up to PER_JOB_RESULTS."""
         event = _ACTION_EVENTS[msg.action]
         out = _Results()
         for text in msg.ids:
@@ -184,24 +189,28 @@ class Jobs:
                 out.fail(text, str(exc))
                 continue
             procs = (jid.proc, jid.proc) if jid.proc is not None else _ALL_PROCS
-            groups = self.queue.groups(jid.cluster, procs)
-            if not groups:
+            total, first, last = self.queue.live_range(jid.cluster, procs)
+            if not total:
                 out.fail(str(jid), f"job {jid} is not in the queue")
                 continue
-            detailed = sum(g[3] for g in groups) <= PER_JOB_RESULTS
-            for state, placed, debug, count, lo, hi, _owner, owner_uid in groups:
-                await self._act_group(
-                    _Group(jid.cluster, (lo, hi), (state, placed, debug), count, owner_uid),
-                    event,
-                    msg,
-                    uid,
-                    detailed,
-                    out,
-                )
+            detailed = total <= PER_JOB_RESULTS
+            lo = first
+            while lo <= last:
+                top = min(last, lo + CHUNK - 1)
+                for state, placed, debug, count, g_lo, g_hi, _owner, owner_uid in self.queue.groups(
+                    jid.cluster, (lo, top)
+                ):
+                    group = _Group(
+                        jid.cluster, (g_lo, g_hi), (state, placed, debug), count, owner_uid
+                    )
+                    self._act_group(group, event, msg, uid, detailed, out)
+                lo = top + 1
+                if lo <= last:
+                    await trio.lowlevel.checkpoint()
         self.schedule()
         return wire.ActReply(results=out.results())
 
-    async def _act_group(
+    def _act_group(
         self,
         group: _Group,
         event: lc.Event,
@@ -210,40 +219,34 @@ class Jobs:
         detailed: bool,
         out: _Results,
     ) -> None:
-        """``msg``'s action on one group of a cluster's jobs (same state, placement, debug hold):
-        one decision of the table for all, written in chunks of CHUNK rows."""
+        """``msg``'s action on one group of a chunk of a cluster's jobs (same state, placement
+        and debug hold): one decision of the table for all of them."""
         cluster, procs, match, count = group.cluster, group.procs, group.match, group.count
         action = msg.action
         actor = self._actor(group.owner_uid, uid)
         state, placed, debug = match
         # suspend/continue depend on each job's starter being connected: decided job by job.
-        job = lc.Job(lc.State(state), bool(placed), True, bool(debug))
-        d = lc.decide(job, event, actor)
-        if d.refusal is not None or placed:
-            # Jobs on starters are few (at most the pool's slots): one by one, with signals.
-            limit = PER_JOB_RESULTS if d.refusal is not None else count
-            for row in self.queue.procs_in(cluster, procs, match, limit):
+        d = lc.decide(lc.Job(lc.State(state), bool(placed), True, bool(debug)), event, actor)
+        if d.refusal is not None:
+            rows = self.queue.procs_in(cluster, procs, match, out.room())
+            for row in rows:
                 out.add(self._act_one(row, event, actor, msg, uid))
-            if d.refusal is not None and count > limit:
-                out.fail(f"{cluster}", f"and {count - limit} more jobs of cluster {cluster}")
+            out.unlisted(count - len(rows))
+            return
+        if placed:
+            # Jobs on starters are few (at most the pool's slots): one by one, with signals.
+            for row in self.queue.procs_in(cluster, procs, match, count):
+                out.add(self._act_one(row, event, actor, msg, uid))
             return
         fields = self._action_fields(d, msg.reason, uid)
         shown = self.queue.procs_in(cluster, procs, match, PER_JOB_RESULTS) if detailed else []
-        done = 0
-        lo, hi = procs
-        while lo <= hi:
-            # One transaction per chunk of procs, then let everyone else in (issue 9).
-            top = min(hi, lo + CHUNK - 1)
-            done += self.queue.update_group(cluster, (lo, top), match, d.job.state.value, **fields)
-            lo = top + 1
-            if lo <= hi:
-                await trio.lowlevel.checkpoint()
-        self.queue.audit(uid, action, f"{cluster}", f"ok: {done} job(s) {state}")
+        done = self.queue.update_group(cluster, procs, match, d.job.state.value, **fields)
+        self.queue.audit(uid, action, f"{cluster}", f"ok: {done} {state} job(s) in {procs}")
         if detailed:
             for row in shown:
                 out.ok(row.id, f"job {row.id}: {action} done")
-        elif done:
-            out.ok(f"{cluster}", f"cluster {cluster}: {action} done for {done} {state} jobs")
+        else:
+            out.done(cluster, action, state, done)
 
     def _action_fields(self, d: lc.Decision, reason: str, uid: int) -> dict[str, object]:
         """The columns a user's action sets besides the state."""
@@ -428,21 +431,33 @@ class _Group:
 
 
 class _Results:
-    """An action's per-job results, bounded: failures listed up to PER_JOB_RESULTS."""
+    """An action's results, bounded: failures listed up to PER_JOB_RESULTS, then counted;
+    successes in bulk as one line per cluster and state."""
 
     def __init__(self) -> None:
         self._ok: list[wire.ActResult] = []
         self._failed: list[wire.ActResult] = []
-        self._more_failed = 0
+        self._unlisted = 0
+        self._done: dict[tuple[int, str, str], int] = {}
 
     def ok(self, jid: str, message: str) -> None:
         self._ok.append(wire.ActResult(jid, True, message))
 
+    def done(self, cluster: int, action: str, state: str, n: int) -> None:
+        key = (cluster, action, state)
+        self._done[key] = self._done.get(key, 0) + n
+
+    def room(self) -> int:
+        return PER_JOB_RESULTS - len(self._failed)
+
     def fail(self, jid: str, message: str) -> None:
-        if len(self._failed) < PER_JOB_RESULTS:
+        if self.room() > 0:
             self._failed.append(wire.ActResult(jid, False, message))
         else:
-            self._more_failed += 1
+            self._unlisted += 1
+
+    def unlisted(self, n: int) -> None:
+        self._unlisted += n
 
     def add(self, result: wire.ActResult) -> None:
         if result.ok:
@@ -451,9 +466,14 @@ class _Results:
             self.fail(result.id, result.message)
 
     def results(self) -> tuple[wire.ActResult, ...]:
+        bulk = [
+            wire.ActResult(f"{c}", True, f"cluster {c}: {action} done for {n} {state} jobs")
+            for (c, action, state), n in self._done.items()
+            if n
+        ]
         extra = []
-        if self._more_failed:
+        if self._unlisted:
             extra.append(
-                wire.ActResult("", False, f"and {self._more_failed} more failures not listed")
+                wire.ActResult("", False, f"and {self._unlisted} more jobs refused (not listed)")
             )
-        return (*self._ok, *self._failed, *extra)
+        return (*self._ok, *bulk, *self._failed, *extra)

@@ -336,6 +336,19 @@ class JobQueue:
             raise UnknownJob(job_id)
         return _row(r)
 
+    def live_range(self, cluster: int, procs: tuple[int, int]) -> tuple[int, int, int]:
+        """(how many, lowest proc, highest proc) of the live jobs of ``cluster`` in ``procs``."""
+        try:
+            cur = self.db.execute(
+                "SELECT COUNT(*), MIN(proc), MAX(proc) FROM jobs WHERE cluster = ?"  # noqa: S608
+                f" AND proc BETWEEN ? AND ? AND state IN ({', '.join('?' * len(LIVE_STATES))})",
+                (cluster, *procs, *LIVE_STATES),
+            )
+        except OverflowError:
+            return 0, 0, -1
+        n, lo, hi = cur.fetchone()
+        return (n, lo, hi) if n else (0, 0, -1)
+
     def groups(
         self, cluster: int, procs: tuple[int, int]
     ) -> list[tuple[str, int, int, int, int, int, str, int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sqlite3
+import time
 
 import pytest
 import trio
@@ -137,3 +138,58 @@ def test_a_newer_queue_is_refused(tmp_path: pathlib.Path) -> None:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(QueueVersionError, match="schema version 99"):
         JobQueue(path)
+
+
+async def test_bulk_actions_on_a_big_cluster_are_chunked_and_summarised(
+    broker: Broker,  # noqa: F811
+) -> None:
+    """hold, release and rm of a 20,000-job cluster each answer with one summary line and the
+    right count, and let other tasks run throughout (no stretch without a checkpoint longer
+    than a fraction of a second, where one transaction for all would take several)."""
+    cluster = broker.queue.submit(wire.JobSpec("/bin/true"), 20000, "ann", 1000, 1000)
+    gaps: list[float] = []
+    running = True
+
+    async def other_user() -> None:
+        last = time.perf_counter()
+        while running:
+            await trio.lowlevel.checkpoint()
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_user)
+        replies = {}
+        for action in ("hold", "release", "rm"):
+            reply, _ = await request(broker, wire.Act(action=action, ids=(str(cluster),)))
+            assert isinstance(reply, wire.ActReply)
+            replies[action] = reply.results
+        running = False
+    before = {"hold": "idle", "release": "held", "rm": "idle"}
+    for action, results in replies.items():
+        assert [r.message for r in results] == [
+            f"cluster {cluster}: {action} done for 20000 {before[action]} jobs"
+        ]
+    assert broker.queue.counts() == {"removed": 20000}
+    assert max(gaps) < 0.5, max(gaps)
+    # Removed jobs are no longer in the queue: acting on one is refused.
+    reply, _ = await request(broker, wire.Act(action="hold", ids=(f"{cluster}.5",)))
+    assert isinstance(reply, wire.ActReply)
+    assert reply.results == (
+        wire.ActResult(f"{cluster}.5", False, f"job {cluster}.5 is not in the queue"),
+    )
+
+
+async def test_refusals_of_a_big_cluster_are_listed_up_to_a_bound(
+    broker: Broker,  # noqa: F811
+) -> None:
+    """release of 20,000 idle jobs: 100 refusals listed, the other 19,900 counted in one line."""
+    cluster = broker.queue.submit(wire.JobSpec("/bin/true"), 20000, "ann", 1000, 1000)
+    reply, _ = await request(broker, wire.Act(action="release", ids=(str(cluster),)))
+    assert isinstance(reply, wire.ActReply)
+    listed = [r for r in reply.results if r.id.startswith(f"{cluster}.")]
+    assert len(listed) == 100
+    assert all(not r.ok and "is not held (it is idle)" in r.message for r in listed)
+    assert reply.results[-1].message == "and 19900 more jobs refused (not listed)"
+    assert len(wire.encode_message(reply)) < 64 << 10
