@@ -181,6 +181,8 @@ class Jobs:
         with a checkpoint between chunks: a 100,000-job cluster never holds up other requests
         for more than one chunk. The reply lists jobs one by one only up to PER_JOB_RESULTS."""
         event = _ACTION_EVENTS[msg.action]
+        if event in (lc.Event.SUSPEND, lc.Event.CONTINUE):
+            await self._wait_for_starters_of(msg.ids)
         out = _Results()
         for text in msg.ids:
             try:
@@ -209,6 +211,21 @@ class Jobs:
                     await trio.lowlevel.checkpoint()
         self.schedule()
         return wire.ActReply(results=out.results())
+
+    async def _wait_for_starters_of(self, ids: tuple[str, ...]) -> None:
+        """Give the starters of these jobs up to starter_wait s to come back, if they are away
+        (a dropped control channel being redialled): suspend and continue need them."""
+        names: set[str] = set()
+        for text in ids:
+            try:
+                jid = wire.parse_job_id(text)
+            except ValueError:
+                continue
+            procs = (jid.proc, jid.proc) if jid.proc is not None else _ALL_PROCS
+            names |= self.queue.placed_starters(jid.cluster, procs)
+        with trio.move_on_after(self.bc.starter_wait):
+            for name in sorted(names):
+                await self.wait_for_starter(name, self.bc.starter_wait)
 
     def _act_group(
         self,

@@ -349,6 +349,18 @@ class JobQueue:
         n, lo, hi = cur.fetchone()
         return (n, lo, hi) if n else (0, 0, -1)
 
+    def placed_starters(self, cluster: int, procs: tuple[int, int]) -> set[str]:
+        """The starters that jobs of ``cluster`` in ``procs`` are on."""
+        try:
+            cur = self.db.execute(
+                "SELECT DISTINCT starter FROM jobs WHERE cluster = ? AND proc BETWEEN ? AND ?"
+                " AND placed = 1",
+                (cluster, *procs),
+            )
+        except OverflowError:
+            return set()
+        return {name for (name,) in cur}
+
     def groups(
         self, cluster: int, procs: tuple[int, int]
     ) -> list[tuple[str, int, int, int, int, int, str, int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import array
 import contextlib
 import pathlib
+import secrets
 import shutil
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +27,7 @@ SPEC = wire.JobSpec(executable="/bin/sleep", args=("600",))
 
 @pytest.fixture
 def state_dir() -> Iterator[pathlib.Path]:
-    d = pathlib.Path("/tmp") / f"stjt-inproc-{id(object())}"
+    d = pathlib.Path("/tmp") / f"stjt-inproc-{secrets.token_hex(4)}"
     d.mkdir(mode=0o755)
     yield d
     shutil.rmtree(d, ignore_errors=True)
@@ -333,6 +334,29 @@ async def test_ssh_waits_briefly_for_a_reconnecting_starter(
     assert "is not connected" in reply.message
     wait = broker.bc.starter_wait
     assert wait <= trio.current_time() - start < wait + 1
+
+
+async def test_suspend_waits_briefly_for_a_reconnecting_starter(
+    broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
+) -> None:
+    """stj suspend while the job's starter redials (2 s away) waits for it and succeeds."""
+    await st.connect(broker)
+    job = await running_job(broker, st)
+    await st.close()
+    with trio.fail_after(1):
+        while "st1" in broker.jobs.starters:
+            await trio.sleep(0.01)
+
+    async def come_back() -> None:
+        await trio.sleep(2)
+        await st.connect(broker, (wire.JobReport(id=job, running=True, pid=4242),))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(come_back)
+        reply, _ = await request(broker, wire.Act(action="suspend", ids=(job,)))
+    assert isinstance(reply, wire.ActReply)
+    assert reply.results == (wire.ActResult(job, True, f"job {job}: suspend done"),)
+    assert await st.receive() == wire.SignalJob(id=job, action="suspend", reason="")
 
 
 # ---------------------------------------------------------------------------- lifecycle applied
