@@ -363,6 +363,9 @@ class Jobs:
         d = lc.decide(_job(row, True), event, actor)
         if d.refusal is not None:
             log.warning("starter %s reports job %s which runs on %s", conn.name, r.id, row.starter)
+            if r.running:
+                # A stale copy (the queue placed the job elsewhere since): it must not run twice.
+                conn.post(wire.SignalJob(id=r.id, action="kill", reason=f"runs on {row.starter}"))
             return
         if not r.running:
             conn.jobs.discard(r.id)

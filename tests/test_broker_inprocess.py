@@ -87,6 +87,8 @@ class FakeStarter:
     stream: FramedStream | None = None
     #: Every socket it opened, closed at the end of the test.
     socks: list[trio.socket.SocketType] = attrs.field(factory=list)
+    #: Messages that arrived before the sync's Ack.
+    early: list[wire.Message] = attrs.field(factory=list)
 
     async def connect(self, b: Broker, reports: tuple[wire.JobReport, ...] = ()) -> None:
         sock = trio.socket.socket()
@@ -102,14 +104,15 @@ class FakeStarter:
         keys = hs.on_welcome(await stream.receive())
         stream.conn.start_encryption(send_key=keys.send, receive_key=keys.receive)
         await stream.send(wire.StarterSync(jobs=reports))
-        ack = await stream.receive()
-        assert isinstance(ack, wire.Ack), ack
+        # The sync is answered by its Ack; what its reports caused comes first.
+        while not isinstance(msg := await stream.receive(), wire.Ack):
+            self.early.append(msg)
         self.stream = stream
 
     async def receive(self, *skip: type[wire.Message]) -> wire.Message:
         assert self.stream is not None
         while True:
-            msg = await self.stream.receive()
+            msg = self.early.pop(0) if self.early else await self.stream.receive()
             if not isinstance(msg, (wire.Ack, wire.Ping, *skip)):
                 return msg
 
@@ -421,3 +424,28 @@ def test_gate_caps_per_key_and_in_total() -> None:
     gate.leave(1)
     assert gate.enter(3) is None
     assert gate.count == 3
+
+
+async def test_a_stale_copy_on_another_starter_is_killed(
+    broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A second starter reporting a job that the queue has on the first is told to kill its
+    copy, and the queue keeps the job where it was."""
+    await st.connect(broker)
+    job = await running_job(broker, st)
+    identity = wire.new_signing_key()
+    common.write_public(
+        broker.state_dir / "trusted_starters" / "st2.pub",
+        wire.public_key_of(identity).hex().encode() + b"\n",
+    )
+    other = FakeStarter("st2", identity)
+    try:
+        stale = wire.JobReport(id=job, running=True, pid=999)
+        await other.connect(broker, (stale,))
+        kill = await other.receive()
+        assert kill == wire.SignalJob(id=job, action="kill", reason="runs on st1")
+        row = broker.queue.get(job)
+        assert (row.state, row.starter, row.pid) == ("running", "st1", 4242)
+    finally:
+        for sock in other.socks:
+            sock.close()
