@@ -353,7 +353,7 @@ class Jobs:
             event = lc.Event.REPORT_DEBUG_HOLD if r.debug_hold else lc.Event.REPORT_RUNNING
         elif r.reason.startswith("could not start"):
             event = lc.Event.REPORT_COULD_NOT_START
-        elif row.job_spec().hold_on_failure and (r.exit_code or r.exit_signal):
+        elif r.reason.startswith(TIME_LIMIT) or _kept_for_debug(row.job_spec(), r):
             event = lc.Event.REPORT_FAILED_HOLD
         else:
             event = lc.Event.REPORT_EXITED
@@ -384,7 +384,12 @@ class Jobs:
             if after.state in (lc.State.RUNNING, lc.State.SUSPENDED):
                 fields["started"] = r.started or row.started
             if event is lc.Event.REPORT_DEBUG_HOLD and after.debug_hold:
-                fields.update(debug_hold=1, exit_code=r.exit_code, exit_signal=r.exit_signal)
+                fields.update(
+                    debug_hold=1,
+                    debug_until=r.debug_until,
+                    exit_code=r.exit_code,
+                    exit_signal=r.exit_signal,
+                )
                 if after.state is lc.State.HELD and not row.debug_hold:
                     fields["hold_reason"] = r.reason
         else:
@@ -392,6 +397,7 @@ class Jobs:
                 "pid": 0,
                 "sessions": 0,
                 "debug_hold": 0,
+                "debug_until": 0.0,
                 "placed": 0,
                 "exit_code": r.exit_code,
                 "exit_signal": r.exit_signal,
@@ -401,6 +407,9 @@ class Jobs:
             if after.state is lc.State.IDLE:
                 # Released (or an old copy gone): it runs again from the start.
                 fields.update(hold_reason="", starter="", exit_code=None, exit_signal=None)
+            elif row.debug_hold and after.state is lc.State.HELD and r.reason:
+                # Its debug hold ended (expired): say so, instead of still inviting ssh-to-job.
+                fields["hold_reason"] = r.reason
             elif row.state in ("running", "suspended") and after.state is lc.State.HELD:
                 status = r.exit_code if r.exit_code is not None else f"signal {r.exit_signal}"
                 fields["hold_reason"] = r.reason or f"exited with {status}"
@@ -437,6 +446,17 @@ class Jobs:
                     spec=row.job_spec(),
                 )
                 conn.post(wire.RunJob(job=run))
+
+
+#: How a starter's report of a job killed at its time limit begins.
+TIME_LIMIT = "time limit"
+
+
+def _kept_for_debug(spec: wire.JobSpec, r: wire.JobReport) -> bool:
+    """A failed job whose spec asks to keep it held (``--debug-on`` / ``--hold-on-failure``)."""
+    if r.exit_signal:
+        return spec.debugs("signal")
+    return bool(r.exit_code) and spec.debugs("exit")
 
 
 @attrs.frozen

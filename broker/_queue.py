@@ -35,7 +35,7 @@ IDLE, RUNNING, SUSPENDED, HELD, RELEASING, COMPLETED, REMOVED = (
 LIVE_STATES = (IDLE, RUNNING, SUSPENDED, HELD, RELEASING)
 FINISHED_STATES = (COMPLETED, REMOVED)
 TAIL = 65536
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The hold reason that marked "releasing" in schema version 1 (migrated to the state).
 _V1_RELEASING = "released; ending its debug hold"
 
@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     scratch TEXT NOT NULL DEFAULT '',
     sessions INTEGER NOT NULL DEFAULT 0,
     debug_hold INTEGER NOT NULL DEFAULT 0,
+    debug_until REAL NOT NULL DEFAULT 0,
     stdout_tail BLOB,
     stderr_tail BLOB,
     PRIMARY KEY (cluster, proc)
@@ -104,6 +105,7 @@ class Row:
     __slots__ = (
         "cluster",
         "debug_hold",
+        "debug_until",
         "exit_code",
         "exit_signal",
         "finished",
@@ -141,6 +143,7 @@ class Row:
     scratch: str
     sessions: int
     debug_hold: int
+    debug_until: float
     placed: int
 
     @property
@@ -155,6 +158,9 @@ class Row:
             env=d["env"],
             initialdir=d["initialdir"],
             hold_on_failure=d.get("hold_on_failure", False),
+            debug_on=tuple(d.get("debug_on", ())),
+            debug_hold_ttl=float(d.get("debug_hold_ttl", 0.0)),
+            time_limit=float(d.get("time_limit", 0.0)),
         )
 
 
@@ -190,17 +196,26 @@ DROP TABLE jobs_v1;
 """  # noqa: S608 - constants only
 
 
+#: Version 2 to 3: when a debug hold ends, shown by stj q.
+_V2_MIGRATION = "ALTER TABLE jobs ADD COLUMN debug_until REAL NOT NULL DEFAULT 0;"
+
+
 def _spec_blob(spec: wire.JobSpec) -> str:
-    return json.dumps(
-        {
-            "executable": spec.executable,
-            "args": list(spec.args),
-            "env": dict(spec.env),
-            "initialdir": spec.initialdir,
-            "hold_on_failure": spec.hold_on_failure,
-        },
-        separators=(",", ":"),
-    )
+    d: dict[str, object] = {
+        "executable": spec.executable,
+        "args": list(spec.args),
+        "env": dict(spec.env),
+        "initialdir": spec.initialdir,
+        "hold_on_failure": spec.hold_on_failure,
+    }
+    # Only when set, so that specs stored before these fields existed read back the same.
+    if spec.debug_on:
+        d["debug_on"] = list(spec.debug_on)
+    if spec.debug_hold_ttl:
+        d["debug_hold_ttl"] = spec.debug_hold_ttl
+    if spec.time_limit:
+        d["time_limit"] = spec.time_limit
+    return json.dumps(d, separators=(",", ":"))
 
 
 class JobQueue:
@@ -234,7 +249,12 @@ class JobQueue:
                 f"{self.path} has queue schema version {version}; this broker knows only up "
                 f"to {SCHEMA_VERSION} (it was written by a newer ssh-to-job)"
             )
-        script = _V1_MIGRATION if "jobs" in tables and version < 2 else _SCHEMA
+        if "jobs" in tables and version < 2:
+            script = _V1_MIGRATION
+        elif "jobs" in tables and version < 3:
+            script = _V2_MIGRATION
+        else:
+            script = _SCHEMA
         try:
             # One transaction: a migration that fails half-way leaves the version-1 queue.
             self.db.executescript(
@@ -408,7 +428,7 @@ class JobQueue:
         cols = (
             "j.cluster, j.proc, j.owner, j.owner_uid, j.state, s.spec, j.submitted, j.started,"
             " j.finished, j.exit_code, j.exit_signal, j.hold_reason, j.starter, j.pid,"
-            " j.scratch, j.sessions"
+            " j.scratch, j.sessions, j.debug_until"
         )
         info = wire.JobInfo
         for (
@@ -428,6 +448,7 @@ class JobQueue:
             pid,
             scratch,
             sessions,
+            debug_until,
         ) in self._select(cols, ids, states, owner_uid):
             d = _spec_dict(spec)
             yield info(
@@ -448,6 +469,7 @@ class JobQueue:
                 scratch,
                 d["initialdir"],
                 sessions,
+                debug_until,
             )
 
     def _select(

@@ -74,6 +74,22 @@ def _parser() -> argparse.ArgumentParser:
         help="hold the job (for debugging with ssh-to-job) if it exits non-zero",
     )
     p.add_argument(
+        "--debug-on",
+        metavar="exit,signal,timeout",
+        help="keep the job for debugging with ssh-to-job when it exits non-zero (exit), is "
+        "killed by a signal (signal) or runs past --time-limit (timeout)",
+    )
+    p.add_argument(
+        "--debug-hold-ttl",
+        metavar="DURATION",
+        help="how long a debug hold lasts (e.g. 30m; default and maximum: the pool's)",
+    )
+    p.add_argument(
+        "--time-limit",
+        metavar="DURATION",
+        help="end the job (and hold it) when it runs longer than this (e.g. 2h)",
+    )
+    p.add_argument(
         "-i",
         "--interactive",
         action="store_true",
@@ -177,7 +193,17 @@ def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path} is not valid TOML: {exc}") from None
-    known = {"executable", "arguments", "environment", "initialdir", "count", "hold_on_failure"}
+    known = {
+        "executable",
+        "arguments",
+        "environment",
+        "initialdir",
+        "count",
+        "hold_on_failure",
+        "debug_on",
+        "debug_hold_ttl",
+        "time_limit",
+    }
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -203,9 +229,42 @@ def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
     hof = raw.get("hold_on_failure", False)
     if not isinstance(hof, bool):
         raise ValueError(f"{path}: 'hold_on_failure' must be true or false")
+    debug_on = raw.get("debug_on", [])
+    if isinstance(debug_on, str):
+        debug_on = [w for w in debug_on.split(",") if w]
+    if not isinstance(debug_on, list) or not all(isinstance(x, str) for x in debug_on):
+        raise ValueError(f'{path}: \'debug_on\' must be a list like ["exit", "signal"]')
+    times = {}
+    for key in ("debug_hold_ttl", "time_limit"):
+        value = raw.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"{path}: '{key}' must be seconds or a duration like \"10m\"")
+        times[key] = parse_duration(str(value), key)
     return wire.JobSpec(
-        executable=exe, args=tuple(args), env=env, initialdir=idir, hold_on_failure=hof
+        executable=exe,
+        args=tuple(args),
+        env=env,
+        initialdir=idir,
+        hold_on_failure=hof,
+        debug_on=tuple(debug_on),
+        **times,
     ), count
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """Seconds from ``90``, ``90s``, ``10m``, ``1.5h`` or ``2d``; ValueError naming ``what``."""
+    t = text.strip().lower()
+    unit = t[-1] if t and t[-1] in _UNITS else ""
+    try:
+        value = float(t[: len(t) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not a duration (90, 90s, 10m, 1.5h, 2d)") from None
+    if not 0 <= value <= 366 * 86400 or value != value:
+        raise ValueError(f"{what}: {text!r} must be between 0 and a year")
+    return value
 
 
 def _resolve_exe(exe: str, idir: str) -> str:
@@ -245,6 +304,15 @@ def cmd_submit(a: argparse.Namespace) -> int:
             initialdir=idir,
             executable=spec.executable if a.interactive else _resolve_exe(spec.executable, idir),
             hold_on_failure=spec.hold_on_failure or a.hold_on_failure,
+            debug_on=tuple(a.debug_on.split(",")) if a.debug_on else spec.debug_on,
+            debug_hold_ttl=(
+                parse_duration(a.debug_hold_ttl, "--debug-hold-ttl")
+                if a.debug_hold_ttl
+                else spec.debug_hold_ttl
+            ),
+            time_limit=(
+                parse_duration(a.time_limit, "--time-limit") if a.time_limit else spec.time_limit
+            ),
         )
         count = a.count if a.count is not None else count
     except ValueError as exc:
@@ -283,6 +351,14 @@ def _fmt_dur(j: wire.JobInfo) -> str:
 
 
 _JOB_FIELDS = tuple(f.name for f in attrs.fields(wire.JobInfo))
+
+
+def _left(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m:02d}m" if h else f"{m} min"
 
 
 def _job_dict(j: wire.JobInfo) -> dict[str, Any]:
@@ -332,6 +408,7 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
             f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
             f"{'SSH':<4} CMD\n"
         )
+    now = time.time()
     for j in jobs:
         cmd = printable(" ".join((os.path.basename(j.executable), *j.args))[:60])
         if history:
@@ -353,6 +430,9 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
         if j.hold_reason and j.state == "held":
             # Under its row, so that a long reason cannot push the columns apart.
             out.write(f"{'':<10} hold reason: {printable(j.hold_reason)}\n")
+            if j.debug_until > now:
+                left = _left(j.debug_until - now)
+                out.write(f"{'':<10} debug hold: {left} left; connect: ssh-to-job {j.id}\n")
     if not history:
         counts: dict[str, int] = {}
         for j in jobs:

@@ -44,6 +44,7 @@ from ._jobs import (
     JobPlan,
     Recorded,
     Records,
+    duration,
     parse_exec,
     parse_report,
     plan_job,
@@ -457,6 +458,8 @@ class Starter:
         self.jobs_nursery.start_soon(
             self._guard, self._supervise, job, _wait_pidfd(pidfd, self.records, job.id)
         )
+        if pidfd is not None:
+            self.jobs_nursery.start_soon(self._guard, self._watch_time_limit, job)
 
     # ------------------------------------------------------------------ jobs
 
@@ -566,6 +569,7 @@ class Starter:
             return
         log.info("job %s started as pid %d (uid %d)", job.id, job.pid, plan.run.uid)
         self.post(wire.JobUpdate(report=job.report(), sessions=0))
+        self.jobs_nursery.start_soon(self._guard, self._watch_time_limit, job)
 
         async def main_exit() -> tuple[int | None, int | None]:
             rc = await proc.wait()
@@ -604,9 +608,14 @@ class Starter:
             job.main_exited = True
             job.group.release(job.reaper_pid)  # reaped: without cgroups its pid may be reused
             job.exit_code, job.exit_signal = exit_code, exit_signal
+            how = "signal" if exit_signal is not None else "exit"
             failed = exit_code != 0 or exit_signal is not None
-            if failed and not job.killed and spec.hold_on_failure:
-                await self._debug_hold(job)
+            if job.debug_hold:
+                # Kept past its time limit, and then it ended by itself: the hold goes on.
+                await job.killed_event.wait()
+            elif failed and not job.killed and spec.debugs(how):
+                what = f"exit status {exit_code}" if how == "exit" else f"signal {exit_signal}"
+                await self._debug_hold(job, f"the job failed with {what}")
             # HTCondor semantics: open sessions keep the job alive until they close.
             with trio.move_on_after(self.config.starter.session_grace):
                 while job.sessions and not job.killed:
@@ -623,29 +632,47 @@ class Starter:
                     remove_owned_tree(job.plan.scratch)
                     self._finish(job, exit_code, exit_signal, reason)
 
-    async def _debug_hold(self, job: Job) -> None:
-        """Keep a failed job (its leftover processes, scratch dir, environment) for debugging.
+    async def _debug_hold(self, job: Job, why: str) -> None:
+        """Keep a job (its processes, scratch dir, environment) for debugging.
 
         The broker shows it as held and lets its owner ssh in; it ends with ``stj rm``,
-        ``stj release`` (the job then runs again) or after ``debug_hold_time``.
+        ``stj release`` (the job then runs again) or after its TTL: the job's
+        ``debug_hold_ttl``, at most the pool's ``debug_hold_time``.
         """
-        what = (
-            f"exit status {job.exit_code}"
-            if job.exit_code is not None
-            else f"signal {job.exit_signal}"
-        )
+        cfg = self.config.starter
+        ttl = min(job.plan.run.spec.debug_hold_ttl or cfg.debug_hold_time, cfg.debug_hold_time)
         job.debug_hold = True
+        job.debug_until = time.time() + ttl
         job.hold_reason = (
-            f"debug hold: the job failed with {what}; ssh-to-job {job.id} to "
-            "look, then stj rm or stj release"
+            f"debug hold: {why}; ssh-to-job {job.id} to look, then stj rm or stj release"
         )
         log.info("job %s: %s", job.id, job.hold_reason)
         self.post(wire.JobUpdate(report=job.report(), sessions=len(job.sessions)))
-        with trio.move_on_after(self.config.starter.debug_hold_time):
+        with trio.move_on_after(ttl):
             await job.killed_event.wait()
         if not job.killed:
-            job.kill("debug hold expired")
+            job.kill(f"debug hold expired after {duration(ttl)} ({why}); its files are gone")
         job.debug_hold = False
+        job.debug_until = 0.0
+
+    async def _watch_time_limit(self, job: Job) -> None:
+        """End (or keep for debugging, with ``debug_on`` "timeout") a job at its time limit."""
+        spec = job.plan.run.spec
+        if not spec.time_limit:
+            return
+        left = job.started + spec.time_limit - time.time()
+        with trio.move_on_after(max(0.0, left)):
+            await job.done.wait()
+            return
+        if job.main_exited or job.killed or job.debug_hold:
+            return
+        what = f"time limit of {duration(spec.time_limit)}"
+        if spec.debugs("timeout"):
+            await self._debug_hold(job, f"the job ran past its {what}")
+        else:
+            log.info("job %s: %s exceeded; ending it", job.id, what)
+            # "time limit ...": the broker holds a job whose report says so (broker/_jobs.py).
+            job.kill(f"{what} exceeded")
 
     def _finish(self, job: Job, code: int | None, sig: int | None, reason: str) -> None:
         report = wire.JobReport(

@@ -151,6 +151,8 @@ class Job:
     killed: str = ""
     suspended: bool = False
     debug_hold: bool = False
+    #: When the debug hold ends (Unix time); 0 when not held.
+    debug_until: float = 0.0
     hold_reason: str = ""
     exit_code: int | None = None
     exit_signal: int | None = None
@@ -174,6 +176,7 @@ class Job:
             scratch=str(self.plan.scratch),
             started=self.started,
             debug_hold=self.debug_hold,
+            debug_until=self.debug_until,
             reason=self.hold_reason,
             exit_code=self.exit_code,
             exit_signal=self.exit_signal,
@@ -325,6 +328,15 @@ def status_word(text: str) -> str:
     """The reaper's last status line ("" if none): RUNNING, UNSTARTED or an ending."""
     lines = text.strip().splitlines()
     return lines[-1].strip() if lines else ""
+
+
+def duration(seconds: float) -> str:
+    """``90 s``, ``10m``, ``1h30m``: how long, for a person."""
+    s = round(seconds)
+    if s < 120:
+        return f"{s} s"
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m"
 
 
 def parse_status(text: str) -> tuple[int | None, int | None] | None:

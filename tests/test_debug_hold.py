@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import time
 
 from conftest import Pool, User
@@ -89,3 +90,86 @@ def test_release_right_after_hold_requeues_once_evicted(pool: Pool, users: dict[
     else:
         raise AssertionError(f"job {job} did not run again: {pool.job(job)}")
     pool.stj(a, "rm", job)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _q_lines(pool: Pool, user: User, job: str) -> list[str]:
+    lines = pool.stj(user, "q", job).stdout.splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith(job + " "))
+    return [x.strip() for x in lines[at + 1 : -2]]
+
+
+def test_debug_hold_ttl_time_left_and_expiry(pool: Pool, users: dict[str, User]) -> None:
+    """--debug-on exit with a TTL: stj q shows the reason, the time left and the command to
+    connect; after the TTL the hold reason says it expired and ssh-to-job refuses."""
+    a = users["a"]
+    (job,) = pool.submit(
+        a, "--debug-on", "exit", "--debug-hold-ttl", "4s", "/bin/sh", "-c", FAILING
+    )
+    _wait_reason(pool, job, "debug hold")
+    under = _q_lines(pool, a, job)
+    assert under[0].startswith("hold reason: debug hold: the job failed with exit status 3")
+    assert under[1].startswith("debug hold: "), under
+    assert under[1].endswith(f"s left; connect: ssh-to-job {job}"), under
+    assert pool.ssh(a, job, "cat result.txt").stdout == "partial\n"
+    info = _wait_reason(pool, job, "debug hold expired after 4 s", timeout=30)
+    assert info["state"] == "held"
+    assert _q_lines(pool, a, job) == [f"hold reason: {info['hold_reason']}"]
+    r = pool.ssh(a, job, "true")
+    assert r.returncode == 1
+    pool.stj(a, "rm", job)
+
+
+def test_time_limit_ends_and_holds_the_job(pool: Pool, users: dict[str, User]) -> None:
+    """--time-limit: a job still running at its limit is ended and held with the reason."""
+    a = users["a"]
+    (job,) = pool.submit(a, "--time-limit", "2s", "/bin/sleep", "1000")
+    (pid,) = pool.wait_state(job, "running")["pids"]
+    info = _wait_reason(pool, job, "time limit of 2 s exceeded", timeout=30)
+    assert info["state"] == "held"
+    assert not _alive(pid)
+    pool.stj(a, "rm", job)
+
+
+def test_debug_on_timeout_keeps_the_running_job(pool: Pool, users: dict[str, User]) -> None:
+    """--debug-on timeout: at its limit the job is held with its processes still running,
+    for ssh-to-job to look at (py-spy, gdb); stj rm ends it."""
+    a = users["a"]
+    (job,) = pool.submit(
+        a, "--time-limit", "2s", "--debug-on", "timeout", "/bin/sh", "-c", "exec sleep 1000"
+    )
+    (pid,) = pool.wait_state(job, "running")["pids"]
+    info = _wait_reason(pool, job, "ran past its time limit of 2 s", timeout=30)
+    assert info["state"] == "held"
+    assert _alive(pid)
+    r = pool.ssh(a, job, 'echo "$SSH_TO_JOB_PIDS"')
+    assert (r.returncode, r.stdout.split()) == (0, [str(pid)]), r
+    pool.stj(a, "rm", job)
+    pool.wait_state(job, "removed")
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+
+def test_debug_on_chooses_which_failures_are_kept(pool: Pool, users: dict[str, User]) -> None:
+    """--debug-on signal keeps a job killed by a signal, not one that exits non-zero."""
+    a = users["a"]
+    (exits,) = pool.submit(a, "--debug-on", "signal", "/bin/sh", "-c", "exit 3")
+    (killed,) = pool.submit(a, "--debug-on", "signal", "/bin/sh", "-c", "kill -9 $$")
+    done = pool.wait_state(exits, "completed")
+    assert done["exit_code"] == 3
+    info = _wait_reason(pool, killed, "debug hold: the job failed with signal 9")
+    assert info["state"] == "held"
+    pool.stj(a, "rm", killed)
+    r = pool.stj(a, "submit", "--debug-on", "exit,bogus", "/bin/true", check=False)
+    assert r.returncode == 2
+    assert "debug_on takes exit, signal, timeout" in r.stderr

@@ -33,6 +33,9 @@ ACTIONS = ("continue", "hold", "release", "rm", "suspend")
 OVERRIDES: dict[tuple[type, str], st.SearchStrategy[Any]] = {
     (wire.Submit, "count"): st.integers(min_value=0, max_value=2**63 - 1),
     (wire.Act, "action"): st.sampled_from(ACTIONS),
+    (wire.JobSpec, "debug_on"): st.sets(st.sampled_from(("exit", "signal", "timeout"))).map(tuple),
+    (wire.JobSpec, "debug_hold_ttl"): st.floats(min_value=0, max_value=366 * 86400),
+    (wire.JobSpec, "time_limit"): st.floats(min_value=0, max_value=366 * 86400),
 }
 
 
@@ -142,7 +145,8 @@ def test_no_field_is_named_type() -> None:
         (
             wire.Submit(spec=wire.JobSpec(executable="/bin/sleep", args=("60",), env={"A": "1"})),
             b'{"spec":{"executable":"/bin/sleep","args":["60"],"env":{"A":"1"},"initialdir":"/",'
-            b'"hold_on_failure":false},"count":1,"type":"submit"}',
+            b'"hold_on_failure":false,"debug_on":[],"debug_hold_ttl":0.0,"time_limit":0.0},'
+            b'"count":1,"type":"submit"}',
         ),
         (
             wire.SessionOpen(capability=b"cap", shells=("bash", "sh")),
@@ -176,7 +180,7 @@ def test_missing_defaulted_fields_take_their_defaults() -> None:
     """Fields with defaults may be left out; the decoded message has the defaults."""
     assert decode_message(b'{"type":"query"}') == wire.Query(ids=(), history=False, owner="")
     job = decode_message(b'{"type":"submit","spec":{"executable":"x"}}')
-    assert job == wire.Submit(spec=wire.JobSpec("x", (), {}, "/", False), count=1)
+    assert job == wire.Submit(spec=wire.JobSpec("x", (), {}, "/", False, (), 0.0, 0.0), count=1)
 
 
 def test_optional_fields_accept_null() -> None:

@@ -34,6 +34,20 @@ def _nonneg(_inst: object, att: attrs.Attribute[int], value: int) -> None:
 # --------------------------------------------------------------------------- value types
 
 
+DEBUG_ON = ("exit", "signal", "timeout")
+
+
+def _check_debug_on(_inst: object, _attr: object, value: tuple[str, ...]) -> None:
+    bad = [v for v in value if v not in DEBUG_ON]
+    if bad or len(set(value)) != len(value):
+        raise ValueError(f"debug_on takes {', '.join(DEBUG_ON)} (each once), not {value!r}")
+
+
+def _check_seconds(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not 0 <= value <= 366 * 86400:
+        raise ValueError(f"{attribute.name} must be between 0 and a year of seconds")
+
+
 @attrs.frozen
 class JobSpec:
     """What a user submits: run ``executable`` with ``args`` in ``initialdir``."""
@@ -42,8 +56,22 @@ class JobSpec:
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = attrs.field(factory=dict, hash=False)
     initialdir: str = "/"
-    #: Hold the job instead of completing it when it exits non-zero (so it can be debugged).
+    #: Hold the job instead of completing it when it exits non-zero (so it can be debugged);
+    #: the same as ``debug_on=("exit", "signal")``.
     hold_on_failure: bool = False
+    #: When to keep the job for debugging instead of ending it: "exit" (a non-zero exit
+    #: status), "signal" (killed by a signal), "timeout" (still running at ``time_limit``).
+    debug_on: tuple[str, ...] = attrs.field(default=(), validator=_check_debug_on)
+    #: How long a debug hold lasts, in seconds; 0: the pool's ``debug_hold_time``, which is
+    #: also the most a job may ask for.
+    debug_hold_ttl: float = attrs.field(default=0.0, validator=_check_seconds)
+    #: Seconds the job may run; 0: no limit. Past it the job is killed and held, or with
+    #: ``debug_on`` "timeout" kept running in a debug hold.
+    time_limit: float = attrs.field(default=0.0, validator=_check_seconds)
+
+    def debugs(self, why: str) -> bool:
+        """Whether a job that ended this way ("exit", "signal", "timeout") is kept."""
+        return why in self.debug_on or (self.hold_on_failure and why in ("exit", "signal"))
 
 
 @attrs.frozen
@@ -73,6 +101,8 @@ class JobInfo:
     scratch: str = ""
     initialdir: str = ""
     sessions: int = 0
+    #: For a job in a debug hold: when the hold ends (Unix time); 0 otherwise.
+    debug_until: float = 0.0
 
 
 @attrs.frozen
@@ -120,6 +150,8 @@ class JobReport:
     finished: float = 0.0
     #: The job failed and is kept (processes, scratch dir) for debugging with ssh-to-job.
     debug_hold: bool = False
+    #: When that debug hold ends (Unix time).
+    debug_until: float = 0.0
 
 
 # --------------------------------------------------------------------------- messages
