@@ -98,12 +98,15 @@ async def test_debug_hold_expires_after_debug_hold_time(
                 if held.msg.report.debug_hold:
                     break
         assert held.msg.report.exit_code == 3
+        assert held.msg.report.debug_until > 0
         done = await broker.next_report(
             "2.0",
             running=False,
         )
         assert isinstance(done.msg, wire.JobUpdate)
-        assert done.msg.report.reason == "debug hold expired"
+        assert done.msg.report.reason == (
+            "debug hold expired after 8m (the job failed with exit status 3); its files are gone"
+        )
         assert done.msg.report.exit_code == 3
         assert done.at - held.at == pytest.approx(500.0, abs=0.5)
 
