@@ -455,6 +455,7 @@ class Starter:
         else:
             log.info("job %s (pid %d) taken back from an earlier starter", job.id, job.pid)
             job.group.leaders.append(rec.reaper_pid)
+        job.group.session, job.group.uid = rec.reaper_pid, plan.run.uid
         self.jobs_nursery.start_soon(
             self._guard, self._supervise, job, _wait_pidfd(pidfd, self.records, job.id)
         )
@@ -526,6 +527,8 @@ class Starter:
                 os.close(fd)
         job.reaper_pid = proc.pid
         job.group.leaders.append(proc.pid)
+        job.group.session = proc.pid  # the reaper leads the job's session (setsid)
+        job.group.uid = run.uid
         # No deadline: the reaper answers at once, and its pipe ends if it dies.
         try:
             async with trio.lowlevel.FdStream(report_r) as report:

@@ -4,7 +4,11 @@ A job and the sshd sessions into it share one *job group*. Where the host has a 
 v2 hierarchy, the group is a cgroup (``cgroup.kill`` and ``cgroup.freeze`` act on every process
 in it, however it forked); sessions get a child cgroup each, so the job's own pids can be told
 apart from the sessions'. Without cgroups, the group is the set of descendants of its leaders
-found through /proc, which a double-forking process can escape; the admin guide says so.
+found through /proc, plus every process still in the job's session (the reaper starts one:
+a job's ``sleep 1000 &`` that its shell left behind keeps that session when it is reparented,
+and the kernel never hands a session's id to another while one of its members lives). Only a
+process that starts a session of its own (a daemon's double fork) escapes; the admin guide says
+so.
 
 Processes are started as the job's uid with the ``preexec_fn`` that :func:`make_preexec` makes:
 the child joins the cgroup while still root, then drops to the job's gid, groups and uid, then
@@ -46,6 +50,11 @@ class JobGroup:
     def __init__(self, cgroup: pathlib.Path | None) -> None:
         self.cgroup = cgroup
         self.leaders: list[int] = []
+        #: Without cgroups: the job's session id (its reaper is the session leader), 0 if none,
+        #: and the job's uid: only that uid's processes count (a session id can be handed out
+        #: again once every member of the session is gone).
+        self.session = 0
+        self.uid = -1
         if cgroup is not None:
             cgroup.mkdir(exist_ok=True)
 
@@ -74,14 +83,20 @@ class JobGroup:
             skip = set(hidden)
             pids = [p for p in _read_pids(self.cgroup / "cgroup.procs") if p not in skip]
         else:
-            pids = sorted(_descendants([main_pid]) | ({main_pid} if _alive(main_pid) else set()))
+            skip = set(hidden)
+            found = _descendants([main_pid]) | _in_session(self.session, self.uid)
+            pids = sorted((found | ({main_pid} if _alive(main_pid) else set())) - skip)
         rest = [p for p in pids if p != main_pid]
         return ([main_pid] if main_pid in pids else []) + rest
 
     def all_pids(self) -> set[int]:
         if self.cgroup is not None:
             return cgroup_pids(self.cgroup)
-        return _descendants(self.leaders) | {p for p in self.leaders if _alive(p)}
+        return (
+            _descendants(self.leaders)
+            | {p for p in self.leaders if _alive(p)}
+            | _in_session(self.session, self.uid)
+        )
 
     def kill(self) -> None:
         if self.cgroup is not None and (self.cgroup / "cgroup.kill").exists():
@@ -185,8 +200,9 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _descendants(roots: Iterable[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
+def _scan() -> list[tuple[int, int, int, bytes]]:
+    """(pid, parent pid, session id, state) of every process, from /proc."""
+    out = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -197,7 +213,30 @@ def _descendants(roots: Iterable[int]) -> set[int]:
             continue
         # The comm field may contain spaces and parentheses: parse after the last ')'.
         fields = stat[stat.rindex(b")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        out.append((int(entry.name), int(fields[1]), int(fields[3]), fields[0]))
+    return out
+
+
+def _in_session(session: int, uid: int) -> set[int]:
+    """Live processes of ``uid`` whose session id is ``session`` (none for 0)."""
+    if not session:
+        return set()
+    out = set()
+    for pid, _ppid, sid, state in _scan():
+        if sid != session or state in (b"Z", b"X"):
+            continue
+        try:
+            if uid < 0 or os.stat(f"/proc/{pid}").st_uid == uid:
+                out.add(pid)
+        except OSError:
+            continue
+    return out
+
+
+def _descendants(roots: Iterable[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _sid, _state in _scan():
+        children.setdefault(ppid, []).append(pid)
     out: set[int] = set()
     todo = list(roots)
     while todo:

@@ -71,3 +71,72 @@ def test_pool_started_by_a_user_runs_their_jobs_and_sessions(users: dict[str, Us
         os.killpg(pool.pid, 15)
         pool.wait(20)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_without_cgroups_a_left_behind_process_is_the_jobs(users: dict[str, User]) -> None:
+    """In a user's pool (no cgroups), what a failed job left running (`sleep 1000 &`) is listed
+    in SSH_TO_JOB_PIDS during its debug hold, and stj rm kills it."""
+    b = users["b"]
+    state = new_state_dir()
+    os.chown(state, b.uid, b.gid)
+    env = {
+        "PATH": f"{os.path.dirname(STJ)}:/usr/bin:/bin",
+        "HOME": b.home,
+        "USER": str(b.name),
+        "STJ_STATE_DIR": str(state),
+        "LANG": "C.UTF-8",
+        "SHELL": "/bin/bash",
+    }
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*b.prefix(), *argv], env=env, capture_output=True, text=True, timeout=60, cwd="/tmp"
+        )
+
+    pool = subprocess.Popen(
+        [*b.prefix(), STJ, "pool"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while (
+            run(STJ, "status", "--json").returncode != 0
+            or not json.loads(run(STJ, "status", "--json").stdout)["starters"]
+        ):
+            assert time.monotonic() < deadline, "the user's pool did not come up"
+            time.sleep(0.1)
+        script = "sleep 1000 & echo $! > left.pid; exit 3"
+        r = run(STJ, "submit", "--hold-on-failure", "/bin/sh", "-c", script)
+        assert r.returncode == 0, r.stderr
+        job = r.stdout.split(":", 1)[1].split()[0]
+        deadline = time.monotonic() + 20
+        while True:
+            q = json.loads(run(STJ, "q", "--json", job).stdout)
+            if q and "debug hold" in q[0]["hold_reason"]:
+                break
+            assert time.monotonic() < deadline, f"job {job} was not kept: {q}"
+            time.sleep(0.1)
+        r = run(SSH_TO_JOB, job, 'cat left.pid; echo "$SSH_TO_JOB_PIDS"')
+        assert r.returncode == 0, r.stderr
+        left, pids = r.stdout.splitlines()
+        assert left in pids.split(), (left, pids)
+        assert run(STJ, "rm", job).returncode == 0
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{left}") and _running(int(left)):
+            assert time.monotonic() < deadline, "the left-behind process outlived stj rm"
+            time.sleep(0.1)
+    finally:
+        os.killpg(pool.pid, 15)
+        pool.wait(20)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
