@@ -9,6 +9,7 @@ It never reads a socket: the connection layer hands it messages and sends what i
 from __future__ import annotations
 
 import logging
+import os
 import pwd
 from collections.abc import Callable
 
@@ -147,6 +148,14 @@ class Jobs:
             return wire.Error("bad_request", why)
         if uid == 0:
             return wire.Error("denied", "jobs may not run as root; submit as the job's user")
+        me = os.geteuid()
+        if me != 0 and uid != me:
+            # A personal pool's starter runs as its owner and cannot switch to another uid.
+            return wire.Error(
+                "denied",
+                f"this is {user_name(me)}'s personal pool: its jobs can only run as "
+                f"{user_name(me)}; submit to your own pool (stj pool) or a shared one",
+            )
         size = len(wire.encode_message(msg))
         if size > self.bc.max_submit_bytes:
             return wire.Error(

@@ -12,7 +12,8 @@ from conftest import SSH_TO_JOB, STJ, User, new_state_dir
 
 
 def test_pool_started_by_a_user_runs_their_jobs_and_sessions(users: dict[str, User]) -> None:
-    """`stj pool` as user b: its job runs as b, and ssh-to-job (a command and a pty) gets in."""
+    """`stj pool` as user b: its job runs as b, and ssh-to-job (a command and a pty) gets in;
+    another user's submit is refused at once with the reason."""
     b = users["b"]
     state = new_state_dir()
     os.chown(state, b.uid, b.gid)
@@ -46,6 +47,18 @@ def test_pool_started_by_a_user_runs_their_jobs_and_sessions(users: dict[str, Us
             time.sleep(0.1)
         else:
             raise AssertionError("the user's pool did not come up")
+        # Another user's job could never run here (the starter runs as b): refused at once.
+        a = users["a"]
+        other = subprocess.run(
+            [*a.prefix(), STJ, "submit", "/bin/true"],
+            env={**env, "HOME": a.home, "USER": str(a.name)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/tmp",
+        )
+        assert other.returncode == 1, other
+        assert f"this is {b.name}'s personal pool" in other.stderr
         r = run(STJ, "submit", "/bin/sleep", "300")
         assert r.returncode == 0, r.stderr
         job = r.stdout.split(":", 1)[1].split()[0]
