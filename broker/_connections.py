@@ -236,6 +236,8 @@ class Connections:
             await self._query(stream, msg)
         elif isinstance(msg, wire.Act):
             await stream.send(await self.jobs.act(msg, uid))
+        elif isinstance(msg, wire.SshAllow):
+            await stream.send(self.jobs.ssh_allow(msg, uid))
         elif isinstance(msg, wire.Status):
             await stream.send(self._status())
         elif isinstance(msg, wire.Output):
@@ -344,12 +346,9 @@ class Connections:
             row = self.queue.get(job)
         except UnknownJob:
             return wire.Error("unknown_job", f"job {job} is not in the queue"), None
-        if not (row.owner_uid == uid or self.jobs.is_superuser(uid)):
-            return wire.Error(
-                "denied",
-                f"job {job} belongs to {row.owner}; only its owner or a queue superuser may "
-                "ssh to it",
-            ), row
+        refusal = self.jobs.ssh_refusal(row, uid)
+        if refusal is not None:
+            return refusal, row
         debug = row.state in (HELD, RELEASING) and row.debug_hold
         if row.state == IDLE:
             return wire.Error(

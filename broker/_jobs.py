@@ -43,6 +43,20 @@ _ACTION_EVENTS = {
 }
 
 
+def _uid_for(name: str) -> int | None:
+    """A user name, or a number, as a uid (None if it names no one)."""
+    if name.isascii() and name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+def _names_uid(names: tuple[str, ...], uid: int) -> bool:
+    return any(_uid_for(n) == uid for n in names)
+
+
 def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -175,6 +189,67 @@ class Jobs:
         self.queue.audit(uid, "submit", f"{cluster}", f"{msg.count} job(s)")
         self.schedule()
         return wire.SubmitReply(cluster=cluster, count=msg.count)
+
+    # ------------------------------------------------------------------ ssh policy
+
+    def ssh_refusal(self, row: _queue.Row, uid: int) -> wire.Error | None:
+        """Whether ``uid`` may open a session into the job in ``row``, before its state counts.
+
+        The pool's admin can turn ssh off for everyone (``allow_ssh``) or for some users
+        (``ssh_denied_users``); a job submitted with ``--no-ssh`` admits no one; otherwise its
+        owner, queue superusers and the collaborators its owner named get in.
+        """
+        if not self.bc.allow_ssh:
+            return wire.Error("ssh_off", "ssh-to-job is turned off in this pool (broker.allow_ssh)")
+        if _names_uid(self.bc.ssh_denied_users, uid):
+            return wire.Error(
+                "ssh_off",
+                f"ssh-to-job is turned off for {user_name(uid)} in this pool "
+                "(broker.ssh_denied_users)",
+            )
+        spec = row.job_spec()
+        if not spec.ssh:
+            return wire.Error("ssh_off", f"job {row.id} was submitted with --no-ssh")
+        if row.owner_uid == uid or self.is_superuser(uid):
+            return None
+        if _names_uid(spec.ssh_users, uid) or uid in self.queue.ssh_allowed(row.id):
+            return None
+        return wire.Error(
+            "denied",
+            f"job {row.id} belongs to {row.owner}; only its owner, a queue superuser or a user "
+            "it names (stj ssh-allow) may ssh into it",
+        )
+
+    def ssh_allow(self, msg: wire.SshAllow, uid: int) -> wire.Message:
+        """``stj ssh-allow JOB USER...``: the owner (or a superuser) names collaborators."""
+        try:
+            jid = wire.parse_job_id(msg.id)
+            row = self.queue.get(jid.one)
+        except ValueError as exc:
+            return wire.Error("bad_request", str(exc))
+        except UnknownJob:
+            return wire.Error("unknown_job", f"job {msg.id} is not in the queue")
+        if not (row.owner_uid == uid or self.is_superuser(uid)):
+            self.queue.audit(uid, "ssh-allow", row.id, "denied")
+            return wire.Error(
+                "denied",
+                f"job {row.id} belongs to {row.owner}; only its owner or a queue superuser may "
+                "let others in",
+            )
+        if not 1 <= len(msg.users) <= 64:
+            return wire.Error("bad_request", "name between 1 and 64 users")
+        uids: list[int] = []
+        for name in msg.users:
+            who = _uid_for(name)
+            if who is None:
+                return wire.Error("bad_request", f"no such user: {name!r}")
+            uids.append(who)
+        self.queue.allow_ssh(row.id, uids)
+        names = ", ".join(user_name(u) for u in uids)
+        self.queue.audit(uid, "ssh-allow", row.id, f"ok: {names}")
+        return wire.ActReply(
+            results=(wire.ActResult(row.id, True, f"job {row.id}: {names} may now ssh into it"),)
+        )
 
     # ------------------------------------------------------------------ user actions
 

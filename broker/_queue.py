@@ -70,6 +70,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, cluster, proc);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner_uid, state);
 CREATE INDEX IF NOT EXISTS jobs_by_starter ON jobs (starter) WHERE placed = 1;
+CREATE TABLE IF NOT EXISTS ssh_allow (
+    cluster INTEGER NOT NULL, proc INTEGER NOT NULL, uid INTEGER NOT NULL,
+    PRIMARY KEY (cluster, proc, uid)
+);
 CREATE TABLE IF NOT EXISTS audit (
     ts REAL NOT NULL, uid INTEGER NOT NULL, action TEXT NOT NULL,
     job TEXT NOT NULL, outcome TEXT NOT NULL
@@ -161,6 +165,8 @@ class Row:
             debug_on=tuple(d.get("debug_on", ())),
             debug_hold_ttl=float(d.get("debug_hold_ttl", 0.0)),
             time_limit=float(d.get("time_limit", 0.0)),
+            ssh=bool(d.get("ssh", True)),
+            ssh_users=tuple(d.get("ssh_users", ())),
         )
 
 
@@ -197,7 +203,13 @@ DROP TABLE jobs_v1;
 
 
 #: Version 2 to 3: when a debug hold ends, shown by stj q.
-_V2_MIGRATION = "ALTER TABLE jobs ADD COLUMN debug_until REAL NOT NULL DEFAULT 0;"
+_V2_MIGRATION = """
+ALTER TABLE jobs ADD COLUMN debug_until REAL NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS ssh_allow (
+    cluster INTEGER NOT NULL, proc INTEGER NOT NULL, uid INTEGER NOT NULL,
+    PRIMARY KEY (cluster, proc, uid)
+);
+"""
 
 
 def _spec_blob(spec: wire.JobSpec) -> str:
@@ -215,6 +227,10 @@ def _spec_blob(spec: wire.JobSpec) -> str:
         d["debug_hold_ttl"] = spec.debug_hold_ttl
     if spec.time_limit:
         d["time_limit"] = spec.time_limit
+    if not spec.ssh:
+        d["ssh"] = False
+    if spec.ssh_users:
+        d["ssh_users"] = list(spec.ssh_users)
     return json.dumps(d, separators=(",", ":"))
 
 
@@ -268,6 +284,22 @@ class JobQueue:
 
     def close(self) -> None:
         self.db.close()
+
+    def allow_ssh(self, job_id: str, uids: list[int]) -> None:
+        """Let ``uids`` into the sessions of job ``job_id`` too."""
+        cluster, _, proc = job_id.partition(".")
+        with self.db:
+            self.db.executemany(
+                "INSERT OR IGNORE INTO ssh_allow (cluster, proc, uid) VALUES (?, ?, ?)",
+                [(int(cluster), int(proc), u) for u in uids],
+            )
+
+    def ssh_allowed(self, job_id: str) -> set[int]:
+        cluster, _, proc = job_id.partition(".")
+        cur = self.db.execute(
+            "SELECT uid FROM ssh_allow WHERE cluster = ? AND proc = ?", (int(cluster), int(proc))
+        )
+        return {r[0] for r in cur}
 
     # -- writes: one transaction each
 

@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="end the job (and hold it) when it runs longer than this (e.g. 2h)",
     )
+    p.add_argument("--no-ssh", action="store_true", help="let nobody ssh into these jobs")
+    p.add_argument(
+        "--ssh-users",
+        metavar="NAME[,NAME...]",
+        help="users besides you who may ssh into these jobs (see also stj ssh-allow)",
+    )
     p.add_argument(
         "-i",
         "--interactive",
@@ -114,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--reason", default="")
         p.add_argument("ids", nargs="+")
+    p = sub.add_parser("ssh-allow", help="let other users ssh into one of your jobs")
+    _common(p)
+    p.add_argument("id")
+    p.add_argument("users", nargs="+", metavar="USER")
     p = sub.add_parser("status", help="starters, slots, what runs where")
     _common(p)
     p.add_argument("--json", action="store_true")
@@ -203,6 +213,8 @@ def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
         "debug_on",
         "debug_hold_ttl",
         "time_limit",
+        "ssh",
+        "ssh_users",
     }
     unknown = set(raw) - known
     if unknown:
@@ -240,6 +252,12 @@ def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ValueError(f"{path}: '{key}' must be seconds or a duration like \"10m\"")
         times[key] = parse_duration(str(value), key)
+    ssh = raw.get("ssh", True)
+    if not isinstance(ssh, bool):
+        raise ValueError(f"{path}: 'ssh' must be true or false")
+    ssh_users = raw.get("ssh_users", [])
+    if not isinstance(ssh_users, list) or not all(isinstance(x, str) for x in ssh_users):
+        raise ValueError(f"{path}: 'ssh_users' must be a list of user names")
     return wire.JobSpec(
         executable=exe,
         args=tuple(args),
@@ -247,7 +265,10 @@ def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
         initialdir=idir,
         hold_on_failure=hof,
         debug_on=tuple(debug_on),
-        **times,
+        debug_hold_ttl=times["debug_hold_ttl"],
+        time_limit=times["time_limit"],
+        ssh=ssh,
+        ssh_users=tuple(ssh_users),
     ), count
 
 
@@ -313,6 +334,10 @@ def cmd_submit(a: argparse.Namespace) -> int:
             time_limit=(
                 parse_duration(a.time_limit, "--time-limit") if a.time_limit else spec.time_limit
             ),
+            ssh=spec.ssh and not a.no_ssh,
+            ssh_users=tuple(u for u in a.ssh_users.split(",") if u)
+            if a.ssh_users
+            else spec.ssh_users,
         )
         count = a.count if a.count is not None else count
     except ValueError as exc:
@@ -458,6 +483,17 @@ def cmd_act(a: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_ssh_allow(a: argparse.Namespace) -> int:
+    if (rc := _bad_id([a.id])) is not None:
+        return rc
+    users = tuple(u for word in a.users for u in word.split(",") if u)
+    with _client(a) as bc:
+        reply = bc.call(wire.SshAllow(id=a.id, users=users), wire.ActReply)
+    for r in reply.results:
+        print(printable(r.message))
+    return 0
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     with _client(a) as bc:
         reply = bc.call(wire.Status(), wire.StatusReply)
@@ -511,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_act(a)
         if a.cmd == "status":
             return cmd_status(a)
+        if a.cmd == "ssh-allow":
+            return cmd_ssh_allow(a)
         if a.cmd == "output":
             return cmd_output(a)
         if a.cmd == "ssh-config":

@@ -65,6 +65,10 @@ class BrokerConfig:
     #: Seconds an ssh-to-job (or output) request waits for a job's starter that is
     #: reconnecting before it answers "starter not connected".
     starter_wait: float = attrs.field(default=5.0, validator=_between(0, 3600))
+    #: Whether anyone may ssh into jobs in this pool at all.
+    allow_ssh: bool = True
+    #: Users (names or uids) who may not ssh into any job here, their own included.
+    ssh_denied_users: tuple[str, ...] = ()
     # -- added by the multi-host work (TLS control channels, the pool CA; common._pki) --
     #: Where the pool CA, the broker's certificate, the issued/revoked lists and the join
     #: tokens live; default: ``<state>/pki`` (made 0700).

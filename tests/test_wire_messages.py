@@ -110,7 +110,7 @@ def test_every_message_class_is_registered_and_covered() -> None:
     } - {Message}
     assert all_subclasses(Message) == exported == set(wire.MESSAGE_TYPES.values())
     assert set(STRATEGIES) == set(wire.MESSAGE_TYPES.values())
-    assert len(wire.MESSAGE_TYPES) == 30
+    assert len(wire.MESSAGE_TYPES) == 31
 
 
 def test_type_names_are_snake_case_of_class_names() -> None:
@@ -145,8 +145,8 @@ def test_no_field_is_named_type() -> None:
         (
             wire.Submit(spec=wire.JobSpec(executable="/bin/sleep", args=("60",), env={"A": "1"})),
             b'{"spec":{"executable":"/bin/sleep","args":["60"],"env":{"A":"1"},"initialdir":"/",'
-            b'"hold_on_failure":false,"debug_on":[],"debug_hold_ttl":0.0,"time_limit":0.0},'
-            b'"count":1,"type":"submit"}',
+            b'"hold_on_failure":false,"debug_on":[],"debug_hold_ttl":0.0,"time_limit":0.0,'
+            b'"ssh":true,"ssh_users":[]},"count":1,"type":"submit"}',
         ),
         (
             wire.SessionOpen(capability=b"cap", shells=("bash", "sh")),
@@ -180,7 +180,7 @@ def test_missing_defaulted_fields_take_their_defaults() -> None:
     """Fields with defaults may be left out; the decoded message has the defaults."""
     assert decode_message(b'{"type":"query"}') == wire.Query(ids=(), history=False, owner="")
     job = decode_message(b'{"type":"submit","spec":{"executable":"x"}}')
-    assert job == wire.Submit(spec=wire.JobSpec("x", (), {}, "/", False, (), 0.0, 0.0), count=1)
+    assert job == wire.Submit(spec=wire.JobSpec("x"), count=1)
 
 
 def test_optional_fields_accept_null() -> None:

@@ -68,6 +68,10 @@ class JobSpec:
     #: Seconds the job may run; 0: no limit. Past it the job is killed and held, or with
     #: ``debug_on`` "timeout" kept running in a debug hold.
     time_limit: float = attrs.field(default=0.0, validator=_check_seconds)
+    #: False: nobody may ssh into this job (``stj submit --no-ssh``).
+    ssh: bool = True
+    #: Users besides the owner (names or uids) who may ssh into it (``--ssh-users``).
+    ssh_users: tuple[str, ...] = ()
 
     def debugs(self, why: str) -> bool:
         """Whether a job that ended this way ("exit", "signal", "timeout") is kept."""
@@ -205,6 +209,15 @@ class Act(Message):
     action: str = attrs.field(validator=attrs.validators.in_(ACTIONS))
     ids: tuple[str, ...] = ()
     reason: str = ""
+
+
+@attrs.frozen
+class SshAllow(Message):
+    """Let more users into a job's sessions (``stj ssh-allow 32.0 carol``); owner or superuser."""
+
+    TYPE: ClassVar[str] = "ssh_allow"
+    id: str
+    users: tuple[str, ...]
 
 
 @attrs.frozen
@@ -422,6 +435,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Query,
         JobList,
         Act,
+        SshAllow,
         ActReply,
         Status,
         StatusReply,

@@ -48,6 +48,7 @@ for _req, _reply, _after in (
     ("submit", "submit_reply", START),
     ("query", "job_list", START),
     ("act", "act_reply", START),
+    ("ssh_allow", "act_reply", START),
     ("status", "status_reply", START),
     ("output", "output_reply", START),
     ("ssh_request", "ssh_grant", CLOSED_STATE),

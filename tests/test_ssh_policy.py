@@ -1,0 +1,73 @@
+"""Who may ssh into a job: the owner, queue superusers and the collaborators the owner names;
+the pool's admin can turn ssh off for the pool or for some users, an owner for one job."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from conftest import Pool, User
+
+
+def _running(pool: Pool, user: User, *argv: str) -> str:
+    (job,) = pool.submit(user, *argv, "/bin/sleep", "300")
+    pool.wait_state(job, "running")
+    return job
+
+
+def test_collaborators_named_at_submit_and_later(pool: Pool, users: dict[str, User]) -> None:
+    """--ssh-users lets a named user in; stj ssh-allow adds one later; others stay out; only
+    the owner (or a superuser) may name collaborators."""
+    a, b, su = users["a"], users["b"], users["su"]
+    named = _running(pool, a, "--ssh-users", str(b.name))
+    plain = _running(pool, a)
+    try:
+        r = pool.ssh(b, named, "id -u")
+        assert (r.returncode, r.stdout.strip()) == (0, str(a.uid)), r.stderr
+        r = pool.ssh(b, plain, "true")
+        assert r.returncode == 1
+        assert f"job {plain} belongs to {a.name}" in r.stderr
+        r = pool.stj(b, "ssh-allow", plain, str(b.name), check=False)
+        assert r.returncode == 1
+        assert "only its owner or a queue superuser may let others in" in r.stderr
+        r = pool.stj(a, "ssh-allow", plain, str(b.name))
+        assert f"{b.name} may now ssh into it" in r.stdout
+        r = pool.ssh(b, plain, "echo in")
+        assert (r.returncode, r.stdout) == (0, "in\n"), r.stderr
+        r = pool.stj(su, "ssh-allow", plain, "no-such-user-here", check=False)
+        assert r.returncode == 1
+        assert "no such user: 'no-such-user-here'" in r.stderr
+    finally:
+        pool.stj(a, "rm", named, plain)
+
+
+def test_no_ssh_job_admits_no_one(pool: Pool, users: dict[str, User]) -> None:
+    """A job submitted with --no-ssh refuses its owner and superusers alike, with the reason."""
+    a, su = users["a"], users["su"]
+    job = _running(pool, a, "--no-ssh")
+    try:
+        for who in (a, su):
+            r = pool.ssh(who, job, "true")
+            assert r.returncode == 1
+            assert f"job {job} was submitted with --no-ssh" in r.stderr
+    finally:
+        pool.stj(a, "rm", job)
+
+
+def test_pool_admin_turns_ssh_off(make_pool: Callable[..., Pool], users: dict[str, User]) -> None:
+    """broker.allow_ssh = false refuses everyone; ssh_denied_users refuses only those named,
+    even for their own jobs."""
+    a, b = users["a"], users["b"]
+    off = make_pool("allow_ssh = false\n")
+    job = _running(off, a)
+    r = off.ssh(a, job, "true")
+    assert r.returncode == 1
+    assert "ssh-to-job is turned off in this pool" in r.stderr
+    off.stj(a, "rm", job)
+    some = make_pool(f'ssh_denied_users = ["{b.name}"]\n')
+    mine, theirs = _running(some, a), _running(some, b)
+    r = some.ssh(b, theirs, "true")
+    assert r.returncode == 1
+    assert f"ssh-to-job is turned off for {b.name} in this pool" in r.stderr
+    assert some.ssh(a, mine, "true").returncode == 0
+    some.stj(a, "rm", mine)
+    some.stj(b, "rm", theirs)
