@@ -309,7 +309,7 @@ def test_other_user_is_refused_naming_the_owner(
     r = pool.ssh(b, job, "id -u", timeout=IO_TIMEOUT)
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
     assert f"job {job} belongs to {a.name}" in r.stderr
-    assert "only its owner or a queue superuser" in r.stderr
+    assert "only its owner, a queue superuser or a user it names" in r.stderr
     assert r.stdout == ""
     assert not any(sessions_dir(pool).iterdir())
 
