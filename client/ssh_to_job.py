@@ -386,6 +386,19 @@ class SessionError(RuntimeError):
 # ---------------------------------------------------------------------------- running ssh
 
 
+def wants_agent(words: list[str]) -> bool:
+    """Whether these ssh options ask for agent forwarding (-A, -tA, -o ForwardAgent=yes)."""
+    for i, w in enumerate(words):
+        if w.startswith("-o"):
+            opt = w[2:] or (words[i + 1] if i + 1 < len(words) else "")
+            key, _, value = opt.replace(" ", "=", 1).partition("=")
+            if key.lower() == "forwardagent" and value.strip().lower() not in ("no", ""):
+                return True
+        elif w.startswith("-") and not w.startswith("--") and "A" in w[1:]:
+            return True
+    return False
+
+
 def build_argv(opts: Options, cfg: pathlib.Path) -> list[str]:
     words = shlex.split(opts.ssh)
     prog = os.path.basename(words[0])
@@ -577,6 +590,14 @@ def _session(
         argv = build_argv(opts, d / "config")
         if ready.banner and not opts.command and os.path.basename(argv[0]) == "ssh":
             print(ready.banner, file=sys.stderr, flush=True)
+        if not ready.agent_forwarding and wants_agent(shlex.split(opts.ssh)[1:]):
+            # sshd would refuse the agent channel without a word: say it, once.
+            print(
+                "ssh-to-job: agent forwarding is off in this pool "
+                "([starter] allow_agent_forwarding); -A has no effect",
+                file=sys.stderr,
+                flush=True,
+            )
         _debug(opts, "running " + shlex.join(argv))
         env = dict(os.environ)
         env["SHELL"] = "/bin/sh"  # ssh runs the ProxyCommand with $SHELL: keep it plain

@@ -107,6 +107,9 @@ class StarterConfig:
     session_timeout: float = attrs.field(default=15.0, validator=_SECONDS)
     #: Let sessions forward ports and X11 (both only ever bind loopback inside the job's host).
     allow_forwarding: bool = True
+    #: Let sessions forward the user's ssh agent (ssh -A). Off by default: the agent would be
+    #: usable by every process of the job's uid for as long as the session lasts.
+    allow_agent_forwarding: bool = False
     reconnect_max: float = attrs.field(default=5.0, validator=_SECONDS)
     #: On SIGTERM/SIGINT, leave running jobs to the next starter on this state directory
     #: (service upgrades) instead of ending them.

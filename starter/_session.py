@@ -99,9 +99,15 @@ def _setenv_line(env: dict[str, str]) -> str:
 
 
 def sshd_config(
-    d: pathlib.Path, login: str, env: dict[str, str], forwarding: bool, debug: bool
+    d: pathlib.Path,
+    login: str,
+    env: dict[str, str],
+    forwarding: bool,
+    debug: bool,
+    agent_forwarding: bool = False,
 ) -> str:
     fwd = "yes" if forwarding else "no"
+    agent = "yes" if agent_forwarding else "no"
     return f"""\
 # ssh-to-job session config: one connection on stdin/stdout (sshd -i), never a listener.
 HostKey "{d}/host_key"
@@ -122,7 +128,7 @@ Subsystem sftp internal-sftp
 PermitUserEnvironment no
 PermitUserRC no
 PermitTTY yes
-AllowAgentForwarding no
+AllowAgentForwarding {agent}
 AllowTcpForwarding {fwd}
 AllowStreamLocalForwarding {fwd}
 X11Forwarding {fwd}
@@ -237,7 +243,9 @@ async def _serve(
         )
         common.write_private(
             d / "sshd_config",
-            sshd_config(d, login, env, cfg.allow_forwarding, starter.debug).encode(),
+            sshd_config(
+                d, login, env, cfg.allow_forwarding, starter.debug, cfg.allow_agent_forwarding
+            ).encode(),
             uid,
             gid,
         )
@@ -251,6 +259,7 @@ async def _serve(
             login=login,
             signature=wire.sign(starter.identity, statement),
             banner=banner,
+            agent_forwarding=cfg.allow_agent_forwarding,
         )
         # sshd gets its own duplicate of the socket as stdin/stdout; ours is closed below.
         argv = [cfg.sshd, "-i", "-e", "-f", str(d / "sshd_config")]

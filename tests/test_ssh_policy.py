@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from conftest import Pool, User
+from conftest import SSH_TO_JOB, Pool, User
 
 
 def _running(pool: Pool, user: User, *argv: str) -> str:
@@ -71,3 +71,22 @@ def test_pool_admin_turns_ssh_off(make_pool: Callable[..., Pool], users: dict[st
     assert some.ssh(a, mine, "true").returncode == 0
     some.stj(a, "rm", mine)
     some.stj(b, "rm", theirs)
+
+
+AGENT = "echo sock=${SSH_AUTH_SOCK:-none}"
+
+
+def test_agent_forwarding_off_by_default_says_so(pool: Pool, users: dict[str, User]) -> None:
+    """With allow_agent_forwarding off (the default), ssh -A gets no agent and one line
+    saying why, instead of a silent failure."""
+    a = users["a"]
+    job = _running(pool, a)
+    try:
+        argv = ["ssh-agent", SSH_TO_JOB, "-ssh", "ssh -A", job, AGENT]
+        r = pool.run(a, argv)
+        assert (r.returncode, r.stdout) == (0, "sock=none\n"), r
+        assert "agent forwarding is off in this pool" in r.stderr
+        r = pool.run(a, ["ssh-agent", SSH_TO_JOB, job, AGENT])
+        assert "agent forwarding" not in r.stderr
+    finally:
+        pool.stj(a, "rm", job)

@@ -425,6 +425,8 @@ class SessionReady(Message):
     login: str
     signature: bytes
     banner: str = ""
+    #: Whether this session's sshd forwards an ssh agent (the pool's allow_agent_forwarding).
+    agent_forwarding: bool = False
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
