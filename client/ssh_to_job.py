@@ -287,8 +287,17 @@ def _quote_cfg(path: pathlib.Path | str) -> str:
 
 
 def ssh_config(
-    d: pathlib.Path, login: str, alias: str, proxy_name: str, x11: bool | None, debug: bool
+    d: pathlib.Path,
+    login: str,
+    alias: str,
+    proxy_name: str,
+    x11: bool | None,
+    debug: bool,
+    agent: bool = False,
 ) -> str:
+    """The ssh_config of one session. ``agent``: the user asked for agent forwarding and the
+    pool allows it; ssh then needs its agent (``IdentityAgent none`` would switch off the
+    forwarding too), and ``IdentitiesOnly`` still keeps the agent's keys out of the login."""
     here = pathlib.Path(__file__).parent
     helper = here / "stj-fdpass"  # built at install: starts in <1 ms (the critical path)
     if os.access(helper, os.X_OK):
@@ -308,7 +317,7 @@ def ssh_config(
         "  UpdateHostKeys no",
         f"  IdentityFile {_quote_cfg(d / 'id')}",
         "  IdentitiesOnly yes",
-        "  IdentityAgent none",
+        *([] if agent else ["  IdentityAgent none"]),
         "  PreferredAuthentications publickey",
         "  PasswordAuthentication no",
         "  KbdInteractiveAuthentication no",
@@ -577,12 +586,15 @@ def _session(
         except (SessionError, OSError, ConnectionError, wire.ProtocolError) as exc:
             return die(f"job {reply.job}: {exc}")
         _debug(opts, f"starter host key verified; logging in as {ready.login}")
+        forward_agent = ready.agent_forwarding and wants_agent(shlex.split(opts.ssh)[1:])
         alias = f"ssh-to-job-{reply.job}-{reply.session_id[:8]}"
         _write(d / "known_hosts", f"{alias} {ready.host_key}\n".encode())
         proxy_name = f"ssh-to-job-{os.getuid()}-{os.urandom(16).hex()}"
         _write(
             d / "config",
-            ssh_config(d, ready.login, alias, proxy_name, opts.x11, opts.debug).encode(),
+            ssh_config(
+                d, ready.login, alias, proxy_name, opts.x11, opts.debug, agent=forward_agent
+            ).encode(),
         )
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind("\0" + proxy_name)

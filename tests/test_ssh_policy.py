@@ -90,3 +90,20 @@ def test_agent_forwarding_off_by_default_says_so(pool: Pool, users: dict[str, Us
         assert "agent forwarding" not in r.stderr
     finally:
         pool.stj(a, "rm", job)
+
+
+def test_agent_forwarding_when_the_pool_allows_it(
+    make_pool: Callable[..., Pool], users: dict[str, User]
+) -> None:
+    """[starter] allow_agent_forwarding = true: ssh -A brings the user's agent into the session;
+    without -A there is none."""
+    a = users["a"]
+    pool = make_pool("[starter]\nallow_agent_forwarding = true\n")
+    job = _running(pool, a)
+    r = pool.run(a, ["ssh-agent", SSH_TO_JOB, "-ssh", "ssh -A", job, AGENT + "; ssh-add -l"])
+    assert r.stdout.startswith("sock=/"), r
+    assert "agent has no identities" in r.stdout + r.stderr, r
+    assert "agent forwarding is off" not in r.stderr
+    r = pool.run(a, ["ssh-agent", SSH_TO_JOB, job, AGENT])
+    assert (r.returncode, r.stdout) == (0, "sock=none\n"), r
+    pool.stj(a, "rm", job)
