@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import pwd
+import secrets
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -35,7 +36,7 @@ from ssh_to_job.transport import (
 )
 
 from . import _queue
-from ._jobs import Jobs, StarterConn
+from ._jobs import Jobs, StarterConn, user_name
 from ._queue import HELD, IDLE, RELEASING, RUNNING, SUSPENDED, UnknownJob
 from ._rendezvous import Rendezvous, pass_socket
 
@@ -238,6 +239,9 @@ class Connections:
             await stream.send(await self.jobs.act(msg, uid))
         elif isinstance(msg, wire.SshAllow):
             await stream.send(self.jobs.ssh_allow(msg, uid))
+        elif isinstance(msg, wire.SessionQuery):
+            seen = None if self.jobs.is_superuser(uid) else uid
+            await stream.send(wire.SessionList(sessions=tuple(self.queue.sessions(seen, msg.job))))
         elif isinstance(msg, wire.Status):
             await stream.send(self._status())
         elif isinstance(msg, wire.Output):
@@ -395,6 +399,7 @@ class Connections:
         if refusal is not None or row is None or conn is None:
             assert refusal is not None
             self.queue.audit(uid, "ssh", job, f"refused: {refusal.code}")
+            self._record(secrets.token_hex(16), job, uid, row, "refused", refusal.message)
             await stream.send(refusal)
             return
         session_id, blob = self.rendezvous.capability(
@@ -403,6 +408,7 @@ class Connections:
         session, why = await self.rendezvous.open(conn, row.id, session_id)
         if session is None:
             self.queue.audit(uid, "ssh", row.id, f"failed: {why}")
+            self._record(session_id, row.id, uid, row, "failed", why, conn.name)
             await stream.send(wire.Error("session_failed", f"job {row.id}: {why}"))
             return
         try:
@@ -415,10 +421,34 @@ class Connections:
             )
             await pass_socket(stream, sock, grant, session.fileno())
             self.queue.audit(uid, "ssh", row.id, f"granted session {session_id}")
+            self._record(session_id, row.id, uid, row, "granted", "", conn.name)
         except PeerGone as exc:
             log.info("ssh %s for uid %d: %s", row.id, uid, exc)
         finally:
             session.close()
+
+    def _record(
+        self,
+        session_id: str,
+        job: str,
+        uid: int,
+        row: _queue.Row | None,
+        outcome: str,
+        reason: str,
+        starter: str = "",
+    ) -> None:
+        """One durable session record (stj history --sessions), whatever the outcome."""
+        self.queue.record_session(
+            session_id,
+            job,
+            uid,
+            user_name(uid),
+            row.owner_uid if row is not None else -1,
+            outcome,
+            reason,
+            starter,
+            self.bc.session_record_days,
+        )
 
     # ------------------------------------------------------------------ starters
 
@@ -543,6 +573,11 @@ class Connections:
             self.jobs.schedule()
         elif isinstance(msg, wire.SessionFailed):
             self.rendezvous.failed(conn.name, msg)
+        elif isinstance(msg, wire.SessionEnded):
+            if not self.queue.session_ended(
+                msg.session_id, conn.name, msg.started, msg.ended, msg.bytes_in, msg.bytes_out
+            ):
+                log.warning("starter %s reports an unknown session %r", conn.name, msg.session_id)
         elif isinstance(msg, wire.OutputData):
             ch = conn.pending_output.get(msg.request)
             if ch is not None:

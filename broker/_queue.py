@@ -74,6 +74,14 @@ CREATE TABLE IF NOT EXISTS ssh_allow (
     cluster INTEGER NOT NULL, proc INTEGER NOT NULL, uid INTEGER NOT NULL,
     PRIMARY KEY (cluster, proc, uid)
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, job TEXT NOT NULL, uid INTEGER NOT NULL, user TEXT NOT NULL,
+    owner_uid INTEGER NOT NULL, outcome TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+    starter TEXT NOT NULL DEFAULT '', requested REAL NOT NULL, started REAL NOT NULL DEFAULT 0,
+    ended REAL NOT NULL DEFAULT 0, bytes_in INTEGER NOT NULL DEFAULT 0,
+    bytes_out INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (requested);
 CREATE TABLE IF NOT EXISTS audit (
     ts REAL NOT NULL, uid INTEGER NOT NULL, action TEXT NOT NULL,
     job TEXT NOT NULL, outcome TEXT NOT NULL
@@ -209,6 +217,14 @@ CREATE TABLE IF NOT EXISTS ssh_allow (
     cluster INTEGER NOT NULL, proc INTEGER NOT NULL, uid INTEGER NOT NULL,
     PRIMARY KEY (cluster, proc, uid)
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, job TEXT NOT NULL, uid INTEGER NOT NULL, user TEXT NOT NULL,
+    owner_uid INTEGER NOT NULL, outcome TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+    starter TEXT NOT NULL DEFAULT '', requested REAL NOT NULL, started REAL NOT NULL DEFAULT 0,
+    ended REAL NOT NULL DEFAULT 0, bytes_in INTEGER NOT NULL DEFAULT 0,
+    bytes_out INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (requested);
 """
 
 
@@ -232,6 +248,11 @@ def _spec_blob(spec: wire.JobSpec) -> str:
     if spec.ssh_users:
         d["ssh_users"] = list(spec.ssh_users)
     return json.dumps(d, separators=(",", ":"))
+
+
+_SESSION_COLUMNS = (
+    "id, job, uid, user, outcome, requested, reason, starter, started, ended, bytes_in, bytes_out"
+)
 
 
 class JobQueue:
@@ -284,6 +305,63 @@ class JobQueue:
 
     def close(self) -> None:
         self.db.close()
+
+    # -- session records (audit): one row per attempt, granted, refused or failed
+
+    def record_session(
+        self,
+        session_id: str,
+        job: str,
+        uid: int,
+        user: str,
+        owner_uid: int,
+        outcome: str,
+        reason: str = "",
+        starter: str = "",
+        keep_days: float = 90.0,
+    ) -> None:
+        now = time.time()
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO sessions (id, job, uid, user, owner_uid, outcome, reason,"
+                " starter, requested) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, job, uid, user, owner_uid, outcome, reason, starter, now),
+            )
+            self.db.execute("DELETE FROM sessions WHERE requested < ?", (now - keep_days * 86400,))
+
+    def session_ended(
+        self,
+        session_id: str,
+        starter: str,
+        started: float,
+        ended: float,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> bool:
+        """Record how a granted session went; only its own starter may (False otherwise)."""
+        with self.db:
+            cur = self.db.execute(
+                "UPDATE sessions SET started = ?, ended = ?, bytes_in = ?, bytes_out = ?"
+                " WHERE id = ? AND starter = ? AND outcome = 'granted' AND ended = 0",
+                (started, ended, bytes_in, bytes_out, session_id, starter),
+            )
+        return cur.rowcount == 1
+
+    def sessions(self, uid: int | None, job: str = "") -> list[wire.SessionInfo]:
+        """Session records, newest last: those of jobs ``uid`` owns or that ``uid`` asked for
+        (every record for None, a superuser)."""
+        where: list[str] = []
+        args: list[object] = []
+        if uid is not None:
+            where.append("(owner_uid = ? OR uid = ?)")
+            args += [uid, uid]
+        if job:
+            where.append("job = ?")
+            args.append(job)
+        cond = " WHERE " + " AND ".join(where) if where else ""
+        # Only our constant fragments are joined; every value is a parameter.
+        sql = f"SELECT {_SESSION_COLUMNS} FROM sessions{cond} ORDER BY requested LIMIT 100000"  # noqa: S608
+        return [wire.SessionInfo(*r) for r in self.db.execute(sql, args)]
 
     def allow_ssh(self, job_id: str, uids: list[int]) -> None:
         """Let ``uids`` into the sessions of job ``job_id`` too."""

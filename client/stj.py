@@ -115,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.add_argument("--owner")
         p.add_argument("ids", nargs="*")
+        if name == "history":
+            p.add_argument(
+                "--sessions",
+                action="store_true",
+                help="session attempts instead of jobs: who, when, outcome, bytes each way",
+            )
     for name in ("rm", "hold", "release", "suspend", "continue"):
         p = sub.add_parser(name, help=f"{name} jobs")
         _common(p)
@@ -483,6 +489,37 @@ def cmd_act(a: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_sessions(a: argparse.Namespace) -> int:
+    """``stj history --sessions [--json] [job]``: the audited session attempts you may see."""
+    if len(a.ids) > 1:
+        return die("give at most one job id", 2)
+    job = ""
+    if a.ids:
+        try:
+            job = wire.parse_job_id(a.ids[0]).one
+        except ValueError as exc:
+            return die(str(exc), 2)
+    with _client(a) as bc:
+        reply = bc.call(wire.SessionQuery(job=job), wire.SessionList)
+    if a.json:
+        rows = [attrs.asdict(x) for x in reply.sessions]
+        sys.stdout.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+        return 0
+    out = sys.stdout
+    out.write(
+        f"{'SESSION':<9} {'JOB':<10} {'USER':<10} {'OUTCOME':<8} {'REQUESTED':<15} "
+        f"{'LASTED':<9} {'IN':>10} {'OUT':>10}  REASON\n"
+    )
+    for x in reply.sessions:
+        lasted = _left(x.ended - x.started) if x.ended else "-"
+        out.write(
+            f"{x.session_id[:8]:<9} {x.job:<10} {printable(x.user):<10} {x.outcome:<8} "
+            f"{_fmt_time(x.requested):<15} {lasted:<9} {x.bytes_in:>10} {x.bytes_out:>10}  "
+            f"{printable(x.reason)}\n"
+        )
+    return 0
+
+
 def cmd_ssh_allow(a: argparse.Namespace) -> int:
     if (rc := _bad_id([a.id])) is not None:
         return rc
@@ -541,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_pool(a)
         if a.cmd == "submit":
             return cmd_submit(a)
+        if a.cmd == "history" and a.sessions:
+            return cmd_sessions(a)
         if a.cmd in ("q", "history"):
             return cmd_q(a, history=a.cmd == "history")
         if a.cmd in ("rm", "hold", "release", "suspend", "continue"):

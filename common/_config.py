@@ -69,6 +69,8 @@ class BrokerConfig:
     allow_ssh: bool = True
     #: Users (names or uids) who may not ssh into any job here, their own included.
     ssh_denied_users: tuple[str, ...] = ()
+    #: Days session records (stj history --sessions) are kept.
+    session_record_days: float = attrs.field(default=90.0, validator=_between(0.01, 36500))
     # -- added by the multi-host work (TLS control channels, the pool CA; common._pki) --
     #: Where the pool CA, the broker's certificate, the issued/revoked lists and the join
     #: tokens live; default: ``<state>/pki`` (made 0700).

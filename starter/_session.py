@@ -22,6 +22,7 @@ import pwd
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -147,6 +148,19 @@ LogLevel {"DEBUG" if debug else "ERROR"}
 {_setenv_line(env)}"""
 
 
+def _tcp_bytes(sock: socket.socket) -> tuple[int, int]:
+    """(bytes received, bytes sent and acknowledged) on a TCP socket, from TCP_INFO; zeros
+    where the kernel does not say (tcpi_bytes_received and tcpi_bytes_acked, Linux 4.1+)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return 0, 0
+    if len(info) < 136:
+        return 0, 0
+    acked, received = struct.unpack_from("=QQ", info, 120)
+    return received, acked
+
+
 async def run_session(starter: Starter, job: Job, session_id: str, nonce: bytes) -> None:
     """Everything the starter does for one session; never raises."""
     cfg = starter.config.starter
@@ -221,6 +235,7 @@ async def _serve(
     d = starter.sessions_dir / session_id[:16]
     cgroup: pathlib.Path | None = None
     proc: trio.Process | None = None
+    meter: socket.socket | None = None
     # From here on the socket is a plain blocking one: sshd gets it as stdin/stdout.
     ours = socket.socket(fileno=sock.detach())
     ours.setblocking(True)
@@ -321,11 +336,28 @@ async def _serve(
             # rm/hold came while we set up: the group kill may have missed this sshd (it
             # joins the job's cgroup only as it starts).
             raise SessionRefused(f"job {job.id} is being removed ({job.killed})")
+        # A duplicate of the session's socket, only to count its bytes when sshd is done: it
+        # is closed right after, so the client still sees the connection end with sshd.
+        meter = ours.dup()
         ours.close()
+        started = time.time()
         starter.audit("session-open", job.id, f"session {session_id[:16]} uid {cap.requester_uid}")
         job.sessions[session_id] = proc
         job.report_sessions()
         await proc.wait()
+        bytes_in, bytes_out = _tcp_bytes(meter)
+        meter.close()
+        meter = None
+        starter.post(
+            wire.SessionEnded(
+                session_id=session_id,
+                job=job.id,
+                started=started,
+                ended=time.time(),
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+            )
+        )
         if starter.debug:
             log.debug("sshd log for %s:\n%s", session_id[:8], _read_log(log_path))
     except SessionRefused as exc:
@@ -337,6 +369,8 @@ async def _serve(
         _tell(ours, conn, f"session set-up failed: {exc}")
     finally:
         ours.close()
+        if meter is not None:
+            meter.close()
         with trio.CancelScope(shield=True):
             if proc is not None and proc.returncode is None:
                 proc.kill()

@@ -3,9 +3,11 @@ the pool's admin can turn ssh off for the pool or for some users, an owner for o
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from typing import Any
 
-from conftest import SSH_TO_JOB, Pool, User
+from conftest import SSH_TO_JOB, Pool, User, wait_for
 
 
 def _running(pool: Pool, user: User, *argv: str) -> str:
@@ -107,3 +109,37 @@ def test_agent_forwarding_when_the_pool_allows_it(
     r = pool.run(a, ["ssh-agent", SSH_TO_JOB, job, AGENT])
     assert (r.returncode, r.stdout) == (0, "sock=none\n"), r
     pool.stj(a, "rm", job)
+
+
+def test_session_records(pool: Pool, users: dict[str, User]) -> None:
+    """Every attempt is a durable record: a granted session with when and how many bytes each
+    way, a refusal with its reason; owners see their jobs' records, others only their own."""
+    a, b, su = users["a"], users["b"], users["su"]
+    job = _running(pool, a)
+    try:
+        r = pool.ssh(a, job, "head -c 100000 /dev/zero", input="x" * 5000)
+        assert r.returncode == 0, r.stderr
+        assert pool.ssh(b, job, "true").returncode == 1
+        want = {"granted": a.name, "refused": b.name}
+
+        def mine() -> list[dict[str, Any]]:
+            out = json.loads(pool.stj(a, "history", "--sessions", "--json", job).stdout)
+            ended = [x for x in out if x["outcome"] != "granted" or x["ended"]]
+            return out if len(ended) == 2 else []
+
+        rows = wait_for("the session's end to be recorded", mine)
+        assert {x["outcome"]: x["user"] for x in rows} == want
+        granted = next(x for x in rows if x["outcome"] == "granted")
+        assert granted["ended"] >= granted["started"] > 0
+        assert granted["bytes_out"] > 100000, granted
+        assert granted["bytes_in"] > 1000, granted
+        refused = next(x for x in rows if x["outcome"] == "refused")
+        assert f"job {job} belongs to {a.name}" in refused["reason"]
+        theirs = json.loads(pool.stj(b, "history", "--sessions", "--json", job).stdout)
+        assert [x["outcome"] for x in theirs] == ["refused"]
+        assert len(json.loads(pool.stj(su, "history", "--sessions", "--json", job).stdout)) == 2
+        table = pool.stj(a, "history", "--sessions", job).stdout.splitlines()
+        assert table[0].split()[:4] == ["SESSION", "JOB", "USER", "OUTCOME"]
+        assert len(table) == 3
+    finally:
+        pool.stj(a, "rm", job)

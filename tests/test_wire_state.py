@@ -43,6 +43,9 @@ SAMPLES: dict[str, Message] = {
         wire.JobList(jobs=()),
         wire.Act(action="rm", ids=("32.0",)),
         wire.SshAllow(id="32.0", users=("carol",)),
+        wire.SessionQuery(job="32.0"),
+        wire.SessionList(sessions=()),
+        wire.SessionEnded(session_id="s1", job="32.0", started=1.0, ended=2.0),
         wire.ActReply(results=(wire.ActResult(id="32.0", ok=True, message="removed"),)),
         wire.Status(),
         wire.StatusReply(starters=()),
@@ -88,6 +91,9 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("start", C, "ssh_allow"): "ssh_allow",
         ("ssh_allow", B, "act_reply"): "start",
         ("ssh_allow", B, "error"): "start",
+        ("start", C, "session_query"): "session_query",
+        ("session_query", B, "session_list"): "start",
+        ("session_query", B, "error"): "start",
         ("start", C, "status"): "status",
         ("status", B, "status_reply"): "start",
         ("status", B, "error"): "start",
@@ -108,7 +114,14 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("authing", B, "error"): "closed",
         **{
             ("ready", S, t): "ready"
-            for t in ("starter_sync", "job_update", "session_failed", "output_data", "ping")
+            for t in (
+                "starter_sync",
+                "job_update",
+                "session_failed",
+                "session_ended",
+                "output_data",
+                "ping",
+            )
         },
         **{
             ("ready", B, t): "ready"
@@ -224,6 +237,7 @@ def test_table_matches_spec(channel: Channel, state: str) -> None:
         ("query", "job_list"),
         ("act", "act_reply"),
         ("ssh_allow", "act_reply"),
+        ("session_query", "session_list"),
         ("status", "status_reply"),
         ("output", "output_reply"),
     ],

@@ -194,6 +194,40 @@ class Query(Message):
 
 
 @attrs.frozen
+class SessionInfo:
+    """One session attempt, as audited: granted, refused or failed, and how it went."""
+
+    session_id: str
+    job: str
+    uid: int
+    user: str
+    outcome: str
+    requested: float
+    reason: str = ""
+    starter: str = ""
+    started: float = 0.0
+    ended: float = 0.0
+    #: Bytes from the client into the session, and from the session back (the starter's
+    #: count on the session's connection).
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@attrs.frozen
+class SessionQuery(Message):
+    """``stj history --sessions [job]``: the session records the asker may see."""
+
+    TYPE: ClassVar[str] = "session_query"
+    job: str = ""
+
+
+@attrs.frozen
+class SessionList(Message):
+    TYPE: ClassVar[str] = "session_list"
+    sessions: tuple[SessionInfo, ...]
+
+
+@attrs.frozen
 class JobList(Message):
     TYPE: ClassVar[str] = "job_list"
     jobs: tuple[JobInfo, ...]
@@ -392,6 +426,19 @@ class SessionFailed(Message):
 
 
 @attrs.frozen
+class SessionEnded(Message):
+    """A session's sshd has ended: when it ran, and the bytes each way on its connection."""
+
+    TYPE: ClassVar[str] = "session_ended"
+    session_id: str
+    job: str
+    started: float
+    ended: float
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@attrs.frozen
 class Ping(Message):
     TYPE: ClassVar[str] = "ping"
 
@@ -439,6 +486,9 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Act,
         SshAllow,
         ActReply,
+        SessionQuery,
+        SessionList,
+        SessionEnded,
         Status,
         StatusReply,
         Output,

@@ -49,6 +49,7 @@ for _req, _reply, _after in (
     ("query", "job_list", START),
     ("act", "act_reply", START),
     ("ssh_allow", "act_reply", START),
+    ("session_query", "session_list", START),
     ("status", "status_reply", START),
     ("output", "output_reply", START),
     ("ssh_request", "ssh_grant", CLOSED_STATE),
@@ -67,7 +68,7 @@ _STARTER: _Table = {
     ("authing", B, "welcome"): "ready",
     ("authing", B, "error"): CLOSED_STATE,
 }
-for _t in ("starter_sync", "job_update", "session_failed", "output_data", "ping"):
+for _t in ("starter_sync", "job_update", "session_failed", "session_ended", "output_data", "ping"):
     _STARTER[("ready", S, _t)] = "ready"
 for _t in ("run_job", "signal_job", "open_session", "fetch_output", "ack", "ping"):
     _STARTER[("ready", B, _t)] = "ready"
