@@ -28,11 +28,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import trio
 
-    from ._server import Broker
+    from ._queue import QueueVersionError
+    from ._server import Broker, StateDirBusy, raise_nofile_limit
 
     common.setup_logging(a.debug)
+    raise_nofile_limit()
     try:
-        trio.run(Broker(state, config).serve)
+        broker = Broker(state, config)
+    except (StateDirBusy, QueueVersionError) as exc:
+        print(f"stj broker: {exc}", file=sys.stderr)
+        return 1
+    try:
+        trio.run(broker.serve)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -2,7 +2,12 @@
 
 Every state change is one transaction, committed before the broker tells anyone about it, so a
 broker killed at any instant restarts with a queue that is a prefix of what it promised. This
-module does no networking and knows nothing of starters beyond their names.
+module does no networking and knows nothing of starters beyond their names; which state change
+is allowed is decided in ``_lifecycle`` and applied in ``_jobs``.
+
+Schema version 2 stores a cluster's spec once (``specs``), however many procs it has, and marks
+jobs whose processes are on a starter (``placed``). A version-1 ``queue.db`` is migrated in one
+transaction when the broker opens it; a newer version than this code knows is refused.
 """
 
 from __future__ import annotations
@@ -18,28 +23,34 @@ from typing import Any
 
 from ssh_to_job import wire
 
-IDLE, RUNNING, SUSPENDED, HELD, COMPLETED, REMOVED = (
+IDLE, RUNNING, SUSPENDED, HELD, RELEASING, COMPLETED, REMOVED = (
     "idle",
     "running",
     "suspended",
     "held",
+    "releasing",
     "completed",
     "removed",
 )
-LIVE_STATES = (IDLE, RUNNING, SUSPENDED, HELD)
+LIVE_STATES = (IDLE, RUNNING, SUSPENDED, HELD, RELEASING)
 FINISHED_STATES = (COMPLETED, REMOVED)
 TAIL = 65536
+SCHEMA_VERSION = 2
+#: The hold reason that marked "releasing" in schema version 1 (migrated to the state).
+_V1_RELEASING = "released; ending its debug hold"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS specs (id INTEGER PRIMARY KEY, spec TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     cluster INTEGER NOT NULL,
     proc INTEGER NOT NULL,
     owner TEXT NOT NULL,
     owner_uid INTEGER NOT NULL,
     owner_gid INTEGER NOT NULL,
-    spec TEXT NOT NULL,
+    spec_id INTEGER NOT NULL REFERENCES specs (id),
     state TEXT NOT NULL,
+    placed INTEGER NOT NULL DEFAULT 0,
     hold_reason TEXT NOT NULL DEFAULT '',
     submitted REAL NOT NULL,
     started REAL,
@@ -56,6 +67,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     PRIMARY KEY (cluster, proc)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, cluster, proc);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner_uid, state);
+CREATE INDEX IF NOT EXISTS jobs_by_starter ON jobs (starter) WHERE placed = 1;
 CREATE TABLE IF NOT EXISTS audit (
     ts REAL NOT NULL, uid INTEGER NOT NULL, action TEXT NOT NULL,
     job TEXT NOT NULL, outcome TEXT NOT NULL
@@ -65,6 +78,10 @@ CREATE TABLE IF NOT EXISTS audit (
 
 class UnknownJob(KeyError):
     pass
+
+
+class QueueVersionError(RuntimeError):
+    """queue.db was written by a newer broker than this one."""
 
 
 def split_id(job_id: str) -> tuple[int, int]:
@@ -95,6 +112,7 @@ class Row:
         "owner_gid",
         "owner_uid",
         "pid",
+        "placed",
         "proc",
         "scratch",
         "sessions",
@@ -123,6 +141,7 @@ class Row:
     scratch: str
     sessions: int
     debug_hold: int
+    placed: int
 
     @property
     def id(self) -> str:
@@ -139,7 +158,9 @@ class Row:
         )
 
 
-_COLUMNS = ", ".join(Row.__slots__)
+# Every column from jobs (j) but the spec's text, which comes from specs (s).
+_COLUMNS = ", ".join("s.spec" if c == "spec" else f"j.{c}" for c in Row.__slots__)
+_FROM = "jobs j JOIN specs s ON s.id = j.spec_id"
 
 
 def _row(values: tuple[object, ...]) -> Row:
@@ -147,6 +168,39 @@ def _row(values: tuple[object, ...]) -> Row:
     for name, v in zip(Row.__slots__, values, strict=True):
         setattr(r, name, v)
     return r
+
+
+_V1_MIGRATION = f"""
+DROP INDEX IF EXISTS jobs_by_state;
+ALTER TABLE jobs RENAME TO jobs_v1;
+{_SCHEMA}
+INSERT INTO specs (spec) SELECT DISTINCT spec FROM jobs_v1;
+INSERT INTO jobs (cluster, proc, owner, owner_uid, owner_gid, spec_id, state, placed,
+    hold_reason, submitted, started, finished, exit_code, exit_signal, starter, pid, scratch,
+    sessions, debug_hold, stdout_tail, stderr_tail)
+SELECT cluster, proc, owner, owner_uid, owner_gid,
+    (SELECT id FROM specs WHERE specs.spec = v.spec),
+    CASE WHEN state = 'held' AND hold_reason = '{_V1_RELEASING}' THEN 'releasing' ELSE state END,
+    CASE WHEN state IN ('running', 'suspended') OR debug_hold = 1
+        OR (state IN ('held', 'removed') AND starter != '' AND pid != 0) THEN 1 ELSE 0 END,
+    hold_reason, submitted, started, finished, exit_code, exit_signal, starter, pid, scratch,
+    sessions, debug_hold, stdout_tail, stderr_tail
+FROM jobs_v1 v;
+DROP TABLE jobs_v1;
+"""  # noqa: S608 - constants only
+
+
+def _spec_blob(spec: wire.JobSpec) -> str:
+    return json.dumps(
+        {
+            "executable": spec.executable,
+            "args": list(spec.args),
+            "env": dict(spec.env),
+            "initialdir": spec.initialdir,
+            "hold_on_failure": spec.hold_on_failure,
+        },
+        separators=(",", ":"),
+    )
 
 
 class JobQueue:
@@ -161,7 +215,36 @@ class JobQueue:
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        try:
+            self._open_schema()
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _open_schema(self) -> None:
+        tables = {
+            r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        version = 0
+        if "meta" in tables:
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 1
+        if version > SCHEMA_VERSION:
+            raise QueueVersionError(
+                f"{self.path} has queue schema version {version}; this broker knows only up "
+                f"to {SCHEMA_VERSION} (it was written by a newer ssh-to-job)"
+            )
+        script = _V1_MIGRATION if "jobs" in tables and version < 2 else _SCHEMA
+        try:
+            # One transaction: a migration that fails half-way leaves the version-1 queue.
+            self.db.executescript(
+                f"BEGIN IMMEDIATE;{script}INSERT OR REPLACE INTO meta (key, value)"  # noqa: S608
+                f" VALUES ('schema_version', '{SCHEMA_VERSION}');COMMIT;"
+            )
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -170,16 +253,6 @@ class JobQueue:
 
     def submit(self, spec: wire.JobSpec, count: int, owner: str, uid: int, gid: int) -> int:
         now = time.time()
-        blob = json.dumps(
-            {
-                "executable": spec.executable,
-                "args": list(spec.args),
-                "env": dict(spec.env),
-                "initialdir": spec.initialdir,
-                "hold_on_failure": spec.hold_on_failure,
-            },
-            separators=(",", ":"),
-        )
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             cur = self.db.execute("SELECT value FROM meta WHERE key='next_cluster'")
@@ -189,16 +262,24 @@ class JobQueue:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_cluster', ?)",
                 (str(cluster + 1),),
             )
-            self.db.executemany(
-                "INSERT INTO jobs (cluster, proc, owner, owner_uid, owner_gid, spec, state,"
-                " submitted) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                ((cluster, p, owner, uid, gid, blob, IDLE, now) for p in range(count)),
+            spec_id = self.db.execute(
+                "INSERT INTO specs (spec) VALUES (?)", (_spec_blob(spec),)
+            ).lastrowid
+            # One statement for every proc: the spec is stored once, the rows are small.
+            self.db.execute(
+                "WITH RECURSIVE p(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM p WHERE n + 1 < ?)"
+                " INSERT INTO jobs (cluster, proc, owner, owner_uid, owner_gid, spec_id, state,"
+                " submitted) SELECT ?, n, ?, ?, ?, ?, ?, ? FROM p",
+                (count, cluster, owner, uid, gid, spec_id, IDLE, now),
             )
         return cluster
 
     def set_state(self, job_id: str, state: str, **fields: object) -> None:
         cluster, proc = split_id(job_id)
-        allowed = set(Row.__slots__) | {"stdout_tail", "stderr_tail"}
+        allowed = (set(Row.__slots__) - {"spec", "cluster", "proc"}) | {
+            "stdout_tail",
+            "stderr_tail",
+        }
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown job columns {bad}")
@@ -213,6 +294,25 @@ class JobQueue:
         row = self.get(job_id)
         self.set_state(job_id, row.state, **fields)
 
+    def update_group(
+        self,
+        cluster: int,
+        procs: tuple[int, int],
+        match: tuple[str, int, int],
+        state: str,
+        **fields: object,
+    ) -> int:
+        """Set ``state`` and ``fields`` on the procs in ``procs`` (inclusive) of ``cluster`` that
+        are in ``match`` = (state, placed, debug_hold); how many rows changed."""
+        sets = ", ".join(["state = ?"] + [f"{k} = ?" for k in fields])
+        with self.db:
+            cur = self.db.execute(
+                f"UPDATE jobs SET {sets} WHERE cluster = ? AND proc BETWEEN ? AND ?"  # noqa: S608
+                " AND state = ? AND placed = ? AND debug_hold = ?",
+                (state, *fields.values(), cluster, *procs, *match),
+            )
+        return cur.rowcount
+
     def audit(self, uid: int, action: str, job: str, outcome: str) -> None:
         with self.db:
             self.db.execute(
@@ -226,7 +326,7 @@ class JobQueue:
         try:
             cluster, proc = split_id(job_id)
             cur = self.db.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE cluster = ? AND proc = ?",  # noqa: S608
+                f"SELECT {_COLUMNS} FROM {_FROM} WHERE j.cluster = ? AND j.proc = ?",  # noqa: S608
                 (cluster, proc),
             )
         except (ValueError, OverflowError):  # not a number, or too big for SQLite
@@ -235,6 +335,59 @@ class JobQueue:
         if r is None:
             raise UnknownJob(job_id)
         return _row(r)
+
+    def live_range(self, cluster: int, procs: tuple[int, int]) -> tuple[int, int, int]:
+        """(how many, lowest proc, highest proc) of the live jobs of ``cluster`` in ``procs``."""
+        try:
+            cur = self.db.execute(
+                "SELECT COUNT(*), MIN(proc), MAX(proc) FROM jobs WHERE cluster = ?"  # noqa: S608
+                f" AND proc BETWEEN ? AND ? AND state IN ({', '.join('?' * len(LIVE_STATES))})",
+                (cluster, *procs, *LIVE_STATES),
+            )
+        except OverflowError:
+            return 0, 0, -1
+        n, lo, hi = cur.fetchone()
+        return (n, lo, hi) if n else (0, 0, -1)
+
+    def placed_starters(self, cluster: int, procs: tuple[int, int]) -> set[str]:
+        """The starters that jobs of ``cluster`` in ``procs`` are on."""
+        try:
+            cur = self.db.execute(
+                "SELECT DISTINCT starter FROM jobs WHERE cluster = ? AND proc BETWEEN ? AND ?"
+                " AND placed = 1",
+                (cluster, *procs),
+            )
+        except OverflowError:
+            return set()
+        return {name for (name,) in cur}
+
+    def groups(
+        self, cluster: int, procs: tuple[int, int]
+    ) -> list[tuple[str, int, int, int, int, int, str, int]]:
+        """The live jobs of ``cluster`` in ``procs``, grouped by (state, placed, debug_hold):
+        (state, placed, debug_hold, count, min proc, max proc, owner, owner_uid) each (a
+        cluster has one owner)."""
+        try:
+            cur = self.db.execute(
+                "SELECT state, placed, debug_hold, COUNT(*), MIN(proc), MAX(proc), MIN(owner),"  # noqa: S608
+                " MIN(owner_uid) FROM jobs WHERE cluster = ? AND proc BETWEEN ? AND ?"
+                f" AND state IN ({', '.join('?' * len(LIVE_STATES))})"
+                " GROUP BY state, placed, debug_hold",
+                (cluster, *procs, *LIVE_STATES),
+            )
+        except OverflowError:
+            return []
+        return list(cur)
+
+    def procs_in(
+        self, cluster: int, procs: tuple[int, int], match: tuple[str, int, int], limit: int
+    ) -> list[Row]:
+        cur = self.db.execute(
+            f"SELECT {_COLUMNS} FROM {_FROM} WHERE j.cluster = ? AND j.proc BETWEEN ? AND ?"  # noqa: S608
+            " AND j.state = ? AND j.placed = ? AND j.debug_hold = ? ORDER BY j.proc LIMIT ?",
+            (cluster, *procs, *match, limit),
+        )
+        return [_row(r) for r in cur]
 
     def select(
         self,
@@ -253,8 +406,9 @@ class JobQueue:
     ) -> Iterator[wire.JobInfo]:
         """What ``stj q`` shows, straight from the rows (a listing may be 100,000 long)."""
         cols = (
-            "cluster, proc, owner, owner_uid, state, spec, submitted, started, finished, "
-            "exit_code, exit_signal, hold_reason, starter, pid, scratch, sessions"
+            "j.cluster, j.proc, j.owner, j.owner_uid, j.state, s.spec, j.submitted, j.started,"
+            " j.finished, j.exit_code, j.exit_signal, j.hold_reason, j.starter, j.pid,"
+            " j.scratch, j.sessions"
         )
         info = wire.JobInfo
         for (
@@ -299,37 +453,48 @@ class JobQueue:
     def _select(
         self, columns: str, ids: wire.JobId | None, states: tuple[str, ...], owner_uid: int | None
     ) -> sqlite3.Cursor:
-        where = [f"state IN ({', '.join('?' * len(states))})"]
+        where = [f"j.state IN ({', '.join('?' * len(states))})"]
         args: list[object] = list(states)
         if ids is not None:
-            where.append("cluster = ?")
+            where.append("j.cluster = ?")
             args.append(ids.cluster)
             if ids.proc is not None:
-                where.append("proc = ?")
+                where.append("j.proc = ?")
                 args.append(ids.proc)
         if owner_uid is not None:
-            where.append("owner_uid = ?")
+            where.append("j.owner_uid = ?")
             args.append(owner_uid)
         return self.db.execute(
-            f"SELECT {columns} FROM jobs WHERE {' AND '.join(where)}"  # noqa: S608
-            " ORDER BY cluster, proc",
+            f"SELECT {columns} FROM {_FROM} WHERE {' AND '.join(where)}"  # noqa: S608
+            " ORDER BY j.cluster, j.proc",
             args,
         )
 
     def next_idle(self, limit: int) -> list[Row]:
         cur = self.db.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY cluster, proc LIMIT ?",  # noqa: S608
+            f"SELECT {_COLUMNS} FROM {_FROM} WHERE j.state = ? AND j.placed = 0"  # noqa: S608
+            " ORDER BY j.cluster, j.proc LIMIT ?",
             (IDLE, limit),
         )
         return [_row(r) for r in cur]
 
     def on_starter(self, starter: str) -> list[Row]:
+        """Every job whose processes are (as far as the queue knows) on ``starter``."""
         cur = self.db.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE starter = ?"  # noqa: S608
-            " AND (state IN (?, ?) OR debug_hold = 1)",
-            (starter, RUNNING, SUSPENDED),
+            f"SELECT {_COLUMNS} FROM {_FROM} WHERE j.starter = ? AND j.placed = 1",  # noqa: S608
+            (starter,),
         )
         return [_row(r) for r in cur]
+
+    def queued(self, uid: int) -> int:
+        """How many live jobs ``uid`` has (the per-user quota counts these)."""
+        cur = self.db.execute(
+            f"SELECT COUNT(*) FROM jobs WHERE owner_uid = ? AND state IN"  # noqa: S608
+            f" ({', '.join('?' * len(LIVE_STATES))})",
+            (uid, *LIVE_STATES),
+        )
+        n: int = cur.fetchone()[0]
+        return n
 
     def tail(self, job_id: str, stream: str) -> bytes:
         cluster, proc = split_id(job_id)

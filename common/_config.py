@@ -52,6 +52,19 @@ class BrokerConfig:
     #: Seconds a peer has to send a whole frame once it has started.
     frame_timeout: float = attrs.field(default=10.0, validator=_SECONDS)
     max_frame: int = attrs.field(default=1 << 20, validator=_between(4096, 64 << 20))
+    #: Connections open at once, per uid on the unix socket (root is not capped) and per
+    #: address on TCP until the peer has authenticated as a starter. Past it, the newest
+    #: connection gets an error frame and is closed.
+    max_connections_per_uid: int = attrs.field(default=64, validator=_between(1, 1 << 20))
+    #: Connections open at once in total, on each of the unix socket and TCP (same rules).
+    max_connections: int = attrs.field(default=1024, validator=_between(1, 1 << 20))
+    #: Live jobs (idle, running, suspended, held) one user may have in the queue.
+    max_jobs_per_user: int = attrs.field(default=10_000, validator=_between(1, 1 << 40))
+    #: Bytes one submit (its encoded spec) may take; a cluster's spec is stored once.
+    max_submit_bytes: int = attrs.field(default=256 << 10, validator=_between(1024, 64 << 20))
+    #: Seconds an ssh-to-job (or output) request waits for a job's starter that is
+    #: reconnecting before it answers "starter not connected".
+    starter_wait: float = attrs.field(default=5.0, validator=_between(0, 3600))
     # -- added by the multi-host work (TLS control channels, the pool CA; common._pki) --
     #: Where the pool CA, the broker's certificate, the issued/revoked lists and the join
     #: tokens live; default: ``<state>/pki`` (made 0700).

@@ -1,0 +1,423 @@
+"""The broker in-process (pytest-trio, real unix socket and loopback TCP): its timeouts on trio's
+autojump clock, the rendezvous, pings, and the lifecycle applied to the queue."""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import pathlib
+import secrets
+import shutil
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from ssh_to_job import common, wire
+from ssh_to_job.broker import Broker
+from ssh_to_job.broker import _connections as conns
+from ssh_to_job.transport import FramedStream, PeerGone
+
+EPOCH = 1_800_000_000.0
+SPEC = wire.JobSpec(executable="/bin/sleep", args=("600",))
+
+
+@pytest.fixture
+def state_dir() -> Iterator[pathlib.Path]:
+    d = pathlib.Path("/tmp") / f"stjt-inproc-{secrets.token_hex(4)}"
+    d.mkdir(mode=0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def make_broker(state: pathlib.Path, **broker: object) -> Broker:
+    config = common.PoolConfig(broker=common.BrokerConfig(**broker))  # type: ignore[arg-type]
+    # Stored timestamps and capabilities follow trio's (mock) clock, from a fixed epoch.
+    return Broker(state, config, clock=lambda: EPOCH + trio.current_time())
+
+
+@pytest.fixture
+async def broker(state_dir: pathlib.Path) -> AsyncIterator[Broker]:
+    b = make_broker(state_dir)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.serve)
+        yield b
+        nursery.cancel_scope.cancel()
+
+
+async def unix_client(b: Broker) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.connect(str(b.socket_path))
+    return sock
+
+
+async def read_until_closed(sock: trio.socket.SocketType) -> bytes:
+    data = b""
+    while chunk := await sock.recv(65536):
+        data += chunk
+    return data
+
+
+async def request(b: Broker, msg: wire.Message) -> tuple[wire.Message, list[int]]:
+    """One request over the unix socket (as root): the reply and any fds passed with it."""
+    with await unix_client(b) as sock:
+        conn = wire.Connection(wire.Channel.CONTROL, wire.Role.CLIENT, wire.Role.BROKER)
+        await sock.send(conn.send(msg))
+        fds: list[int] = []
+        while True:
+            event = conn.next_event()
+            if isinstance(event, wire.Message):
+                return event, fds
+            data, anc, _flags, _addr = await sock.recvmsg(65536, socket.CMSG_SPACE(4))
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+            conn.receive_data(data)
+
+
+@attrs.define
+class FakeStarter:
+    """The starter's side of the control channel, driven by the test."""
+
+    name: str
+    identity: bytes
+    stream: FramedStream | None = None
+    #: Every socket it opened, closed at the end of the test.
+    socks: list[trio.socket.SocketType] = attrs.field(factory=list)
+
+    async def connect(self, b: Broker, reports: tuple[wire.JobReport, ...] = ()) -> None:
+        sock = trio.socket.socket()
+        self.socks.append(sock)
+        await sock.connect(("127.0.0.1", b.tcp_port))
+        stream = FramedStream(
+            trio.SocketStream(sock),
+            wire.Connection(wire.Channel.STARTER, wire.Role.STARTER, wire.Role.BROKER),
+        )
+        hs = wire.StarterHandshake(self.name, self.identity, b.public_key, 2)
+        await stream.send(hs.hello())
+        await stream.send(hs.on_broker_hello(await stream.receive()))
+        keys = hs.on_welcome(await stream.receive())
+        stream.conn.start_encryption(send_key=keys.send, receive_key=keys.receive)
+        await stream.send(wire.StarterSync(jobs=reports))
+        ack = await stream.receive()
+        assert isinstance(ack, wire.Ack), ack
+        self.stream = stream
+
+    async def receive(self, *skip: type[wire.Message]) -> wire.Message:
+        assert self.stream is not None
+        while True:
+            msg = await self.stream.receive()
+            if not isinstance(msg, (wire.Ack, wire.Ping, *skip)):
+                return msg
+
+    async def attach(self, b: Broker, open_msg: wire.OpenSession) -> trio.socket.SocketType:
+        sock = trio.socket.socket()
+        self.socks.append(sock)
+        await sock.connect(("127.0.0.1", b.tcp_port))
+        statement = wire.attach_statement(open_msg.session_id, self.name, open_msg.nonce)
+        attach = wire.SessionAttach(
+            session_id=open_msg.session_id,
+            starter_id=self.name,
+            signature=wire.sign(self.identity, statement),
+        )
+        c = wire.Connection(wire.Channel.ATTACH, wire.Role.STARTER, wire.Role.BROKER)
+        await sock.send(c.send(attach))
+        return sock
+
+    async def close(self) -> None:
+        assert self.stream is not None
+        await self.stream.aclose()
+
+
+@pytest.fixture
+def st(broker: Broker) -> Iterator[FakeStarter]:
+    """A fake starter "st1" whose key the broker trusts."""
+    identity = wire.new_signing_key()
+    common.write_public(
+        broker.state_dir / "trusted_starters" / "st1.pub",
+        wire.public_key_of(identity).hex().encode() + b"\n",
+    )
+    starter = FakeStarter("st1", identity)
+    yield starter
+    for sock in starter.socks:
+        sock.close()
+
+
+async def running_job(b: Broker, st: FakeStarter) -> str:
+    """Submit a job (as uid 1000) and let the fake starter report it running."""
+    cluster = b.queue.submit(SPEC, 1, "ann", 1000, 1000)
+    b.jobs.schedule()
+    run = await st.receive()
+    assert isinstance(run, wire.RunJob)
+    assert run.job.id == f"{cluster}.0"
+    assert st.stream is not None
+    report = wire.JobReport(id=run.job.id, running=True, pid=4242)
+    await st.stream.send(wire.JobUpdate(report=report))
+    with trio.fail_after(5):
+        while not b.queue.get(run.job.id).pid:
+            await trio.sleep(0.01)
+    return run.job.id
+
+
+# ---------------------------------------------------------------------------- timeouts
+
+
+async def test_idle_client_is_dropped_after_client_idle(
+    broker: Broker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A local client that connects and sends nothing is closed CLIENT_IDLE seconds later."""
+    with await unix_client(broker) as sock:
+        start = trio.current_time()
+        assert await read_until_closed(sock) == b""
+    assert conns.CLIENT_IDLE <= trio.current_time() - start < conns.CLIENT_IDLE + 1
+
+
+async def test_half_sent_frame_on_unix_socket_has_frame_timeout(
+    broker: Broker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A frame started but not finished on the unix socket is dropped after frame_timeout (10 s),
+    not held for the idle timeout."""
+    with await unix_client(broker) as sock:
+        start = trio.current_time()
+        await sock.send(wire.FRAME_HEADER.pack(100) + b'{"type": "sub')
+        assert await read_until_closed(sock) == b""
+    timeout = broker.bc.frame_timeout
+    assert timeout <= trio.current_time() - start < timeout + 1
+
+
+async def test_slow_sender_on_unix_socket_is_cut_at_frame_timeout(
+    broker: Broker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """One byte a second does not extend a frame's deadline."""
+    start = trio.current_time()
+    frame = wire.encode_frame(b'{"type": "status"}' + b" " * 100)
+    sent = 0
+    with await unix_client(broker) as sock, contextlib.suppress(OSError):
+        # The broker hangs up mid-send.
+        for i in range(len(frame)):
+            await sock.send(frame[i : i + 1])
+            sent += 1
+            await trio.sleep(1)
+    assert sent < len(frame)
+    timeout = broker.bc.frame_timeout
+    assert trio.current_time() - start < timeout + 3
+
+
+async def test_half_sent_frame_on_tcp_has_frame_timeout(
+    broker: Broker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """On TCP, a first frame that does not complete is dropped after frame_timeout with an error."""
+    with trio.socket.socket() as sock:
+        await sock.connect(("127.0.0.1", broker.tcp_port))
+        start = trio.current_time()
+        await sock.send(wire.FRAME_HEADER.pack(100) + b"{")
+        data = await read_until_closed(sock)
+    timeout = broker.bc.frame_timeout
+    assert timeout <= trio.current_time() - start < timeout + 2
+    assert b"no complete frame" in data
+
+
+async def test_broker_pings_starters_and_drops_a_silent_one(
+    broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The broker pings every PING_INTERVAL s, and a starter silent for STARTER_SILENCE s is
+    dropped (and no longer listed)."""
+    await st.connect(broker)
+    assert st.stream is not None
+    start = trio.current_time()
+    pings = []
+    with pytest.raises(PeerGone):  # noqa: PT012
+        while True:
+            msg = await st.stream.receive()
+            if isinstance(msg, wire.Ping):
+                pings.append(trio.current_time() - start)
+    gone = trio.current_time() - start
+    assert conns.STARTER_SILENCE <= gone < conns.STARTER_SILENCE + 1
+    interval = conns.PING_INTERVAL
+    assert pings[:2] == pytest.approx([interval, 2 * interval], abs=0.5)
+    assert "st1" not in broker.jobs.starters
+
+
+async def test_session_rendezvous_times_out(
+    broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A starter that never dials the session connection: the client is told after
+    session_timeout, and nothing is left pending."""
+    await st.connect(broker)
+    job = await running_job(broker, st)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(st.receive)  # the OpenSession, ignored
+        reply, fds = await request(
+            broker, wire.SshRequest(job=job, client_key="ssh-ed25519 AAAA test")
+        )
+    assert isinstance(reply, wire.Error)
+    assert reply.code == "session_failed"
+    assert "did not open the session in time" in reply.message
+    assert fds == []
+    timeout = broker.bc.session_timeout
+    assert timeout <= trio.current_time() - start < timeout + 1
+    assert broker.rendezvous.sessions == {}
+
+
+async def test_session_socket_is_passed_with_a_capability_of_the_configured_lifetime(
+    broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The starter's attached socket reaches the client (SCM_RIGHTS), byte-exact, with a
+    capability valid for capability_lifetime s on the broker's clock and not after."""
+    await st.connect(broker)
+    job = await running_job(broker, st)
+    attached: list[trio.socket.SocketType] = []
+
+    async def starter_side() -> None:
+        msg = await st.receive()
+        assert isinstance(msg, wire.OpenSession)
+        attached.append(await st.attach(broker, msg))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(starter_side)
+        reply, fds = await request(
+            broker, wire.SshRequest(job=job, client_key="ssh-ed25519 AAAA test")
+        )
+    assert isinstance(reply, wire.SshGrant), reply
+    (fd,) = fds
+    with socket.socket(fileno=fd) as session:
+        await attached[0].send(b"hello through the broker")
+        assert session.recv(100) == b"hello through the broker"
+    cap = wire.verify_capability(reply.capability, broker.public_key, EPOCH + trio.current_time())
+    assert cap.expires_at - cap.issued_at == broker.bc.capability_lifetime
+    assert cap.job == job
+    wire.verify_capability(reply.capability, broker.public_key, cap.expires_at)
+    late = cap.expires_at + wire.CLOCK_SKEW + 1
+    with pytest.raises(wire.CapabilityError, match="expired"):
+        wire.verify_capability(reply.capability, broker.public_key, late)
+
+
+async def test_ssh_waits_briefly_for_a_reconnecting_starter(
+    broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A job's starter that is away for 2 s is waited for (starter_wait, 5 s); one that stays
+    away gets "not connected" once starter_wait has passed."""
+    await st.connect(broker)
+    job = await running_job(broker, st)
+    await st.close()
+    with trio.fail_after(1):
+        while "st1" in broker.jobs.starters:
+            await trio.sleep(0.01)
+
+    async def come_back() -> None:
+        await trio.sleep(2)
+        await st.connect(broker, (wire.JobReport(id=job, running=True, pid=4242),))
+        msg = await st.receive()
+        assert isinstance(msg, wire.OpenSession)
+        await st.attach(broker, msg)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(come_back)
+        reply, fds = await request(
+            broker, wire.SshRequest(job=job, client_key="ssh-ed25519 AAAA test")
+        )
+    assert isinstance(reply, wire.SshGrant), reply
+    for fd in fds:
+        socket.socket(fileno=fd).close()
+
+    await st.close()
+    with trio.fail_after(1):
+        while "st1" in broker.jobs.starters:
+            await trio.sleep(0.01)
+    start = trio.current_time()
+    reply, _ = await request(broker, wire.SshRequest(job=job, client_key="ssh-ed25519 AAAA"))
+    assert isinstance(reply, wire.Error)
+    assert "is not connected" in reply.message
+    wait = broker.bc.starter_wait
+    assert wait <= trio.current_time() - start < wait + 1
+
+
+async def test_suspend_waits_briefly_for_a_reconnecting_starter(
+    broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
+) -> None:
+    """stj suspend while the job's starter redials (2 s away) waits for it and succeeds."""
+    await st.connect(broker)
+    job = await running_job(broker, st)
+    await st.close()
+    with trio.fail_after(1):
+        while "st1" in broker.jobs.starters:
+            await trio.sleep(0.01)
+
+    async def come_back() -> None:
+        await trio.sleep(2)
+        await st.connect(broker, (wire.JobReport(id=job, running=True, pid=4242),))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(come_back)
+        reply, _ = await request(broker, wire.Act(action="suspend", ids=(job,)))
+    assert isinstance(reply, wire.ActReply)
+    assert reply.results == (wire.ActResult(job, True, f"job {job}: suspend done"),)
+    assert await st.receive() == wire.SignalJob(id=job, action="suspend", reason="")
+
+
+# ---------------------------------------------------------------------------- lifecycle applied
+
+
+async def test_could_not_start_holds_the_job_frees_the_slot_and_is_not_resent(
+    broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A starter's "could not start" report holds the job with the reason and frees its slot;
+    the held job is not sent again when the starter reconnects."""
+    await st.connect(broker)
+    job = await running_job(broker, st)
+    assert st.stream is not None
+    bad = wire.JobReport(id=job, running=False, reason="could not start: bad environment")
+    await st.stream.send(wire.JobUpdate(report=bad))
+    with trio.fail_after(5):
+        while broker.queue.get(job).state != "held":
+            await trio.sleep(0.01)
+    row = broker.queue.get(job)
+    assert row.hold_reason == "could not start: bad environment"
+    assert not row.placed
+    assert broker.jobs.starters["st1"].jobs == set()
+    await st.close()
+    await st.connect(broker)
+    with trio.move_on_after(30):
+        msg = await st.receive()
+        raise AssertionError(f"the starter was sent {msg}")
+    assert broker.queue.get(job).state == "held"
+
+
+async def test_release_of_a_job_still_on_its_starter_waits_for_its_end(
+    broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
+) -> None:
+    """hold then release of a running job: it is "releasing" (not idle, so not run twice) until
+    the starter reports it gone, then idle and matched again."""
+    await st.connect(broker)
+    job = await running_job(broker, st)
+    reply, _ = await request(broker, wire.Act(action="hold", ids=(job,)))
+    assert isinstance(reply, wire.ActReply)
+    evict = await st.receive()
+    assert evict == wire.SignalJob(id=job, action="evict", reason="held by root")
+    reply, _ = await request(broker, wire.Act(action="release", ids=(job,)))
+    assert isinstance(reply, wire.ActReply)
+    assert reply.results[0].message == f"job {job}: release done (once evicted)"
+    assert broker.queue.get(job).state == "releasing"
+    assert st.stream is not None
+    await st.stream.send(wire.JobUpdate(report=wire.JobReport(id=job, running=False)))
+    run = await st.receive()
+    assert isinstance(run, wire.RunJob)
+    assert run.job.id == job
+
+
+def test_gate_caps_per_key_and_in_total() -> None:
+    """The connection gate admits per_key connections per key and total in all, and frees a
+    place when one leaves."""
+    gate = conns.Gate(total=3, per_key=2)
+    assert gate.enter(1) is None
+    assert gate.enter(1) is None
+    assert "2 connections" in (gate.enter(1) or "")
+    assert gate.enter(2) is None
+    assert "limit" in (gate.enter(3) or "")
+    gate.leave(1)
+    assert gate.enter(3) is None
+    assert gate.count == 3
