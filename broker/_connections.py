@@ -1,15 +1,18 @@
 """The broker's connections: listeners, limits, local clients, starters' control channels.
 
 Two endpoints: a unix socket for local clients, who are identified by SO_PEERCRED (no
-passwords, no tokens), and a TCP port that starters dial *out* to. A starter's first frame says
-what the connection is: ``starter_hello`` opens its authenticated control channel,
-``session_attach`` brings a socket for a pending session (see ``_rendezvous``).
+passwords, no tokens), and a TLS 1.3 port that starters dial *out* to, where both ends
+authenticate with certificates of the pool CA (``transport.serve_tls`` checks the peer's
+certificate, pool id, role and revocation before any frame is read). A starter's first frame
+says what the connection is: ``starter_hello`` opens its control channel (the name it gives
+must be its certificate's), ``session_attach`` brings a socket for a pending session (see
+``_rendezvous``). A peer without a certificate may only enrol with a join token.
 
-Every connection is handled in its own task and is bounded: a cap on connections per uid (unix)
-or per address (TCP, until the starter has authenticated) and in total, a deadline for an idle
-connection and a shorter one for every frame once its first byte is in, and at most one frame
-(``max_frame``) plus one read buffered. A malformed, slow or hostile peer loses its own
-connection and nothing else. Nothing here decides a job's fate: that is ``_jobs``.
+Every connection is handled in its own task and is bounded: a cap on connections per uid on
+the unix socket and in total, a deadline for the TLS handshake, for an idle connection and a
+shorter one for every frame once its first byte is in, and at most one frame (``max_frame``)
+plus one read buffered. A malformed, slow or hostile peer loses its own connection and nothing
+else. Nothing here decides a job's fate: that is ``_jobs``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import os
 import pwd
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable
 
@@ -30,8 +34,9 @@ from ssh_to_job.transport import (
     Outbox,
     PeerBroken,
     PeerGone,
-    receive_one_frame_exact,
+    PeerIdentity,
     set_nodelay,
+    watch_revocation,
 )
 
 from . import _queue
@@ -112,6 +117,34 @@ def _uid_of(name: str) -> int | None:
         return None
 
 
+TlsStream = trio.SSLStream[trio.SocketStream]
+_TLS_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError)
+
+
+async def _first_frame(stream: TlsStream, max_frame: int, within: float) -> tuple[bytes, bytes]:
+    """The first frame's payload on a TLS connection, and what came after it (decrypted)."""
+    decoder = wire.FrameDecoder(max_frame)
+    with trio.fail_after(within):
+        while True:
+            payload = decoder.next_frame()
+            if isinstance(payload, bytes):
+                return payload, decoder.buffered
+            if payload is wire.CLOSED:
+                raise PeerBroken("peer closed the connection before its first frame")
+            try:
+                data = await stream.receive_some(65536)
+            except _TLS_ERRORS as exc:
+                raise PeerBroken(f"connection broken: {exc}") from exc
+            decoder.receive_data(bytes(data))
+
+
+async def _refuse_tls(stream: TlsStream, error: wire.Error) -> None:
+    """Best effort: one error frame on a TLS connection we will not serve."""
+    conn = wire.Connection(wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER)
+    with trio.move_on_after(1), contextlib.suppress(*_TLS_ERRORS):
+        await stream.send_all(conn.farewell(error))
+
+
 async def _refuse(sock: trio.socket.SocketType, conn: wire.Connection, error: wire.Error) -> None:
     """Best effort: one error frame to a connection we will not serve, then close it."""
     with trio.move_on_after(1), contextlib.suppress(OSError):
@@ -127,17 +160,16 @@ class Connections:
         rendezvous: Rendezvous,
         queue: _queue.JobQueue,
         signing_key: bytes,
-        trusted: Callable[[bytes], bool],
+        is_revoked: Callable[[int], bool],
     ) -> None:
         self.bc = config
         self.jobs = jobs
         self.rendezvous = rendezvous
         self.queue = queue
         self.signing_key = signing_key
-        self.trusted = trusted
+        self.public_key = wire.public_key_of(signing_key)
+        self.is_revoked = is_revoked
         self.unix_gate = Gate(config.max_connections, config.max_connections_per_uid)
-        # TCP peers count until they have authenticated as a starter (or attached a session).
-        self.tcp_gate = Gate(config.max_connections, config.max_connections_per_uid)
         self._output_req = 0
 
     async def accept_loop(
@@ -423,112 +455,130 @@ class Connections:
 
     # ------------------------------------------------------------------ starters
 
-    async def handle_tcp(self, sock: trio.socket.SocketType) -> None:
+    async def handle_tls(self, stream: TlsStream, ident: PeerIdentity | None) -> None:
+        """One TLS connection on the broker's port (``transport.serve_tls`` has checked the
+        peer's certificate: this pool's CA, a starter, not revoked). Its first frame says what
+        it is: ``starter_hello`` opens a control channel, ``session_attach`` brings a session
+        socket. A peer without a certificate may only enrol (``enroll``)."""
         try:
-            host = sock.getpeername()[0]
-        except OSError:
-            sock.close()
-            return
-        bye = wire.Connection(wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER)
-        refused = self.tcp_gate.enter(host)
-        if refused is not None:
-            log.warning("refusing a TCP connection from %s: %s", host, refused)
-            await _refuse(sock, bye, wire.Error("busy", f"{refused}; try again later"))
-            return
-        admitted = True
-
-        def authenticated() -> None:
-            nonlocal admitted
-            if admitted:
-                admitted = False
-                self.tcp_gate.leave(host)
-
-        try:
-            await self._serve_tcp(sock, bye, authenticated)
+            if ident is None:
+                await self.enroll(stream)
+                return
+            await self._serve_tls(stream, ident)
+        except Exception:
+            # A bug must cost this one connection, never the broker (serve_tls ends on it).
+            log.exception("internal error on a connection from %s", ident)
         finally:
-            authenticated()
+            with contextlib.suppress(*_TLS_ERRORS):
+                await trio.aclose_forcefully(stream)
 
-    async def _serve_tcp(
-        self, sock: trio.socket.SocketType, bye: wire.Connection, authenticated: Callable[[], None]
-    ) -> None:
+    async def enroll(self, stream: TlsStream) -> None:
+        """A connection without a certificate: refused unless the broker takes enrolments."""
+        await _refuse_tls(stream, wire.Error("refused", "a certificate of this pool is required"))
+
+    async def _serve_tls(self, stream: TlsStream, ident: PeerIdentity) -> None:
         try:
-            frame = await receive_one_frame_exact(sock, self.bc.max_frame, self.bc.frame_timeout)
-            first = wire.decode_message(frame[wire.FRAME_HEADER.size :])
+            frame, extra = await _first_frame(stream, self.bc.max_frame, self.bc.frame_timeout)
+            first = wire.decode_message(frame)
         except (PeerGone, wire.RemoteProtocolError, trio.TooSlowError) as exc:
             why = str(exc) or f"no complete frame within {self.bc.frame_timeout} s"
-            log.info("dropping TCP peer: %s", why)
-            # Say why (best effort), as on the unix socket: it may be a misconfigured starter.
-            await _refuse(sock, bye, wire.Error("protocol", f"protocol error: {why}"))
+            log.info("dropping %s: %s", ident, why)
+            await _refuse_tls(stream, wire.Error("protocol", f"protocol error: {why}"))
             return
         if isinstance(first, wire.SessionAttach):
-            self.rendezvous.attach(sock, first)
+            await self._attach(stream, ident, first, extra)
             return
         conn = wire.Connection(
             wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER, self.bc.max_frame
         )
-        stream = FramedStream(trio.SocketStream(sock), conn)
-        conn.receive_data(frame)
+        fs = FramedStream(stream, conn)
+        conn.receive_data(wire.encode_frame(frame, self.bc.max_frame) + extra)
         # except*: the session's reader runs in a nursery body, which wraps what it raises.
         try:
-            hello = await stream.receive(within=self.bc.frame_timeout)
+            hello = await fs.receive(within=self.bc.frame_timeout)
             if not isinstance(hello, wire.StarterHello):
                 raise wire.RemoteProtocolError(f"expected starter_hello, got {hello.TYPE}")
-            await self._starter_session(stream, sock, hello, authenticated)
+            if hello.starter_id != ident.name:
+                log.warning("%s announced itself as %r; refused", ident, hello.starter_id)
+                await fs.send(
+                    wire.Error(
+                        "bad_name",
+                        f"this certificate is for starter {ident.name!r}, not {hello.starter_id!r}",
+                    )
+                )
+                return
+            await self._starter_session(fs, stream, ident, hello)
         except* wire.RemoteProtocolError as group:
             bad = group.exceptions[0]
-            log.info("starter sent garbage: %s", bad)
-            await stream.farewell(wire.Error("protocol", f"protocol error: {bad}"))
+            log.info("starter %s sent garbage: %s", ident.name, bad)
+            await fs.farewell(wire.Error("protocol", f"protocol error: {bad}"))
         except* (PeerGone, trio.TooSlowError) as group:
-            log.info("starter connection ended: %s", group.exceptions[0])
-        except* Exception:
-            log.exception("internal error on a starter connection")
-        finally:
-            await stream.aclose()
+            log.info("starter %s connection ended: %s", ident.name, group.exceptions[0])
+
+    async def _attach(
+        self, stream: TlsStream, ident: PeerIdentity, msg: wire.SessionAttach, extra: bytes
+    ) -> None:
+        """A session connection: checked, out of TLS, and its socket handed to the rendezvous."""
+        if extra or msg.starter_id != ident.name or not self.rendezvous.expects(msg, ident.name):
+            log.warning("rejected session attach for %r from %s", msg.session_id, ident)
+            return
+        try:
+            with trio.fail_after(self.bc.frame_timeout):
+                raw, left = await stream.unwrap()
+        except (trio.TooSlowError, *_TLS_ERRORS) as exc:
+            log.info("session %s: leaving TLS failed: %s", msg.session_id[:8], exc)
+            return
+        if left or not isinstance(raw, trio.SocketStream):
+            log.warning("session %s: bytes after the attach frame; dropped", msg.session_id[:8])
+            return
+        # serve_tls closes the connection's stream when we return: the rendezvous gets its own.
+        dup = socket.socket(fileno=os.dup(raw.socket.fileno()))
+        self.rendezvous.attach(trio.socket.from_stdlib_socket(dup), msg, ident.name)
 
     async def _starter_session(
         self,
         stream: FramedStream,
-        sock: trio.socket.SocketType,
+        tls: TlsStream,
+        ident: PeerIdentity,
         hello: wire.StarterHello,
-        authenticated: Callable[[], None],
     ) -> None:
-        name = hello.starter_id
-        handshake = wire.BrokerHandshake(self.signing_key, self.trusted)
-        try:
-            await stream.send(handshake.on_hello(hello))
-            auth = await stream.receive(within=self.bc.frame_timeout)
-            welcome, keys = handshake.on_auth(auth)
-        except wire.HandshakeError as exc:
-            log.warning("starter %r (key %s) refused: %s", name, hello.starter_key.hex(), exc)
-            await stream.send(exc.error())
-            return
-        authenticated()
+        name = ident.name
         old = self.jobs.starters.get(name)
         if old is not None:
             log.info("starter %s reconnected; dropping its old connection", name)
             await old.stream.aclose()
-        await stream.send(welcome)
-        stream.conn.start_encryption(send_key=keys.send, receive_key=keys.receive)
-        peer = sock.getpeername()
+        await stream.send(wire.Welcome(broker_key=self.public_key))
+        try:
+            peer = tls.transport_stream.socket.getpeername()
+            address = f"{peer[0]}:{peer[1]}"
+        except (OSError, AttributeError):
+            address = "?"
         conn = StarterConn(
             name=name,
             key=hello.starter_key,
             slots=max(1, hello.slots),
             stream=stream,
-            address=f"{peer[0]}:{peer[1]}",
+            address=address,
             outbox=Outbox(stream),
         )
         self.jobs.starter_joined(conn)
-        log.info("starter %s connected with %d slots", name, conn.slots)
+        self.seen(name, connected=True)
+        log.info("starter %s connected from %s with %d slots", name, address, conn.slots)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.outbox.run)
                 nursery.start_soon(self._pinger, conn)
+                nursery.start_soon(watch_revocation, tls, ident.serial, self.is_revoked)
                 while True:
-                    msg = await receive(stream, sock, STARTER_SILENCE, self.bc.frame_timeout)
+                    msg = await stream.receive(within=STARTER_SILENCE)
+                    self.seen(name)
                     self._from_starter(conn, msg)
         finally:
             self.jobs.starter_left(conn)
+            self.seen(name, connected=False)
+
+    def seen(self, name: str, connected: bool | None = None) -> None:
+        """Hook: the broker heard from starter ``name`` (and whether it is now connected)."""
 
     async def _pinger(self, conn: StarterConn) -> None:
         while True:

@@ -136,10 +136,6 @@ def cmd_pool(a: argparse.Namespace) -> int:
             attrs.evolve(config.starter, slots=a.slots)
         except ValueError as exc:
             return die(f"--slots: {exc}", 2)
-    seed = common.load_or_create_key(state / "keys" / "starter.key")
-    trust = state / "trusted_starters"
-    trust.mkdir(mode=0o755, exist_ok=True)
-    common.write_public(trust / "local.pub", common.public_hex(seed).encode() + b"\n")
     try:
         _lock = _pool.lock_pool(state)  # held until this process ends
     except _pool.PoolLocked as exc:
@@ -150,10 +146,14 @@ def cmd_pool(a: argparse.Namespace) -> int:
     if a.debug:
         flags.append("--debug")
     st_args = ["--slots", str(a.slots)] if a.slots is not None else []
+    # Many personal pools share a host: a free port unless the config chose one. The local
+    # starter reads it from <state>/broker.addr and its certificate from <state>/pki.
+    chosen = config.broker.listen or config.broker.port != common.DEFAULT_PORT
+    b_args = [] if chosen else ["--port", "0"]
     label = "pool" if os.getuid() == 0 else "personal pool"
     return _pool.supervise(
         state,
-        [*_daemon_argv("broker"), *flags],
+        [*_daemon_argv("broker"), *flags, *b_args],
         [*_daemon_argv("starter"), *flags, *st_args],
         label,
     )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import pathlib
 import sys
 from typing import Any
 
@@ -20,7 +18,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     common.add_pool_flags(ap)
     ap.add_argument("--broker", help="broker host:port")
-    ap.add_argument("--broker-key", help="broker public key (hex) or a file holding it")
     ap.add_argument("--starter-name")
     ap.add_argument("--slots", type=int, help="how many jobs run here at once")
     ap.add_argument("--print-key", action="store_true", help="print this starter's public key")
@@ -31,11 +28,6 @@ def main(argv: list[str] | None = None) -> int:
         changes: dict[str, Any] = {}
         if a.broker:
             changes["broker"] = a.broker
-        if a.broker_key:
-            key = a.broker_key
-            if os.path.exists(key):
-                key = pathlib.Path(key).read_text().strip()
-            changes["broker_key"] = key
         if a.starter_name:
             changes["name"] = a.starter_name
         if a.slots is not None:

@@ -1,7 +1,8 @@
 """The starter daemon: dials out to the broker, runs jobs as their owners, serves sessions.
 
-It opens no port. Its one control connection to the broker is authenticated both ways (it
-knows the broker's public key; the broker has the starter's in its trusted set). Jobs live in
+It opens no port. Its one control connection to the broker is TLS 1.3, authenticated both ways
+by certificates of the pool CA (``<state>/pki``, from enrolment with a join token, or issued
+directly from the broker's CA when both share a state directory, as in ``stj pool``). Jobs live in
 the starter's own nursery, not the connection's: when the broker goes away, jobs keep running,
 the starter redials with backoff, and reports what happened meanwhile (exit codes included)
 until the broker acknowledges each report.
@@ -26,6 +27,7 @@ import os
 import pathlib
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -33,8 +35,8 @@ from typing import Any
 
 import trio
 
-from ssh_to_job import common, preload, wire
-from ssh_to_job.transport import FramedStream, Outbox, PeerGone, set_nodelay
+from ssh_to_job import common, preload, transport, wire
+from ssh_to_job.transport import FramedStream, Outbox, PeerGone
 
 from . import _procs
 from ._jobs import (
@@ -135,7 +137,10 @@ class Starter:
         self.shim = preload.check_shim() if cfg.use_shim else None
         self.cgroup_base: pathlib.Path | None = None
         self.broker_addr = ("", 0)
+        #: The key that signs capabilities: the broker sends it in ``welcome``.
         self.broker_key = b""
+        self.tls: ssl.SSLContext | None = None
+        self.pool_id = ""
         self.backoff = Backoff(BACKOFF_MIN, cfg.reconnect_max)
         self._lock_fd = -1
 
@@ -175,7 +180,58 @@ class Starter:
                 self.cgroup_base = root / f"ssh-to-job-{self.public_key.hex()[:16]}"
                 self.cgroup_base.mkdir(exist_ok=True)
         self.broker_addr = self._broker_address()
-        self.broker_key = self._broker_key()
+        self._load_pki()
+
+    def _load_pki(self) -> None:
+        """This starter's certificate and the pool CA; issued here from the broker's CA when the
+        broker shares our state directory (a personal pool: nothing to set up)."""
+        cfg = self.config.starter
+        pki_dir = pathlib.Path(cfg.pki_dir) if cfg.pki_dir else self.state_dir / "pki"
+        try:
+            pki = common.StarterPki.load(pki_dir)
+        except common.PkiError as exc:
+            if not self._issue_locally(pki_dir):
+                raise SystemExit(
+                    f"starter: not enrolled in a pool ({exc}); on this host run "
+                    "'stj starter --join BROKER:PORT --token TOKEN' with a token from "
+                    "'stj token create' on the broker host"
+                ) from None
+            pki = common.StarterPki.load(pki_dir)
+        if cfg.name and cfg.name != pki.name:
+            raise SystemExit(
+                f"starter: [starter] name is {cfg.name!r} but this host's certificate is for "
+                f"{pki.name!r}; enrol again to change the name"
+            )
+        self.name = pki.name
+        self.pool_id = pki.pool_id
+        self.tls = transport.client_context(
+            pki.ca_file, pki.cert_file, pki.key_file, check_hostname=cfg.check_hostname
+        )
+
+    def _issue_locally(self, pki_dir: pathlib.Path) -> bool:
+        """Issue our certificate with the broker's CA if we can read it (same state dir)."""
+        bc = self.config.broker
+        ca_dir = pathlib.Path(bc.pki_dir) if bc.pki_dir else self.state_dir / "pki"
+        if not (ca_dir / common.CA_KEY).exists():
+            return False
+        try:
+            ca = common.PoolCA.load(ca_dir)
+            cas = common.load_ca_bundle(ca_dir / common.CA_CERT)
+            broker_pki = common.BrokerPki(
+                ca_dir, ca, common.RevocationList(ca_dir / common.REVOKED), bc.cert_days
+            )
+            key = common.new_private_key()
+            cert = broker_pki.issue(wire.ROLE_STARTER, self.name, key.public_key())
+            if pki_dir.resolve() == ca_dir.resolve():
+                # The CA bundle is the broker's own file: leave it as it is.
+                common.write_leaf(pki_dir, common.STARTER_KEY, common.STARTER_CERT, key, cert)
+            else:
+                common.StarterPki.save(pki_dir, key, cert, cas)
+        except (common.PkiError, OSError) as exc:
+            log.warning("cannot issue a certificate from %s: %s", ca_dir, exc)
+            return False
+        log.info("issued this starter's certificate (%s) from the pool CA in %s", self.name, ca_dir)
+        return True
 
     def _lock(self) -> None:
         """Own the state directory: a second starter on it would kill and rerun our jobs."""
@@ -212,11 +268,6 @@ class Starter:
                 ) from None
         host, _, port = text.rpartition(":")
         return host, int(port)
-
-    def _broker_key(self) -> bytes:
-        if self.config.starter.broker_key:
-            return bytes.fromhex(self.config.starter.broker_key)
-        return common.read_public_key(self.state_dir / "broker.pub")
 
     def audit(self, what: str, job: str, detail: str) -> None:
         log.info("audit: %s job=%s %s", what, job, detail)
@@ -281,9 +332,18 @@ class Starter:
                 self.cgroup_base.rmdir()
         scope.cancel()
 
+    async def connect_broker(self) -> trio.SSLStream[trio.SocketStream]:
+        """A new TLS connection to the broker (its certificate checked: this pool, the broker)."""
+        assert self.tls is not None
+        stream, _ident = await transport.connect_tls(
+            *self.broker_addr,
+            self.tls,
+            pool_id=self.pool_id,
+            handshake_timeout=self.config.starter.handshake_timeout,
+        )
+        return stream
+
     async def _connect_once(self) -> None:
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        set_nodelay(sock)
         if not self.config.starter.broker:
             # A restarted personal broker may listen on a new port: follow broker.addr.
             try:
@@ -291,10 +351,8 @@ class Starter:
                 self.broker_addr = (host, int(port))
             except (OSError, ValueError) as exc:
                 log.info("cannot read broker.addr (%s); trying the last address", exc)
-        with trio.fail_after(10):
-            await sock.connect(self.broker_addr)
         stream = FramedStream(
-            trio.SocketStream(sock),
+            await self.connect_broker(),
             wire.Connection(wire.Channel.STARTER, wire.Role.STARTER, wire.Role.BROKER),
         )
         outbox = Outbox(stream)
@@ -318,16 +376,20 @@ class Starter:
             await stream.aclose()
 
     async def _handshake(self, stream: FramedStream) -> None:
-        hs = wire.StarterHandshake(
-            self.name, self.identity, self.broker_key, self.config.starter.slots
+        """Say who we are; the broker's ``welcome`` (with its capability key) is its consent.
+
+        With TLS 1.3 the broker judges our certificate after our handshake has finished: a
+        refusal (revoked, another pool) arrives here as its error frame or a closed stream.
+        """
+        hello = wire.StarterHello(
+            starter_id=self.name, starter_key=self.public_key, slots=self.config.starter.slots
         )
-        try:
-            await stream.send(hs.hello())
-            await stream.send(hs.on_broker_hello(await stream.receive(within=10)))
-            keys = hs.on_welcome(await stream.receive(within=10))
-        except wire.HandshakeError as exc:
-            raise _Refused(exc.message) from None
-        stream.conn.start_encryption(send_key=keys.send, receive_key=keys.receive)
+        await stream.send(hello)
+        msg = await stream.receive(within=self.config.starter.handshake_timeout)
+        if isinstance(msg, wire.Error):
+            raise _Refused(f"{msg.message} ({msg.code})")
+        assert isinstance(msg, wire.Welcome)  # the transition table allows nothing else
+        self.broker_key = msg.broker_key
 
     async def _pinger(self) -> None:
         while True:
@@ -366,9 +428,7 @@ class Starter:
                     )
                 )
                 return
-            self.jobs_nursery.start_soon(
-                self._guard, run_session, self, target, msg.session_id, msg.nonce
-            )
+            self.jobs_nursery.start_soon(self._guard, run_session, self, target, msg.session_id)
         elif isinstance(msg, wire.FetchOutput):
             target = self.jobs.get(msg.id)
             path = (

@@ -72,7 +72,7 @@ async def test_capability_must_arrive_within_session_timeout(
         await broker.next(wire.StarterSync)
         await broker.send(_run(users["a"], "1.0", "/bin/sleep", "1000"))
         await broker.next_report("1.0", running=True)
-        await broker.send(wire.OpenSession(session_id=secrets.token_hex(16), job="1.0", nonce=b"n"))
+        await broker.send(wire.OpenSession(session_id=secrets.token_hex(16), job="1.0"))
         _attach, sock = await broker.attaches.receive()
         opened = trio.current_time()
         with sock, trio.fail_after(FAR):
@@ -124,7 +124,7 @@ async def test_sessions_keep_a_job_until_session_grace(
         await broker.next_report("3.0", running=True)
         job = starter.jobs["3.0"]
         session_id = secrets.token_hex(16)
-        await broker.send(wire.OpenSession(session_id=session_id, job="3.0", nonce=b"n"))
+        await broker.send(wire.OpenSession(session_id=session_id, job="3.0"))
         _attach, sock = await broker.attaches.receive()
         client = wire.Connection(wire.Channel.SESSION, wire.Role.CLIENT, wire.Role.STARTER)
         cap = broker.capability(starter, session_id, "3.0", a.uid)
