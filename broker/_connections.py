@@ -25,6 +25,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -169,6 +170,14 @@ class Connections:
         self.signing_key = signing_key
         self.public_key = wire.public_key_of(signing_key)
         self.is_revoked = is_revoked
+        #: The pool CA and the join tokens (set by the broker; None only in bare tests).
+        self.pki: Any = None
+        self.book: Any = None
+        self.save_book: Callable[[], None] = lambda: None
+        self.clock: Callable[[], float] = lambda: 0.0
+        #: Starter name -> when the broker last heard from it (wall clock).
+        self.last_seen: dict[str, float] = {}
+        self.save_seen: Callable[[], None] = lambda: None
         self.unix_gate = Gate(config.max_connections, config.max_connections_per_uid)
         self._output_req = 0
 
@@ -272,6 +281,10 @@ class Connections:
             await stream.send(self._status())
         elif isinstance(msg, wire.Output):
             await stream.send(await self._output(msg, uid))
+        elif isinstance(msg, wire.TokenCreate):
+            await stream.send(self._token_create(msg, uid))
+        elif isinstance(msg, wire.StarterRevoke):
+            await stream.send(await self._revoke(msg, uid))
         elif isinstance(msg, wire.SshRequest):
             await self._ssh(stream, sock, msg, uid)
             return True
@@ -304,8 +317,19 @@ class Connections:
                 page = []
         await stream.send(wire.JobList(jobs=tuple(page), last=True))
 
+    def known_starters(self) -> set[str]:
+        """Every starter enrolled in this pool whose certificates are not all revoked."""
+        if self.pki is None:
+            return set()
+        out: set[str] = set()
+        for cert in self.pki.issued():
+            if cert.role == wire.ROLE_STARTER and not self.is_revoked(cert.serial):
+                out.add(cert.name)
+        return out
+
     def _status(self) -> wire.Message:
         counts = self.queue.counts()
+        live = self.jobs.starters
         starters = [
             wire.StarterInfo(
                 starter_id=conn.name,
@@ -314,9 +338,21 @@ class Connections:
                 connected=True,
                 jobs=tuple(sorted(conn.jobs)),
                 address=conn.address,
+                last_seen=self.last_seen.get(conn.name, 0.0),
             )
-            for conn in self.jobs.starters.values()
+            for conn in live.values()
         ]
+        for name in sorted(self.known_starters() - set(live)):
+            starters.append(
+                wire.StarterInfo(
+                    starter_id=name,
+                    slots=0,
+                    busy=0,
+                    connected=False,
+                    jobs=(),
+                    last_seen=self.last_seen.get(name, 0.0),
+                )
+            )
         return wire.StatusReply(
             starters=tuple(starters),
             broker_pid=os.getpid(),
@@ -473,8 +509,96 @@ class Connections:
                 await trio.aclose_forcefully(stream)
 
     async def enroll(self, stream: TlsStream) -> None:
-        """A connection without a certificate: refused unless the broker takes enrolments."""
-        await _refuse_tls(stream, wire.Error("refused", "a certificate of this pool is required"))
+        """A connection without a certificate: one enrolment (a join token for a certificate).
+
+        The whole exchange has the handshake's deadline; the spent token is saved before the
+        certificate goes out, so a crash never leaves a used token usable again.
+        """
+        pki = self.pki
+        if pki is None or not self.bc.allow_enrollment:
+            await _refuse_tls(
+                stream, wire.Error("refused", "a certificate of this pool is required")
+            )
+            return
+        from ssh_to_job.common import BrokerEnrollment, EnrollError, decode_enroll, encode_enroll
+
+        def issue(name: str, public_key: Any) -> Any:
+            # A host that enrols again (reinstalled, new key) replaces its old certificates.
+            old = pki.revoke(wire.ROLE_STARTER, name)
+            if old:
+                log.info("starter %s enrolled again: revoked its old serials %s", name, old)
+            return pki.issue(wire.ROLE_STARTER, name, public_key)
+
+        enrollment = BrokerEnrollment(pki.ca_file.read_bytes(), self.book, issue, self.clock)
+        decoder = wire.FrameDecoder(wire.DEFAULT_MAX_FRAME)
+
+        async def next_msg() -> object:
+            while not isinstance(payload := decoder.next_frame(), bytes):
+                if payload is wire.CLOSED:
+                    raise PeerBroken("peer closed the enrolment connection")
+                try:
+                    data = await stream.receive_some(65536)
+                except _TLS_ERRORS as exc:
+                    raise PeerBroken(f"connection broken: {exc}") from exc
+                decoder.receive_data(bytes(data))
+            return decode_enroll(payload)
+
+        async def say(msg: Any) -> None:
+            await stream.send_all(wire.encode_frame(encode_enroll(msg)))
+
+        try:
+            with trio.fail_after(self.bc.handshake_timeout + self.bc.frame_timeout):
+                await say(enrollment.on_hello(await next_msg()))
+                request = await next_msg()
+                try:
+                    reply = enrollment.on_request(request)
+                finally:
+                    self.save_book()
+                log.info("starter %s enrolled", getattr(request, "name", "?"))
+                await say(reply)
+        except EnrollError as exc:
+            log.warning("enrolment refused: %s", exc.message)
+            with trio.move_on_after(1), contextlib.suppress(*_TLS_ERRORS):
+                await say(exc.error())
+        except (PeerGone, wire.RemoteProtocolError, trio.TooSlowError, *_TLS_ERRORS) as exc:
+            log.info("enrolment connection ended: %s", exc or "timed out")
+
+    # ------------------------------------------------------------------ pool administration
+
+    def _token_create(self, msg: wire.TokenCreate, uid: int) -> wire.Message:
+        if not self.jobs.is_superuser(uid):
+            return wire.Error("denied", "only root or a queue superuser may create join tokens")
+        if self.pki is None:
+            return wire.Error("unavailable", "this broker has no pool CA")
+        ttl = msg.ttl or self.bc.token_ttl
+        now = self.clock()
+        try:
+            token = self.book.create(self.pki.ca.fingerprint, ttl, now)
+        except ValueError as exc:
+            return wire.Error("bad_request", str(exc))
+        self.save_book()
+        self.queue.audit(uid, "token", "", f"created join token {token.token_id} for {ttl:g} s")
+        return wire.TokenCreated(token=str(token), expires_at=now + ttl)
+
+    async def _revoke(self, msg: wire.StarterRevoke, uid: int) -> wire.Message:
+        if not self.jobs.is_superuser(uid):
+            return wire.Error("denied", "only root or a queue superuser may revoke starters")
+        if self.pki is None:
+            return wire.Error("unavailable", "this broker has no pool CA")
+        serials = self.pki.revoke(wire.ROLE_STARTER, msg.name)
+        if not serials:
+            return wire.Error("unknown_starter", f"no certificate was ever issued to {msg.name!r}")
+        self.queue.audit(uid, "revoke", "", f"starter {msg.name}: serials {serials}")
+        log.warning("starter %s revoked (serials %s)", msg.name, [f"{s:x}" for s in serials])
+        cut = 0
+        conn = self.jobs.starters.get(msg.name)
+        if conn is not None:
+            cut += 1
+            why = wire.Error("revoked", f"starter {msg.name} was revoked by the pool admin")
+            await conn.stream.farewell(why)
+            await conn.stream.aclose()
+        cut += self.rendezvous.drop_starter(msg.name)
+        return wire.StarterRevoked(serials=tuple(f"{s:x}" for s in serials), cut=cut)
 
     async def _serve_tls(self, stream: TlsStream, ident: PeerIdentity) -> None:
         try:
@@ -578,7 +702,11 @@ class Connections:
             self.seen(name, connected=False)
 
     def seen(self, name: str, connected: bool | None = None) -> None:
-        """Hook: the broker heard from starter ``name`` (and whether it is now connected)."""
+        """The broker heard from starter ``name``; on (dis)connection the times are saved, so
+        ``stj status`` shows when a starter was last seen across broker restarts."""
+        self.last_seen[name] = self.clock()
+        if connected is not None:
+            self.save_seen()
 
     async def _pinger(self, conn: StarterConn) -> None:
         while True:

@@ -114,6 +114,16 @@ class Rendezvous:
         pending.sock = sock
         pending.done.set()
 
+    def drop_starter(self, starter: str) -> int:
+        """Fail every session still waiting on ``starter`` (revoked); how many there were."""
+        n = 0
+        for pending in self.sessions.values():
+            if pending.starter == starter and not pending.done.is_set():
+                pending.failure = f"starter {starter} was revoked"
+                pending.done.set()
+                n += 1
+        return n
+
     def failed(self, starter: str, msg: wire.SessionFailed) -> None:
         pending = self.sessions.get(msg.session_id)
         if pending is not None and pending.starter == starter:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import logging
 import os
 import pathlib
@@ -114,6 +115,16 @@ class Broker:
         self.connections = Connections(
             self.bc, self.jobs, self.rendezvous, self.queue, self.signing_key, self.is_revoked
         )
+        c = self.connections
+        c.pki = self.pki
+        c.book = common.TokenBook.load(self.pki.tokens_file)
+        c.save_book = lambda: c.book.save(self.pki.tokens_file)
+        c.clock = clock
+        seen_file = state_dir / "starters.json"
+        c.last_seen = _load_seen(seen_file)
+        c.save_seen = lambda: common.write_public(
+            seen_file, json.dumps(c.last_seen, sort_keys=True).encode() + b"\n"
+        )
         self.socket_path = state_dir / "broker.sock"
         self.tcp_port = 0
 
@@ -201,6 +212,15 @@ def _farewell(exc: transport.TlsRefused) -> bytes:
     conn = wire.Connection(wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER)
     code = "revoked" if "revoked" in exc.reason else "refused"
     return conn.farewell(wire.Error(code, exc.reason))
+
+
+def _load_seen(path: pathlib.Path) -> dict[str, float]:
+    """Last-seen times saved by an earlier run (a damaged file is only a loss of history)."""
+    try:
+        raw = json.loads(path.read_text())
+        return {str(k): float(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
 
 
 def listen_address(bc: common.BrokerConfig) -> tuple[str, int]:

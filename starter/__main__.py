@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
+import socket
 import sys
 from typing import Any
 
@@ -20,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker", help="broker host:port")
     ap.add_argument("--starter-name")
     ap.add_argument("--slots", type=int, help="how many jobs run here at once")
+    ap.add_argument(
+        "--join",
+        metavar="BROKER:PORT",
+        help="join the pool of that broker with --token (from 'stj token create'), then run",
+    )
+    ap.add_argument("--token", help="the one-time join token for --join")
     ap.add_argument("--print-key", action="store_true", help="print this starter's public key")
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
@@ -43,11 +51,28 @@ def main(argv: list[str] | None = None) -> int:
         seed = common.load_or_create_key(state / "keys" / "starter.key")
         print(common.public_hex(seed))
         return 0
+    if bool(a.join) != bool(a.token):
+        print("stj starter: --join and --token go together", file=sys.stderr)
+        return 2
     import trio
 
     from ._daemon import Starter
 
     common.setup_logging(a.debug)
+    if a.join:
+        from ._enroll import JoinFailed, join
+
+        cfg = config.starter
+        pki_dir = pathlib.Path(cfg.pki_dir) if cfg.pki_dir else state / "pki"
+        name = cfg.name or socket.gethostname()
+        try:
+            pki = trio.run(join, a.join, a.token, name, pki_dir, cfg.handshake_timeout)
+        except JoinFailed as exc:
+            print(f"stj starter: join refused: {exc}", file=sys.stderr)
+            return 1
+        # Later starts (and redials) find the broker here unless [starter] broker says else.
+        common.write_public(state / "broker.addr", f"{a.join}\n".encode())
+        print(f"stj starter: joined pool {pki.pool_id} as {pki.name}", file=sys.stderr)
     try:
         trio.run(Starter(state, config, debug=a.debug).serve)
     except KeyboardInterrupt:

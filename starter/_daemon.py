@@ -299,7 +299,12 @@ class Starter:
             except* (OSError, PeerGone, trio.TooSlowError, wire.ProtocolError) as group:
                 log.info("broker connection: %s", group.exceptions[0])
             except* _Refused as group:
-                log.error("broker refused this starter: %s", group.exceptions[0])
+                refused = group.exceptions[0]
+                log.error("broker refused this starter: %s", refused)
+                if isinstance(refused, _Refused) and refused.code == "revoked" and self.jobs:
+                    # Cut off from the pool: nothing may go on here in its name.
+                    log.error("this starter was revoked: ending its %d job(s)", len(self.jobs))
+                    terminate_all(self)
             except* Exception:
                 log.exception("internal error on the broker connection; reconnecting")
             delay = self.backoff.next()
@@ -369,6 +374,8 @@ class Starter:
                 nursery.start_soon(self._pinger)
                 while True:
                     msg = await stream.receive(within=SILENCE)
+                    if isinstance(msg, wire.Error):
+                        raise _Refused(msg.code, msg.message)
                     self._dispatch(msg)
         finally:
             self._outbox = None
@@ -387,7 +394,7 @@ class Starter:
         await stream.send(hello)
         msg = await stream.receive(within=self.config.starter.handshake_timeout)
         if isinstance(msg, wire.Error):
-            raise _Refused(f"{msg.message} ({msg.code})")
+            raise _Refused(msg.code, msg.message)
         assert isinstance(msg, wire.Welcome)  # the transition table allows nothing else
         self.broker_key = msg.broker_key
 
@@ -734,7 +741,11 @@ class Starter:
 
 
 class _Refused(Exception):
-    pass
+    """The broker refused this starter; ``code`` is its error code (``revoked``, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
 
 
 def terminate_all(starter: Starter) -> None:
