@@ -258,6 +258,10 @@ def test_used_expired_and_foreign_tokens_are_refused_and_revoke_cuts_at_once(
     )
     time.sleep(2)  # a few redials, all refused
     assert "exec1.stj.test" not in site.status()
+    # A revoked starter never gets a session again.
+    r = site.run(site.broker, a, SSH_TO_JOB, job, "true", check=False, timeout=60)
+    assert r.returncode != 0
+    assert "is not connected" in r.stderr, r.stderr
     assert site.log("exec1").read_text().count("certificate revoked") >= 1
 
 
@@ -368,3 +372,11 @@ time.sleep(8)
     assert st["exec2.stj.test"]["connected"]
     log = site.log("broker").read_text()
     assert "certificate not accepted" in log
+    # A starter that stops is still listed: disconnected, with when it was last seen.
+    site.procs["exec2"].send_signal(signal.SIGTERM)
+    site.procs["exec2"].wait(20)
+    wait_for("exec2 disconnected", lambda: not site.status()["exec2.stj.test"]["connected"])
+    assert site.status()["exec2.stj.test"]["last_seen"] > time.time() - 60
+    text = site.run(site.broker, ROOT, STJ, "status").stdout
+    assert "starter exec2.stj.test: disconnected, last seen" in text
+    assert "starter exec1.stj.test (198.18.0.2:" in text
