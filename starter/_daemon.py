@@ -68,6 +68,9 @@ SILENCE = PING_INTERVAL * 4
 BACKOFF_MIN = 0.1
 """The first reconnect delay, and the delay again after every successful connection."""
 
+#: Seconds between redials of a starter the broker said is revoked.
+REVOKED_REDIAL = 60.0
+
 TAIL = 65536
 REAPER = pathlib.Path(__file__).resolve().parent / "stj-reaper"
 
@@ -292,6 +295,7 @@ class Starter:
 
     async def _dial_forever(self) -> None:
         while True:
+            revoked = False
             # except*: the connection's reader runs in a nursery body, which wraps what it
             # raises; a broker going away must never take the starter (and its jobs) along.
             try:
@@ -301,13 +305,17 @@ class Starter:
             except* _Refused as group:
                 refused = group.exceptions[0]
                 log.error("broker refused this starter: %s", refused)
-                if isinstance(refused, _Refused) and refused.code == "revoked" and self.jobs:
+                revoked = isinstance(refused, _Refused) and refused.code == "revoked"
+                if revoked and self.jobs:
                     # Cut off from the pool: nothing may go on here in its name.
                     log.error("this starter was revoked: ending its %d job(s)", len(self.jobs))
                     terminate_all(self)
             except* Exception:
                 log.exception("internal error on the broker connection; reconnecting")
             delay = self.backoff.next()
+            if revoked:
+                # Only an admin can undo it (a new join): no point knocking every few seconds.
+                delay = max(delay, REVOKED_REDIAL)
             log.info("redialing the broker in %.1f s", delay)
             await trio.sleep(delay)
 
