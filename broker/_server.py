@@ -189,6 +189,8 @@ class Broker:
                         allow_anonymous=self.bc.allow_enrollment,
                         handshake_timeout=self.bc.handshake_timeout,
                         farewell=_farewell,
+                        max_handshakes=self.bc.max_connections,
+                        max_handshakes_per_peer=self.bc.max_connections_per_uid,
                     )
                 )
                 self.tcp_port = listeners[0].socket.getsockname()[1]

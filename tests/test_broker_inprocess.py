@@ -252,6 +252,39 @@ async def test_stalled_tls_handshake_is_cut_at_handshake_timeout(
     assert timeout <= trio.current_time() - start < timeout + 1
 
 
+async def test_stalled_handshakes_are_capped_per_address(
+    state_dir: pathlib.Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Past max_connections_per_uid handshakes in progress from one address, a new TCP
+    connection is closed at once; once those end (handshake_timeout), that address gets in
+    again, and a local client is answered throughout."""
+    b = make_broker(state_dir, max_connections_per_uid=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.serve)
+        held = [trio.socket.socket() for _ in range(2)]
+        for sock in held:
+            await sock.connect(("127.0.0.1", b.tcp_port))
+        await trio.sleep(0.5)  # let the broker count them
+        start = trio.current_time()
+        with trio.socket.socket() as extra:
+            await extra.connect(("127.0.0.1", b.tcp_port))
+            assert await read_until_closed(extra) == b""
+        assert trio.current_time() - start < 1
+        reply, _ = await request(b, wire.Status())
+        assert isinstance(reply, wire.StatusReply)
+        for sock in held:
+            assert await read_until_closed(sock) == b""
+            sock.close()
+        assert trio.current_time() - start >= b.bc.handshake_timeout - 1
+        with trio.socket.socket() as later:
+            await later.connect(("127.0.0.1", b.tcp_port))
+            await trio.sleep(0.5)
+            with pytest.raises(trio.TooSlowError):
+                with trio.fail_after(1):
+                    await later.recv(1)  # in its handshake, not refused
+        nursery.cancel_scope.cancel()
+
+
 async def test_broker_pings_starters_and_drops_a_silent_one(
     broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
 ) -> None:
