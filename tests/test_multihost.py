@@ -232,8 +232,14 @@ def test_used_expired_and_foreign_tokens_are_refused_and_revoke_cuts_at_once(
     assert bad.returncode == 1
     assert "join refused" in bad.stderr
     assert "exec2.stj.test" not in site.status()
-
     a = users["a"]
+    for who, cmd in ((a, ["token", "create"]), (a, ["starter", "revoke", "exec1.stj.test"])):
+        r = site.run(site.broker, who, STJ, *cmd, check=False)
+        assert r.returncode == 1
+        assert "only root or a queue superuser" in r.stderr, r.stderr
+    su = users["su"]
+    assert site.run(site.broker, su, STJ, "token", "create").stdout.startswith("stj1.")
+
     job = site.submit_job(a, "/bin/sleep", "300")
     site.wait_running(job)
     session = site.broker.popen(
