@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="BROKER:PORT",
         help="join the pool of that broker with --token (from 'stj token create'), then run",
     )
-    ap.add_argument("--token", help="the one-time join token for --join")
+    ap.add_argument("--token", help="the one-time join token for --join ('-': read it from stdin)")
     ap.add_argument("--print-key", action="store_true", help="print this starter's public key")
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
@@ -65,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.starter
         pki_dir = pathlib.Path(cfg.pki_dir) if cfg.pki_dir else state / "pki"
         name = cfg.name or socket.gethostname()
+        # The token is spent within a second, but '-' keeps it off the command line entirely.
+        from_stdin = a.token == "-"  # noqa: S105 (the conventional "read it from stdin")
+        token = sys.stdin.readline().strip() if from_stdin else a.token
         try:
-            pki = trio.run(join, a.join, a.token, name, pki_dir, cfg.handshake_timeout)
+            pki = trio.run(join, a.join, token, name, pki_dir, cfg.handshake_timeout)
         except JoinFailed as exc:
             print(f"stj starter: join refused: {exc}", file=sys.stderr)
             return 1

@@ -217,10 +217,11 @@ def test_used_expired_and_foreign_tokens_are_refused_and_revoke_cuts_at_once(
     assert "join token already used (by exec1.stj.test" in again.stderr
     short = site.token("--ttl", "1")
     time.sleep(1.5)
-    late = site.exec2.run(
-        [STJ, "starter", "--join", f"{site.broker.address}:{PORT}", "--token", short],
+    late = site.exec2.run(  # the token from stdin, off the command line
+        [STJ, "starter", "--join", f"{site.broker.address}:{PORT}", "--token", "-"],
         env=site.env(ROOT, cfg),
         check=False,
+        input=short + "\n",
     )
     assert late.returncode == 1
     assert "join token expired at" in late.stderr
