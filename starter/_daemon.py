@@ -200,6 +200,9 @@ class Starter:
                     "'stj token create' on the broker host"
                 ) from None
             pki = common.StarterPki.load(pki_dir)
+        if cfg.name and cfg.name != pki.name and self._issue_locally(pki_dir):
+            # A personal pool whose starter was renamed: its own CA vouches for the new name.
+            pki = common.StarterPki.load(pki_dir)
         if cfg.name and cfg.name != pki.name:
             raise SystemExit(
                 f"starter: [starter] name is {cfg.name!r} but this host's certificate is for "

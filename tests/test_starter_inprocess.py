@@ -9,6 +9,7 @@ by hand where a real process must first reach a state (then time moves only when
 from __future__ import annotations
 
 import secrets
+import shutil
 
 import pytest
 import trio
@@ -204,3 +205,34 @@ async def test_a_channel_kept_alive_by_pings_stays_up_and_a_silent_one_is_redial
         # The last pong came at most one interval before the broker fell silent.
         assert SILENCE - PING_INTERVAL <= again.at - quiet <= SILENCE + 1
         assert first.at < quiet
+
+
+def test_personal_starter_issues_its_certificate_and_follows_a_rename() -> None:
+    """Next to its broker's CA (a personal pool) a starter issues its own certificate, and a
+    new certificate when its name changes; without a CA or an enrolment it refuses to start,
+    saying how to join."""
+    from ssh_to_job import common
+    from ssh_to_job.starter import Starter
+
+    state = new_state_dir()
+    try:
+        common.BrokerPki.open(state / "pki")
+        first = Starter(state, starter_config())
+        first._load_pki()
+        assert first.name == "inproc"
+        renamed = Starter(state, starter_config(name="renamed"))
+        renamed._load_pki()
+        assert renamed.name == "renamed"
+        issued = common.BrokerPki.open(state / "pki").issued()
+        assert [(c.role, c.name) for c in issued][-2:] == [
+            ("starter", "inproc"),
+            ("starter", "renamed"),
+        ]
+        lone = new_state_dir()
+        try:
+            with pytest.raises(SystemExit, match="stj starter --join BROKER:PORT --token"):
+                Starter(lone, starter_config())._load_pki()
+        finally:
+            shutil.rmtree(lone, ignore_errors=True)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
