@@ -708,6 +708,22 @@ class Connections:
         if connected is not None:
             self.save_seen()
 
+    def _renew(self, conn: StarterConn, msg: wire.CertRenew) -> None:
+        """A new certificate for a connected (so authenticated, not revoked) starter's new key,
+        in the name its current certificate carries; its old certificate stays valid."""
+        if self.pki is None:
+            return
+        from ssh_to_job.common import PkiError, cert_pem, parse_public_key
+
+        try:
+            key = parse_public_key(msg.public_key)
+        except PkiError as exc:
+            log.warning("starter %s asked to renew for a bad key: %s", conn.name, exc)
+            return
+        cert = self.pki.issue(wire.ROLE_STARTER, conn.name, key)
+        log.info("renewed the certificate of starter %s (serial %x)", conn.name, cert.serial_number)
+        conn.post(wire.CertRenewed(certificate=cert_pem(cert).decode("ascii")))
+
     async def _pinger(self, conn: StarterConn) -> None:
         while True:
             await trio.sleep(PING_INTERVAL)
@@ -722,6 +738,8 @@ class Connections:
             self.jobs.schedule()
         elif isinstance(msg, wire.SessionFailed):
             self.rendezvous.failed(conn.name, msg)
+        elif isinstance(msg, wire.CertRenew):
+            self._renew(conn, msg)
         elif isinstance(msg, wire.OutputData):
             ch = conn.pending_output.get(msg.request)
             if ch is not None:

@@ -144,6 +144,9 @@ class Starter:
         self.broker_key = b""
         self.tls: ssl.SSLContext | None = None
         self.pool_id = ""
+        self.pki: common.StarterPki | None = None
+        #: The key of a renewal asked for and not yet answered.
+        self._renew_key: Any = None
         self.backoff = Backoff(BACKOFF_MIN, cfg.reconnect_max)
         self._lock_fd = -1
 
@@ -210,9 +213,53 @@ class Starter:
             )
         self.name = pki.name
         self.pool_id = pki.pool_id
+        self.pki = pki
         self.tls = transport.client_context(
             pki.ca_file, pki.cert_file, pki.key_file, check_hostname=cfg.check_hostname
         )
+
+    def _ask_renewal(self) -> None:
+        """Past two thirds of its certificate's life, ask the broker for a new one."""
+        pki = self.pki
+        if pki is None:
+            return
+        try:
+            due = common.needs_renewal(common.load_cert(pki.cert_file))
+        except common.PkiError as exc:
+            log.warning("cannot read this starter's certificate: %s", exc)
+            return
+        if due:
+            self._renew_key = common.new_private_key()
+            log.info("asking the broker to renew this starter's certificate")
+            self.post(
+                wire.CertRenew(public_key=common.public_key_pem(self._renew_key.public_key()))
+            )
+
+    def _renewed(self, msg: wire.CertRenewed) -> None:
+        """Check and store the renewed certificate; the next connection presents it."""
+        pki, key = self.pki, self._renew_key
+        if pki is None or key is None:
+            return
+        try:
+            cert = common.parse_cert(msg.certificate)
+            cas = common.load_ca_bundle(pki.ca_file)
+            common.verify_leaf(
+                cert, cas, pool_id=self.pool_id, role=wire.ROLE_STARTER, name=self.name
+            )
+            if common.public_key_pem(cert.public_key()) != common.public_key_pem(key.public_key()):  # type: ignore[arg-type]
+                raise common.PkiError("the renewed certificate is not for our new key")
+        except common.PkiError as exc:
+            log.error("refusing the renewed certificate: %s", exc)
+            return
+        common.write_leaf(pki.directory, common.STARTER_KEY, common.STARTER_CERT, key, cert)
+        self._renew_key = None
+        self.tls = transport.client_context(
+            pki.ca_file,
+            pki.cert_file,
+            pki.key_file,
+            check_hostname=self.config.starter.check_hostname,
+        )
+        log.info("stored this starter's renewed certificate (serial %x)", cert.serial_number)
 
     def _issue_locally(self, pki_dir: pathlib.Path) -> bool:
         """Issue our certificate with the broker's CA if we can read it (same state dir)."""
@@ -379,6 +426,7 @@ class Starter:
             await stream.send(wire.StarterSync(jobs=tuple(reports)))
             self._outbox = outbox
             self.backoff.reset()
+            self._ask_renewal()
             log.info("connected to broker %s:%d as %s", *self.broker_addr, self.name)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(outbox.run)
@@ -458,6 +506,8 @@ class Starter:
             )
             data = _tail(path, msg.max_bytes) if path is not None else b""
             self.post(wire.OutputData(request=msg.request, data=data, found=target is not None))
+        elif isinstance(msg, wire.CertRenewed):
+            self._renewed(msg)
         elif isinstance(msg, wire.Ack):
             for jid in msg.ids:
                 if self.unacked.pop(jid, None) is not None:

@@ -118,6 +118,10 @@ class TinyBroker:
                     await fs.send(wire.Ping())
                 if isinstance(msg, wire.JobUpdate):
                     await fs.send(wire.Ack(ids=(msg.report.id,)))
+                if isinstance(msg, wire.CertRenew):
+                    key = common.parse_public_key(msg.public_key)
+                    cert = self.pki.issue(wire.ROLE_STARTER, hello.starter_id, key)
+                    await fs.send(wire.CertRenewed(certificate=common.cert_pem(cert).decode()))
         finally:
             if self.stream is fs:
                 self.stream = None

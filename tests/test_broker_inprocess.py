@@ -486,3 +486,23 @@ def test_gate_caps_per_key_and_in_total() -> None:
     gate.leave(1)
     assert gate.enter(3) is None
     assert gate.count == 3
+
+
+async def test_a_connected_starter_gets_a_renewed_certificate_in_its_name(
+    broker: Broker, st: FakeStarter
+) -> None:
+    """cert_renew on an authenticated control channel gets a certificate of the pool for the
+    new key, in the name of the connection's certificate, recorded as issued."""
+    await st.connect(broker)
+    assert st.stream is not None
+    key = common.new_private_key()
+    await st.stream.send(wire.CertRenew(public_key=common.public_key_pem(key.public_key())))
+    reply = await st.receive()
+    assert isinstance(reply, wire.CertRenewed), reply
+    cert = common.parse_cert(reply.certificate)
+    ident = common.verify_leaf(
+        cert, [broker.pki.ca.cert], pool_id=broker.pki.pool_id, role=wire.ROLE_STARTER, name="st1"
+    )
+    assert ident.name == "st1"
+    assert common.public_key_pem(cert.public_key()) == common.public_key_pem(key.public_key())  # type: ignore[arg-type]
+    assert cert.serial_number in {c.serial for c in broker.pki.issued()}

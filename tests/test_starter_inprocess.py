@@ -236,3 +236,35 @@ def test_personal_starter_issues_its_certificate_and_follows_a_rename() -> None:
             shutil.rmtree(lone, ignore_errors=True)
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+async def test_starter_renews_its_certificate_past_two_thirds_of_its_life(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A starter whose certificate has less than a third of its life left asks for a new one
+    on connecting, checks it and stores it (with its new key) for its next connections."""
+    import datetime
+
+    from ssh_to_job import common
+
+    state = new_state_dir()
+    pki = common.BrokerPki.open(state / "pki")
+    old_key = common.new_private_key()
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=80)
+    old = pki.issue(wire.ROLE_STARTER, "inproc", old_key.public_key(), now=long_ago)
+    common.write_leaf(state / "pki", common.STARTER_KEY, common.STARTER_CERT, old_key, old)
+    assert common.needs_renewal(old)
+    async with running_starter(state, starter_config()) as (_starter, broker):
+        await broker.next(wire.CertRenew)
+
+        def renewed() -> bool:
+            cert = common.load_cert(state / "pki" / common.STARTER_CERT)
+            return cert.serial_number != old.serial_number
+
+        await real_wait("the renewed certificate", renewed)
+        new = common.load_cert(state / "pki" / common.STARTER_CERT)
+        assert not common.needs_renewal(new)
+        assert common.StarterPki.load(state / "pki").name == "inproc"
+        assert common.public_key_pem(
+            common.load_private_key(state / "pki" / common.STARTER_KEY).public_key()
+        ) != common.public_key_pem(old_key.public_key())

@@ -68,6 +68,8 @@ SAMPLES: dict[str, Message] = {
         wire.Ack(ids=("32.0",)),
         wire.SessionFailed(session_id="s1", message="job exited"),
         wire.Ping(),
+        wire.CertRenew(public_key="-----BEGIN PUBLIC KEY-----"),
+        wire.CertRenewed(certificate="-----BEGIN CERTIFICATE-----"),
         wire.SessionAttach(session_id="s1", starter_id="st1"),
         wire.SessionOpen(capability=b"cap", shells=("bash",)),
         wire.SessionReady(host_key="ssh-ed25519 AAAA", login="ann", signature=b"s" * 64),
@@ -110,11 +112,26 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("hello", B, "error"): "closed",
         **{
             ("ready", S, t): "ready"
-            for t in ("starter_sync", "job_update", "session_failed", "output_data", "ping")
+            for t in (
+                "starter_sync",
+                "job_update",
+                "session_failed",
+                "output_data",
+                "ping",
+                "cert_renew",
+            )
         },
         **{
             ("ready", B, t): "ready"
-            for t in ("run_job", "signal_job", "open_session", "fetch_output", "ack", "ping")
+            for t in (
+                "run_job",
+                "signal_job",
+                "open_session",
+                "fetch_output",
+                "ack",
+                "ping",
+                "cert_renewed",
+            )
         },
         ("ready", S, "error"): "closed",
         ("ready", B, "error"): "closed",

@@ -367,6 +367,23 @@ class Ack(Message):
 
 
 @attrs.frozen
+class CertRenew(Message):
+    """A starter whose certificate has less than a third of its life left asks for a new one,
+    for a key it just made (PEM SubjectPublicKeyInfo, Ed25519)."""
+
+    TYPE: ClassVar[str] = "cert_renew"
+    public_key: str
+
+
+@attrs.frozen
+class CertRenewed(Message):
+    """The new certificate (PEM) for the key in ``cert_renew``; the old one stays valid."""
+
+    TYPE: ClassVar[str] = "cert_renewed"
+    certificate: str
+
+
+@attrs.frozen
 class SessionFailed(Message):
     TYPE: ClassVar[str] = "session_failed"
     session_id: str
@@ -440,6 +457,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         JobUpdate,
         Ack,
         SessionFailed,
+        CertRenew,
+        CertRenewed,
         Ping,
         SessionAttach,
         SessionOpen,

@@ -69,9 +69,9 @@ _STARTER: _Table = {
     ("hello", B, "error"): CLOSED_STATE,
     (START, B, "error"): CLOSED_STATE,
 }
-for _t in ("starter_sync", "job_update", "session_failed", "output_data", "ping"):
+for _t in ("starter_sync", "job_update", "session_failed", "output_data", "ping", "cert_renew"):
     _STARTER[("ready", S, _t)] = "ready"
-for _t in ("run_job", "signal_job", "open_session", "fetch_output", "ack", "ping"):
+for _t in ("run_job", "signal_job", "open_session", "fetch_output", "ack", "ping", "cert_renewed"):
     _STARTER[("ready", B, _t)] = "ready"
 _STARTER[("ready", B, "error")] = CLOSED_STATE
 _STARTER[("ready", S, "error")] = CLOSED_STATE
