@@ -13,6 +13,12 @@ from ssh_to_job import common
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="stj broker", description="run the ssh-to-job broker")
     common.add_pool_flags(ap)
+    ap.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help=f"where the TLS port for starters listens (default 127.0.0.1:{common.DEFAULT_PORT}; "
+        "[broker] listen in the config)",
+    )
     ap.add_argument("--port", type=int, help="TCP port for starters (0: any free port)")
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
@@ -20,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         config, state = common.config_and_state(a)
         if a.port is not None:
             config = attrs.evolve(config, broker=attrs.evolve(config.broker, port=a.port))
+        if a.listen is not None:
+            config = attrs.evolve(config, broker=attrs.evolve(config.broker, listen=a.listen))
     except (common.ConfigError, ValueError) as exc:
         print(f"stj broker: config: {exc}", file=sys.stderr)
         return 2
@@ -35,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile_limit()
     try:
         broker = Broker(state, config)
-    except (StateDirBusy, QueueVersionError) as exc:
+    except (StateDirBusy, QueueVersionError, ValueError, OSError) as exc:
         print(f"stj broker: {exc}", file=sys.stderr)
         return 1
     try:

@@ -1,15 +1,18 @@
 """The broker's connections: listeners, limits, local clients, starters' control channels.
 
 Two endpoints: a unix socket for local clients, who are identified by SO_PEERCRED (no
-passwords, no tokens), and a TCP port that starters dial *out* to. A starter's first frame says
-what the connection is: ``starter_hello`` opens its authenticated control channel,
-``session_attach`` brings a socket for a pending session (see ``_rendezvous``).
+passwords, no tokens), and a TLS 1.3 port that starters dial *out* to, where both ends
+authenticate with certificates of the pool CA (``transport.serve_tls`` checks the peer's
+certificate, pool id, role and revocation before any frame is read). A starter's first frame
+says what the connection is: ``starter_hello`` opens its control channel (the name it gives
+must be its certificate's), ``session_attach`` brings a socket for a pending session (see
+``_rendezvous``). A peer without a certificate may only enrol with a join token.
 
-Every connection is handled in its own task and is bounded: a cap on connections per uid (unix)
-or per address (TCP, until the starter has authenticated) and in total, a deadline for an idle
-connection and a shorter one for every frame once its first byte is in, and at most one frame
-(``max_frame``) plus one read buffered. A malformed, slow or hostile peer loses its own
-connection and nothing else. Nothing here decides a job's fate: that is ``_jobs``.
+Every connection is handled in its own task and is bounded: a cap on connections per uid on
+the unix socket and in total, a deadline for the TLS handshake, for an idle connection and a
+shorter one for every frame once its first byte is in, and at most one frame (``max_frame``)
+plus one read buffered. A malformed, slow or hostile peer loses its own connection and nothing
+else. Nothing here decides a job's fate: that is ``_jobs``.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import os
 import pwd
 import secrets
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -31,8 +36,9 @@ from ssh_to_job.transport import (
     Outbox,
     PeerBroken,
     PeerGone,
-    receive_one_frame_exact,
+    PeerIdentity,
     set_nodelay,
+    watch_revocation,
 )
 
 from . import _queue
@@ -113,6 +119,34 @@ def _uid_of(name: str) -> int | None:
         return None
 
 
+TlsStream = trio.SSLStream[trio.SocketStream]
+_TLS_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError)
+
+
+async def _first_frame(stream: TlsStream, max_frame: int, within: float) -> tuple[bytes, bytes]:
+    """The first frame's payload on a TLS connection, and what came after it (decrypted)."""
+    decoder = wire.FrameDecoder(max_frame)
+    with trio.fail_after(within):
+        while True:
+            payload = decoder.next_frame()
+            if isinstance(payload, bytes):
+                return payload, decoder.buffered
+            if payload is wire.CLOSED:
+                raise PeerBroken("peer closed the connection before its first frame")
+            try:
+                data = await stream.receive_some(65536)
+            except _TLS_ERRORS as exc:
+                raise PeerBroken(f"connection broken: {exc}") from exc
+            decoder.receive_data(bytes(data))
+
+
+async def _refuse_tls(stream: TlsStream, error: wire.Error) -> None:
+    """Best effort: one error frame on a TLS connection we will not serve."""
+    conn = wire.Connection(wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER)
+    with trio.move_on_after(1), contextlib.suppress(*_TLS_ERRORS):
+        await stream.send_all(conn.farewell(error))
+
+
 async def _refuse(sock: trio.socket.SocketType, conn: wire.Connection, error: wire.Error) -> None:
     """Best effort: one error frame to a connection we will not serve, then close it."""
     with trio.move_on_after(1), contextlib.suppress(OSError):
@@ -128,17 +162,24 @@ class Connections:
         rendezvous: Rendezvous,
         queue: _queue.JobQueue,
         signing_key: bytes,
-        trusted: Callable[[bytes], bool],
+        is_revoked: Callable[[int], bool],
     ) -> None:
         self.bc = config
         self.jobs = jobs
         self.rendezvous = rendezvous
         self.queue = queue
         self.signing_key = signing_key
-        self.trusted = trusted
+        self.public_key = wire.public_key_of(signing_key)
+        self.is_revoked = is_revoked
+        #: The pool CA and the join tokens (set by the broker; None only in bare tests).
+        self.pki: Any = None
+        self.book: Any = None
+        self.save_book: Callable[[], None] = lambda: None
+        self.clock: Callable[[], float] = lambda: 0.0
+        #: Starter name -> when the broker last heard from it (wall clock).
+        self.last_seen: dict[str, float] = {}
+        self.save_seen: Callable[[], None] = lambda: None
         self.unix_gate = Gate(config.max_connections, config.max_connections_per_uid)
-        # TCP peers count until they have authenticated as a starter (or attached a session).
-        self.tcp_gate = Gate(config.max_connections, config.max_connections_per_uid)
         self._output_req = 0
 
     async def accept_loop(
@@ -246,6 +287,10 @@ class Connections:
             await stream.send(self._status())
         elif isinstance(msg, wire.Output):
             await stream.send(await self._output(msg, uid))
+        elif isinstance(msg, wire.TokenCreate):
+            await stream.send(self._token_create(msg, uid))
+        elif isinstance(msg, wire.StarterRevoke):
+            await stream.send(await self._revoke(msg, uid))
         elif isinstance(msg, wire.SshRequest):
             await self._ssh(stream, sock, msg, uid)
             return True
@@ -278,8 +323,19 @@ class Connections:
                 page = []
         await stream.send(wire.JobList(jobs=tuple(page), last=True))
 
+    def known_starters(self) -> set[str]:
+        """Every starter enrolled in this pool whose certificates are not all revoked."""
+        if self.pki is None:
+            return set()
+        out: set[str] = set()
+        for cert in self.pki.issued():
+            if cert.role == wire.ROLE_STARTER and not self.is_revoked(cert.serial):
+                out.add(cert.name)
+        return out
+
     def _status(self) -> wire.Message:
         counts = self.queue.counts()
+        live = self.jobs.starters
         starters = [
             wire.StarterInfo(
                 starter_id=conn.name,
@@ -288,9 +344,21 @@ class Connections:
                 connected=True,
                 jobs=tuple(sorted(conn.jobs)),
                 address=conn.address,
+                last_seen=self.last_seen.get(conn.name, 0.0),
             )
-            for conn in self.jobs.starters.values()
+            for conn in live.values()
         ]
+        for name in sorted(self.known_starters() - set(live)):
+            starters.append(
+                wire.StarterInfo(
+                    starter_id=name,
+                    slots=0,
+                    busy=0,
+                    connected=False,
+                    jobs=(),
+                    last_seen=self.last_seen.get(name, 0.0),
+                )
+            )
         return wire.StatusReply(
             starters=tuple(starters),
             broker_pid=os.getpid(),
@@ -452,112 +520,238 @@ class Connections:
 
     # ------------------------------------------------------------------ starters
 
-    async def handle_tcp(self, sock: trio.socket.SocketType) -> None:
+    async def handle_tls(self, stream: TlsStream, ident: PeerIdentity | None) -> None:
+        """One TLS connection on the broker's port (``transport.serve_tls`` has checked the
+        peer's certificate: this pool's CA, a starter, not revoked). Its first frame says what
+        it is: ``starter_hello`` opens a control channel, ``session_attach`` brings a session
+        socket. A peer without a certificate may only enrol (``enroll``)."""
         try:
-            host = sock.getpeername()[0]
-        except OSError:
-            sock.close()
-            return
-        bye = wire.Connection(wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER)
-        refused = self.tcp_gate.enter(host)
-        if refused is not None:
-            log.warning("refusing a TCP connection from %s: %s", host, refused)
-            await _refuse(sock, bye, wire.Error("busy", f"{refused}; try again later"))
-            return
-        admitted = True
-
-        def authenticated() -> None:
-            nonlocal admitted
-            if admitted:
-                admitted = False
-                self.tcp_gate.leave(host)
-
-        try:
-            await self._serve_tcp(sock, bye, authenticated)
+            if ident is None:
+                await self.enroll(stream)
+                return
+            await self._serve_tls(stream, ident)
+        except Exception:
+            # A bug must cost this one connection, never the broker (serve_tls ends on it).
+            log.exception("internal error on a connection from %s", ident)
         finally:
-            authenticated()
+            with contextlib.suppress(*_TLS_ERRORS):
+                await trio.aclose_forcefully(stream)
 
-    async def _serve_tcp(
-        self, sock: trio.socket.SocketType, bye: wire.Connection, authenticated: Callable[[], None]
-    ) -> None:
+    async def enroll(self, stream: TlsStream) -> None:
+        """A connection without a certificate: one enrolment (a join token for a certificate).
+
+        The whole exchange has the handshake's deadline; the spent token is saved before the
+        certificate goes out, so a crash never leaves a used token usable again.
+        """
+        pki = self.pki
+        if pki is None or not self.bc.allow_enrollment:
+            await _refuse_tls(
+                stream, wire.Error("refused", "a certificate of this pool is required")
+            )
+            return
+        from ssh_to_job.common import BrokerEnrollment, EnrollError, decode_enroll, encode_enroll
+
+        def issue(name: str, public_key: Any) -> Any:
+            # A host that enrols again (reinstalled, new key) replaces its old certificates.
+            old = pki.revoke(wire.ROLE_STARTER, name)
+            if old:
+                log.info("starter %s enrolled again: revoked its old serials %s", name, old)
+            return pki.issue(wire.ROLE_STARTER, name, public_key)
+
+        enrollment = BrokerEnrollment(pki.ca_file.read_bytes(), self.book, issue, self.clock)
+        decoder = wire.FrameDecoder(wire.DEFAULT_MAX_FRAME)
+
+        async def next_msg() -> object:
+            while not isinstance(payload := decoder.next_frame(), bytes):
+                if payload is wire.CLOSED:
+                    raise PeerBroken("peer closed the enrolment connection")
+                try:
+                    data = await stream.receive_some(65536)
+                except _TLS_ERRORS as exc:
+                    raise PeerBroken(f"connection broken: {exc}") from exc
+                decoder.receive_data(bytes(data))
+            return decode_enroll(payload)
+
+        async def say(msg: Any) -> None:
+            await stream.send_all(wire.encode_frame(encode_enroll(msg)))
+
         try:
-            frame = await receive_one_frame_exact(sock, self.bc.max_frame, self.bc.frame_timeout)
-            first = wire.decode_message(frame[wire.FRAME_HEADER.size :])
+            with trio.fail_after(self.bc.handshake_timeout + self.bc.frame_timeout):
+                await say(enrollment.on_hello(await next_msg()))
+                request = await next_msg()
+                try:
+                    reply = enrollment.on_request(request)
+                finally:
+                    self.save_book()
+                log.info("starter %s enrolled", getattr(request, "name", "?"))
+                await say(reply)
+        except EnrollError as exc:
+            log.warning("enrolment refused: %s", exc.message)
+            with trio.move_on_after(1), contextlib.suppress(*_TLS_ERRORS):
+                await say(exc.error())
+        except (PeerGone, wire.RemoteProtocolError, trio.TooSlowError, *_TLS_ERRORS) as exc:
+            log.info("enrolment connection ended: %s", exc or "timed out")
+
+    # ------------------------------------------------------------------ pool administration
+
+    def _token_create(self, msg: wire.TokenCreate, uid: int) -> wire.Message:
+        if not self.jobs.is_superuser(uid):
+            return wire.Error("denied", "only root or a queue superuser may create join tokens")
+        if self.pki is None:
+            return wire.Error("unavailable", "this broker has no pool CA")
+        ttl = msg.ttl or self.bc.token_ttl
+        now = self.clock()
+        try:
+            token = self.book.create(self.pki.ca.fingerprint, ttl, now)
+        except ValueError as exc:
+            return wire.Error("bad_request", str(exc))
+        self.save_book()
+        self.queue.audit(uid, "token", "", f"created join token {token.token_id} for {ttl:g} s")
+        return wire.TokenCreated(token=str(token), expires_at=now + ttl)
+
+    async def _revoke(self, msg: wire.StarterRevoke, uid: int) -> wire.Message:
+        if not self.jobs.is_superuser(uid):
+            return wire.Error("denied", "only root or a queue superuser may revoke starters")
+        if self.pki is None:
+            return wire.Error("unavailable", "this broker has no pool CA")
+        serials = self.pki.revoke(wire.ROLE_STARTER, msg.name)
+        if not serials:
+            return wire.Error("unknown_starter", f"no certificate was ever issued to {msg.name!r}")
+        self.queue.audit(uid, "revoke", "", f"starter {msg.name}: serials {serials}")
+        log.warning("starter %s revoked (serials %s)", msg.name, [f"{s:x}" for s in serials])
+        cut = 0
+        conn = self.jobs.starters.get(msg.name)
+        if conn is not None:
+            cut += 1
+            why = wire.Error("revoked", f"starter {msg.name} was revoked by the pool admin")
+            await conn.stream.farewell(why)
+            await conn.stream.aclose()
+        cut += self.rendezvous.drop_starter(msg.name)
+        return wire.StarterRevoked(serials=tuple(f"{s:x}" for s in serials), cut=cut)
+
+    async def _serve_tls(self, stream: TlsStream, ident: PeerIdentity) -> None:
+        try:
+            frame, extra = await _first_frame(stream, self.bc.max_frame, self.bc.frame_timeout)
+            first = wire.decode_message(frame)
         except (PeerGone, wire.RemoteProtocolError, trio.TooSlowError) as exc:
             why = str(exc) or f"no complete frame within {self.bc.frame_timeout} s"
-            log.info("dropping TCP peer: %s", why)
-            # Say why (best effort), as on the unix socket: it may be a misconfigured starter.
-            await _refuse(sock, bye, wire.Error("protocol", f"protocol error: {why}"))
+            log.info("dropping %s: %s", ident, why)
+            await _refuse_tls(stream, wire.Error("protocol", f"protocol error: {why}"))
             return
         if isinstance(first, wire.SessionAttach):
-            self.rendezvous.attach(sock, first)
+            await self._attach(stream, ident, first, extra)
             return
         conn = wire.Connection(
             wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER, self.bc.max_frame
         )
-        stream = FramedStream(trio.SocketStream(sock), conn)
-        conn.receive_data(frame)
+        fs = FramedStream(stream, conn)
+        conn.receive_data(wire.encode_frame(frame, self.bc.max_frame) + extra)
         # except*: the session's reader runs in a nursery body, which wraps what it raises.
         try:
-            hello = await stream.receive(within=self.bc.frame_timeout)
+            hello = await fs.receive(within=self.bc.frame_timeout)
             if not isinstance(hello, wire.StarterHello):
                 raise wire.RemoteProtocolError(f"expected starter_hello, got {hello.TYPE}")
-            await self._starter_session(stream, sock, hello, authenticated)
+            if hello.starter_id != ident.name:
+                log.warning("%s announced itself as %r; refused", ident, hello.starter_id)
+                await fs.send(
+                    wire.Error(
+                        "bad_name",
+                        f"this certificate is for starter {ident.name!r}, not {hello.starter_id!r}",
+                    )
+                )
+                return
+            await self._starter_session(fs, stream, ident, hello)
         except* wire.RemoteProtocolError as group:
             bad = group.exceptions[0]
-            log.info("starter sent garbage: %s", bad)
-            await stream.farewell(wire.Error("protocol", f"protocol error: {bad}"))
+            log.info("starter %s sent garbage: %s", ident.name, bad)
+            await fs.farewell(wire.Error("protocol", f"protocol error: {bad}"))
         except* (PeerGone, trio.TooSlowError) as group:
-            log.info("starter connection ended: %s", group.exceptions[0])
-        except* Exception:
-            log.exception("internal error on a starter connection")
-        finally:
-            await stream.aclose()
+            log.info("starter %s connection ended: %s", ident.name, group.exceptions[0])
+
+    async def _attach(
+        self, stream: TlsStream, ident: PeerIdentity, msg: wire.SessionAttach, extra: bytes
+    ) -> None:
+        """A session connection: checked, out of TLS, and its socket handed to the rendezvous."""
+        if extra or msg.starter_id != ident.name or not self.rendezvous.expects(msg, ident.name):
+            log.warning("rejected session attach for %r from %s", msg.session_id, ident)
+            return
+        try:
+            with trio.fail_after(self.bc.frame_timeout):
+                raw, left = await stream.unwrap()
+        except (trio.TooSlowError, *_TLS_ERRORS) as exc:
+            log.info("session %s: leaving TLS failed: %s", msg.session_id[:8], exc)
+            return
+        if left or not isinstance(raw, trio.SocketStream):
+            log.warning("session %s: bytes after the attach frame; dropped", msg.session_id[:8])
+            return
+        # serve_tls closes the connection's stream when we return: the rendezvous gets its own.
+        dup = socket.socket(fileno=os.dup(raw.socket.fileno()))
+        self.rendezvous.attach(trio.socket.from_stdlib_socket(dup), msg, ident.name)
 
     async def _starter_session(
         self,
         stream: FramedStream,
-        sock: trio.socket.SocketType,
+        tls: TlsStream,
+        ident: PeerIdentity,
         hello: wire.StarterHello,
-        authenticated: Callable[[], None],
     ) -> None:
-        name = hello.starter_id
-        handshake = wire.BrokerHandshake(self.signing_key, self.trusted)
-        try:
-            await stream.send(handshake.on_hello(hello))
-            auth = await stream.receive(within=self.bc.frame_timeout)
-            welcome, keys = handshake.on_auth(auth)
-        except wire.HandshakeError as exc:
-            log.warning("starter %r (key %s) refused: %s", name, hello.starter_key.hex(), exc)
-            await stream.send(exc.error())
-            return
-        authenticated()
+        name = ident.name
         old = self.jobs.starters.get(name)
         if old is not None:
             log.info("starter %s reconnected; dropping its old connection", name)
             await old.stream.aclose()
-        await stream.send(welcome)
-        stream.conn.start_encryption(send_key=keys.send, receive_key=keys.receive)
-        peer = sock.getpeername()
+        await stream.send(wire.Welcome(broker_key=self.public_key))
+        try:
+            peer = tls.transport_stream.socket.getpeername()
+            address = f"{peer[0]}:{peer[1]}"
+        except (OSError, AttributeError):
+            address = "?"
         conn = StarterConn(
             name=name,
             key=hello.starter_key,
             slots=max(1, hello.slots),
             stream=stream,
-            address=f"{peer[0]}:{peer[1]}",
+            address=address,
             outbox=Outbox(stream),
         )
         self.jobs.starter_joined(conn)
-        log.info("starter %s connected with %d slots", name, conn.slots)
+        self.seen(name, connected=True)
+        log.info("starter %s connected from %s with %d slots", name, address, conn.slots)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.outbox.run)
                 nursery.start_soon(self._pinger, conn)
+                nursery.start_soon(watch_revocation, tls, ident.serial, self.is_revoked)
                 while True:
-                    msg = await receive(stream, sock, STARTER_SILENCE, self.bc.frame_timeout)
+                    msg = await stream.receive(within=STARTER_SILENCE)
+                    self.seen(name)
                     self._from_starter(conn, msg)
         finally:
             self.jobs.starter_left(conn)
+            self.seen(name, connected=False)
+
+    def seen(self, name: str, connected: bool | None = None) -> None:
+        """The broker heard from starter ``name``; on (dis)connection the times are saved, so
+        ``stj status`` shows when a starter was last seen across broker restarts."""
+        self.last_seen[name] = self.clock()
+        if connected is not None:
+            self.save_seen()
+
+    def _renew(self, conn: StarterConn, msg: wire.CertRenew) -> None:
+        """A new certificate for a connected (so authenticated, not revoked) starter's new key,
+        in the name its current certificate carries; its old certificate stays valid."""
+        if self.pki is None:
+            return
+        from ssh_to_job.common import PkiError, cert_pem, parse_public_key
+
+        try:
+            key = parse_public_key(msg.public_key)
+        except PkiError as exc:
+            log.warning("starter %s asked to renew for a bad key: %s", conn.name, exc)
+            return
+        cert = self.pki.issue(wire.ROLE_STARTER, conn.name, key)
+        log.info("renewed the certificate of starter %s (serial %x)", conn.name, cert.serial_number)
+        conn.post(wire.CertRenewed(certificate=cert_pem(cert).decode("ascii")))
 
     async def _pinger(self, conn: StarterConn) -> None:
         while True:
@@ -578,6 +772,8 @@ class Connections:
                 msg.session_id, conn.name, msg.started, msg.ended, msg.bytes_in, msg.bytes_out
             ):
                 log.warning("starter %s reports an unknown session %r", conn.name, msg.session_id)
+        elif isinstance(msg, wire.CertRenew):
+            self._renew(conn, msg)
         elif isinstance(msg, wire.OutputData):
             ch = conn.pending_output.get(msg.request)
             if ch is not None:

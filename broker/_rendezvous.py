@@ -1,9 +1,11 @@
 """The session rendezvous: a client's ssh request meets the starter's session connection.
 
-The broker mints a capability, asks the job's starter to dial a new connection (``open_session``
-with a nonce), and waits for that connection's signed ``session_attach``. The attached socket is
-passed to the waiting local client as a file descriptor (SCM_RIGHTS) together with the grant;
-the broker never reads a byte past the attach frame and keeps no copy of the socket.
+The broker mints a capability, asks the job's starter to dial a new connection
+(``open_session``), and waits for that connection's ``session_attach``: a TLS connection whose
+certificate names the starter that was asked, for a session that is waiting. Both sides then
+leave TLS (close_notify both ways) and the bare socket is passed to the waiting local client as
+a file descriptor (SCM_RIGHTS) together with the grant; the broker never reads a byte past the
+attach frame and keeps no copy of the socket.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ class PendingSession:
     session_id: str
     job: str
     starter: str
-    nonce: bytes
     done: trio.Event = attrs.field(factory=trio.Event)
     sock: trio.socket.SocketType | None = None
     failure: str = ""
@@ -78,10 +79,10 @@ class Rendezvous:
         """Ask ``conn`` for a session connection: (its socket or None, why not).
 
         The caller owns the socket it gets and must close it."""
-        pending = PendingSession(session_id, job, conn.name, secrets.token_bytes(32))
+        pending = PendingSession(session_id, job, conn.name)
         self.sessions[session_id] = pending
         try:
-            conn.post(wire.OpenSession(session_id=session_id, job=job, nonce=pending.nonce))
+            conn.post(wire.OpenSession(session_id=session_id, job=job))
             with trio.move_on_after(self.session_timeout):
                 await pending.done.wait()
             sock, pending.sock = pending.sock, None
@@ -92,28 +93,36 @@ class Rendezvous:
             if pending.sock is not None:  # attached after we stopped waiting
                 pending.sock.close()
 
-    def attach(self, sock: trio.socket.SocketType, msg: wire.SessionAttach) -> None:
-        """A starter's session connection arrived: hand it to the waiting request, or close it."""
+    def expects(self, msg: wire.SessionAttach, starter: str) -> bool:
+        """Whether a session connection from (certified) ``starter`` for ``msg`` is awaited."""
         pending = self.sessions.get(msg.session_id)
-        key = self.starter_key(msg.starter_id)
-        ok = (
+        return (
             pending is not None
-            and key is not None
-            and pending.starter == msg.starter_id
+            and self.starter_key(starter) is not None
+            and pending.starter == starter
             and pending.sock is None
             and not pending.done.is_set()
-            and wire.verify(
-                key,
-                wire.attach_statement(msg.session_id, msg.starter_id, pending.nonce),
-                msg.signature,
-            )
         )
-        if not ok or pending is None:
-            log.warning("rejected session attach for %r from %r", msg.session_id, msg.starter_id)
+
+    def attach(self, sock: trio.socket.SocketType, msg: wire.SessionAttach, starter: str) -> None:
+        """A session connection arrived out of TLS: hand it to the waiting request, or close it."""
+        pending = self.sessions.get(msg.session_id)
+        if pending is None or not self.expects(msg, starter):
+            log.warning("rejected session attach for %r from %r", msg.session_id, starter)
             sock.close()
             return
         pending.sock = sock
         pending.done.set()
+
+    def drop_starter(self, starter: str) -> int:
+        """Fail every session still waiting on ``starter`` (revoked); how many there were."""
+        n = 0
+        for pending in self.sessions.values():
+            if pending.starter == starter and not pending.done.is_set():
+                pending.failure = f"starter {starter} was revoked"
+                pending.done.set()
+                n += 1
+        return n
 
     def failed(self, starter: str, msg: wire.SessionFailed) -> None:
         pending = self.sessions.get(msg.session_id)

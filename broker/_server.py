@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import json
 import logging
 import os
 import pathlib
@@ -25,7 +27,7 @@ from collections.abc import Callable
 
 import trio
 
-from ssh_to_job import common, wire
+from ssh_to_job import common, transport, wire
 
 from ._connections import Connections
 from ._jobs import Jobs
@@ -90,8 +92,13 @@ class Broker:
             os.chmod(state_dir, 0o755)  # noqa: S103
             self.signing_key = common.load_or_create_key(state_dir / "keys" / "broker.key")
             self.public_key = wire.public_key_of(self.signing_key)
-            common.write_public(state_dir / "broker.pub", self.public_key.hex().encode() + b"\n")
-            (state_dir / "trusted_starters").mkdir(mode=0o755, exist_ok=True)
+            self.host, self.port = listen_address(self.bc)
+            # The pool CA and the broker's TLS certificate: made on first start, kept after.
+            self.pki = common.BrokerPki.open(
+                pathlib.Path(self.bc.pki_dir) if self.bc.pki_dir else state_dir / "pki",
+                hosts=self.bc.cert_hosts or cert_hosts_for(self.host),
+                leaf_days=self.bc.cert_days,
+            )
             self.queue = JobQueue(state_dir / "queue.db")
         except BaseException:
             os.close(self._lock_fd)
@@ -106,7 +113,17 @@ class Broker:
             clock,
         )
         self.connections = Connections(
-            self.bc, self.jobs, self.rendezvous, self.queue, self.signing_key, self._trusted
+            self.bc, self.jobs, self.rendezvous, self.queue, self.signing_key, self.is_revoked
+        )
+        c = self.connections
+        c.pki = self.pki
+        c.book = common.TokenBook.load(self.pki.tokens_file)
+        c.save_book = lambda: c.book.save(self.pki.tokens_file)
+        c.clock = clock
+        seen_file = state_dir / "starters.json"
+        c.last_seen = _load_seen(seen_file)
+        c.save_seen = lambda: common.write_public(
+            seen_file, json.dumps(c.last_seen, sort_keys=True).encode() + b"\n"
         )
         self.socket_path = state_dir / "broker.sock"
         self.tcp_port = 0
@@ -130,15 +147,8 @@ class Broker:
         conn = self.jobs.starters.get(name)
         return conn.key if conn is not None else None
 
-    def _trusted(self, key: bytes) -> bool:
-        trust = self.state_dir / "trusted_starters"
-        for path in trust.glob("*.pub"):
-            try:
-                if wire.same_secret(common.read_public_key(path), key):
-                    return True
-            except (OSError, ValueError):
-                continue
-        return False
+    def is_revoked(self, serial: int) -> bool:
+        return self.pki.revocations.is_revoked(serial)
 
     def close(self) -> None:
         self.queue.close()
@@ -158,25 +168,77 @@ class Broker:
             # Anyone may connect: who they are comes from SO_PEERCRED on every connection.
             os.chmod(self.socket_path, 0o666)  # noqa: S103
             unix.listen(512)
-            tcp_listeners = await trio.open_tcp_listeners(self.bc.port, host=self.bc.host)
-            try:
-                self.tcp_port = tcp_listeners[0].socket.getsockname()[1]
+            c = self.connections
+            ctx = transport.server_context(
+                self.pki.cert_file,
+                self.pki.key_file,
+                self.pki.ca_file,
+                allow_enrollment=self.bc.allow_enrollment,
+            )
+            async with trio.open_nursery() as nursery:
+                listeners = await nursery.start(
+                    functools.partial(
+                        transport.serve_tls,
+                        c.handle_tls,
+                        self.port,
+                        ctx,
+                        host=self.host,
+                        pool_id=self.pki.pool_id,
+                        roles={wire.ROLE_STARTER},
+                        is_revoked=self.is_revoked,
+                        allow_anonymous=self.bc.allow_enrollment,
+                        handshake_timeout=self.bc.handshake_timeout,
+                        farewell=_farewell,
+                        max_handshakes=self.bc.max_connections,
+                        max_handshakes_per_peer=self.bc.max_connections_per_uid,
+                    )
+                )
+                self.tcp_port = listeners[0].socket.getsockname()[1]
                 # Atomically: a starter may be reading it to redial.
                 common.write_public(
-                    self.state_dir / "broker.addr", f"{self.bc.host}:{self.tcp_port}\n".encode()
+                    self.state_dir / "broker.addr", f"{self.host}:{self.tcp_port}\n".encode()
                 )
                 log.info(
-                    "broker listening on %s and %s:%d",
+                    "broker listening on %s and %s:%d (TLS 1.3, pool %s)",
                     self.socket_path,
-                    self.bc.host,
+                    self.host,
                     self.tcp_port,
+                    self.pki.pool_id,
                 )
-                c = self.connections
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(c.accept_loop, unix, c.handle_client)
-                    for lst in tcp_listeners:
-                        nursery.start_soon(c.accept_loop, lst.socket, c.handle_tcp)
-                    task_status.started()
-            finally:
-                for lst in tcp_listeners:
-                    lst.socket.close()
+                nursery.start_soon(c.accept_loop, unix, c.handle_client)
+                task_status.started()
+
+
+def _farewell(exc: transport.TlsRefused) -> bytes:
+    """What a peer refused after its handshake reads (a revoked starter sees why)."""
+    conn = wire.Connection(wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER)
+    code = "revoked" if "revoked" in exc.reason else "refused"
+    return conn.farewell(wire.Error(code, exc.reason))
+
+
+def _load_seen(path: pathlib.Path) -> dict[str, float]:
+    """Last-seen times saved by an earlier run (a damaged file is only a loss of history)."""
+    try:
+        raw = json.loads(path.read_text())
+        return {str(k): float(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def listen_address(bc: common.BrokerConfig) -> tuple[str, int]:
+    """(host, port) the TLS port listens on: ``listen`` (HOST:PORT) if set, else host/port."""
+    if not bc.listen:
+        return bc.host, bc.port
+    host, sep, port = bc.listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen must be HOST:PORT, not {bc.listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def cert_hosts_for(host: str) -> list[str]:
+    """The broker certificate's names when the config gives none: the listen address and
+    this host's name (a wildcard address names no one)."""
+    names = [socket.gethostname()]
+    if host not in ("", "0.0.0.0", "::"):
+        names.insert(0, host)
+    return names

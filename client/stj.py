@@ -38,6 +38,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-name", "--name", dest="broker_name", help="broker socket or state directory")
 
 
+def _duration(text: str) -> float:
+    """Seconds from ``600``, ``10m``, ``2h`` or ``1d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    scale = units.get(text[-1:], 1) if text else 1
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 600, 10m, 2h)") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from ssh_to_job import __version__
 
@@ -135,6 +149,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("ssh-config", help="print an ssh_config block: `ssh job-32.0`, VS Code")
     _common(p)
+    p = sub.add_parser("token", help="join tokens for new execute hosts (root or superuser)")
+    tsub = p.add_subparsers(dest="token_cmd", required=True)
+    t = tsub.add_parser("create", help="print a one-time join token for `stj starter --join`")
+    _common(t)
+    t.add_argument("--ttl", type=_duration, help="how long it stays valid: 600, 10m, 2h, 1d")
+    p = sub.add_parser("starter-revoke", help=argparse.SUPPRESS)
+    _common(p)
+    p.add_argument("starter_name", metavar="NAME")
     p = sub.add_parser("output", help="show a job's stdout (or --stderr)")
     _common(p)
     p.add_argument("--stderr", action="store_true")
@@ -168,10 +190,6 @@ def cmd_pool(a: argparse.Namespace) -> int:
             attrs.evolve(config.starter, slots=a.slots)
         except ValueError as exc:
             return die(f"--slots: {exc}", 2)
-    seed = common.load_or_create_key(state / "keys" / "starter.key")
-    trust = state / "trusted_starters"
-    trust.mkdir(mode=0o755, exist_ok=True)
-    common.write_public(trust / "local.pub", common.public_hex(seed).encode() + b"\n")
     try:
         _lock = _pool.lock_pool(state)  # held until this process ends
     except _pool.PoolLocked as exc:
@@ -182,10 +200,14 @@ def cmd_pool(a: argparse.Namespace) -> int:
     if a.debug:
         flags.append("--debug")
     st_args = ["--slots", str(a.slots)] if a.slots is not None else []
+    # Many personal pools share a host: a free port unless the config chose one. The local
+    # starter reads it from <state>/broker.addr and its certificate from <state>/pki.
+    chosen = config.broker.listen or config.broker.port != common.DEFAULT_PORT
+    b_args = [] if chosen else ["--port", "0"]
     label = "pool" if os.getuid() == 0 else "personal pool"
     return _pool.supervise(
         state,
-        [*_daemon_argv("broker"), *flags],
+        [*_daemon_argv("broker"), *flags, *b_args],
         [*_daemon_argv("starter"), *flags, *st_args],
         label,
     )
@@ -542,16 +564,32 @@ def cmd_status(a: argparse.Namespace) -> int:
         f"broker pid {reply.broker_pid}: {reply.jobs_idle} idle, {reply.jobs_running} running, "
         f"{reply.jobs_held} held"
     )
-    if not reply.starters:
+    if not any(s.connected for s in reply.starters):
         print("no starters connected")
+    now = time.time()
     for s in reply.starters:
+        if not s.connected:
+            ago = f"last seen {_ago(now - s.last_seen)} ago" if s.last_seen else "never seen"
+            print(printable(f"starter {s.starter_id}: disconnected, {ago}"))
+            continue
         print(
             printable(
-                f"starter {s.starter_id} ({s.address}): {s.busy}/{s.slots} slots busy"
+                f"starter {s.starter_id} ({s.address}): connected, {s.busy}/{s.slots} slots busy"
                 + (f": {' '.join(s.jobs)}" if s.jobs else "")
             )
         )
     return 0
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} days"
 
 
 def cmd_output(a: argparse.Namespace) -> int:
@@ -567,9 +605,37 @@ def cmd_output(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(a: argparse.Namespace) -> int:
+    with _client(a) as bc:
+        reply = bc.call(wire.TokenCreate(ttl=a.ttl or 0.0), wire.TokenCreated)
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(reply.expires_at))
+    print(reply.token)
+    print(
+        f"stj: one-time join token, valid until {when}; on the new execute host run\n"
+        "  stj starter --join BROKER:PORT --token TOKEN",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_revoke(a: argparse.Namespace) -> int:
+    with _client(a) as bc:
+        reply = bc.call(wire.StarterRevoke(name=a.starter_name), wire.StarterRevoked)
+    print(
+        printable(
+            f"starter {a.starter_name} revoked (certificate serials {', '.join(reply.serials)}); "
+            f"{reply.cut} live connection(s) cut"
+        )
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in DAEMONS:
+    if args[:2] == ["starter", "revoke"]:
+        # An admin command, not the daemon: `stj starter revoke NAME`.
+        args = ["starter-revoke", *args[2:]]
+    elif args and args[0] in DAEMONS:
         return run_daemon(args[0], args[1:])
     ap = _parser()
     a = ap.parse_args(args)
@@ -590,6 +656,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_ssh_allow(a)
         if a.cmd == "output":
             return cmd_output(a)
+        if a.cmd == "token":
+            return cmd_token(a)
+        if a.cmd == "starter-revoke":
+            return cmd_revoke(a)
         if a.cmd == "ssh-config":
             from .ideproxy import ssh_config_block
 

@@ -10,6 +10,7 @@ use of one of their names.
 from typing import TYPE_CHECKING, Any
 
 from ._config import (
+    DEFAULT_PORT,
     ENV_CONFIG,
     ENV_STATE_DIR,
     SYSTEM_STATE_DIR,
@@ -187,6 +188,7 @@ __all__ = [
     "CA_KEY",
     "DEFAULT_CA_DAYS",
     "DEFAULT_LEAF_DAYS",
+    "DEFAULT_PORT",
     "DEFAULT_TTL",
     "ENROLL_TYPES",
     "ENV_CONFIG",

@@ -38,11 +38,18 @@ def _between(low: float, high: float) -> Any:
 _SECONDS = _between(0.001, 86400 * 365)
 
 
+#: The broker's TLS port unless configured (a personal pool, ``stj pool``, takes a free one).
+DEFAULT_PORT = 9620
+
+
 @attrs.frozen
 class BrokerConfig:
     host: str = "127.0.0.1"
-    #: 0: pick a free port and record it in ``<state>/broker.addr`` (a personal pool).
-    port: int = attrs.field(default=0, validator=_between(0, 65535))
+    #: 0: pick a free port and record it in ``<state>/broker.addr`` (``stj pool`` does this
+    #: unless ``port`` or ``listen`` is configured).
+    port: int = attrs.field(default=DEFAULT_PORT, validator=_between(0, 65535))
+    #: ``HOST:PORT`` the TLS port listens on; overrides ``host`` and ``port`` when set.
+    listen: str = ""
     #: Queue superusers besides root: user names or numeric uids.
     superusers: tuple[str, ...] = ()
     #: Seconds a capability stays valid (at most 60).
@@ -94,8 +101,6 @@ class StarterConfig:
     slots: int = attrs.field(default=4, validator=_between(1, 100_000))
     #: ``host:port`` of the broker; default: read from ``<state>/broker.addr``.
     broker: str = ""
-    #: The broker's public key (hex); default: read from ``<state>/broker.pub``.
-    broker_key: str = ""
     execute_dir: str = ""
     sshd: str = "/usr/sbin/sshd"
     sftp_server: str = "/usr/lib/openssh/sftp-server"

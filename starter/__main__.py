@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
+import socket
 import sys
 from typing import Any
 
@@ -20,9 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     common.add_pool_flags(ap)
     ap.add_argument("--broker", help="broker host:port")
-    ap.add_argument("--broker-key", help="broker public key (hex) or a file holding it")
     ap.add_argument("--starter-name")
     ap.add_argument("--slots", type=int, help="how many jobs run here at once")
+    ap.add_argument(
+        "--join",
+        metavar="BROKER:PORT",
+        help="join the pool of that broker with --token (from 'stj token create'), then run",
+    )
+    ap.add_argument("--token", help="the one-time join token for --join ('-': read it from stdin)")
     ap.add_argument("--print-key", action="store_true", help="print this starter's public key")
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
@@ -31,11 +36,6 @@ def main(argv: list[str] | None = None) -> int:
         changes: dict[str, Any] = {}
         if a.broker:
             changes["broker"] = a.broker
-        if a.broker_key:
-            key = a.broker_key
-            if os.path.exists(key):
-                key = pathlib.Path(key).read_text().strip()
-            changes["broker_key"] = key
         if a.starter_name:
             changes["name"] = a.starter_name
         if a.slots is not None:
@@ -51,11 +51,31 @@ def main(argv: list[str] | None = None) -> int:
         seed = common.load_or_create_key(state / "keys" / "starter.key")
         print(common.public_hex(seed))
         return 0
+    if bool(a.join) != bool(a.token):
+        print("stj starter: --join and --token go together", file=sys.stderr)
+        return 2
     import trio
 
     from ._daemon import Starter
 
     common.setup_logging(a.debug)
+    if a.join:
+        from ._enroll import JoinFailed, join
+
+        cfg = config.starter
+        pki_dir = pathlib.Path(cfg.pki_dir) if cfg.pki_dir else state / "pki"
+        name = cfg.name or socket.gethostname()
+        # The token is spent within a second, but '-' keeps it off the command line entirely.
+        from_stdin = a.token == "-"  # noqa: S105 (the conventional "read it from stdin")
+        token = sys.stdin.readline().strip() if from_stdin else a.token
+        try:
+            pki = trio.run(join, a.join, token, name, pki_dir, cfg.handshake_timeout)
+        except JoinFailed as exc:
+            print(f"stj starter: join refused: {exc}", file=sys.stderr)
+            return 1
+        # Later starts (and redials) find the broker here unless [starter] broker says else.
+        common.write_public(state / "broker.addr", f"{a.join}\n".encode())
+        print(f"stj starter: joined pool {pki.pool_id} as {pki.name}", file=sys.stderr)
     try:
         trio.run(Starter(state, config, debug=a.debug).serve)
     except KeyboardInterrupt:

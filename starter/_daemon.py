@@ -1,7 +1,8 @@
 """The starter daemon: dials out to the broker, runs jobs as their owners, serves sessions.
 
-It opens no port. Its one control connection to the broker is authenticated both ways (it
-knows the broker's public key; the broker has the starter's in its trusted set). Jobs live in
+It opens no port. Its one control connection to the broker is TLS 1.3, authenticated both ways
+by certificates of the pool CA (``<state>/pki``, from enrolment with a join token, or issued
+directly from the broker's CA when both share a state directory, as in ``stj pool``). Jobs live in
 the starter's own nursery, not the connection's: when the broker goes away, jobs keep running,
 the starter redials with backoff, and reports what happened meanwhile (exit codes included)
 until the broker acknowledges each report.
@@ -26,6 +27,7 @@ import os
 import pathlib
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -33,8 +35,8 @@ from typing import Any
 
 import trio
 
-from ssh_to_job import common, preload, wire
-from ssh_to_job.transport import FramedStream, Outbox, PeerGone, set_nodelay
+from ssh_to_job import common, preload, transport, wire
+from ssh_to_job.transport import FramedStream, Outbox, PeerGone
 
 from . import _procs
 from ._jobs import (
@@ -66,6 +68,9 @@ SILENCE = PING_INTERVAL * 4
 
 BACKOFF_MIN = 0.1
 """The first reconnect delay, and the delay again after every successful connection."""
+
+#: Seconds between redials of a starter the broker said is revoked.
+REVOKED_REDIAL = 60.0
 
 TAIL = 65536
 REAPER = pathlib.Path(__file__).resolve().parent / "stj-reaper"
@@ -136,7 +141,13 @@ class Starter:
         self.shim = preload.check_shim() if cfg.use_shim else None
         self.cgroup_base: pathlib.Path | None = None
         self.broker_addr = ("", 0)
+        #: The key that signs capabilities: the broker sends it in ``welcome``.
         self.broker_key = b""
+        self.tls: ssl.SSLContext | None = None
+        self.pool_id = ""
+        self.pki: common.StarterPki | None = None
+        #: The key of a renewal asked for and not yet answered.
+        self._renew_key: Any = None
         self.backoff = Backoff(BACKOFF_MIN, cfg.reconnect_max)
         self._lock_fd = -1
 
@@ -176,7 +187,105 @@ class Starter:
                 self.cgroup_base = root / f"ssh-to-job-{self.public_key.hex()[:16]}"
                 self.cgroup_base.mkdir(exist_ok=True)
         self.broker_addr = self._broker_address()
-        self.broker_key = self._broker_key()
+        self._load_pki()
+
+    def _load_pki(self) -> None:
+        """This starter's certificate and the pool CA; issued here from the broker's CA when the
+        broker shares our state directory (a personal pool: nothing to set up)."""
+        cfg = self.config.starter
+        pki_dir = pathlib.Path(cfg.pki_dir) if cfg.pki_dir else self.state_dir / "pki"
+        try:
+            pki = common.StarterPki.load(pki_dir)
+        except common.PkiError as exc:
+            if not self._issue_locally(pki_dir):
+                raise SystemExit(
+                    f"starter: not enrolled in a pool ({exc}); on this host run "
+                    "'stj starter --join BROKER:PORT --token TOKEN' with a token from "
+                    "'stj token create' on the broker host"
+                ) from None
+            pki = common.StarterPki.load(pki_dir)
+        if cfg.name and cfg.name != pki.name and self._issue_locally(pki_dir):
+            # A personal pool whose starter was renamed: its own CA vouches for the new name.
+            pki = common.StarterPki.load(pki_dir)
+        if cfg.name and cfg.name != pki.name:
+            raise SystemExit(
+                f"starter: [starter] name is {cfg.name!r} but this host's certificate is for "
+                f"{pki.name!r}; enrol again to change the name"
+            )
+        self.name = pki.name
+        self.pool_id = pki.pool_id
+        self.pki = pki
+        self.tls = transport.client_context(
+            pki.ca_file, pki.cert_file, pki.key_file, check_hostname=cfg.check_hostname
+        )
+
+    def _ask_renewal(self) -> None:
+        """Past two thirds of its certificate's life, ask the broker for a new one."""
+        pki = self.pki
+        if pki is None:
+            return
+        try:
+            due = common.needs_renewal(common.load_cert(pki.cert_file))
+        except common.PkiError as exc:
+            log.warning("cannot read this starter's certificate: %s", exc)
+            return
+        if due:
+            self._renew_key = common.new_private_key()
+            log.info("asking the broker to renew this starter's certificate")
+            self.post(
+                wire.CertRenew(public_key=common.public_key_pem(self._renew_key.public_key()))
+            )
+
+    def _renewed(self, msg: wire.CertRenewed) -> None:
+        """Check and store the renewed certificate; the next connection presents it."""
+        pki, key = self.pki, self._renew_key
+        if pki is None or key is None:
+            return
+        try:
+            cert = common.parse_cert(msg.certificate)
+            cas = common.load_ca_bundle(pki.ca_file)
+            common.verify_leaf(
+                cert, cas, pool_id=self.pool_id, role=wire.ROLE_STARTER, name=self.name
+            )
+            if common.public_key_pem(cert.public_key()) != common.public_key_pem(key.public_key()):  # type: ignore[arg-type]
+                raise common.PkiError("the renewed certificate is not for our new key")
+        except common.PkiError as exc:
+            log.error("refusing the renewed certificate: %s", exc)
+            return
+        common.write_leaf(pki.directory, common.STARTER_KEY, common.STARTER_CERT, key, cert)
+        self._renew_key = None
+        self.tls = transport.client_context(
+            pki.ca_file,
+            pki.cert_file,
+            pki.key_file,
+            check_hostname=self.config.starter.check_hostname,
+        )
+        log.info("stored this starter's renewed certificate (serial %x)", cert.serial_number)
+
+    def _issue_locally(self, pki_dir: pathlib.Path) -> bool:
+        """Issue our certificate with the broker's CA if we can read it (same state dir)."""
+        bc = self.config.broker
+        ca_dir = pathlib.Path(bc.pki_dir) if bc.pki_dir else self.state_dir / "pki"
+        if not (ca_dir / common.CA_KEY).exists():
+            return False
+        try:
+            ca = common.PoolCA.load(ca_dir)
+            cas = common.load_ca_bundle(ca_dir / common.CA_CERT)
+            broker_pki = common.BrokerPki(
+                ca_dir, ca, common.RevocationList(ca_dir / common.REVOKED), bc.cert_days
+            )
+            key = common.new_private_key()
+            cert = broker_pki.issue(wire.ROLE_STARTER, self.name, key.public_key())
+            if pki_dir.resolve() == ca_dir.resolve():
+                # The CA bundle is the broker's own file: leave it as it is.
+                common.write_leaf(pki_dir, common.STARTER_KEY, common.STARTER_CERT, key, cert)
+            else:
+                common.StarterPki.save(pki_dir, key, cert, cas)
+        except (common.PkiError, OSError) as exc:
+            log.warning("cannot issue a certificate from %s: %s", ca_dir, exc)
+            return False
+        log.info("issued this starter's certificate (%s) from the pool CA in %s", self.name, ca_dir)
+        return True
 
     def _lock(self) -> None:
         """Own the state directory: a second starter on it would kill and rerun our jobs."""
@@ -214,11 +323,6 @@ class Starter:
         host, _, port = text.rpartition(":")
         return host, int(port)
 
-    def _broker_key(self) -> bytes:
-        if self.config.starter.broker_key:
-            return bytes.fromhex(self.config.starter.broker_key)
-        return common.read_public_key(self.state_dir / "broker.pub")
-
     def audit(self, what: str, job: str, detail: str) -> None:
         log.info("audit: %s job=%s %s", what, job, detail)
 
@@ -242,6 +346,7 @@ class Starter:
 
     async def _dial_forever(self) -> None:
         while True:
+            revoked = False
             # except*: the connection's reader runs in a nursery body, which wraps what it
             # raises; a broker going away must never take the starter (and its jobs) along.
             try:
@@ -249,10 +354,19 @@ class Starter:
             except* (OSError, PeerGone, trio.TooSlowError, wire.ProtocolError) as group:
                 log.info("broker connection: %s", group.exceptions[0])
             except* _Refused as group:
-                log.error("broker refused this starter: %s", group.exceptions[0])
+                refused = group.exceptions[0]
+                log.error("broker refused this starter: %s", refused)
+                revoked = isinstance(refused, _Refused) and refused.code == "revoked"
+                if revoked and self.jobs:
+                    # Cut off from the pool: nothing may go on here in its name.
+                    log.error("this starter was revoked: ending its %d job(s)", len(self.jobs))
+                    terminate_all(self)
             except* Exception:
                 log.exception("internal error on the broker connection; reconnecting")
             delay = self.backoff.next()
+            if revoked:
+                # Only an admin can undo it (a new join): no point knocking every few seconds.
+                delay = max(delay, REVOKED_REDIAL)
             log.info("redialing the broker in %.1f s", delay)
             await trio.sleep(delay)
 
@@ -282,9 +396,18 @@ class Starter:
                 self.cgroup_base.rmdir()
         scope.cancel()
 
+    async def connect_broker(self) -> trio.SSLStream[trio.SocketStream]:
+        """A new TLS connection to the broker (its certificate checked: this pool, the broker)."""
+        assert self.tls is not None
+        stream, _ident = await transport.connect_tls(
+            *self.broker_addr,
+            self.tls,
+            pool_id=self.pool_id,
+            handshake_timeout=self.config.starter.handshake_timeout,
+        )
+        return stream
+
     async def _connect_once(self) -> None:
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        set_nodelay(sock)
         if not self.config.starter.broker:
             # A restarted personal broker may listen on a new port: follow broker.addr.
             try:
@@ -292,10 +415,8 @@ class Starter:
                 self.broker_addr = (host, int(port))
             except (OSError, ValueError) as exc:
                 log.info("cannot read broker.addr (%s); trying the last address", exc)
-        with trio.fail_after(10):
-            await sock.connect(self.broker_addr)
         stream = FramedStream(
-            trio.SocketStream(sock),
+            await self.connect_broker(),
             wire.Connection(wire.Channel.STARTER, wire.Role.STARTER, wire.Role.BROKER),
         )
         outbox = Outbox(stream)
@@ -306,12 +427,15 @@ class Starter:
             await stream.send(wire.StarterSync(jobs=tuple(reports)))
             self._outbox = outbox
             self.backoff.reset()
+            self._ask_renewal()
             log.info("connected to broker %s:%d as %s", *self.broker_addr, self.name)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(outbox.run)
                 nursery.start_soon(self._pinger)
                 while True:
                     msg = await stream.receive(within=SILENCE)
+                    if isinstance(msg, wire.Error):
+                        raise _Refused(msg.code, msg.message)
                     self._dispatch(msg)
         finally:
             self._outbox = None
@@ -319,16 +443,20 @@ class Starter:
             await stream.aclose()
 
     async def _handshake(self, stream: FramedStream) -> None:
-        hs = wire.StarterHandshake(
-            self.name, self.identity, self.broker_key, self.config.starter.slots
+        """Say who we are; the broker's ``welcome`` (with its capability key) is its consent.
+
+        With TLS 1.3 the broker judges our certificate after our handshake has finished: a
+        refusal (revoked, another pool) arrives here as its error frame or a closed stream.
+        """
+        hello = wire.StarterHello(
+            starter_id=self.name, starter_key=self.public_key, slots=self.config.starter.slots
         )
-        try:
-            await stream.send(hs.hello())
-            await stream.send(hs.on_broker_hello(await stream.receive(within=10)))
-            keys = hs.on_welcome(await stream.receive(within=10))
-        except wire.HandshakeError as exc:
-            raise _Refused(exc.message) from None
-        stream.conn.start_encryption(send_key=keys.send, receive_key=keys.receive)
+        await stream.send(hello)
+        msg = await stream.receive(within=self.config.starter.handshake_timeout)
+        if isinstance(msg, wire.Error):
+            raise _Refused(msg.code, msg.message)
+        assert isinstance(msg, wire.Welcome)  # the transition table allows nothing else
+        self.broker_key = msg.broker_key
 
     async def _pinger(self) -> None:
         while True:
@@ -367,9 +495,7 @@ class Starter:
                     )
                 )
                 return
-            self.jobs_nursery.start_soon(
-                self._guard, run_session, self, target, msg.session_id, msg.nonce
-            )
+            self.jobs_nursery.start_soon(self._guard, run_session, self, target, msg.session_id)
         elif isinstance(msg, wire.FetchOutput):
             target = self.jobs.get(msg.id)
             path = (
@@ -381,6 +507,8 @@ class Starter:
             )
             data = _tail(path, msg.max_bytes) if path is not None else b""
             self.post(wire.OutputData(request=msg.request, data=data, found=target is not None))
+        elif isinstance(msg, wire.CertRenewed):
+            self._renewed(msg)
         elif isinstance(msg, wire.Ack):
             for jid in msg.ids:
                 if self.unacked.pop(jid, None) is not None:
@@ -704,7 +832,11 @@ class Starter:
 
 
 class _Refused(Exception):
-    pass
+    """The broker refused this starter; ``code`` is its error code (``revoked``, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
 
 
 def terminate_all(starter: Starter) -> None:

@@ -1,7 +1,8 @@
 """One ssh session into a job, on the execute side.
 
-The starter dials a new connection to the broker (the execute host opens no port), proves it
-is the starter the broker asked, and waits for the client's capability on that same socket.
+The starter dials a new TLS connection to the broker (the execute host opens no port), whose
+certificate proves it is the starter the broker asked, names the session, leaves TLS (both
+sides exchange close_notify) and waits for the client's capability on that same bare socket.
 It checks the capability (broker signature, time window, single use, this session, this
 starter, this job, still running), makes an ephemeral ed25519 host key, signs it with its
 identity key, and execs ``sshd -i`` on the socket as the job's uid. sshd never listens; no
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ssh_to_job import common, preload, wire
-from ssh_to_job.transport import PeerGone, receive_one_frame_exact, set_nodelay
+from ssh_to_job.transport import PeerClosed, PeerGone, receive_one_frame_exact
 
 from . import _procs
 
@@ -161,29 +162,36 @@ def _tcp_bytes(sock: socket.socket) -> tuple[int, int]:
     return received, acked
 
 
-async def run_session(starter: Starter, job: Job, session_id: str, nonce: bytes) -> None:
+async def run_session(starter: Starter, job: Job, session_id: str) -> None:
     """Everything the starter does for one session; never raises."""
     cfg = starter.config.starter
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    set_nodelay(sock)
+    sock: trio.socket.SocketType | None = None
     try:
-        host, port = starter.broker_addr
         with trio.fail_after(cfg.session_timeout):
-            await sock.connect((host, port))
-            attach = wire.Connection(wire.Channel.ATTACH, wire.Role.STARTER, wire.Role.BROKER)
-            statement = wire.attach_statement(session_id, starter.name, nonce)
-            sig = wire.sign(starter.identity, statement)
-            await sock.send(
-                attach.send(
-                    wire.SessionAttach(
-                        session_id=session_id, starter_id=starter.name, signature=sig
-                    )
+            tls = await starter.connect_broker()
+            try:
+                attach = wire.Connection(wire.Channel.ATTACH, wire.Role.STARTER, wire.Role.BROKER)
+                await tls.send_all(
+                    attach.send(wire.SessionAttach(session_id=session_id, starter_id=starter.name))
                 )
-            )
-        frame = await receive_one_frame_exact(sock, wire.DEFAULT_MAX_FRAME, cfg.session_timeout)
-    except (OSError, PeerGone, trio.TooSlowError, wire.ProtocolError) as exc:
+                raw, extra = await tls.unwrap()
+            except BaseException:
+                await trio.aclose_forcefully(tls)
+                raise
+        assert isinstance(raw, trio.SocketStream)
+        sock = raw.socket
+        frame = await _frame_after(sock, bytes(extra), cfg.session_timeout)
+    except (
+        OSError,
+        PeerGone,
+        trio.TooSlowError,
+        trio.BrokenResourceError,
+        trio.ClosedResourceError,
+        wire.ProtocolError,
+    ) as exc:
         log.info("session %s: no capability arrived: %s", session_id[:8], exc)
-        sock.close()
+        if sock is not None:
+            sock.close()
         return
     conn = wire.Connection(wire.Channel.SESSION, wire.Role.STARTER, wire.Role.CLIENT)
     try:
@@ -201,6 +209,31 @@ async def run_session(starter: Starter, job: Job, session_id: str, nonce: bytes)
         sock.close()
         return
     await _serve(starter, job, session_id, cap, msg, sock, conn)
+
+
+async def _frame_after(sock: trio.socket.SocketType, head: bytes, within: float) -> bytes:
+    """The client's first frame: ``head`` (read past TLS's close_notify) plus the rest.
+
+    Nothing past that frame is read: those bytes belong to sshd.
+    """
+    if not head:
+        return await receive_one_frame_exact(sock, wire.DEFAULT_MAX_FRAME, within)
+    size = wire.FRAME_HEADER.size
+    with trio.fail_after(within):
+        while len(head) < size:
+            chunk = await sock.recv(size - len(head))
+            if not chunk:
+                raise PeerClosed("peer closed the connection in the middle of a frame")
+            head += chunk
+        (length,) = wire.FRAME_HEADER.unpack(head[:size])
+        if length > wire.DEFAULT_MAX_FRAME or len(head) > size + length:
+            raise wire.RemoteProtocolError("the client's first frame is oversized or overrun")
+        while len(head) < size + length:
+            chunk = await sock.recv(size + length - len(head))
+            if not chunk:
+                raise PeerClosed("peer closed the connection in the middle of a frame")
+            head += chunk
+    return head
 
 
 def _check_capability(starter: Starter, job: Job, session_id: str, blob: bytes) -> wire.Capability:

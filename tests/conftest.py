@@ -132,7 +132,8 @@ class Pool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             r = self.stj(ROOT, "status", "--json", check=False)
-            if r.returncode == 0 and json.loads(r.stdout)["starters"]:
+            starters = json.loads(r.stdout)["starters"] if r.returncode == 0 else []
+            if any(s["connected"] for s in starters):
                 return
             time.sleep(0.1)
         raise AssertionError(f"no starter connected within {timeout} s:\n{self.log_text()}")

@@ -1,7 +1,8 @@
 """A tiny broker end for running a real ``Starter`` inside pytest-trio.
 
-It listens on 127.0.0.1 (TCP, as a real broker does for starters), speaks the broker's side of
-``wire.BrokerHandshake``, answers pings, records every message the starter sends with the trio
+It listens on 127.0.0.1 (TLS 1.3 with its own pool CA in ``<state>/pki``, as a real broker does
+for starters; the starter under test issues its certificate from that CA as in a personal
+pool), welcomes the starter, answers pings, records every message the starter sends with the trio
 time it arrived, and hands session-attach sockets to the test. No part of the starter is
 mocked: the starter under test dials this over real sockets and runs real processes.
 """
@@ -9,6 +10,7 @@ mocked: the starter under test dials this over real sockets and runs real proces
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pathlib
 import shutil
@@ -20,9 +22,9 @@ from typing import Any
 import attrs
 import trio
 
-from ssh_to_job import common, wire
+from ssh_to_job import common, transport, wire
 from ssh_to_job.starter import Starter, _procs
-from ssh_to_job.transport import FramedStream, PeerGone, receive_one_frame_exact
+from ssh_to_job.transport import FramedStream, PeerGone
 
 #: A trio deadline that only a hang reaches: under the autojump clock, virtual time races ahead
 #: while a real process (a job, sshd) takes its real time, so short virtual deadlines around
@@ -41,7 +43,7 @@ class TinyBroker:
     def __init__(self, state: pathlib.Path) -> None:
         self.state = state
         self.key = wire.new_signing_key()
-        common.write_public(state / "broker.pub", wire.public_key_of(self.key).hex().encode())
+        self.pki = common.BrokerPki.open(state / "pki")
         #: trio times at which a starter connection arrived.
         self.attempts: list[float] = []
         #: Connections to drop before the handshake (counts down), or after it (flag).
@@ -55,39 +57,57 @@ class TinyBroker:
         ](10)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        port = listeners[0].socket.getsockname()[1]
-        (self.state / "broker.addr").write_text(f"127.0.0.1:{port}\n")
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
+        ctx = transport.server_context(self.pki.cert_file, self.pki.key_file, self.pki.ca_file)
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(
+                    transport.serve_tls,
+                    self._handle,
+                    0,
+                    ctx,
+                    host="127.0.0.1",
+                    pool_id=self.pki.pool_id,
+                    roles={wire.ROLE_STARTER},
+                )
+            )
+            port = listeners[0].socket.getsockname()[1]
+            (self.state / "broker.addr").write_text(f"127.0.0.1:{port}\n")
+            task_status.started()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        with contextlib.suppress(PeerGone, trio.TooSlowError, wire.ProtocolError, OSError):
+    async def _handle(self, stream: trio.SSLStream[Any], _ident: object) -> None:
+        with contextlib.suppress(
+            PeerGone, trio.TooSlowError, wire.ProtocolError, OSError, trio.BrokenResourceError
+        ):
             await self._serve_one(stream)
+        await trio.aclose_forcefully(stream)
 
-    async def _serve_one(self, stream: trio.SocketStream) -> None:
-        frame = await receive_one_frame_exact(stream.socket, wire.DEFAULT_MAX_FRAME, 10)
-        first = wire.decode_message(frame[wire.FRAME_HEADER.size :])
+    async def _serve_one(self, stream: trio.SSLStream[Any]) -> None:
+        decoder = wire.FrameDecoder(wire.DEFAULT_MAX_FRAME)
+        with trio.fail_after(10):
+            while not isinstance(payload := decoder.next_frame(), bytes):
+                if payload is wire.CLOSED:
+                    return
+                decoder.receive_data(bytes(await stream.receive_some(65536)))
+        first = wire.decode_message(payload)
         if isinstance(first, wire.SessionAttach):
-            # The test owns this socket from here (it plays the client).
-            # trio closes the handler's stream when the handler returns: hand on a duplicate.
-            dup = socket.socket(fileno=os.dup(stream.socket.fileno()))
+            # Out of TLS, as the real broker does; the test owns the bare socket from here (it
+            # plays the client). serve_tls closes the stream afterwards: hand on a duplicate.
+            raw, _extra = await stream.unwrap()
+            assert isinstance(raw, trio.SocketStream)
+            dup = socket.socket(fileno=os.dup(raw.socket.fileno()))
             await self._attach_send.send((first, trio.socket.from_stdlib_socket(dup)))
             return
         self.attempts.append(trio.current_time())
         if self.refuse > 0:
             self.refuse -= 1
-            await stream.aclose()
             return
         conn = wire.Connection(wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER)
         fs = FramedStream(stream, conn)
-        conn.receive_data(frame)
-        hs = wire.BrokerHandshake(self.key, lambda _key: True)
+        conn.receive_data(wire.encode_frame(payload) + decoder.buffered)
         try:
-            await fs.send(hs.on_hello(await fs.receive(within=10)))
-            welcome, keys = hs.on_auth(await fs.receive(within=10))
-            await fs.send(welcome)
-            conn.start_encryption(send_key=keys.send, receive_key=keys.receive)
+            hello = await fs.receive(within=10)
+            assert isinstance(hello, wire.StarterHello), hello
+            await fs.send(wire.Welcome(broker_key=wire.public_key_of(self.key)))
             self.stream = fs
             while True:
                 msg = await fs.receive()
@@ -98,6 +118,10 @@ class TinyBroker:
                     await fs.send(wire.Ping())
                 if isinstance(msg, wire.JobUpdate):
                     await fs.send(wire.Ack(ids=(msg.report.id,)))
+                if isinstance(msg, wire.CertRenew):
+                    key = common.parse_public_key(msg.public_key)
+                    cert = self.pki.issue(wire.ROLE_STARTER, hello.starter_id, key)
+                    await fs.send(wire.CertRenewed(certificate=common.cert_pem(cert).decode()))
         finally:
             if self.stream is fs:
                 self.stream = None

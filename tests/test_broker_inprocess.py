@@ -9,6 +9,7 @@ import pathlib
 import secrets
 import shutil
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterator
 
 import attrs
@@ -16,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from ssh_to_job import common, wire
+from ssh_to_job import common, transport, wire
 from ssh_to_job.broker import Broker
 from ssh_to_job.broker import _connections as conns
 from ssh_to_job.transport import FramedStream, PeerGone
@@ -34,6 +35,7 @@ def state_dir() -> Iterator[pathlib.Path]:
 
 
 def make_broker(state: pathlib.Path, **broker: object) -> Broker:
+    broker.setdefault("port", 0)
     config = common.PoolConfig(broker=common.BrokerConfig(**broker))  # type: ignore[arg-type]
     # Stored timestamps and capabilities follow trio's (mock) clock, from a fixed epoch.
     return Broker(state, config, clock=lambda: EPOCH + trio.current_time())
@@ -84,25 +86,32 @@ class FakeStarter:
 
     name: str
     identity: bytes
+    #: Its TLS context: a certificate the broker's pool CA issued to ``name``.
+    tls: ssl.SSLContext
     stream: FramedStream | None = None
-    #: Every socket it opened, closed at the end of the test.
-    socks: list[trio.socket.SocketType] = attrs.field(factory=list)
+    #: Every stream it opened, closed at the end of the test.
+    streams: list[trio.abc.Stream] = attrs.field(factory=list)
     #: Messages that arrived before the sync's Ack.
     early: list[wire.Message] = attrs.field(factory=list)
 
+    async def dial(self, b: Broker) -> trio.SSLStream[trio.SocketStream]:
+        tls, _ = await transport.connect_tls(
+            "127.0.0.1", b.tcp_port, self.tls, pool_id=b.pki.pool_id
+        )
+        self.streams.append(tls)
+        return tls
+
     async def connect(self, b: Broker, reports: tuple[wire.JobReport, ...] = ()) -> None:
-        sock = trio.socket.socket()
-        self.socks.append(sock)
-        await sock.connect(("127.0.0.1", b.tcp_port))
         stream = FramedStream(
-            trio.SocketStream(sock),
+            await self.dial(b),
             wire.Connection(wire.Channel.STARTER, wire.Role.STARTER, wire.Role.BROKER),
         )
-        hs = wire.StarterHandshake(self.name, self.identity, b.public_key, 2)
-        await stream.send(hs.hello())
-        await stream.send(hs.on_broker_hello(await stream.receive()))
-        keys = hs.on_welcome(await stream.receive())
-        stream.conn.start_encryption(send_key=keys.send, receive_key=keys.receive)
+        hello = wire.StarterHello(
+            starter_id=self.name, starter_key=wire.public_key_of(self.identity), slots=2
+        )
+        await stream.send(hello)
+        welcome = await stream.receive()
+        assert welcome == wire.Welcome(broker_key=b.public_key), welcome
         await stream.send(wire.StarterSync(jobs=reports))
         # The sync is answered by its Ack; what its reports caused comes first.
         while not isinstance(msg := await stream.receive(), wire.Ack):
@@ -117,36 +126,40 @@ class FakeStarter:
                 return msg
 
     async def attach(self, b: Broker, open_msg: wire.OpenSession) -> trio.socket.SocketType:
-        sock = trio.socket.socket()
-        self.socks.append(sock)
-        await sock.connect(("127.0.0.1", b.tcp_port))
-        statement = wire.attach_statement(open_msg.session_id, self.name, open_msg.nonce)
-        attach = wire.SessionAttach(
-            session_id=open_msg.session_id,
-            starter_id=self.name,
-            signature=wire.sign(self.identity, statement),
-        )
+        """A session connection: the attach frame over TLS, then the bare socket."""
+        tls = await self.dial(b)
+        attach = wire.SessionAttach(session_id=open_msg.session_id, starter_id=self.name)
         c = wire.Connection(wire.Channel.ATTACH, wire.Role.STARTER, wire.Role.BROKER)
-        await sock.send(c.send(attach))
-        return sock
+        await tls.send_all(c.send(attach))
+        raw, extra = await tls.unwrap()
+        assert extra == b""
+        assert isinstance(raw, trio.SocketStream)
+        self.streams.append(raw)
+        return raw.socket
 
     async def close(self) -> None:
         assert self.stream is not None
         await self.stream.aclose()
 
 
-@pytest.fixture
-def st(broker: Broker) -> Iterator[FakeStarter]:
-    """A fake starter "st1" whose key the broker trusts."""
-    identity = wire.new_signing_key()
-    common.write_public(
-        broker.state_dir / "trusted_starters" / "st1.pub",
-        wire.public_key_of(identity).hex().encode() + b"\n",
+def certified(b: Broker, name: str, where: pathlib.Path) -> ssl.SSLContext:
+    """A client TLS context with a certificate of ``b``'s pool CA for starter ``name``."""
+    key = common.new_private_key()
+    cert = b.pki.issue(wire.ROLE_STARTER, name, key.public_key())
+    common.write_leaf(where, common.STARTER_KEY, common.STARTER_CERT, key, cert)
+    return transport.client_context(
+        b.pki.ca_file, where / common.STARTER_CERT, where / common.STARTER_KEY
     )
-    starter = FakeStarter("st1", identity)
+
+
+@pytest.fixture
+async def st(broker: Broker) -> AsyncIterator[FakeStarter]:
+    """A fake starter "st1" with a certificate of the broker's pool."""
+    tls = certified(broker, "st1", broker.state_dir / "st1-pki")
+    starter = FakeStarter("st1", wire.new_signing_key(), tls)
     yield starter
-    for sock in starter.socks:
-        sock.close()
+    for stream in starter.streams:
+        await trio.aclose_forcefully(stream)
 
 
 async def running_job(b: Broker, st: FakeStarter) -> str:
@@ -209,18 +222,70 @@ async def test_slow_sender_on_unix_socket_is_cut_at_frame_timeout(
     assert trio.current_time() - start < timeout + 3
 
 
-async def test_half_sent_frame_on_tcp_has_frame_timeout(
-    broker: Broker, autojump_clock: trio.testing.MockClock
+async def test_half_sent_frame_on_tls_has_frame_timeout(
+    broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """On TCP, a first frame that does not complete is dropped after frame_timeout with an error."""
-    with trio.socket.socket() as sock:
-        await sock.connect(("127.0.0.1", broker.tcp_port))
-        start = trio.current_time()
-        await sock.send(wire.FRAME_HEADER.pack(100) + b"{")
-        data = await read_until_closed(sock)
+    """On the TLS port, a certified starter's first frame that does not complete is dropped
+    after frame_timeout with an error."""
+    tls = await st.dial(broker)
+    start = trio.current_time()
+    await tls.send_all(wire.FRAME_HEADER.pack(100) + b"{")
+    data = b""
+    with contextlib.suppress(trio.BrokenResourceError):
+        while chunk := await tls.receive_some(65536):
+            data += chunk
     timeout = broker.bc.frame_timeout
     assert timeout <= trio.current_time() - start < timeout + 2
     assert b"no complete frame" in data
+
+
+async def test_stalled_tls_handshake_is_cut_at_handshake_timeout(
+    broker: Broker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A TCP peer that never starts its TLS handshake is closed after handshake_timeout, and
+    the unix socket answers meanwhile."""
+    with trio.socket.socket() as sock:
+        await sock.connect(("127.0.0.1", broker.tcp_port))
+        start = trio.current_time()
+        reply, _ = await request(broker, wire.Status())
+        assert isinstance(reply, wire.StatusReply)
+        assert trio.current_time() - start < 1
+        assert await read_until_closed(sock) == b""
+    timeout = broker.bc.handshake_timeout
+    assert timeout <= trio.current_time() - start < timeout + 1
+
+
+async def test_stalled_handshakes_are_capped_per_address(
+    state_dir: pathlib.Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Past max_connections_per_uid handshakes in progress from one address, a new TCP
+    connection is closed at once; once those end (handshake_timeout), that address gets in
+    again, and a local client is answered throughout."""
+    b = make_broker(state_dir, max_connections_per_uid=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.serve)
+        held = [trio.socket.socket() for _ in range(2)]
+        for sock in held:
+            await sock.connect(("127.0.0.1", b.tcp_port))
+        await trio.sleep(0.5)  # let the broker count them
+        start = trio.current_time()
+        with trio.socket.socket() as extra:
+            await extra.connect(("127.0.0.1", b.tcp_port))
+            assert await read_until_closed(extra) == b""
+        assert trio.current_time() - start < 1
+        reply, _ = await request(b, wire.Status())
+        assert isinstance(reply, wire.StatusReply)
+        for sock in held:
+            assert await read_until_closed(sock) == b""
+            sock.close()
+        assert trio.current_time() - start >= b.bc.handshake_timeout - 1
+        with trio.socket.socket() as later:
+            await later.connect(("127.0.0.1", b.tcp_port))
+            await trio.sleep(0.5)
+            with pytest.raises(trio.TooSlowError):
+                with trio.fail_after(1):
+                    await later.recv(1)  # in its handshake, not refused
+        nursery.cancel_scope.cancel()
 
 
 async def test_broker_pings_starters_and_drops_a_silent_one(
@@ -426,6 +491,26 @@ def test_gate_caps_per_key_and_in_total() -> None:
     assert gate.count == 3
 
 
+async def test_a_connected_starter_gets_a_renewed_certificate_in_its_name(
+    broker: Broker, st: FakeStarter
+) -> None:
+    """cert_renew on an authenticated control channel gets a certificate of the pool for the
+    new key, in the name of the connection's certificate, recorded as issued."""
+    await st.connect(broker)
+    assert st.stream is not None
+    key = common.new_private_key()
+    await st.stream.send(wire.CertRenew(public_key=common.public_key_pem(key.public_key())))
+    reply = await st.receive()
+    assert isinstance(reply, wire.CertRenewed), reply
+    cert = common.parse_cert(reply.certificate)
+    ident = common.verify_leaf(
+        cert, [broker.pki.ca.cert], pool_id=broker.pki.pool_id, role=wire.ROLE_STARTER, name="st1"
+    )
+    assert ident.name == "st1"
+    assert common.public_key_pem(cert.public_key()) == common.public_key_pem(key.public_key())  # type: ignore[arg-type]
+    assert cert.serial_number in {c.serial for c in broker.pki.issued()}
+
+
 async def test_a_stale_copy_on_another_starter_is_killed(
     broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -433,12 +518,9 @@ async def test_a_stale_copy_on_another_starter_is_killed(
     copy, and the queue keeps the job where it was."""
     await st.connect(broker)
     job = await running_job(broker, st)
-    identity = wire.new_signing_key()
-    common.write_public(
-        broker.state_dir / "trusted_starters" / "st2.pub",
-        wire.public_key_of(identity).hex().encode() + b"\n",
+    other = FakeStarter(
+        "st2", wire.new_signing_key(), certified(broker, "st2", broker.state_dir / "st2-pki")
     )
-    other = FakeStarter("st2", identity)
     try:
         stale = wire.JobReport(id=job, running=True, pid=999)
         await other.connect(broker, (stale,))
@@ -447,5 +529,5 @@ async def test_a_stale_copy_on_another_starter_is_killed(
         row = broker.queue.get(job)
         assert (row.state, row.starter, row.pid) == ("running", "st1", 4242)
     finally:
-        for sock in other.socks:
-            sock.close()
+        for stream in other.streams:
+            await trio.aclose_forcefully(stream)

@@ -8,6 +8,7 @@ running jobs. Secrets stay in private files, and bad configuration or job ids ge
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -16,14 +17,16 @@ import secrets
 import signal
 import socket
 import sqlite3
+import ssl
 import stat
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import ROOT, STJ, Pool, User, wait_for
 
-from ssh_to_job import wire
+from ssh_to_job import common, wire
 
 
 def alive(pid: int) -> bool:
@@ -224,50 +227,95 @@ def test_bad_input_on_unix_socket_costs_only_that_connection(
     assert says in err.message, err
 
 
+def _tls_port(pool: Pool) -> tuple[str, int]:
+    host, _, port = (pool.state / "broker.addr").read_text().strip().rpartition(":")
+    return host, int(port)
+
+
+def _q_answers_quickly(pool: Pool) -> None:
+    start = time.monotonic()
+    pool.stj(ROOT, "q")
+    assert time.monotonic() - start < 1.0
+
+
 @pytest.mark.parametrize(
     ("name", "data", "half_close", "says"), BAD_INPUT, ids=[b[0] for b in BAD_INPUT]
 )
-def test_bad_input_on_tcp_port_costs_only_that_connection(
+def test_bad_input_on_tls_port_costs_only_that_connection(
     pool: Pool, serving: int, name: str, data: bytes, half_close: bool, says: str
 ) -> None:
-    """Malformed bytes on the broker's TCP port (where starters dial in) get a clear protocol
-    error back and the connection closed; the broker goes on serving."""
-    host, _, port = (pool.state / "broker.addr").read_text().strip().rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
+    """Bytes that are not TLS on the broker's port (where starters dial in) end that
+    connection at once, no frame is ever sent back in clear, and `stj q` answers meanwhile."""
+    with socket.create_connection(_tls_port(pool), timeout=10) as s:
         s.sendall(data)
         if half_close:
             s.shutdown(socket.SHUT_WR)
-        replies = _read_until_closed(s)
-    assert len(replies) == 1, replies
-    (err,) = replies
-    assert isinstance(err, wire.Error), err
-    assert err.code == "protocol", err
-    assert says in err.message, err
+        start = time.monotonic()
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                got += chunk
+        assert time.monotonic() - start < 5
+    # At most a TLS alert record (content type 21), never a protocol frame in clear.
+    assert got == b"" or got[0] == 21, got
+    _q_answers_quickly(pool)
 
 
-def test_starter_with_unknown_key_is_refused(pool: Pool, serving: int) -> None:
-    """A starter presenting an identity key the broker does not trust gets Error 'untrusted'
-    and no further; the connected starter keeps its place."""
-    host, _, port = (pool.state / "broker.addr").read_text().strip().rpartition(":")
+def test_openssl_s_client_inspects_the_broker_port(pool: Pool, serving: int) -> None:
+    """An admin's `openssl s_client -tls1_3` against the broker's port completes a verified
+    TLS 1.3 handshake with the pool CA and shows the broker's certificate and pool id."""
+    host, port = _tls_port(pool)
+    ca = common.parse_cert((pool.state / "pki" / common.CA_CERT).read_text())
+    r = subprocess.run(
+        ["openssl", "s_client", "-connect", f"{host}:{port}", "-tls1_3",
+         "-CAfile", str(pool.state / "pki" / common.CA_CERT), "-verify_return_error"],
+        input=b"", capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    out = r.stdout.decode()
+    assert "Verify return code: 0 (ok)" in out, out + r.stderr.decode()
+    assert "Protocol  : TLSv1.3" in out or "TLSv1.3" in out
+    assert f"OU = {common.pool_id_of_ca(ca)}" in out
+    assert "CN = broker" in out
+
+
+def test_foreign_certificate_and_stalled_handshake_cost_only_their_connection(
+    pool: Pool, serving: int, tmp_path: pathlib.Path
+) -> None:
+    """A starter certificate of another pool (even under the real starter's name) is refused
+    in the TLS handshake, a client that never finishes its handshake holds only its own socket,
+    and the connected starter keeps its place; `stj q` answers within a second meanwhile."""
     before = json.loads(pool.stj(ROOT, "status", "--json").stdout)["starters"]
-    conn = wire.Connection(wire.Channel.STARTER, wire.Role.STARTER, wire.Role.BROKER)
-    key = wire.public_key_of(wire.new_signing_key())
-    # It even claims the real starter's name: the key, not the name, is what counts.
-    hello = wire.StarterHello(
-        starter_id=before[0]["starter_id"], starter_key=key, nonce=secrets.token_bytes(32), slots=64
-    )
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(conn.send(hello))
-        replies = _read_until_closed(s)
-    assert len(replies) == 1, replies
-    (err,) = replies
-    assert isinstance(err, wire.Error), err
-    assert err.code == "untrusted", err
-    assert "trusted_starters" in err.message
+    name = before[0]["starter_id"]
+    foreign = common.BrokerPki.open(tmp_path / "foreign")
+    key = common.new_private_key()
+    cert = foreign.issue(wire.ROLE_STARTER, name, key.public_key())
+    common.write_leaf(tmp_path, common.STARTER_KEY, common.STARTER_CERT, key, cert)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(pool.state / "pki" / common.CA_CERT)
+    ctx.load_cert_chain(tmp_path / common.STARTER_CERT, tmp_path / common.STARTER_KEY)
+    with socket.create_connection(_tls_port(pool), timeout=10) as stalled:
+        stalled.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, and no more
+        with (
+            socket.create_connection(_tls_port(pool), timeout=10) as raw,
+            ctx.wrap_socket(raw) as tls,
+        ):
+            hello = wire.StarterHello(starter_id=name, starter_key=b"k" * 32, slots=64)
+            conn = wire.Connection(wire.Channel.STARTER, wire.Role.STARTER, wire.Role.BROKER)
+            # TLS 1.3: the server judges the client's certificate after the client's side of
+            # the handshake is done, so the refusal shows on the first read.
+            try:
+                tls.sendall(conn.send(hello))
+                got = tls.recv(100)
+            except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+                got = b""
+            assert got == b"", "a certificate of another pool was let in"
+        _q_answers_quickly(pool)
     after = json.loads(pool.stj(ROOT, "status", "--json").stdout)["starters"]
     assert [(s["starter_id"], s["slots"]) for s in after] == [
         (s["starter_id"], s["slots"]) for s in before
     ]
+    assert "certificate not accepted: unable to get local issuer certificate" in pool.log_text()
 
 
 def test_unanswerable_requests_get_errors_on_a_live_connection(pool: Pool, serving: int) -> None:

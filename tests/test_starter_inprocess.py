@@ -9,6 +9,7 @@ by hand where a real process must first reach a state (then time moves only when
 from __future__ import annotations
 
 import secrets
+import shutil
 
 import pytest
 import trio
@@ -72,7 +73,7 @@ async def test_capability_must_arrive_within_session_timeout(
         await broker.next(wire.StarterSync)
         await broker.send(_run(users["a"], "1.0", "/bin/sleep", "1000"))
         await broker.next_report("1.0", running=True)
-        await broker.send(wire.OpenSession(session_id=secrets.token_hex(16), job="1.0", nonce=b"n"))
+        await broker.send(wire.OpenSession(session_id=secrets.token_hex(16), job="1.0"))
         _attach, sock = await broker.attaches.receive()
         opened = trio.current_time()
         with sock, trio.fail_after(FAR):
@@ -127,7 +128,7 @@ async def test_sessions_keep_a_job_until_session_grace(
         await broker.next_report("3.0", running=True)
         job = starter.jobs["3.0"]
         session_id = secrets.token_hex(16)
-        await broker.send(wire.OpenSession(session_id=session_id, job="3.0", nonce=b"n"))
+        await broker.send(wire.OpenSession(session_id=session_id, job="3.0"))
         _attach, sock = await broker.attaches.receive()
         client = wire.Connection(wire.Channel.SESSION, wire.Role.CLIENT, wire.Role.STARTER)
         cap = broker.capability(starter, session_id, "3.0", a.uid)
@@ -207,3 +208,66 @@ async def test_a_channel_kept_alive_by_pings_stays_up_and_a_silent_one_is_redial
         # The last pong came at most one interval before the broker fell silent.
         assert SILENCE - PING_INTERVAL <= again.at - quiet <= SILENCE + 1
         assert first.at < quiet
+
+
+def test_personal_starter_issues_its_certificate_and_follows_a_rename() -> None:
+    """Next to its broker's CA (a personal pool) a starter issues its own certificate, and a
+    new certificate when its name changes; without a CA or an enrolment it refuses to start,
+    saying how to join."""
+    from ssh_to_job import common
+    from ssh_to_job.starter import Starter
+
+    state = new_state_dir()
+    try:
+        common.BrokerPki.open(state / "pki")
+        first = Starter(state, starter_config())
+        first._load_pki()
+        assert first.name == "inproc"
+        renamed = Starter(state, starter_config(name="renamed"))
+        renamed._load_pki()
+        assert renamed.name == "renamed"
+        issued = common.BrokerPki.open(state / "pki").issued()
+        assert [(c.role, c.name) for c in issued][-2:] == [
+            ("starter", "inproc"),
+            ("starter", "renamed"),
+        ]
+        lone = new_state_dir()
+        try:
+            with pytest.raises(SystemExit, match="stj starter --join BROKER:PORT --token"):
+                Starter(lone, starter_config())._load_pki()
+        finally:
+            shutil.rmtree(lone, ignore_errors=True)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+async def test_starter_renews_its_certificate_past_two_thirds_of_its_life(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A starter whose certificate has less than a third of its life left asks for a new one
+    on connecting, checks it and stores it (with its new key) for its next connections."""
+    import datetime
+
+    from ssh_to_job import common
+
+    state = new_state_dir()
+    pki = common.BrokerPki.open(state / "pki")
+    old_key = common.new_private_key()
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=80)
+    old = pki.issue(wire.ROLE_STARTER, "inproc", old_key.public_key(), now=long_ago)
+    common.write_leaf(state / "pki", common.STARTER_KEY, common.STARTER_CERT, old_key, old)
+    assert common.needs_renewal(old)
+    async with running_starter(state, starter_config()) as (_starter, broker):
+        await broker.next(wire.CertRenew)
+
+        def renewed() -> bool:
+            cert = common.load_cert(state / "pki" / common.STARTER_CERT)
+            return cert.serial_number != old.serial_number
+
+        await real_wait("the renewed certificate", renewed)
+        new = common.load_cert(state / "pki" / common.STARTER_CERT)
+        assert not common.needs_renewal(new)
+        assert common.StarterPki.load(state / "pki").name == "inproc"
+        assert common.public_key_pem(
+            common.load_private_key(state / "pki" / common.STARTER_KEY).public_key()
+        ) != common.public_key_pem(old_key.public_key())

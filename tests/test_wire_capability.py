@@ -97,20 +97,11 @@ def test_same_secret() -> None:
 
 def test_statements_are_byte_exact() -> None:
     """Each statement is its NUL-terminated domain, then 4-byte-length-prefixed fields."""
-    assert wire.attach_statement("s1", "st", b"\x00\x01") == (
-        b"ssh-to-job session attach v1\x00" + field(b"s1") + field(b"st") + field(b"\x00\x01")
-    )
     assert wire.host_key_statement("s1", "ann", "ssh-ed25519 AAAA") == (
         b"ssh-to-job host key v1\x00" + field(b"s1") + field(b"ann") + field(b"ssh-ed25519 AAAA")
     )
-    assert wire.broker_auth_statement("st", b"a", b"b") == (
-        b"ssh-to-job broker auth v1\x00" + field(b"st") + field(b"a") + field(b"b")
-    )
-    assert wire.starter_auth_statement("st", b"a", b"b") == (
-        b"ssh-to-job starter auth v1\x00" + field(b"st") + field(b"a") + field(b"b")
-    )
-    assert wire.attach_statement("\u00e9", "", b"") == (
-        b"ssh-to-job session attach v1\x00" + field(b"\xc3\xa9") + field(b"") + field(b"")
+    assert wire.host_key_statement("\u00e9", "", "") == (
+        b"ssh-to-job host key v1\x00" + field(b"\xc3\xa9") + field(b"") + field(b"")
     )
 
 
@@ -137,7 +128,7 @@ def test_capability_encoding_is_byte_exact() -> None:
 
 def test_field_boundaries_are_unambiguous() -> None:
     """Moving bytes between neighbouring fields changes the statement."""
-    assert wire.attach_statement("ab", "c", b"") != wire.attach_statement("a", "bc", b"")
+    assert wire.host_key_statement("ab", "c", "") != wire.host_key_statement("a", "bc", "")
     assert wire.host_key_statement("s", "", "x") != wire.host_key_statement("s", "x", "")
 
 
@@ -292,15 +283,13 @@ def test_malformed_but_signed_bodies(body: bytes, match: str) -> None:
 
 STATEMENTS = {
     "host_key": wire.host_key_statement("s1", "st1", "n"),
-    "broker_auth": wire.broker_auth_statement("s1", b"st1", b"n"),
-    "starter_auth": wire.starter_auth_statement("s1", b"st1", b"n"),
-    "attach": wire.attach_statement("s1", "st1", b"n"),
+    "capability": b"ssh-to-job capability v1\x00" + field(b"s1") + field(b"st1") + field(b"n"),
 }
 
 
 def test_statements_with_equal_fields_differ() -> None:
-    """The four statements over the same field bytes are four different byte strings."""
-    assert len(set(STATEMENTS.values())) == 4
+    """The two kinds of statement over the same field bytes are different byte strings."""
+    assert len(set(STATEMENTS.values())) == 2
     assert all(s.endswith(field(b"s1") + field(b"st1") + field(b"n")) for s in STATEMENTS.values())
 
 
@@ -312,7 +301,7 @@ def test_signature_does_not_cross_statements(a: str, b: str) -> None:
     assert not verify(BROKER_PK, STATEMENTS[b], sig)
 
 
-@pytest.mark.parametrize("name", sorted(STATEMENTS))
+@pytest.mark.parametrize("name", ["host_key"])
 def test_statement_is_not_a_capability(name: str) -> None:
     """A broker-signed statement of another kind is refused as a capability."""
     with pytest.raises(CapabilityError, match="wrong domain"):
@@ -470,18 +459,4 @@ def test_protocol_doc_worked_example() -> None:
         "31373030303030303630"
         "af8f992dd24d229f2a7a4ae41efb8f03fff8bccbe51fe55e9969d3fd0e4005b6"
         "d358f789ba3ff171a8c328932e531c23ded48071ccd6378c08a9f0693498df00"
-    )
-    stmt = wire.attach_statement("5e1f", "node1", bytes.fromhex("00112233445566778899aabbccddeeff"))
-    assert stmt.hex() == (
-        "7373682d746f2d6a6f622073657373696f6e2061747461636820763100"
-        "00000004"
-        "35653166"
-        "00000005"
-        "6e6f646531"
-        "00000010"
-        "00112233445566778899aabbccddeeff"
-    )
-    assert sign(starter_sk, stmt).hex() == (
-        "2e68598ebe745cc4702764c4e2c455f1e76929a9f226a605adfb723a387e63d5"
-        "ace673bfff2ad0f3f009c934db6daa37bb98b6113755fd2880ba6d6685bd570c"
     )

@@ -135,8 +135,8 @@ def test_no_field_is_named_type() -> None:
         (wire.Ping(), b'{"type":"ping"}'),
         (wire.SubmitReply(cluster=32, count=2), b'{"cluster":32,"count":2,"type":"submit_reply"}'),
         (
-            wire.BrokerHello(nonce=b"\x00\x01\x02", signature=b"\xff"),
-            b'{"nonce":"AAEC","signature":"/w==","type":"broker_hello"}',
+            wire.Welcome(broker_key=b"\x00\x01\x02"),
+            b'{"broker_key":"AAEC","type":"welcome"}',
         ),
         (
             wire.Error(code="denied", message="caf\u00e9 \u2603"),
@@ -382,20 +382,20 @@ def test_floats_are_finite_numbers(payload: bytes, match: str) -> None:
 @pytest.mark.parametrize(
     ("fields", "match"),
     [
-        ({"nonce": "!!!!", "signature": ""}, "field nonce: invalid base64"),
-        ({"nonce": "AAE", "signature": ""}, "field nonce: invalid base64"),
-        ({"nonce": "AA EC", "signature": ""}, "field nonce: invalid base64"),
-        ({"nonce": "AAEC\n", "signature": ""}, "field nonce: invalid base64"),
-        ({"nonce": "AA-_", "signature": ""}, "field nonce: invalid base64"),
-        ({"nonce": "\u00e9\u00e9\u00e9\u00e9", "signature": ""}, "field nonce: invalid base64"),
-        ({"nonce": 5, "signature": ""}, "field nonce: expected base64 text"),
-        ({"nonce": [0, 1], "signature": ""}, "field nonce: expected base64 text"),
+        ({"broker_key": "!!!!"}, "field broker_key: invalid base64"),
+        ({"broker_key": "AAE"}, "field broker_key: invalid base64"),
+        ({"broker_key": "AA EC"}, "field broker_key: invalid base64"),
+        ({"broker_key": "AAEC\n"}, "field broker_key: invalid base64"),
+        ({"broker_key": "AA-_"}, "field broker_key: invalid base64"),
+        ({"broker_key": "\u00e9\u00e9\u00e9\u00e9"}, "field broker_key: invalid base64"),
+        ({"broker_key": 5}, "field broker_key: expected base64 text"),
+        ({"broker_key": [0, 1]}, "field broker_key: expected base64 text"),
     ],
     ids=["punctuation", "unpadded", "space", "newline", "urlsafe", "non-ascii", "int", "list"],
 )
 def test_bytes_are_strict_base64(fields: dict[str, Any], match: str) -> None:
     """Bytes fields take standard, padded base64 text with nothing else in it."""
-    refused(body("broker_hello", **fields), match)
+    refused(body("welcome", **fields), match)
 
 
 @pytest.mark.parametrize(

@@ -51,26 +51,30 @@ SAMPLES: dict[str, Message] = {
         wire.StatusReply(starters=()),
         wire.Output(id="32.0"),
         wire.OutputReply(id="32.0", data=b"hello\n", running=True),
+        wire.TokenCreate(ttl=600.0),
+        wire.TokenCreated(token="stj1.a.b.c", expires_at=1.0),
+        wire.StarterRevoke(name="exec1"),
+        wire.StarterRevoked(serials=("1f",), cut=2),
         wire.SshRequest(job="32.0", client_key="ssh-ed25519 AAAA"),
         wire.SshGrant(
             session_id="s1", job="32.0", capability=b"cap", starter_id="st1", starter_key=b"k" * 32
         ),
         wire.Error(code="denied", message="not your job"),
-        wire.StarterHello(starter_id="st1", starter_key=b"k" * 32, nonce=b"n" * 32, slots=4),
-        wire.BrokerHello(nonce=b"m" * 32, signature=b"s" * 64),
-        wire.StarterAuth(signature=b"s" * 64),
-        wire.Welcome(),
+        wire.StarterHello(starter_id="st1", starter_key=b"k" * 32, slots=4),
+        wire.Welcome(broker_key=b"b" * 32),
         wire.StarterSync(jobs=(REPORT,)),
         wire.RunJob(job=wire.JobRun(id="32.0", uid=1000, gid=1000, owner="ann", spec=JOB)),
         wire.SignalJob(id="32.0", action="kill"),
-        wire.OpenSession(session_id="s1", job="32.0", nonce=b"n" * 32),
+        wire.OpenSession(session_id="s1", job="32.0"),
         wire.FetchOutput(request=1, id="32.0", stream="stdout", max_bytes=100),
         wire.OutputData(request=1, data=b"out", found=True),
         wire.JobUpdate(report=REPORT, sessions=1),
         wire.Ack(ids=("32.0",)),
         wire.SessionFailed(session_id="s1", message="job exited"),
         wire.Ping(),
-        wire.SessionAttach(session_id="s1", starter_id="st1", signature=b"s" * 64),
+        wire.CertRenew(public_key="-----BEGIN PUBLIC KEY-----"),
+        wire.CertRenewed(certificate="-----BEGIN CERTIFICATE-----"),
+        wire.SessionAttach(session_id="s1", starter_id="st1"),
         wire.SessionOpen(capability=b"cap", shells=("bash",)),
         wire.SessionReady(host_key="ssh-ed25519 AAAA", login="ann", signature=b"s" * 64),
     ]
@@ -100,6 +104,12 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("start", C, "output"): "output",
         ("output", B, "output_reply"): "start",
         ("output", B, "error"): "start",
+        ("start", C, "token_create"): "token_create",
+        ("token_create", B, "token_created"): "start",
+        ("token_create", B, "error"): "start",
+        ("start", C, "starter_revoke"): "starter_revoke",
+        ("starter_revoke", B, "starter_revoked"): "start",
+        ("starter_revoke", B, "error"): "start",
         ("start", C, "ssh_request"): "ssh_request",
         ("ssh_request", B, "ssh_grant"): "closed",
         ("ssh_request", B, "error"): "start",
@@ -107,11 +117,9 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
     },
     Channel.STARTER: {
         ("start", S, "starter_hello"): "hello",
-        ("hello", B, "broker_hello"): "challenged",
+        ("start", B, "error"): "closed",
+        ("hello", B, "welcome"): "ready",
         ("hello", B, "error"): "closed",
-        ("challenged", S, "starter_auth"): "authing",
-        ("authing", B, "welcome"): "ready",
-        ("authing", B, "error"): "closed",
         **{
             ("ready", S, t): "ready"
             for t in (
@@ -121,11 +129,20 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
                 "session_ended",
                 "output_data",
                 "ping",
+                "cert_renew",
             )
         },
         **{
             ("ready", B, t): "ready"
-            for t in ("run_job", "signal_job", "open_session", "fetch_output", "ack", "ping")
+            for t in (
+                "run_job",
+                "signal_job",
+                "open_session",
+                "fetch_output",
+                "ack",
+                "ping",
+                "cert_renewed",
+            )
         },
         ("ready", S, "error"): "closed",
         ("ready", B, "error"): "closed",
@@ -284,12 +301,10 @@ def test_job_list_paging() -> None:
 
 
 def test_starter_handshake_then_free_traffic() -> None:
-    """The starter handshake runs hello, challenge, auth, welcome; then both sides talk freely."""
+    """Over TLS the starter channel runs hello then welcome; then both sides talk freely."""
     pair = Pair(Channel.STARTER)
     for sender, type_, state in [
         (S, "starter_hello", "hello"),
-        (B, "broker_hello", "challenged"),
-        (S, "starter_auth", "authing"),
         (B, "welcome", "ready"),
         (S, "starter_sync", "ready"),
         (B, "run_job", "ready"),
@@ -308,9 +323,10 @@ def test_starter_handshake_then_free_traffic() -> None:
         assert pair.state == state
 
 
-@pytest.mark.parametrize("state", ["hello", "authing"])
+@pytest.mark.parametrize("state", ["start", "hello"])
 def test_broker_may_refuse_a_starter(state: str) -> None:
-    """The broker may answer the hello or the auth with an error, which ends the channel."""
+    """The broker may refuse a starter before or after its hello with an error; it ends the
+    channel."""
     pair = Pair(Channel.STARTER)
     pair.play(paths(Channel.STARTER)[state])
     pair.say(B, SAMPLES["error"])
@@ -407,7 +423,7 @@ def test_oversize_frame_via_connection() -> None:
     assert conn.state == "error"
     starter = Connection(Channel.STARTER, S, B, max_frame=64)
     with pytest.raises(LocalProtocolError, match="exceeds the 64-byte limit"):
-        starter.send(wire.StarterHello(starter_id="x" * 64, starter_key=b"", nonce=b"", slots=1))
+        starter.send(wire.StarterHello(starter_id="x" * 64, starter_key=b"", slots=1))
     assert starter.state == "error"
 
 
@@ -431,14 +447,11 @@ def test_clean_eof_and_eof_mid_frame() -> None:
 def test_handshake_stream_in_any_chunks(chunk: int) -> None:
     """The broker's side of a handshake gives the same events fed at once or in small pieces."""
     starter = Connection(Channel.STARTER, S, B)
-    script = [SAMPLES[t] for t in ("starter_hello", "starter_auth", "starter_sync", "ping")]
+    script = [SAMPLES[t] for t in ("starter_hello", "starter_sync", "ping")]
     stream = b""
     for msg in script:
         stream += starter.send(msg)
         if msg.TYPE == "starter_hello":
-            starter.receive_data(encode_frame(encode_message(SAMPLES["broker_hello"])))
-            assert starter.next_event() == SAMPLES["broker_hello"]
-        if msg.TYPE == "starter_auth":
             starter.receive_data(encode_frame(encode_message(SAMPLES["welcome"])))
             assert starter.next_event() == SAMPLES["welcome"]
     broker = Connection(Channel.STARTER, B, S)
@@ -453,8 +466,6 @@ def test_handshake_stream_in_any_chunks(chunk: int) -> None:
             assert isinstance(ev, Message)
             got.append(ev)
             if ev.TYPE == "starter_hello":
-                broker.send(SAMPLES["broker_hello"])
-            if ev.TYPE == "starter_auth":
                 broker.send(SAMPLES["welcome"])
     assert got == script
     assert broker.state == starter.state == "ready"

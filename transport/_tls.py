@@ -316,6 +316,8 @@ async def serve_tls(
     allow_anonymous: bool = False,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     farewell: Callable[[TlsRefused], bytes] | None = None,
+    max_handshakes: int = 0,
+    max_handshakes_per_peer: int = 0,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``host:port``; run ``handler(stream, identity)`` for each accepted peer.
@@ -325,9 +327,14 @@ async def serve_tls(
     the peer's address). ``task_status.started`` gets the listeners (their port, when 0 was
     asked). ``handler`` owns the stream and must handle its own errors: like
     ``trio.serve_listeners``, an exception escaping it ends the server.
+
+    ``max_handshakes`` (in all) and ``max_handshakes_per_peer`` (per peer address) cap the
+    connections still in their handshake (0: no cap): past either, a new connection is closed
+    at once, so a flood of stalled handshakes holds a bounded number of sockets.
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners)
+    pending: dict[str, int] = {}
 
     async def one(stream: trio.SocketStream) -> None:
         set_nodelay(stream.socket)
@@ -335,6 +342,27 @@ async def serve_tls(
             where = stream.socket.getpeername()
         except OSError:
             where = "?"
+        peer = str(where[0]) if isinstance(where, tuple) else str(where)
+        total = sum(pending.values())
+        if (max_handshakes and total >= max_handshakes) or (
+            max_handshakes_per_peer and pending.get(peer, 0) >= max_handshakes_per_peer
+        ):
+            log.info("refused connection from %s: too many handshakes in progress", where)
+            await trio.aclose_forcefully(stream)
+            return
+        pending[peer] = pending.get(peer, 0) + 1
+        try:
+            accepted = await _accept_one(stream, where)
+        finally:
+            pending[peer] -= 1
+            if not pending[peer]:
+                del pending[peer]
+        if accepted is not None:
+            await handler(*accepted)
+
+    async def _accept_one(
+        stream: trio.SocketStream, where: object
+    ) -> tuple[trio.SSLStream[Any], PeerIdentity | None] | None:
         try:
             ssl_stream, ident = await accept_tls(
                 stream,
@@ -348,8 +376,8 @@ async def serve_tls(
             )
         except TlsRefused as exc:
             log.info("refused connection from %s: %s", where, exc.reason)
-            return
-        await handler(ssl_stream, ident)
+            return None
+        return ssl_stream, ident
 
     await trio.serve_listeners(one, listeners)
 

@@ -13,15 +13,12 @@ from ._crypto import (
     MAX_CAP_LIFETIME,
     Capability,
     ReplayCache,
-    attach_statement,
-    broker_auth_statement,
     host_key_statement,
     new_signing_key,
     public_key_of,
     same_secret,
     sign,
     sign_capability,
-    starter_auth_statement,
     verify,
     verify_capability,
 )
@@ -35,7 +32,8 @@ from ._messages import (
     Act,
     ActReply,
     ActResult,
-    BrokerHello,
+    CertRenew,
+    CertRenewed,
     Error,
     FetchOutput,
     JobInfo,
@@ -64,14 +62,17 @@ from ._messages import (
     SshAllow,
     SshGrant,
     SshRequest,
-    StarterAuth,
     StarterHello,
     StarterInfo,
+    StarterRevoke,
+    StarterRevoked,
     StarterSync,
     Status,
     StatusReply,
     Submit,
     SubmitReply,
+    TokenCreate,
+    TokenCreated,
     Welcome,
     decode_message,
     encode_message,
@@ -80,7 +81,6 @@ from ._sshkey import ed25519_keypair
 from ._state import Channel, Role, next_state
 
 if TYPE_CHECKING:
-    from ._handshake import BrokerHandshake, ChannelKeys, HandshakeError, StarterHandshake
     from ._identity import (
         PEER_NAME_RE,
         POOL_ID_RE,
@@ -92,16 +92,8 @@ if TYPE_CHECKING:
         check_pool_id,
         parse_peer_uri,
     )
-    from ._secure import Ephemeral, FrameCipher, channel_keys
 
 _LAZY = {
-    "Ephemeral": "_secure",
-    "FrameCipher": "_secure",
-    "channel_keys": "_secure",
-    "BrokerHandshake": "_handshake",
-    "ChannelKeys": "_handshake",
-    "HandshakeError": "_handshake",
-    "StarterHandshake": "_handshake",
     "PEER_NAME_RE": "_identity",
     "POOL_ID_RE": "_identity",
     "ROLE_BROKER": "_identity",
@@ -115,8 +107,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    # The channel cipher and the handshake (nacl's X25519 and SecretBox) are for the daemons:
-    # loaded on first use, so that ssh-to-job's start-up does not pay for them.
+    # Certificate identities are for the daemons and `stj token`: loaded on first use, so
+    # that ssh-to-job's start-up does not pay for them.
     module = _LAZY.get(name)
     if module is not None:
         import importlib
@@ -143,19 +135,15 @@ __all__ = [
     "Act",
     "ActReply",
     "ActResult",
-    "BrokerHandshake",
-    "BrokerHello",
     "Capability",
     "CapabilityError",
+    "CertRenew",
+    "CertRenewed",
     "Channel",
-    "ChannelKeys",
     "Connection",
-    "Ephemeral",
     "Error",
     "FetchOutput",
-    "FrameCipher",
     "FrameDecoder",
-    "HandshakeError",
     "JobId",
     "JobInfo",
     "JobList",
@@ -190,19 +178,18 @@ __all__ = [
     "SshAllow",
     "SshGrant",
     "SshRequest",
-    "StarterAuth",
-    "StarterHandshake",
     "StarterHello",
     "StarterInfo",
+    "StarterRevoke",
+    "StarterRevoked",
     "StarterSync",
     "Status",
     "StatusReply",
     "Submit",
     "SubmitReply",
+    "TokenCreate",
+    "TokenCreated",
     "Welcome",
-    "attach_statement",
-    "broker_auth_statement",
-    "channel_keys",
     "check_pool_id",
     "decode_message",
     "ed25519_keypair",
@@ -217,7 +204,6 @@ __all__ = [
     "same_secret",
     "sign",
     "sign_capability",
-    "starter_auth_statement",
     "verify",
     "verify_capability",
 ]

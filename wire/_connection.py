@@ -8,12 +8,7 @@ the socket, and the daemon carries on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-
-if TYPE_CHECKING:
-    from ._secure import FrameCipher
 from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
 from ._messages import Error, JobList, Message, decode_message, encode_message
 from ._state import RAW, START, Channel, Role, next_state
@@ -35,28 +30,9 @@ class Connection:
         self.state = START
         self.max_frame = max_frame
         self._decoder = FrameDecoder(max_frame)
-        self._seal: FrameCipher | None = None
-        self._open: FrameCipher | None = None
-
-    def start_encryption(self, send_key: bytes, receive_key: bytes) -> None:
-        """From the next frame on, seal what we send and open what we receive.
-
-        Both peers call this at the same frame boundary: the broker right after sending
-        ``welcome``, the starter right after receiving it (see ``_secure``).
-        """
-        if self._seal is not None:
-            raise LocalProtocolError("encryption is already on")
-        from ._secure import FrameCipher  # daemons only: clients never load the cipher
-
-        self._seal, self._open = FrameCipher(send_key), FrameCipher(receive_key)
-
-    @property
-    def encrypted(self) -> bool:
-        return self._seal is not None
 
     def _payload(self, msg: Message) -> bytes:
-        body = encode_message(msg)
-        return self._seal.seal(body) if self._seal is not None else body
+        return encode_message(msg)
 
     def _advance(self, sender: Role, msg: Message, error: type[ProtocolError]) -> None:
         if self.state == ERROR_STATE:
@@ -102,8 +78,6 @@ class Connection:
             if payload is NEED_DATA or payload is CLOSED:
                 return payload
             assert isinstance(payload, bytes)
-            if self._open is not None:
-                payload = self._open.open(payload)
             msg = decode_message(payload)
             self._advance(self.their_role, msg, RemoteProtocolError)
             return msg

@@ -21,9 +21,6 @@ from ._errors import CapabilityError
 
 CAP_DOMAIN = b"ssh-to-job capability v1\0"
 HOSTKEY_DOMAIN = b"ssh-to-job host key v1\0"
-BROKER_AUTH_DOMAIN = b"ssh-to-job broker auth v1\0"
-STARTER_AUTH_DOMAIN = b"ssh-to-job starter auth v1\0"
-ATTACH_DOMAIN = b"ssh-to-job session attach v1\0"
 
 SIG_LEN = 64
 KEY_LEN = 32
@@ -183,18 +180,6 @@ class ReplayCache:
 
 def host_key_statement(session_id: str, login: str, host_key: str) -> bytes:
     return canonical(HOSTKEY_DOMAIN, session_id, login, host_key)
-
-
-def broker_auth_statement(starter_id: str, starter_nonce: bytes, broker_nonce: bytes) -> bytes:
-    return canonical(BROKER_AUTH_DOMAIN, starter_id, starter_nonce, broker_nonce)
-
-
-def starter_auth_statement(starter_id: str, starter_nonce: bytes, broker_nonce: bytes) -> bytes:
-    return canonical(STARTER_AUTH_DOMAIN, starter_id, starter_nonce, broker_nonce)
-
-
-def attach_statement(session_id: str, starter_id: str, nonce: bytes) -> bytes:
-    return canonical(ATTACH_DOMAIN, session_id, starter_id, nonce)
 
 
 def same_secret(a: bytes, b: bytes) -> bool:

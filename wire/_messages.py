@@ -124,6 +124,8 @@ class StarterInfo:
     connected: bool
     jobs: tuple[str, ...]
     address: str = ""
+    #: Unix time the broker last heard from it (0: never since the broker started).
+    last_seen: float = 0.0
 
 
 @attrs.frozen
@@ -276,6 +278,39 @@ class StatusReply(Message):
 
 
 @attrs.frozen
+class TokenCreate(Message):
+    """Make a one-time join token (root or a queue superuser, over the unix socket)."""
+
+    TYPE: ClassVar[str] = "token_create"
+    #: Seconds it stays valid; 0: the broker's ``token_ttl``.
+    ttl: float = 0.0
+
+
+@attrs.frozen
+class TokenCreated(Message):
+    TYPE: ClassVar[str] = "token_created"
+    token: str = attrs.field(repr=False)
+    expires_at: float = 0.0
+
+
+@attrs.frozen
+class StarterRevoke(Message):
+    """Revoke every certificate of starter ``name`` and cut its connections at once."""
+
+    TYPE: ClassVar[str] = "starter_revoke"
+    name: str
+
+
+@attrs.frozen
+class StarterRevoked(Message):
+    TYPE: ClassVar[str] = "starter_revoked"
+    #: The revoked serials, in hex.
+    serials: tuple[str, ...]
+    #: Live connections (control channel and sessions) that were cut.
+    cut: int = 0
+
+
+@attrs.frozen
 class Output(Message):
     TYPE: ClassVar[str] = "output"
     id: str
@@ -326,30 +361,23 @@ class Error(Message):
 
 @attrs.frozen
 class StarterHello(Message):
+    """The starter's first frame on its TLS control channel: its name (the one its certificate
+    names), the key that signs session host keys, and its slots."""
+
     TYPE: ClassVar[str] = "starter_hello"
     starter_id: str
     starter_key: bytes
-    nonce: bytes
     slots: int
-    version: int = 1
-
-
-@attrs.frozen
-class BrokerHello(Message):
-    TYPE: ClassVar[str] = "broker_hello"
-    nonce: bytes
-    signature: bytes
-
-
-@attrs.frozen
-class StarterAuth(Message):
-    TYPE: ClassVar[str] = "starter_auth"
-    signature: bytes
+    version: int = 2
 
 
 @attrs.frozen
 class Welcome(Message):
+    """The broker accepts the starter; ``broker_key`` verifies the capabilities it signs
+    (trusted because TLS authenticated the broker against the pool CA)."""
+
     TYPE: ClassVar[str] = "welcome"
+    broker_key: bytes
 
 
 @attrs.frozen
@@ -381,7 +409,6 @@ class OpenSession(Message):
     TYPE: ClassVar[str] = "open_session"
     session_id: str
     job: str
-    nonce: bytes
 
 
 @attrs.frozen
@@ -419,6 +446,23 @@ class Ack(Message):
 
 
 @attrs.frozen
+class CertRenew(Message):
+    """A starter whose certificate has less than a third of its life left asks for a new one,
+    for a key it just made (PEM SubjectPublicKeyInfo, Ed25519)."""
+
+    TYPE: ClassVar[str] = "cert_renew"
+    public_key: str
+
+
+@attrs.frozen
+class CertRenewed(Message):
+    """The new certificate (PEM) for the key in ``cert_renew``; the old one stays valid."""
+
+    TYPE: ClassVar[str] = "cert_renewed"
+    certificate: str
+
+
+@attrs.frozen
 class SessionFailed(Message):
     TYPE: ClassVar[str] = "session_failed"
     session_id: str
@@ -448,12 +492,12 @@ class Ping(Message):
 
 @attrs.frozen
 class SessionAttach(Message):
-    """The first and only frame a starter sends the broker on a session connection."""
+    """The first and only frame a starter sends the broker on a session connection (over TLS,
+    which says which starter it is; both sides then leave TLS and hand the socket on)."""
 
     TYPE: ClassVar[str] = "session_attach"
     session_id: str
     starter_id: str
-    signature: bytes
 
 
 @attrs.frozen
@@ -493,12 +537,14 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         StatusReply,
         Output,
         OutputReply,
+        TokenCreate,
+        TokenCreated,
+        StarterRevoke,
+        StarterRevoked,
         SshRequest,
         SshGrant,
         Error,
         StarterHello,
-        BrokerHello,
-        StarterAuth,
         Welcome,
         StarterSync,
         RunJob,
@@ -509,6 +555,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         JobUpdate,
         Ack,
         SessionFailed,
+        CertRenew,
+        CertRenewed,
         Ping,
         SessionAttach,
         SessionOpen,

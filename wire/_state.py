@@ -9,9 +9,10 @@ Channels:
 
 CONTROL  a local client and the broker: one request, then its reply (``job_list`` may come in
          pages; ``ssh_grant`` ends the conversation because the socket it carries is the point).
-STARTER  a starter and the broker: mutual authentication first, then free traffic both ways.
-ATTACH   a starter's session connection to the broker: one signed ``session_attach``, then the
-         socket is handed on untouched (RAW).
+STARTER  a starter and the broker over mutually authenticated TLS 1.3: ``starter_hello``,
+         ``welcome``, then free traffic both ways.
+ATTACH   a starter's session connection to the broker: one ``session_attach`` over TLS, then
+         both sides leave TLS and the socket is handed on untouched (RAW).
 SESSION  a client and a starter on that handed-on socket: ``session_open`` with the capability,
          ``session_ready`` with the signed host key, then raw SSH.
 """
@@ -52,6 +53,8 @@ for _req, _reply, _after in (
     ("session_query", "session_list", START),
     ("status", "status_reply", START),
     ("output", "output_reply", START),
+    ("token_create", "token_created", START),
+    ("starter_revoke", "starter_revoked", START),
     ("ssh_request", "ssh_grant", CLOSED_STATE),
 ):
     _CONTROL[(START, C, _req)] = _req
@@ -60,17 +63,25 @@ for _req, _reply, _after in (
 # A paged listing: job_list with last=false keeps the state (see next_state).
 _CONTROL[(START, B, "error")] = CLOSED_STATE
 
+# TLS has authenticated both ends before the first frame: the hello only says what this
+# starter offers, and the welcome carries the key that signs capabilities.
 _STARTER: _Table = {
     (START, S, "starter_hello"): "hello",
-    ("hello", B, "broker_hello"): "challenged",
+    ("hello", B, "welcome"): "ready",
     ("hello", B, "error"): CLOSED_STATE,
-    ("challenged", S, "starter_auth"): "authing",
-    ("authing", B, "welcome"): "ready",
-    ("authing", B, "error"): CLOSED_STATE,
+    (START, B, "error"): CLOSED_STATE,
 }
-for _t in ("starter_sync", "job_update", "session_failed", "session_ended", "output_data", "ping"):
+for _t in (
+    "starter_sync",
+    "job_update",
+    "session_failed",
+    "session_ended",
+    "output_data",
+    "ping",
+    "cert_renew",
+):
     _STARTER[("ready", S, _t)] = "ready"
-for _t in ("run_job", "signal_job", "open_session", "fetch_output", "ack", "ping"):
+for _t in ("run_job", "signal_job", "open_session", "fetch_output", "ack", "ping", "cert_renewed"):
     _STARTER[("ready", B, _t)] = "ready"
 _STARTER[("ready", B, "error")] = CLOSED_STATE
 _STARTER[("ready", S, "error")] = CLOSED_STATE
