@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     from ._queue import QueueVersionError
     from ._server import Broker, StateDirBusy, raise_nofile_limit
 
-    common.setup_logging(a.debug)
+    try:
+        common.setup_logging(a.debug, config.broker.log_file)
+    except OSError as exc:
+        print(f"stj broker: cannot open the log file: {exc}", file=sys.stderr)
+        return 1
     raise_nofile_limit()
     try:
         broker = Broker(state, config)

@@ -76,6 +76,8 @@ class BrokerConfig:
     allow_ssh: bool = True
     #: Users (names or uids) who may not ssh into any job here, their own included.
     ssh_denied_users: tuple[str, ...] = ()
+    #: Append the broker's log to this file instead of stderr ("": stderr, for journald).
+    log_file: str = ""
     #: Days session records (stj history --sessions) are kept.
     session_record_days: float = attrs.field(default=90.0, validator=_between(0.01, 36500))
     # -- added by the multi-host work (TLS control channels, the pool CA; common._pki) --
@@ -123,6 +125,8 @@ class StarterConfig:
     keep_jobs_on_stop: bool = attrs.field(
         default=False, validator=attrs.validators.instance_of(bool)
     )
+    #: Append the starter's log to this file instead of stderr ("": stderr, for journald).
+    log_file: str = ""
     #: After a session's sshd ends, what it started (a remote command whose client was
     #: interrupted) gets this long to end before the session's processes are killed (seconds).
     session_end_grace: float = attrs.field(default=2.0, validator=_between(0, 3600))

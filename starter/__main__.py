@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from ._daemon import Starter
 
-    common.setup_logging(a.debug)
+    try:
+        common.setup_logging(a.debug, config.starter.log_file)
+    except OSError as exc:
+        print(f"stj starter: cannot open the log file: {exc}", file=sys.stderr)
+        return 1
     if a.join:
         from ._enroll import JoinFailed, join
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -113,3 +115,31 @@ def test_a_state_dir_that_cannot_be_made_is_one_line(pool: Pool, users: dict[str
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not pathlib.Path("/root/nope").exists()
+
+
+def test_daemons_log_to_files_by_config(
+    make_pool: Callable[..., Pool], users: dict[str, User]
+) -> None:
+    """With log_file set, the broker and the starter append their logs there, not to stderr;
+    a log file that cannot be opened stops a daemon with one line."""
+    logs = pathlib.Path(tempfile.mkdtemp(prefix="stjlogs-", dir="/tmp"))
+    try:
+        pool = make_pool(
+            f'log_file = "{logs}/broker.log"\n[starter]\nlog_file = "{logs}/starter.log"\n'
+        )
+        pool.wait_for_starter()
+        (job,) = pool.submit(users["a"], "/bin/true")
+        pool.wait_state(job, "completed")
+        broker_log = (logs / "broker.log").read_text()
+        starter_log = (logs / "starter.log").read_text()
+        assert "stj.broker INFO broker listening" in broker_log
+        assert f"job {job} started as pid" in starter_log
+        assert "broker listening" not in pool.log_text()
+        bad = pool.state / "bad.toml"
+        bad.write_text('[broker]\nlog_file = "/nonexistent-dir/x.log"\n')
+        argv = [STJ, "broker", "--state-dir", str(pool.state / "other"), "--config", str(bad)]
+        r = pool.run(ROOT, argv, timeout=30)
+        assert r.returncode == 1, r
+        assert "cannot open the log file" in r.stderr
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
