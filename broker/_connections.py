@@ -723,7 +723,9 @@ class Connections:
                 nursery.start_soon(self._pinger, conn)
                 nursery.start_soon(watch_revocation, tls, ident.serial, self.is_revoked)
                 while True:
-                    msg = await stream.receive(within=STARTER_SILENCE)
+                    msg = await stream.receive(
+                        within=STARTER_SILENCE, frame_timeout=self.bc.frame_timeout
+                    )
                     self.seen(name)
                     self._from_starter(conn, msg)
         finally:

@@ -531,3 +531,20 @@ async def test_a_stale_copy_on_another_starter_is_killed(
     finally:
         for stream in other.streams:
             await trio.aclose_forcefully(stream)
+
+
+async def test_a_started_frame_on_a_starter_channel_has_frame_timeout(
+    broker: Broker, st: FakeStarter, autojump_clock: trio.testing.MockClock
+) -> None:
+    """On an authenticated starter's control channel, a frame begun but not finished costs
+    the channel after frame_timeout, long before the silence limit."""
+    await st.connect(broker)
+    assert st.stream is not None
+    start = trio.current_time()
+    await st.stream.stream.send_all(wire.FRAME_HEADER.pack(100) + b"{")
+    with pytest.raises(PeerGone):  # noqa: PT012
+        while True:
+            await st.stream.receive()
+    gone = trio.current_time() - start
+    assert broker.bc.frame_timeout <= gone < broker.bc.frame_timeout + 1
+    assert gone < conns.STARTER_SILENCE

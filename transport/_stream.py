@@ -9,6 +9,7 @@ never the daemon's memory.
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 
 import trio
@@ -68,12 +69,17 @@ class FramedStream:
         with contextlib.suppress(PeerGone, wire.ProtocolError), trio.move_on_after(1):
             await self.send_bytes(self.conn.farewell(error))
 
-    async def receive(self, within: float | None = None) -> wire.Message:
+    async def receive(
+        self, within: float | None = None, frame_timeout: float | None = None
+    ) -> wire.Message:
         """The next message; PeerGone at end of stream, RemoteProtocolError on garbage.
 
         ``within`` bounds the wait for a whole message (``trio.TooSlowError`` past it);
         ``None`` waits for its start for ever, for channels kept alive by pings.
+        ``frame_timeout`` bounds a frame once its first byte is in, however long the channel
+        may stay silent between frames: a peer that trickles a frame in is cut off.
         """
+        frame_deadline = math.inf
         with trio.fail_after(within) if within is not None else contextlib.nullcontext():
             while True:
                 event = self.conn.next_event()
@@ -81,8 +87,14 @@ class FramedStream:
                     return event
                 if event is wire.CLOSED:
                     raise PeerClosed("peer closed the connection")
+                if frame_timeout is not None and self.conn.trailing_data:
+                    if frame_deadline == math.inf:
+                        frame_deadline = trio.current_time() + frame_timeout
+                else:
+                    frame_deadline = math.inf
                 try:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    with trio.fail_at(frame_deadline):
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
                 except _TRANSPORT_ERRORS as exc:
                     raise PeerBroken(f"connection broken: {exc}") from exc
                 self.conn.receive_data(bytes(data))
