@@ -39,7 +39,24 @@ SCHEMA_VERSION = 3
 #: The hold reason that marked "releasing" in schema version 1 (migrated to the state).
 _V1_RELEASING = "released; ending its debug hold"
 
-_SCHEMA = """
+#: Tables added in schema version 3 (collaborators, session records): in a new queue and in
+#: the version 2 to 3 migration alike.
+_V3_TABLES = """
+CREATE TABLE IF NOT EXISTS ssh_allow (
+    cluster INTEGER NOT NULL, proc INTEGER NOT NULL, uid INTEGER NOT NULL,
+    PRIMARY KEY (cluster, proc, uid)
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, job TEXT NOT NULL, uid INTEGER NOT NULL, user TEXT NOT NULL,
+    owner_uid INTEGER NOT NULL, outcome TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+    starter TEXT NOT NULL DEFAULT '', requested REAL NOT NULL, started REAL NOT NULL DEFAULT 0,
+    ended REAL NOT NULL DEFAULT 0, bytes_in INTEGER NOT NULL DEFAULT 0,
+    bytes_out INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (requested);
+"""
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS specs (id INTEGER PRIMARY KEY, spec TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -70,19 +87,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, cluster, proc);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner_uid, state);
 CREATE INDEX IF NOT EXISTS jobs_by_starter ON jobs (starter) WHERE placed = 1;
-CREATE TABLE IF NOT EXISTS ssh_allow (
-    cluster INTEGER NOT NULL, proc INTEGER NOT NULL, uid INTEGER NOT NULL,
-    PRIMARY KEY (cluster, proc, uid)
-);
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY, job TEXT NOT NULL, uid INTEGER NOT NULL, user TEXT NOT NULL,
-    owner_uid INTEGER NOT NULL, outcome TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
-    starter TEXT NOT NULL DEFAULT '', requested REAL NOT NULL, started REAL NOT NULL DEFAULT 0,
-    ended REAL NOT NULL DEFAULT 0, bytes_in INTEGER NOT NULL DEFAULT 0,
-    bytes_out INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (requested);
-CREATE TABLE IF NOT EXISTS audit (
+{_V3_TABLES}CREATE TABLE IF NOT EXISTS audit (
     ts REAL NOT NULL, uid INTEGER NOT NULL, action TEXT NOT NULL,
     job TEXT NOT NULL, outcome TEXT NOT NULL
 );
@@ -211,21 +216,7 @@ DROP TABLE jobs_v1;
 
 
 #: Version 2 to 3: when a debug hold ends, shown by stj q.
-_V2_MIGRATION = """
-ALTER TABLE jobs ADD COLUMN debug_until REAL NOT NULL DEFAULT 0;
-CREATE TABLE IF NOT EXISTS ssh_allow (
-    cluster INTEGER NOT NULL, proc INTEGER NOT NULL, uid INTEGER NOT NULL,
-    PRIMARY KEY (cluster, proc, uid)
-);
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY, job TEXT NOT NULL, uid INTEGER NOT NULL, user TEXT NOT NULL,
-    owner_uid INTEGER NOT NULL, outcome TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
-    starter TEXT NOT NULL DEFAULT '', requested REAL NOT NULL, started REAL NOT NULL DEFAULT 0,
-    ended REAL NOT NULL DEFAULT 0, bytes_in INTEGER NOT NULL DEFAULT 0,
-    bytes_out INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (requested);
-"""
+_V2_MIGRATION = "ALTER TABLE jobs ADD COLUMN debug_until REAL NOT NULL DEFAULT 0;\n" + _V3_TABLES
 
 
 def _spec_blob(spec: wire.JobSpec) -> str:

@@ -130,6 +130,32 @@ def test_a_version_1_queue_is_migrated(tmp_path: pathlib.Path) -> None:
     JobQueue(path).close()  # a second open is a no-op
 
 
+def test_a_version_2_queue_is_migrated(tmp_path: pathlib.Path) -> None:
+    """A v2 queue.db (no debug_until, no collaborators or session records) opens as v3 with
+    its jobs, and the new tables and column work."""
+    path = tmp_path / "queue.db"
+    q = JobQueue(path)
+    q.submit(wire.JobSpec("/bin/sleep", ("9",)), 2, "ann", 1000, 1000)
+    q.close()
+    with sqlite3.connect(path) as db:  # back to the version 2 shape
+        db.executescript(
+            "DROP TABLE ssh_allow; DROP TABLE sessions; ALTER TABLE jobs DROP COLUMN debug_until;"
+            "UPDATE meta SET value = '2' WHERE key = 'schema_version';"
+        )
+    q = JobQueue(path)
+    try:
+        assert [r.id for r in q.select(states=("idle",))] == ["1.0", "1.1"]
+        assert q.get("1.1").debug_until == 0
+        q.allow_ssh("1.1", [1001])
+        assert q.ssh_allowed("1.1") == {1001}
+        q.record_session("s1", "1.1", 1001, "bob", 1000, "refused", "no")
+        assert [x.outcome for x in q.sessions(1000)] == ["refused"]
+        (version,) = q.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        assert version == "3"
+    finally:
+        q.close()
+
+
 def test_a_newer_queue_is_refused(tmp_path: pathlib.Path) -> None:
     """A queue.db from a newer broker is refused with a message, not misread."""
     path = tmp_path / "queue.db"

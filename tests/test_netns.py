@@ -117,4 +117,4 @@ def test_teardown_leaves_nothing_behind() -> None:
 def test_addresses_outside_the_benchmark_range_are_refused(net: Network) -> None:
     """A test cannot put a host on a real network's addresses."""
     with pytest.raises(ValueError, match=r"outside 198\.18\.0\.0/15"):
-        net.add_host("x", "10.0.0.1")
+        net.add_host("x", "198.20.0.1")  # just past the range, and never used: refused first
