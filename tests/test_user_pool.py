@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 
 from conftest import SSH_TO_JOB, STJ, User, new_state_dir
 
+Run = Callable[..., subprocess.CompletedProcess[str]]
 
-def test_pool_started_by_a_user_runs_their_jobs_and_sessions(users: dict[str, User]) -> None:
-    """`stj pool` as user b: its job runs as b, and ssh-to-job (a command and a pty) gets in;
-    another user's submit is refused at once with the reason."""
-    b = users["b"]
+
+@contextlib.contextmanager
+def user_pool(user: User) -> Iterator[tuple[dict[str, str], Run]]:
+    """`stj pool` run by ``user`` in a fresh state dir, up and connected: its environment and
+    a function that runs a command as ``user`` in it. Stopped and removed afterwards."""
     state = new_state_dir()
-    os.chown(state, b.uid, b.gid)
+    os.chown(state, user.uid, user.gid)
     env = {
         "PATH": f"{os.path.dirname(STJ)}:/usr/bin:/bin",
-        "HOME": b.home,
-        "USER": str(b.name),
+        "HOME": user.home,
+        "USER": str(user.name),
         "STJ_STATE_DIR": str(state),
         "LANG": "C.UTF-8",
         "SHELL": "/bin/bash",
@@ -28,11 +32,11 @@ def test_pool_started_by_a_user_runs_their_jobs_and_sessions(users: dict[str, Us
 
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*b.prefix(), *argv], env=env, capture_output=True, text=True, timeout=60, cwd="/tmp"
+            [*user.prefix(), *argv], env=env, capture_output=True, text=True, timeout=60, cwd="/tmp"
         )
 
     pool = subprocess.Popen(
-        [*b.prefix(), STJ, "pool"],
+        [*user.prefix(), STJ, "pool"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -48,6 +52,18 @@ def test_pool_started_by_a_user_runs_their_jobs_and_sessions(users: dict[str, Us
             time.sleep(0.1)
         else:
             raise AssertionError("the user's pool did not come up")
+        yield env, run
+    finally:
+        os.killpg(pool.pid, 15)
+        pool.wait(20)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_pool_started_by_a_user_runs_their_jobs_and_sessions(users: dict[str, User]) -> None:
+    """`stj pool` as user b: its job runs as b, and ssh-to-job (a command and a pty) gets in;
+    another user's submit is refused at once with the reason."""
+    b = users["b"]
+    with user_pool(b) as (env, run):
         # Another user's job could never run here (the starter runs as b): refused at once.
         a = users["a"]
         other = subprocess.run(
@@ -81,47 +97,13 @@ def test_pool_started_by_a_user_runs_their_jobs_and_sessions(users: dict[str, Us
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip().startswith("/dev/pts/")
         assert run(STJ, "rm", job).returncode == 0
-    finally:
-        os.killpg(pool.pid, 15)
-        pool.wait(20)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_without_cgroups_a_left_behind_process_is_the_jobs(users: dict[str, User]) -> None:
     """In a user's pool (no cgroups), what a failed job left running (`sleep 1000 &`) is listed
     in SSH_TO_JOB_PIDS during its debug hold, and stj rm kills it."""
     b = users["b"]
-    state = new_state_dir()
-    os.chown(state, b.uid, b.gid)
-    env = {
-        "PATH": f"{os.path.dirname(STJ)}:/usr/bin:/bin",
-        "HOME": b.home,
-        "USER": str(b.name),
-        "STJ_STATE_DIR": str(state),
-        "LANG": "C.UTF-8",
-        "SHELL": "/bin/bash",
-    }
-
-    def run(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*b.prefix(), *argv], env=env, capture_output=True, text=True, timeout=60, cwd="/tmp"
-        )
-
-    pool = subprocess.Popen(
-        [*b.prefix(), STJ, "pool"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while (
-            run(STJ, "status", "--json").returncode != 0
-            or not json.loads(run(STJ, "status", "--json").stdout)["starters"]
-        ):
-            assert time.monotonic() < deadline, "the user's pool did not come up"
-            time.sleep(0.1)
+    with user_pool(b) as (_env, run):
         script = "sleep 1000 & echo $! > left.pid; exit 3"
         r = run(STJ, "submit", "--hold-on-failure", "/bin/sh", "-c", script)
         assert r.returncode == 0, r.stderr
@@ -142,10 +124,6 @@ def test_without_cgroups_a_left_behind_process_is_the_jobs(users: dict[str, User
         while os.path.exists(f"/proc/{left}") and _running(int(left)):
             assert time.monotonic() < deadline, "the left-behind process outlived stj rm"
             time.sleep(0.1)
-    finally:
-        os.killpg(pool.pid, 15)
-        pool.wait(20)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def _running(pid: int) -> bool:
