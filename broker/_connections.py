@@ -771,7 +771,14 @@ class Connections:
             self.rendezvous.failed(conn.name, msg)
         elif isinstance(msg, wire.SessionEnded):
             if not self.queue.session_ended(
-                msg.session_id, conn.name, msg.started, msg.ended, msg.bytes_in, msg.bytes_out
+                msg.session_id,
+                conn.name,
+                msg.started,
+                msg.ended,
+                msg.bytes_in,
+                msg.bytes_out,
+                msg.forwards,
+                msg.exit_status,
             ):
                 log.warning("starter %s reports an unknown session %r", conn.name, msg.session_id)
         elif isinstance(msg, wire.CertRenew):

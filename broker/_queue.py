@@ -35,7 +35,7 @@ IDLE, RUNNING, SUSPENDED, HELD, RELEASING, COMPLETED, REMOVED = (
 LIVE_STATES = (IDLE, RUNNING, SUSPENDED, HELD, RELEASING)
 FINISHED_STATES = (COMPLETED, REMOVED)
 TAIL = 65536
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The hold reason that marked "releasing" in schema version 1 (migrated to the state).
 _V1_RELEASING = "released; ending its debug hold"
 
@@ -54,6 +54,21 @@ CREATE TABLE IF NOT EXISTS sessions (
     bytes_out INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (requested);
+"""
+
+#: Schema version 4, applied to every older queue and to a new one alike: what a session
+#: asked to forward and how it exited, the remote client's key and address, and the client
+#: keys users registered for remote use (``stj keys``).
+_V4_CHANGES = """
+ALTER TABLE sessions ADD COLUMN forwards TEXT NOT NULL DEFAULT '';
+ALTER TABLE sessions ADD COLUMN exit_status INTEGER NOT NULL DEFAULT -1;
+ALTER TABLE sessions ADD COLUMN client_key TEXT NOT NULL DEFAULT '';
+ALTER TABLE sessions ADD COLUMN client_addr TEXT NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS client_keys (
+    fingerprint TEXT PRIMARY KEY, uid INTEGER NOT NULL, key TEXT NOT NULL,
+    comment TEXT NOT NULL DEFAULT '', added REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS client_keys_by_uid ON client_keys (uid);
 """
 
 _SCHEMA = f"""
@@ -242,7 +257,8 @@ def _spec_blob(spec: wire.JobSpec) -> str:
 
 
 _SESSION_COLUMNS = (
-    "id, job, uid, user, outcome, requested, reason, starter, started, ended, bytes_in, bytes_out"
+    "id, job, uid, user, outcome, requested, reason, starter, started, ended, bytes_in, bytes_out,"
+    " forwards, exit_status, client_key, client_addr"
 )
 
 
@@ -277,12 +293,16 @@ class JobQueue:
                 f"{self.path} has queue schema version {version}; this broker knows only up "
                 f"to {SCHEMA_VERSION} (it was written by a newer ssh-to-job)"
             )
-        if "jobs" in tables and version < 2:
-            script = _V1_MIGRATION
-        elif "jobs" in tables and version < 3:
-            script = _V2_MIGRATION
+        if "jobs" not in tables:
+            script = _SCHEMA + _V4_CHANGES
+        elif version < 2:
+            script = _V1_MIGRATION + _V4_CHANGES
+        elif version < 3:
+            script = _V2_MIGRATION + _V4_CHANGES
+        elif version < 4:
+            script = _V4_CHANGES
         else:
-            script = _SCHEMA
+            script = ""
         try:
             # One transaction: a migration that fails half-way leaves the version-1 queue.
             self.db.executescript(
@@ -310,13 +330,28 @@ class JobQueue:
         reason: str = "",
         starter: str = "",
         keep_days: float = 90.0,
+        client_key: str = "",
+        client_addr: str = "",
     ) -> None:
         now = time.time()
         with self.db:
             self.db.execute(
                 "INSERT OR REPLACE INTO sessions (id, job, uid, user, owner_uid, outcome, reason,"
-                " starter, requested) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (session_id, job, uid, user, owner_uid, outcome, reason, starter, now),
+                " starter, requested, client_key, client_addr)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    session_id,
+                    job,
+                    uid,
+                    user,
+                    owner_uid,
+                    outcome,
+                    reason,
+                    starter,
+                    now,
+                    client_key,
+                    client_addr,
+                ),
             )
             self.db.execute("DELETE FROM sessions WHERE requested < ?", (now - keep_days * 86400,))
 
@@ -328,13 +363,16 @@ class JobQueue:
         ended: float,
         bytes_in: int,
         bytes_out: int,
+        forwards: str = "",
+        exit_status: int = -1,
     ) -> bool:
         """Record how a granted session went; only its own starter may (False otherwise)."""
         with self.db:
             cur = self.db.execute(
-                "UPDATE sessions SET started = ?, ended = ?, bytes_in = ?, bytes_out = ?"
+                "UPDATE sessions SET started = ?, ended = ?, bytes_in = ?, bytes_out = ?,"
+                " forwards = ?, exit_status = ?"
                 " WHERE id = ? AND starter = ? AND outcome = 'granted' AND ended = 0",
-                (started, ended, bytes_in, bytes_out, session_id, starter),
+                (started, ended, bytes_in, bytes_out, forwards, exit_status, session_id, starter),
             )
         return cur.rowcount == 1
 

@@ -131,15 +131,16 @@ def test_a_version_1_queue_is_migrated(tmp_path: pathlib.Path) -> None:
 
 
 def test_a_version_2_queue_is_migrated(tmp_path: pathlib.Path) -> None:
-    """A v2 queue.db (no debug_until, no collaborators or session records) opens as v3 with
-    its jobs, and the new tables and column work."""
+    """A v2 queue.db (no debug_until, no collaborators or session records) opens as the
+    current version with its jobs, and the new tables and column work."""
     path = tmp_path / "queue.db"
     q = JobQueue(path)
     q.submit(wire.JobSpec("/bin/sleep", ("9",)), 2, "ann", 1000, 1000)
     q.close()
     with sqlite3.connect(path) as db:  # back to the version 2 shape
         db.executescript(
-            "DROP TABLE ssh_allow; DROP TABLE sessions; ALTER TABLE jobs DROP COLUMN debug_until;"
+            "DROP TABLE ssh_allow; DROP TABLE sessions; DROP TABLE client_keys;"
+            "ALTER TABLE jobs DROP COLUMN debug_until;"
             "UPDATE meta SET value = '2' WHERE key = 'schema_version';"
         )
     q = JobQueue(path)
@@ -151,9 +152,45 @@ def test_a_version_2_queue_is_migrated(tmp_path: pathlib.Path) -> None:
         q.record_session("s1", "1.1", 1001, "bob", 1000, "refused", "no")
         assert [x.outcome for x in q.sessions(1000)] == ["refused"]
         (version,) = q.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        assert version == "3"
+        assert version == "4"
     finally:
         q.close()
+
+
+def test_a_version_3_queue_is_migrated(tmp_path: pathlib.Path) -> None:
+    """A v3 queue.db (session records without forwards, exit status or remote client, no
+    client keys) opens as v4 and keeps its records; the new columns are written and read."""
+    path = tmp_path / "queue.db"
+    q = JobQueue(path)
+    q.submit(wire.JobSpec("/bin/sleep", ("9",)), 1, "ann", 1000, 1000)
+    q.record_session("s0", "1.0", 1000, "ann", 1000, "granted", starter="n1")
+    q.close()
+    with sqlite3.connect(path) as db:  # back to the version 3 shape
+        db.executescript(
+            "DROP TABLE client_keys; ALTER TABLE sessions DROP COLUMN forwards;"
+            "ALTER TABLE sessions DROP COLUMN exit_status;"
+            "ALTER TABLE sessions DROP COLUMN client_key;"
+            "ALTER TABLE sessions DROP COLUMN client_addr;"
+            "UPDATE meta SET value = '3' WHERE key = 'schema_version';"
+        )
+    q = JobQueue(path)
+    try:
+        (old,) = q.sessions(None)
+        assert (old.session_id, old.forwards, old.exit_status) == ("s0", "", -1)
+        q.record_session(
+            "s1", "1.0", 1000, "ann", 1000, "granted", starter="n1", client_key="SHA256:k",
+            client_addr="198.18.0.9",
+        )  # fmt: skip
+        assert q.session_ended("s1", "n1", 1.0, 2.0, 3, 4, "L:localhost:80", 7)
+        new = q.sessions(1000, "1.0")[-1]
+        assert (new.forwards, new.exit_status, new.client_key, new.client_addr) == (
+            "L:localhost:80", 7, "SHA256:k", "198.18.0.9",
+        )  # fmt: skip
+        (version,) = q.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        assert version == "4"
+    finally:
+        q.close()
+    JobQueue(path).close()  # a second open is a no-op
 
 
 def test_a_newer_queue_is_refused(tmp_path: pathlib.Path) -> None:

@@ -213,6 +213,14 @@ class SessionInfo:
     #: count on the session's connection).
     bytes_in: int = 0
     bytes_out: int = 0
+    #: The forwards the session asked for, comma-separated (``L:host:port``, ``R:port``,
+    #: ``D``, ``X11``, ``agent``), as its sshd logged them.
+    forwards: str = ""
+    #: The exit status of the session's command or shell; -1 when unknown.
+    exit_status: int = -1
+    #: A remote client's registered key (fingerprint) and address; empty for local clients.
+    client_key: str = ""
+    client_addr: str = ""
 
 
 @attrs.frozen
@@ -480,6 +488,8 @@ class SessionEnded(Message):
     ended: float
     bytes_in: int = 0
     bytes_out: int = 0
+    forwards: str = ""
+    exit_status: int = -1
 
 
 @attrs.frozen
