@@ -31,12 +31,14 @@ import attrs
 
 from ssh_to_job import wire
 
+from . import _persist
 from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
 
 USAGE = """\
 usage: ssh-to-job [-help] [-debug] [-name broker] [-pool addr] [-ssh ssh-command]
                   [-keygen-options opts] [-shells a,b,...] [-auto-retry]
-                  [-remove-on-interrupt] [-X | -x] cluster[.proc[.node]] [remote-command ...]
+                  [-remove-on-interrupt] [-X | -x] [--persist | --persist-name NAME]
+                  cluster[.proc[.node]] [remote-command ...]
 
 Open an ssh session into a running job, as the job's user, in its environment and working
 directory. Without a remote command you get an interactive shell.
@@ -51,6 +53,10 @@ directory. Without a remote command you get an interactive shell.
   -remove-on-interrupt  remove the job if this command is interrupted
   -X / -x               enable / disable X11 forwarding
   -debug                say what happens, and run ssh with -v
+  --persist             attach to a terminal (tmux) that lives in the job: it survives
+                        a dropped connection and ends with the job
+  --persist-name NAME   the same, picking one of several named terminals
+                        (--persist alone is --persist-name main)
 
 examples:
   ssh-to-job 32.0
@@ -61,8 +67,18 @@ examples:
 """
 
 ALIAS = "ssh-to-job"
-_WITH_ARG = {"name", "pool", "ssh", "keygen-options", "shells", "l", "p", "o"}
-_FLAGS = {"help", "h", "debug", "auto-retry", "remove-on-interrupt", "X", "x", "version"}
+_WITH_ARG = {"name", "pool", "ssh", "keygen-options", "shells", "l", "p", "o", "persist-name"}
+_FLAGS = {
+    "help",
+    "h",
+    "debug",
+    "auto-retry",
+    "remove-on-interrupt",
+    "X",
+    "x",
+    "version",
+    "persist",
+}
 
 
 class UsageError(ValueError):
@@ -84,6 +100,8 @@ class Options:
     debug: bool = False
     help: bool = False
     version: bool = False
+    #: --persist / --persist-name: the job's tmux session to attach to ("" for none).
+    persist: str = ""
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -118,6 +136,8 @@ def parse_args(argv: list[str]) -> Options:
                 opts.keygen = value
             elif key == "shells":
                 opts.shells = tuple(s for s in value.split(",") if s)
+            elif key == "persist-name":
+                opts.persist = value
             # -l user / -p port / -o opt: what rsync and others pass to an "ssh"; the job
             # decides the user and there is no port, so they are accepted and ignored.
         elif key in _FLAGS and not eq:
@@ -135,6 +155,8 @@ def parse_args(argv: list[str]) -> Options:
                 opts.x11 = True
             elif key == "x":
                 opts.x11 = False
+            elif key == "persist":
+                opts.persist = opts.persist or _persist.DEFAULT
         else:
             raise UsageError(f"unknown option {arg}")
         i += 1
@@ -159,6 +181,10 @@ def parse_args(argv: list[str]) -> Options:
         )
     opts.job = job
     opts.command = argv[i + 1 :]
+    if opts.persist:
+        why = _persist.check(opts.persist, opts.command, os.path.basename(shlex.split(opts.ssh)[0]))
+        if why:
+            raise UsageError(why)
     return opts
 
 
@@ -358,7 +384,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def open_session(
-    sock: socket.socket, grant: wire.SshGrant, shells: tuple[str, ...], timeout: float = 30.0
+    sock: socket.socket,
+    grant: wire.SshGrant,
+    shells: tuple[str, ...],
+    timeout: float = 30.0,
+    persist: str = "",
 ) -> wire.SessionReady:
     """Present the capability; return the starter's verified, signed host key.
 
@@ -366,7 +396,9 @@ def open_session(
     """
     conn = wire.Connection(wire.Channel.SESSION, wire.Role.CLIENT, wire.Role.STARTER)
     sock.settimeout(timeout)
-    sock.sendall(conn.send(wire.SessionOpen(capability=grant.capability, shells=shells)))
+    sock.sendall(
+        conn.send(wire.SessionOpen(capability=grant.capability, shells=shells, persist=persist))
+    )
     header = _recv_exact(sock, wire.FRAME_HEADER.size)
     (length,) = wire.FRAME_HEADER.unpack(header)
     if length > wire.DEFAULT_MAX_FRAME:
@@ -422,6 +454,9 @@ def build_argv(opts: Options, cfg: pathlib.Path) -> list[str]:
         argv.append("-X")
     elif opts.x11 is False:
         argv.append("-x")
+    if opts.persist:
+        # -t: tmux needs a terminal even when ssh-to-job's stdin is not one.
+        return [*argv, "-t", ALIAS, _persist.remote_command(opts.persist)]
     return [*argv, ALIAS, *opts.command]
 
 
@@ -582,7 +617,7 @@ def _session(
             f"session {reply.session_id[:8]} granted by the broker; starter {reply.starter_id}",
         )
         try:
-            ready = open_session(session, reply, shells)
+            ready = open_session(session, reply, shells, persist=opts.persist)
         except (SessionError, OSError, ConnectionError, wire.ProtocolError) as exc:
             return die(f"job {reply.job}: {exc}")
         _debug(opts, f"starter host key verified; logging in as {ready.login}")

@@ -55,6 +55,9 @@ class JobGroup:
         #: again once every member of the session is gone).
         self.session = 0
         self.uid = -1
+        #: Without cgroups: processes the starter started *for the job* (its tmux server),
+        #: counted with the job's own, not its sessions'. Our children until reaped.
+        self.members: list[int] = []
         if cgroup is not None:
             cgroup.mkdir(exist_ok=True)
 
@@ -76,6 +79,16 @@ class JobGroup:
         if pid in self.leaders and self.cgroup is None:
             self.leaders.remove(pid)
 
+    def add_member(self, pid: int) -> None:
+        """Count ``pid`` and its descendants among the job's own processes (with a cgroup it
+        joined the job's before its exec)."""
+        if self.cgroup is None:
+            self.members.append(pid)
+
+    def release_member(self, pid: int) -> None:
+        if pid in self.members:
+            self.members.remove(pid)
+
     def own_pids(self, main_pid: int, hidden: Iterable[int] = ()) -> list[int]:
         """The job's processes (not its sessions', nor ``hidden`` ones such as its reaper),
         the main process first."""
@@ -84,7 +97,12 @@ class JobGroup:
             pids = [p for p in _read_pids(self.cgroup / "cgroup.procs") if p not in skip]
         else:
             skip = set(hidden)
-            found = _descendants([main_pid]) | _in_session(self.session, self.uid)
+            members = {p for p in self.members if _alive(p)}
+            found = (
+                _descendants([main_pid, *self.members])
+                | members
+                | _in_session(self.session, self.uid)
+            )
             pids = sorted((found | ({main_pid} if _alive(main_pid) else set())) - skip)
         rest = [p for p in pids if p != main_pid]
         return ([main_pid] if main_pid in pids else []) + rest
@@ -92,9 +110,10 @@ class JobGroup:
     def all_pids(self) -> set[int]:
         if self.cgroup is not None:
             return cgroup_pids(self.cgroup)
+        roots = [*self.leaders, *self.members]
         return (
-            _descendants(self.leaders)
-            | {p for p in self.leaders if _alive(p)}
+            _descendants(roots)
+            | {p for p in roots if _alive(p)}
             | _in_session(self.session, self.uid)
         )
 

@@ -34,7 +34,7 @@ import trio
 from ssh_to_job import common, preload, wire
 from ssh_to_job.transport import PeerClosed, PeerGone, receive_one_frame_exact
 
-from . import _procs
+from . import _persist, _procs
 
 if TYPE_CHECKING:
     from ._daemon import Starter
@@ -277,12 +277,18 @@ async def _serve(
         private, public = make_host_key()
         common.write_private(d / "host_key", private, uid, gid)
         common.write_private(d / "authorized_keys", (cap.client_key + "\n").encode(), uid, gid)
+        if msg.persist:
+            try:
+                await _persist.ensure(starter, job, msg.persist, shell)
+            except _persist.PersistError as exc:
+                raise SessionRefused(str(exc)) from None
         pids = job.group.own_pids(job.pid, hidden=(job.reaper_pid,))
         env = dict(job.plan.env)
         env.update(
             {
                 "SSH_TO_JOB_PIDS": " ".join(map(str, pids)),
                 "SSH_TO_JOB_SESSION": session_id[:16],
+                "SSH_TO_JOB_TMUX": str(_persist.socket_path(job)),
             }
         )
         banner = (

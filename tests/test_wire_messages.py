@@ -150,7 +150,7 @@ def test_no_field_is_named_type() -> None:
         ),
         (
             wire.SessionOpen(capability=b"cap", shells=("bash", "sh")),
-            b'{"capability":"Y2Fw","shells":["bash","sh"],"type":"session_open"}',
+            b'{"capability":"Y2Fw","shells":["bash","sh"],"persist":"","type":"session_open"}',
         ),
         (
             wire.JobList(jobs=(), last=False),

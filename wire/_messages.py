@@ -515,6 +515,8 @@ class SessionOpen(Message):
     TYPE: ClassVar[str] = "session_open"
     capability: bytes
     shells: tuple[str, ...] = ()
+    #: ``ssh-to-job --persist``: the name of the job's tmux session to have ready ("" none).
+    persist: str = ""
 
 
 @attrs.frozen
