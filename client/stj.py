@@ -539,6 +539,14 @@ def cmd_sessions(a: argparse.Namespace) -> int:
             f"{_fmt_time(x.requested):<15} {lasted:<9} {x.bytes_in:>10} {x.bytes_out:>10}  "
             f"{printable(x.reason)}\n"
         )
+        # What only some sessions have goes under the row, as stj q does with hold reasons.
+        if x.forwards:
+            out.write(f"{'':<10}forwards: {printable(x.forwards.replace(',', ', '))}\n")
+        if x.exit_status != -1:
+            out.write(f"{'':<10}exit status: {x.exit_status}\n")
+        if x.client_addr or x.client_key:
+            origin = " ".join(filter(None, (x.client_addr, x.client_key)))
+            out.write(f"{'':<10}from: {printable(origin)}\n")
     return 0
 
 

@@ -83,7 +83,11 @@ async def ensure(starter: Starter, job: Job, name: str, shell: str) -> pathlib.P
         if job.killed:
             raise PersistError(f"job {job.id} is being removed ({job.killed})")
         proc = _servers.get(job)
-        if proc is None or proc.returncode is not None:
+        # Not ours but answering: started for the job by an earlier starter process (the job
+        # outlived its restart, and so did the server, in the job's cgroup).
+        if (proc is None or proc.returncode is not None) and not await _tmux(
+            job, env, [tmux, "-N", "-S", str(sock), "start-server"]
+        ):
             await _start_server(starter, job, tmux, sock, env)
         # -N everywhere: a tmux client must never start a server of its own (outside the job).
         if await _tmux(job, env, [tmux, "-N", "-S", str(sock), "has-session", "-t", f"={name}"]):

@@ -34,7 +34,7 @@ import trio
 from ssh_to_job import common, preload, wire
 from ssh_to_job.transport import PeerClosed, PeerGone, receive_one_frame_exact
 
-from . import _persist, _procs
+from . import _persist, _procs, _sshdlog
 
 if TYPE_CHECKING:
     from ._daemon import Starter
@@ -145,7 +145,9 @@ UseDNS no
 LoginGraceTime 120
 ClientAliveInterval 30
 ClientAliveCountMax 4
-LogLevel {"DEBUG" if debug else "ERROR"}
+# DEBUG1 is where sshd names the session's forwards, for its record (see _sshdlog.py); the
+# log stays in the session dir.
+LogLevel {"DEBUG2" if debug else "DEBUG1"}
 {_setenv_line(env)}"""
 
 
@@ -395,6 +397,7 @@ async def _serve(
                 ended=time.time(),
                 bytes_in=bytes_in,
                 bytes_out=bytes_out,
+                forwards=_sshdlog.forwards(_sshdlog.read(log_path)),
             )
         )
         if starter.debug:
