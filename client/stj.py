@@ -376,6 +376,10 @@ def cmd_submit(a: argparse.Namespace) -> int:
     if a.interactive:
         print(f"stj: submitted job {reply.cluster}.0", file=sys.stderr, flush=True)
         command = [a.executable, *a.args] if a.executable else []
+        if command and "/" in command[0]:
+            # ./run.sh is the one in the initial directory, as for a submitted job: the
+            # session itself starts in the job's scratch directory.
+            command[0] = _resolve_exe(command[0], idir)
         return _interactive.enter(sock, reply.cluster, command, a.keep, [])
     print(
         f"submitted {reply.count} job(s) to cluster {reply.cluster}: "
