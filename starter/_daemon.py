@@ -38,7 +38,7 @@ import trio
 from ssh_to_job import common, preload, transport, wire
 from ssh_to_job.transport import FramedStream, Outbox, PeerGone
 
-from . import _procs
+from . import _exits, _procs
 from ._jobs import (
     UNSTARTED,
     CannotStart,
@@ -139,6 +139,8 @@ class Starter:
         #: Stopping with keep_jobs_on_stop: leave every job running for the next starter.
         self.leaving = False
         self.shim = preload.check_shim() if cfg.use_shim else None
+        #: The exit statuses of session commands, for their records.
+        self.exits = _exits.ExitWatch()
         self.cgroup_base: pathlib.Path | None = None
         self.broker_addr = ("", 0)
         #: The key that signs capabilities: the broker sends it in ``welcome``.
@@ -339,6 +341,8 @@ class Starter:
                 self.jobs_nursery = jobs_nursery
                 await self._recover()
                 jobs_nursery.start_soon(self._stop_on_signal, jobs_nursery.cancel_scope)
+                if self.exits.open():
+                    jobs_nursery.start_soon(self._guard, self.exits.run)
                 task_status.started()
                 await self._dial_forever()
         finally:

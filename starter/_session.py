@@ -379,6 +379,7 @@ async def _serve(
             raise SessionRefused(f"job {job.id} is being removed ({job.killed})")
         # A duplicate of the session's socket, only to count its bytes when sshd is done: it
         # is closed right after, so the client still sees the connection end with sshd.
+        starter.exits.watch(proc.pid)
         meter = ours.dup()
         ours.close()
         started = time.time()
@@ -389,6 +390,8 @@ async def _serve(
         bytes_in, bytes_out = _tcp_bytes(meter)
         meter.close()
         meter = None
+        text = _sshdlog.read(log_path)
+        exit_status = starter.exits.result(proc.pid, _sshdlog.command_pid(text))
         starter.post(
             wire.SessionEnded(
                 session_id=session_id,
@@ -397,7 +400,8 @@ async def _serve(
                 ended=time.time(),
                 bytes_in=bytes_in,
                 bytes_out=bytes_out,
-                forwards=_sshdlog.forwards(_sshdlog.read(log_path)),
+                forwards=_sshdlog.forwards(text),
+                exit_status=exit_status,
             )
         )
         if starter.debug:

@@ -1,4 +1,5 @@
-"""What a session's sshd logged about the session: the forwards it was asked for.
+"""What a session's sshd logged about the session: the forwards it was asked for, and which
+process was its command.
 
 The session's sshd runs at ``LogLevel DEBUG1`` (written to ``sshd.log`` in the session dir,
 never sent anywhere): that is the lowest level at which OpenSSH names a session's forwarding
@@ -67,6 +68,16 @@ def forwards(text: str) -> str:
             break
     out = ",".join(seen)
     return f"{out},+{more} more" if more else out
+
+
+_EXIT_MESSAGE = re.compile(r"session_exit_message: session \d+ channel \d+ pid (\d+)")
+
+
+def command_pid(text: str) -> int:
+    """The pid of the session's first command whose exit sshd reported to the client (0 if
+    none): its exit status is the session's."""
+    m = _EXIT_MESSAGE.search(text)
+    return int(m[1]) if m and len(m[1]) <= 10 else 0
 
 
 def read(path: pathlib.Path, limit: int = MAX_READ) -> str:

@@ -1,7 +1,9 @@
-"""Session records say which forwards a session asked for (from its sshd's log).
+"""Session records say which forwards a session asked for (from its sshd's log) and how its
+command ended (from the kernel's process events).
 
-The parser is checked on its own on OpenSSH 9.2's log lines; then end to end: a real session
-with -L (used), -R and X11 through real ssh and sshd, and ``stj history --sessions``.
+The parsers are checked on their own on OpenSSH 9.2's log lines; then end to end: a real
+session with -L (used), -R and X11 through real ssh and sshd, ending with exit 3, and
+``stj history --sessions``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from conftest import SSH_TO_JOB, Pool, User, wait_for
 
-from ssh_to_job.starter import _sshdlog
+from ssh_to_job.starter import _exits, _sshdlog
 
 LOG = """\
 debug1: server_input_global_request: tcpip-forward listen localhost port 18766
@@ -38,6 +40,15 @@ def test_forwards_from_an_sshd_log() -> None:
     assert _sshdlog.forwards("junk\0\nserver_request_direct_tcpip: target\n") == ""
 
 
+def test_command_pid_and_wait_status() -> None:
+    """The session's command is the first pid sshd reported an exit for; a raw wait status
+    becomes the exit status, or 128 + the signal."""
+    log = "debug1: session_exit_message: session 0 channel 2 pid 18917\n" * 2
+    assert _sshdlog.command_pid(log) == 18917
+    assert _sshdlog.command_pid("session_exit_message: pid 1") == 0
+    assert (_exits.wait_status(3 << 8), _exits.wait_status(9), _exits.wait_status(0)) == (3, 137, 0)
+
+
 def test_forwards_are_bounded() -> None:
     """A log with thousands of distinct forwards gives a bounded record."""
     lines = "".join(
@@ -55,8 +66,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_session_record_has_forwards(pool: Pool, users: dict[str, User]) -> None:
-    """ssh-to-job -ssh 'ssh -L ... -R ...' -X: the record lists the used -L, the -R and X11."""
+def test_session_record_has_forwards_and_exit_status(pool: Pool, users: dict[str, User]) -> None:
+    """ssh-to-job -ssh 'ssh -L ... -R ...' -X J 'exit 3': the record lists the used -L, the -R
+    and X11, and exit status 3 (a second session: a pty shell killed by a signal)."""
     a = users["a"]
     (jid,) = pool.submit(a, "/bin/sleep", "3000")
     pool.wait_state(jid, "running")
@@ -125,4 +137,16 @@ def test_session_record_has_forwards(pool: Pool, users: dict[str, User]) -> None
     table = pool.stj(a, "history", "--sessions", jid).stdout
     (line,) = [x for x in table.splitlines() if "forwards:" in x]
     assert set(line.split("forwards:")[1].strip().split(", ")) == set(row["forwards"].split(","))
+    assert row["exit_status"] == 3
+    assert "exit status: 3" in table
+    # A pty session whose shell is killed by a signal: 128 + 9.
+    r = pool.ssh(a, "-ssh", "ssh -tt", jid, "kill -9 $$", timeout=30)
+    assert r.returncode == 255 or r.returncode == 137, r
+
+    def second() -> dict[str, Any] | None:
+        rows = json.loads(pool.stj(a, "history", "--sessions", "--json", jid).stdout)
+        done = [r for r in rows if r["outcome"] == "granted" and r["ended"]]
+        return done[-1] if len(done) == 2 else None
+
+    assert wait_for("the second record", second)["exit_status"] == 137
     pool.stj(a, "rm", jid)

@@ -140,6 +140,9 @@ def test_session_records(pool: Pool, users: dict[str, User]) -> None:
         assert len(json.loads(pool.stj(su, "history", "--sessions", "--json", job).stdout)) == 2
         table = pool.stj(a, "history", "--sessions", job).stdout.splitlines()
         assert table[0].split()[:4] == ["SESSION", "JOB", "USER", "OUTCOME"]
-        assert len(table) == 3
+        # Two rows; the granted one's exit status under it.
+        assert [x.strip() for x in table if x.startswith(" ")] == ["exit status: 0"]
+        assert len(table) == 4
+        assert granted["exit_status"] == 0
     finally:
         pool.stj(a, "rm", job)
