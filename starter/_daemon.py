@@ -341,7 +341,7 @@ class Starter:
                 self.jobs_nursery = jobs_nursery
                 await self._recover()
                 jobs_nursery.start_soon(self._stop_on_signal, jobs_nursery.cancel_scope)
-                if self.exits.open():
+                if self.exits.probe():
                     jobs_nursery.start_soon(self._guard, self.exits.run)
                 task_status.started()
                 await self._dial_forever()

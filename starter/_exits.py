@@ -52,10 +52,17 @@ def wait_status(code: int) -> int:
 
 
 class ExitWatch:
-    """Exit statuses of the commands the watched sshd processes run."""
+    """Exit statuses of the commands the watched sshd processes run.
+
+    Subscribed only while a session is open: every fork and exit on the host is an event, and
+    a starter with no session has no use for them.
+    """
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
+        #: Whether this host gives us process events at all (checked once, by ``probe``).
+        self.available = False
+        self._opened = trio.Event()
         #: sshd pid -> {command pid: raw wait status, or None while it runs}
         self._sessions: dict[int, dict[int, int | None]] = {}
         #: an sshd's session process (its fork) -> that sshd
@@ -63,14 +70,20 @@ class ExitWatch:
         #: a command (a fork of a session process) -> its sshd
         self._commands: dict[int, int] = {}
 
-    def open(self) -> bool:
-        """Subscribe to process events; False (and statuses stay unknown) where we cannot."""
+    def probe(self) -> bool:
+        """Whether process events can be had here (root, the host's network namespace)."""
+        self.available = self._open()
+        self._close()
+        if not self.available:
+            log.info("no process events here: session exit statuses are not recorded")
+        return self.available
+
+    def _open(self) -> bool:
         if os.geteuid() != 0:
             return False
         try:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_CONNECTOR)
-        except OSError as exc:
-            log.info("no process events (%s): session exit statuses are not recorded", exc)
+        except OSError:
             return False
         try:
             sock.bind((0, _CN_IDX_PROC))
@@ -80,56 +93,71 @@ class ExitWatch:
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
-            log.info("no process events (%s): session exit statuses are not recorded", exc)
+            log.warning("process events: %s; this session's exit status is not recorded", exc)
             return False
         self.sock = sock
+        self._opened.set()
         return True
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if self.sock is not None:
+            trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
             self.sock = None
 
     async def run(self) -> None:
-        """Read events for as long as the starter runs."""
-        if self.sock is None:
-            return
+        """Read events whenever a session is open, for as long as the starter runs."""
         try:
             while True:
-                await trio.lowlevel.wait_readable(self.sock)
+                sock = self.sock
+                if sock is None:
+                    await self._opened.wait()
+                    self._opened = trio.Event()
+                    continue
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    continue  # the last session ended
                 self.drain()
         finally:
-            self.close()
+            self._close()
 
     def watch(self, sshd: int) -> None:
-        """Follow the forks of this (just started) sshd."""
-        if self.sock is not None:
+        """Follow the forks of this just started sshd (it forks its session process only after
+        the key exchange, long after this)."""
+        if self.available and (self.sock is not None or self._open()):
             self._sessions[sshd] = {}
 
     def result(self, sshd: int, command_pid: int) -> int:
         """The exit status of ``command_pid`` if it was one of this sshd's commands (-1 when
         not known); forget everything about this sshd."""
-        self.drain()
+        self.drain(limit=100_000)
         statuses = self._sessions.pop(sshd, {})
         for table in (self._middle, self._commands):
             for pid in [p for p, owner in table.items() if owner == sshd]:
                 del table[pid]
+        if not self._sessions:
+            self._close()
         code = statuses.get(command_pid)
         return -1 if code is None else wait_status(code)
 
-    def drain(self) -> None:
-        """Handle every event queued now, without blocking."""
-        if self.sock is None:
-            return
-        while True:
+    def drain(self, limit: int = 1000) -> None:
+        """Handle up to ``limit`` events queued now, without blocking (a host that forks
+        without pause must not keep the starter from its other work)."""
+        for _ in range(limit):
+            if self.sock is None:
+                return
             try:
                 data = self.sock.recv(4096)
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    continue  # events were lost: some status will be unknown
-                raise
+                if exc.errno != errno.ENOBUFS:
+                    log.warning("process events: %s; exit statuses not recorded", exc)
+                    self.available = False
+                    self._close()
+                # ENOBUFS: events were lost, so some status will be unknown.
+                continue
             self._event(data)
 
     def _event(self, data: bytes) -> None:
