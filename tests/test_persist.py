@@ -51,7 +51,10 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     # A zombie is gone for our purpose; the starter reaps its children a moment later.
-    return b"\nState:\tZ" not in pathlib.Path(f"/proc/{pid}/status").read_bytes()
+    try:
+        return b"\nState:\tZ" not in pathlib.Path(f"/proc/{pid}/status").read_bytes()
+    except FileNotFoundError:
+        return False
 
 
 def kill_ssh_of(child: Any) -> None:
