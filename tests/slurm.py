@@ -266,7 +266,8 @@ PartitionName=test Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE Sta
             job = self.job(job_id)
             if job.get("job_state") == "RUNNING":
                 jid = str(job["job_id"])
-                pids = self.run(["scontrol", "listpids", jid], check=False).stdout
+                node = str(job.get("batch_host") or self.nodes[0])
+                pids = self.run(["scontrol", "listpids", jid, node], check=False).stdout
                 if any(line.split()[2:4] == ["batch", "0"] for line in pids.splitlines()[1:]):
                     return job
             time.sleep(0.1)

@@ -7,16 +7,18 @@ named as the Slurm node) serve the whole module; each test submits its own jobs 
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Pool, User, new_state_dir, wait_for
+from conftest import BIN, ROOT, Pool, User, new_state_dir, wait_for
 from slurm import Cluster, have_slurm
 
 pytestmark = pytest.mark.skipif(have_slurm() is not None, reason=str(have_slurm()))
@@ -24,8 +26,8 @@ pytestmark = pytest.mark.skipif(have_slurm() is not None, reason=str(have_slurm(
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """A one-node Slurm cluster for this module."""
-    c = Cluster(new_state_dir() / "slurm")
+    """A two-node Slurm cluster (two slurmd on this host: Debian builds multiple-slurmd)."""
+    c = Cluster(new_state_dir() / "slurm", nodes=("n1", "n2"))
     try:
         c.start()
     except BaseException:
@@ -45,14 +47,52 @@ def spool(users: dict[str, User], cluster: Cluster) -> Iterator[Pool]:
         f'slurm_conf = "{cluster.conf}"\n'
     )
     p = Pool(new_state_dir(), config)
+    second: subprocess.Popen[bytes] | None = None
+    state2 = new_state_dir()
     try:
         p.start()
+        # The second node's starter: its own state dir, its certificate from the pool's CA.
+        addr = (p.state / "broker.addr").read_text().strip()
+        (state2 / "config.toml").write_text(
+            f'[broker]\npki_dir = "{p.state}/pki"\n'
+            f'[starter]\nbackend = "slurm"\nname = "{cluster.nodes[1]}"\nbroker = "{addr}"\n'
+            f'slurm_conf = "{cluster.conf}"\n'
+        )
+        with open(state2 / "starter.log", "ab") as log:
+            second = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "ssh_to_job.starter",
+                    "--state-dir",
+                    str(state2),
+                    "--config",
+                    str(state2 / "config.toml"),
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=p.env(ROOT),
+                start_new_session=True,
+            )
+
+        def both() -> bool:
+            r = p.stj(ROOT, "status", "--json", check=False)
+            starters = json.loads(r.stdout)["starters"] if r.returncode == 0 else []
+            return {s["starter_id"] for s in starters if s["connected"]} >= set(cluster.nodes)
+
+        wait_for("both nodes' starters", both, 20)
     except BaseException:
         p.stop()
         raise
     yield p
+    if second is not None:
+        second.terminate()
+        second.wait(15)
     p.stop()
     shutil.rmtree(p.state, ignore_errors=True)
+    shutil.rmtree(state2, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +168,10 @@ def test_pids_match_scontrol_listpids(
 ) -> None:
     """SSH_TO_JOB_PIDS lists the processes Slurm lists for the job on this node."""
     jid = str(job_a["job_id"])
+    node = job_a["batch_host"]
     before = {
         int(line.split()[0])
-        for line in cluster.run(["scontrol", "listpids", jid]).stdout.splitlines()[1:]
+        for line in cluster.run(["scontrol", "listpids", jid, node]).stdout.splitlines()[1:]
         if int(line.split()[0]) > 0
     }
     r = spool.ssh(users["a"], f"slurm:{jid}", "echo $SSH_TO_JOB_PIDS")
@@ -144,7 +185,9 @@ def test_session_is_adopted_into_the_job(
     """The session's own shell is one of the job's processes for Slurm (scontrol listpids)."""
     jid = str(job_a["job_id"])
     r = spool.ssh(
-        users["a"], f"slurm:{jid}", f"echo $$; SLURM_CONF={cluster.conf} scontrol listpids {jid}"
+        users["a"],
+        f"slurm:{jid}",
+        f"echo $$; SLURM_CONF={cluster.conf} scontrol listpids {jid} $SLURMD_NODENAME",
     )
     assert r.returncode == 0, r.stderr
     shell = int(r.stdout.split()[0])
@@ -215,7 +258,7 @@ def test_auto_retry_waits_for_a_pending_job(
     proc = subprocess.Popen(
         [
             *a.prefix(),
-            spool.env(a)["PATH"].split(":")[0] + "/ssh-to-job",
+            f"{BIN}/ssh-to-job",
             "-auto-retry",
             f"slurm:{jid}",
             "echo $SLURM_JOB_ID",
@@ -246,7 +289,7 @@ def test_scancel_ends_an_open_session(
     proc = subprocess.Popen(
         [
             *a.prefix(),
-            spool.env(a)["PATH"].split(":")[0] + "/ssh-to-job",
+            f"{BIN}/ssh-to-job",
             f"slurm:{jid}",
             f"sleep 1000 & echo $! > {marker}; wait",
         ],
@@ -280,27 +323,60 @@ def test_array_task(
 
 
 def test_no_listening_port_on_the_node(
-    spool: Pool, users: dict[str, User], job_a: dict[str, Any]
+    spool: Pool, users: dict[str, User], job_a: dict[str, Any], workdir: pathlib.Path
 ) -> None:
-    """Neither the starter nor a session's sshd listens on any port."""
+    """While a session is open, neither the starters nor the session's sshd listen anywhere."""
+    a = users["a"]
     jid = job_a["job_id"]
-    r = spool.ssh(users["a"], f"slurm:{jid}", "cat /proc/$PPID/status | grep ^PPid; echo $PPID")
-    assert r.returncode == 0, r.stderr
-    starter = spool.pids("starter")
-    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    for pid in starter:
-        assert f"pid={pid}," not in listening
-    assert "sshd" not in listening or all(f"pid={p}," not in listening for p in starter)
+    marker = workdir / f"ppid-{jid}"
+    proc = subprocess.Popen(
+        [*a.prefix(), f"{BIN}/ssh-to-job", f"slurm:{jid}", f"echo $PPID > {marker}; sleep 30"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=spool.env(a),
+        cwd="/tmp",
+    )
+    try:
+        session = int(wait_for("the session", lambda: marker.exists() and marker.read_text()))
+        # The shell's parent is sshd's session process; its parent is the sshd -i we started.
+        with open(f"/proc/{session}/stat") as f:
+            sshd = int(f.read().rsplit(")", 1)[1].split()[1])
+        pids = {session, sshd, *spool.pids("starter")}
+        listening = subprocess.run(
+            ["ss", "-H", "-l", "-n", "-p", "-t", "-u", "-x", "-w"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        holders = {p for p in pids if f"pid={p}," in listening}
+        assert not holders, listening
+        assert len(spool.pids("starter")) >= 1
+    finally:
+        proc.kill()
+        proc.wait()
 
 
-def test_node_selection(spool: Pool, users: dict[str, User], job_a: dict[str, Any]) -> None:
-    """Index 0 and the node's name pick the batch host; a node outside the job is refused."""
-    jid = job_a["job_id"]
-    node = job_a["batch_host"]
-    for spec in (f"slurm:{jid}+0", f"slurm:{jid}+{node}"):
-        r = spool.ssh(users["a"], spec, "echo $SLURMD_NODENAME")
+def test_node_selection_in_a_two_node_job(
+    spool: Pool, cluster: Cluster, users: dict[str, User], workdir: pathlib.Path
+) -> None:
+    """The batch host by default; +INDEX and +NODE pick a node of the allocation, where the
+    session is adopted into the job too; a node outside the job is refused."""
+    a = users["a"]
+    jid = submit(cluster, a, workdir, "-N", "2")
+    job = cluster.wait_running(jid)
+    assert job["batch_host"] == "n1"
+    probe = (
+        "echo $SLURMD_NODENAME $SLURM_JOB_ID $$; scontrol listpids $SLURM_JOB_ID $SLURMD_NODENAME"
+    )
+    env = {"SLURM_CONF": str(cluster.conf)}
+    for spec, node in ((f"slurm:{jid}", "n1"), (f"slurm:{jid}+1", "n2"), (f"slurm:{jid}+n2", "n2")):
+        r = spool.ssh(a, spec, f"SLURM_CONF={cluster.conf}; export SLURM_CONF; {probe}", env=env)
         assert r.returncode == 0, r.stderr
-    r = spool.ssh(users["a"], f"slurm:{jid}+1", "true")
-    refused(r, "no node 1")
-    r = spool.ssh(users["a"], f"slurm:{jid}+elsewhere", "true")
-    refused(r, "does not run on elsewhere")
+        first, *rest = r.stdout.splitlines()
+        name, sjid, shell = first.split()
+        assert (name, sjid) == (node, jid)
+        if cluster.proctrack == "proctrack/cgroup":
+            assert int(shell) in {int(line.split()[0]) for line in rest[1:]}
+    refused(spool.ssh(a, f"slurm:{jid}+2", "true"), "no node 2")
+    refused(spool.ssh(a, f"slurm:{jid}+elsewhere", "true"), "does not run on elsewhere")
+    cluster.run(["scancel", jid])
