@@ -337,7 +337,8 @@ def test_no_listening_port_on_the_node(
         cwd="/tmp",
     )
     try:
-        session = int(wait_for("the session", lambda: marker.exists() and marker.read_text()))
+        text = wait_for("the session", lambda: marker.read_text() if marker.exists() else "")
+        session = int(text)
         # The shell's parent is sshd's session process; its parent is the sshd -i we started.
         with open(f"/proc/{session}/stat") as f:
             sshd = int(f.read().rsplit(")", 1)[1].split()[1])
