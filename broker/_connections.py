@@ -452,6 +452,11 @@ class Connections:
     async def _ssh(
         self, stream: FramedStream, sock: trio.socket.SocketType, msg: wire.SshRequest, uid: int
     ) -> None:
+        if msg.job.startswith(("slurm:", "slurm-")):
+            from . import _slurm
+
+            await _slurm.ssh(self, stream, sock, msg, uid)
+            return
         refusal, row = self._ssh_refusal(msg, uid)
         conn = None
         if refusal is None and row is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pathlib
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -79,6 +80,35 @@ _FLAGS = {
     "version",
     "persist",
 }
+
+
+#: A Slurm job (docs/slurm.md): slurm:JOB, slurm:JOB_TASK, +INDEX or +NODE; "slurm-" for rsync.
+_SLURM_RE = re.compile(
+    r"^slurm[:-][0-9]{1,10}(?:_[0-9]{1,10})?(?:\+[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$"
+)
+
+
+@attrs.frozen
+class SlurmJobId:
+    """A Slurm job named on the command line; the broker resolves it (broker/_slurm.py)."""
+
+    text: str
+    node: None = None
+
+    @property
+    def one(self) -> str:
+        return self.text
+
+
+def parse_job(text: str) -> wire.JobId | SlurmJobId:
+    """A job of this pool's queue (``32.0``) or of its Slurm cluster (``slurm:1234``)."""
+    if text.startswith(("slurm:", "slurm-")):
+        if not _SLURM_RE.match(text):
+            raise ValueError(
+                f"{text!r} is not a Slurm job (slurm:JOB, slurm:JOB_TASK, slurm:JOB+NODE)"
+            )
+        return SlurmJobId(text)
+    return wire.parse_job_id(text)
 
 
 class UsageError(ValueError):
@@ -168,7 +198,7 @@ def parse_args(argv: list[str]) -> Options:
     # rsync -e ssh-to-job writes the host word as "user@32.0" when asked for a user.
     job = job.rpartition("@")[2]
     try:
-        jid = wire.parse_job_id(job)
+        jid = parse_job(job)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if jid.node:
@@ -521,7 +551,7 @@ def run(opts: Options) -> int:
             "broker host (or use -name to pick a local broker)"
         )
     try:
-        jid = wire.parse_job_id(opts.job)
+        jid = parse_job(opts.job)
     except ValueError as exc:
         return die(str(exc), 2)
     if os.path.basename(shlex.split(opts.ssh)[0]) in ("ssh", "scp", "sftp"):
@@ -566,7 +596,11 @@ def _debug(opts: Options, msg: str) -> None:
 
 
 def _session(
-    opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib.Path, signals: _Signals
+    opts: Options,
+    jid: wire.JobId | SlurmJobId,
+    shells: tuple[str, ...],
+    d: pathlib.Path,
+    signals: _Signals,
 ) -> int:
     try:
         private, public = generate_key(opts.keygen)
@@ -666,7 +700,10 @@ def _session(
         session.close()
 
 
-def _remove_job(opts: Options, jid: wire.JobId) -> None:
+def _remove_job(opts: Options, jid: wire.JobId | SlurmJobId) -> None:
+    if isinstance(jid, SlurmJobId):
+        print(f"ssh-to-job: {jid.one} is Slurm's: remove it with scancel", file=sys.stderr)
+        return
     try:
         with BrokerClient(find_socket(opts.name), timeout=10) as bc:
             reply = bc.request(

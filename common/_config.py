@@ -95,6 +95,13 @@ class BrokerConfig:
     token_ttl: float = attrs.field(default=600.0, validator=_between(1, 7 * 86400))
     #: Accept enrolment (join tokens) on the TLS port; off: only already enrolled starters.
     allow_enrollment: bool = True
+    # -- Slurm backend (broker/_slurm.py, docs/slurm.md) --
+    #: Serve ``ssh-to-job slurm:JOB``: ask Slurm who owns a job and where it runs.
+    slurm: bool = False
+    #: The slurm.conf Slurm's commands read ("": $SLURM_CONF, else Slurm's default).
+    slurm_conf: str = ""
+    #: Slurm operators besides root and SlurmUser (names or uids): they may enter any job.
+    slurm_operators: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -139,6 +146,12 @@ class StarterConfig:
     #: Also check that the broker's certificate names the host in ``broker`` (its pool id and
     #: role are always checked).
     check_hostname: bool = False
+    # -- Slurm backend (starter/_slurm.py, docs/slurm.md) --
+    #: "queue": run the pool's own jobs; "slurm": run none, enter the Slurm jobs on this node
+    #: (the starter's name must then be the node's Slurm NodeName).
+    backend: str = attrs.field(default="queue", validator=attrs.validators.in_(("queue", "slurm")))
+    #: The slurm.conf Slurm's commands read ("": $SLURM_CONF, else Slurm's default).
+    slurm_conf: str = ""
 
 
 @attrs.frozen

@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--token", help="the one-time join token for --join ('-': read it from stdin)")
     ap.add_argument("--print-key", action="store_true", help="print this starter's public key")
+    ap.add_argument(
+        "--slurm",
+        action="store_true",
+        help="run no jobs: serve sessions into the Slurm jobs on this node (docs/slurm.md)",
+    )
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
     try:
@@ -40,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             changes["name"] = a.starter_name
         if a.slots is not None:
             changes["slots"] = a.slots
+        if a.slurm:
+            changes["backend"] = "slurm"
         config = attrs.evolve(config, starter=attrs.evolve(config.starter, **changes))
     except (common.ConfigError, ValueError) as exc:
         print(f"stj starter: config: {exc}", file=sys.stderr)

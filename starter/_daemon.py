@@ -178,6 +178,10 @@ class Starter:
             pathlib.Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         if not os.access(cfg.sshd, os.X_OK):
             raise SystemExit(f"starter: {cfg.sshd} not found; install openssh-server")
+        if cfg.backend == "slurm":
+            from ._slurm import check_node
+
+            check_node(cfg.slurm_conf)
         if not os.access(REAPER, os.X_OK):
             raise SystemExit(f"starter: {REAPER} is missing; reinstall ssh-to-job")
         if cfg.use_cgroups and os.getuid() == 0:
@@ -471,6 +475,9 @@ class Starter:
         if isinstance(msg, wire.RunJob):
             if msg.job.id in self.jobs or msg.job.id in self.unacked:
                 return
+            if self.config.starter.backend == "slurm":
+                self._could_not_start(msg.job, "this starter enters Slurm jobs and runs none")
+                return
             try:
                 plan = plan_job(
                     msg.job,
@@ -489,6 +496,10 @@ class Starter:
             target = self.jobs.get(msg.id)
             if target is not None:
                 self._signal(target, msg.action, msg.reason)
+        elif isinstance(msg, wire.OpenSession) and msg.job.startswith("slurm:"):
+            from ._slurm import serve_session
+
+            self.jobs_nursery.start_soon(self._guard, serve_session, self, msg.job, msg.session_id)
         elif isinstance(msg, wire.OpenSession):
             target = self.jobs.get(msg.job)
             if target is None or not target.accepts_sessions():

@@ -1,0 +1,383 @@
+"""ssh-to-job into Slurm jobs: a real Slurm cluster (tests/slurm.py), real sshd, real users.
+
+One cluster and one pool (broker with ``[broker] slurm``, a starter with ``backend = "slurm"``
+named as the Slurm node) serve the whole module; each test submits its own jobs with
+``sbatch`` as a test user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import BIN, ROOT, Pool, User, new_state_dir, wait_for
+from slurm import Cluster, have_slurm
+
+pytestmark = pytest.mark.skipif(have_slurm() is not None, reason=str(have_slurm()))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A two-node Slurm cluster (two slurmd on this host: Debian builds multiple-slurmd)."""
+    c = Cluster(new_state_dir() / "slurm", nodes=("n1", "n2"))
+    try:
+        c.start()
+    except BaseException:
+        c.stop()
+        raise
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def spool(users: dict[str, User], cluster: Cluster) -> Iterator[Pool]:
+    """A pool whose broker asks Slurm and whose starter enters the node's Slurm jobs."""
+    su = users["su"].name
+    config = (
+        f'[broker]\nsuperusers = ["{su}"]\nslurm = true\nslurm_conf = "{cluster.conf}"\n'
+        f'[starter]\nbackend = "slurm"\nname = "{cluster.nodes[0]}"\n'
+        f'slurm_conf = "{cluster.conf}"\n'
+    )
+    p = Pool(new_state_dir(), config)
+    second: subprocess.Popen[bytes] | None = None
+    state2 = new_state_dir()
+    try:
+        p.start()
+        # The second node's starter: its own state dir, its certificate from the pool's CA.
+        addr = (p.state / "broker.addr").read_text().strip()
+        (state2 / "config.toml").write_text(
+            f'[broker]\npki_dir = "{p.state}/pki"\n'
+            f'[starter]\nbackend = "slurm"\nname = "{cluster.nodes[1]}"\nbroker = "{addr}"\n'
+            f'slurm_conf = "{cluster.conf}"\n'
+        )
+        with open(state2 / "starter.log", "ab") as log:
+            second = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "ssh_to_job.starter",
+                    "--state-dir",
+                    str(state2),
+                    "--config",
+                    str(state2 / "config.toml"),
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=p.env(ROOT),
+                start_new_session=True,
+            )
+
+        def both() -> bool:
+            r = p.stj(ROOT, "status", "--json", check=False)
+            starters = json.loads(r.stdout)["starters"] if r.returncode == 0 else []
+            return {s["starter_id"] for s in starters if s["connected"]} >= set(cluster.nodes)
+
+        wait_for("both nodes' starters", both, 20)
+    except BaseException:
+        p.stop()
+        raise
+    yield p
+    if second is not None:
+        second.terminate()
+        second.wait(15)
+    p.stop()
+    shutil.rmtree(p.state, ignore_errors=True)
+    shutil.rmtree(state2, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def workdir(users: dict[str, User]) -> pathlib.Path:
+    """A directory the test users' jobs run in."""
+    d = new_state_dir() / "work"
+    d.mkdir(mode=0o1777)
+    d.chmod(0o1777)
+    return d
+
+
+def refused(r: subprocess.CompletedProcess[str], *texts: str) -> None:
+    """``r`` is a refusal (exit status 1) whose message has every one of ``texts``."""
+    assert r.returncode == 1, r.stdout + r.stderr
+    for text in texts:
+        assert text in r.stderr
+
+
+def submit(
+    cluster: Cluster, user: User, workdir: pathlib.Path, *args: str, script: str = "sleep 300"
+) -> str:
+    return cluster.sbatch(
+        user.prefix(),
+        "-D",
+        str(workdir),
+        "-o",
+        "/dev/null",
+        *args,
+        "--wrap",
+        script,
+        env={"HOME": user.home},
+    )
+
+
+@pytest.fixture(scope="module")
+def job_a(cluster: Cluster, users: dict[str, User], workdir: pathlib.Path) -> dict[str, Any]:
+    """A running batch job of user a, shared by the read-only tests."""
+    jid = submit(
+        cluster, users["a"], workdir, "--export=ALL,STJ_MARK=from-batch", script="sleep 600"
+    )
+    return cluster.wait_running(jid)
+
+
+def test_session_is_the_jobs_user_env_and_cwd(
+    spool: Pool, users: dict[str, User], job_a: dict[str, Any], workdir: pathlib.Path
+) -> None:
+    """A session runs as the job's uid, with the batch step's environment and the job's cwd."""
+    jid = job_a["job_id"]
+    r = spool.ssh(
+        users["a"],
+        f"slurm:{jid}",
+        "id -u; echo $SLURM_JOB_ID; echo $SLURM_JOB_NODELIST; echo $STJ_MARK; pwd; "
+        "echo $SSH_TO_JOB_PIDS",
+    )
+    assert r.returncode == 0, r.stderr + spool.log_text()
+    uid, sjid, nodelist, mark, cwd, pids = r.stdout.splitlines()
+    assert int(uid) == users["a"].uid
+    assert sjid == str(jid)
+    assert nodelist == job_a["nodes"]
+    assert mark == "from-batch"
+    assert cwd == str(workdir)
+    listed = {int(p) for p in pids.split()}
+    assert listed
+    assert all(
+        os.stat(f"/proc/{p}").st_uid in (users["a"].uid, 0)
+        for p in listed
+        if os.path.exists(f"/proc/{p}")
+    )
+
+
+def test_pids_match_scontrol_listpids(
+    spool: Pool, cluster: Cluster, users: dict[str, User], job_a: dict[str, Any]
+) -> None:
+    """SSH_TO_JOB_PIDS lists the processes Slurm lists for the job on this node."""
+    jid = str(job_a["job_id"])
+    node = job_a["batch_host"]
+    before = {
+        int(line.split()[0])
+        for line in cluster.run(["scontrol", "listpids", jid, node]).stdout.splitlines()[1:]
+        if int(line.split()[0]) > 0
+    }
+    r = spool.ssh(users["a"], f"slurm:{jid}", "echo $SSH_TO_JOB_PIDS")
+    assert r.returncode == 0, r.stderr
+    assert {int(p) for p in r.stdout.split()} == before
+
+
+def test_session_is_adopted_into_the_job(
+    spool: Pool, cluster: Cluster, users: dict[str, User], job_a: dict[str, Any]
+) -> None:
+    """The session's own shell is one of the job's processes for Slurm (scontrol listpids)."""
+    jid = str(job_a["job_id"])
+    r = spool.ssh(
+        users["a"],
+        f"slurm:{jid}",
+        f"echo $$; SLURM_CONF={cluster.conf} scontrol listpids {jid} $SLURMD_NODENAME",
+    )
+    assert r.returncode == 0, r.stderr
+    shell = int(r.stdout.split()[0])
+    listed = {int(line.split()[0]) for line in r.stdout.splitlines()[2:] if line.strip()}
+    if cluster.proctrack == "proctrack/cgroup":
+        assert shell in listed, r.stdout
+    else:
+        pytest.skip("proctrack/linuxproc: Slurm has no container to adopt into")
+
+
+def test_files_scp_sftp_rsync(
+    spool: Pool, users: dict[str, User], job_a: dict[str, Any], workdir: pathlib.Path
+) -> None:
+    """scp, sftp and rsync reach the job's working directory."""
+    a = users["a"]
+    jid = job_a["job_id"]
+    local = pathlib.Path(new_state_dir()) / "f.txt"
+    local.parent.chmod(0o777)
+    local.write_text("payload\n")
+    local.chmod(0o644)
+    r = spool.ssh(a, "-ssh", "scp", f"slurm:{jid}", str(local), "remote:scp.txt")
+    assert r.returncode == 0, r.stderr
+    assert (workdir / "scp.txt").read_text() == "payload\n"
+    r = spool.ssh(a, "-ssh", "sftp", f"slurm:{jid}", input=f"put {local} sftp.txt\n")
+    assert r.returncode == 0, r.stderr
+    assert (workdir / "sftp.txt").read_text() == "payload\n"
+    r = spool.run(a, ["rsync", "-e", "ssh-to-job", str(local), f"slurm-{jid}:rsync.txt"])
+    assert r.returncode == 0, r.stderr
+    assert (workdir / "rsync.txt").read_text() == "payload\n"
+    shutil.rmtree(local.parent, ignore_errors=True)
+
+
+def test_another_user_is_refused_naming_the_owner(
+    spool: Pool, users: dict[str, User], job_a: dict[str, Any]
+) -> None:
+    """User b may not enter a's job; the message names the job's owner. A superuser may."""
+    jid = job_a["job_id"]
+    r = spool.ssh(users["b"], f"slurm:{jid}", "true")
+    assert r.returncode == 1
+    assert "belongs to stjta" in r.stderr
+    r = spool.ssh(users["su"], f"slurm:{jid}", "id -u")
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == users["a"].uid
+
+
+def test_pending_finished_and_unknown(
+    spool: Pool, cluster: Cluster, users: dict[str, User], workdir: pathlib.Path
+) -> None:
+    """A held (pending) job says so, a finished job says so, an unknown one says so."""
+    a = users["a"]
+    held = submit(cluster, a, workdir, "--hold")
+    r = spool.ssh(a, f"slurm:{held}", "true")
+    refused(r, "pending", "-auto-retry")
+    cluster.run(["scancel", held])
+    cluster.wait_gone(held)
+    r = spool.ssh(a, f"slurm:{held}", "true")
+    refused(r, "cancelled")
+    r = spool.ssh(a, "slurm:999999", "true")
+    refused(r, "does not know job 999999")
+
+
+def test_auto_retry_waits_for_a_pending_job(
+    spool: Pool, cluster: Cluster, users: dict[str, User], workdir: pathlib.Path
+) -> None:
+    """-auto-retry waits while the job is pending and connects once Slurm starts it."""
+    a = users["a"]
+    jid = submit(cluster, a, workdir, "--hold")
+    proc = subprocess.Popen(
+        [
+            *a.prefix(),
+            f"{BIN}/ssh-to-job",
+            "-auto-retry",
+            f"slurm:{jid}",
+            "echo $SLURM_JOB_ID",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=spool.env(a),
+        cwd="/tmp",
+    )
+    time.sleep(2)
+    assert proc.poll() is None
+    cluster.run(["scontrol", "release", jid])
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == jid
+    cluster.run(["scancel", jid])
+
+
+def test_scancel_ends_an_open_session(
+    spool: Pool, cluster: Cluster, users: dict[str, User], workdir: pathlib.Path
+) -> None:
+    """scancel ends a session that is open in the job, and its processes with it."""
+    a = users["a"]
+    jid = submit(cluster, a, workdir)
+    cluster.wait_running(jid)
+    marker = workdir / f"pid-{jid}"
+    proc = subprocess.Popen(
+        [
+            *a.prefix(),
+            f"{BIN}/ssh-to-job",
+            f"slurm:{jid}",
+            f"sleep 1000 & echo $! > {marker}; wait",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=spool.env(a),
+        cwd="/tmp",
+    )
+    pid = wait_for("the session's sleep", lambda: marker.exists() and marker.read_text().strip())
+    assert os.path.exists(f"/proc/{pid}")
+    cluster.run(["scancel", jid])
+    proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    wait_for("the session's sleep to die", lambda: not os.path.exists(f"/proc/{pid}"), 15)
+
+
+def test_array_task(
+    spool: Pool, cluster: Cluster, users: dict[str, User], workdir: pathlib.Path
+) -> None:
+    """An array task is named as Slurm names it (JOB_TASK) and has its own environment."""
+    a = users["a"]
+    arr = submit(cluster, a, workdir, "--array=3-4")
+    cluster.wait_running(f"{arr}_4")
+    r = spool.ssh(a, f"slurm:{arr}_4", "echo $SLURM_ARRAY_JOB_ID $SLURM_ARRAY_TASK_ID")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [arr, "4"]
+    r = spool.ssh(a, f"slurm:{arr}", "true")
+    refused(r, "is an array")
+    cluster.run(["scancel", arr])
+
+
+def test_no_listening_port_on_the_node(
+    spool: Pool, users: dict[str, User], job_a: dict[str, Any], workdir: pathlib.Path
+) -> None:
+    """While a session is open, neither the starters nor the session's sshd listen anywhere."""
+    a = users["a"]
+    jid = job_a["job_id"]
+    marker = workdir / f"ppid-{jid}"
+    proc = subprocess.Popen(
+        [*a.prefix(), f"{BIN}/ssh-to-job", f"slurm:{jid}", f"echo $PPID > {marker}; sleep 30"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=spool.env(a),
+        cwd="/tmp",
+    )
+    try:
+        text = wait_for("the session", lambda: marker.read_text() if marker.exists() else "")
+        session = int(text)
+        # The shell's parent is sshd's session process; its parent is the sshd -i we started.
+        with open(f"/proc/{session}/stat") as f:
+            sshd = int(f.read().rsplit(")", 1)[1].split()[1])
+        pids = {session, sshd, *spool.pids("starter")}
+        listening = subprocess.run(
+            ["ss", "-H", "-l", "-n", "-p", "-t", "-u", "-x", "-w"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        holders = {p for p in pids if f"pid={p}," in listening}
+        assert not holders, listening
+        assert len(spool.pids("starter")) >= 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_node_selection_in_a_two_node_job(
+    spool: Pool, cluster: Cluster, users: dict[str, User], workdir: pathlib.Path
+) -> None:
+    """The batch host by default; +INDEX and +NODE pick a node of the allocation, where the
+    session is adopted into the job too; a node outside the job is refused."""
+    a = users["a"]
+    jid = submit(cluster, a, workdir, "-N", "2")
+    job = cluster.wait_running(jid)
+    assert job["batch_host"] == "n1"
+    probe = (
+        "echo $SLURMD_NODENAME $SLURM_JOB_ID $$; scontrol listpids $SLURM_JOB_ID $SLURMD_NODENAME"
+    )
+    env = {"SLURM_CONF": str(cluster.conf)}
+    for spec, node in ((f"slurm:{jid}", "n1"), (f"slurm:{jid}+1", "n2"), (f"slurm:{jid}+n2", "n2")):
+        r = spool.ssh(a, spec, f"SLURM_CONF={cluster.conf}; export SLURM_CONF; {probe}", env=env)
+        assert r.returncode == 0, r.stderr
+        first, *rest = r.stdout.splitlines()
+        name, sjid, shell = first.split()
+        assert (name, sjid) == (node, jid)
+        if cluster.proctrack == "proctrack/cgroup":
+            assert int(shell) in {int(line.split()[0]) for line in rest[1:]}
+    refused(spool.ssh(a, f"slurm:{jid}+2", "true"), "no node 2")
+    refused(spool.ssh(a, f"slurm:{jid}+elsewhere", "true"), "does not run on elsewhere")
+    cluster.run(["scancel", jid])
