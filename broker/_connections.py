@@ -43,6 +43,7 @@ from ssh_to_job.transport import (
 
 from . import _queue
 from ._jobs import Jobs, StarterConn, user_name
+from ._keys import KeyBook
 from ._queue import HELD, IDLE, RELEASING, RUNNING, SUSPENDED, UnknownJob
 from ._rendezvous import Rendezvous, pass_socket
 
@@ -181,6 +182,8 @@ class Connections:
         self.save_seen: Callable[[], None] = lambda: None
         self.unix_gate = Gate(config.max_connections, config.max_connections_per_uid)
         self._output_req = 0
+        #: Client keys registered for remote use (``stj keys``; see ``_keys``, ``_relay``).
+        self.keys = KeyBook(queue.db)
 
     async def accept_loop(
         self,
@@ -294,7 +297,30 @@ class Connections:
         elif isinstance(msg, wire.SshRequest):
             await self._ssh(stream, sock, msg, uid)
             return True
+        elif isinstance(msg, wire.KeyAdd | wire.KeyList | wire.KeyRemove | wire.PoolCa):
+            await stream.send(self._keys_request(msg, uid))
         return False
+
+    def _keys_request(self, msg: wire.Message, uid: int) -> wire.Message:
+        """``stj keys add|list|remove`` and ``stj pool-ca``: the asker is who SO_PEERCRED says."""
+        pool_id = self.pki.pool_id if self.pki is not None else ""
+        if isinstance(msg, wire.KeyAdd):
+            reply = self.keys.add(uid, msg.key, msg.comment, user_name(uid))
+            if isinstance(reply, wire.KeyAdded):
+                self.queue.audit(uid, "key", "", f"registered {reply.fingerprint}")
+                return wire.KeyAdded(fingerprint=reply.fingerprint, pool_id=pool_id)
+            return reply
+        if isinstance(msg, wire.KeyList):
+            seen = None if self.jobs.is_superuser(uid) else uid
+            return wire.KeyListReply(keys=tuple(self.keys.list(seen)))
+        if isinstance(msg, wire.KeyRemove):
+            reply = self.keys.remove(uid, msg.fingerprint, self.jobs.is_superuser(uid))
+            if isinstance(reply, wire.KeyRemoved):
+                self.queue.audit(uid, "key", "", f"removed {reply.fingerprint}")
+            return reply
+        if self.pki is None:
+            return wire.Error("unavailable", "this broker has no pool CA")
+        return wire.PoolCaReply(pool_id=pool_id, ca_cert=self.pki.ca_file.read_text())
 
     async def _query(self, stream: FramedStream, msg: wire.Query) -> None:
         states = _queue.FINISHED_STATES if msg.history else _queue.LIVE_STATES
@@ -527,7 +553,7 @@ class Connections:
         socket. A peer without a certificate may only enrol (``enroll``)."""
         try:
             if ident is None:
-                await self.enroll(stream)
+                await self._anonymous(stream)
                 return
             await self._serve_tls(stream, ident)
         except Exception:
@@ -537,7 +563,26 @@ class Connections:
             with contextlib.suppress(*_TLS_ERRORS):
                 await trio.aclose_forcefully(stream)
 
-    async def enroll(self, stream: TlsStream) -> None:
+    async def _anonymous(self, stream: TlsStream) -> None:
+        """A connection without a certificate: a remote client (``remote_hello``, see
+        ``_relay``) or a starter enrolling (anything else goes to the enrolment codec)."""
+        try:
+            frame, extra = await _first_frame(stream, self.bc.max_frame, self.bc.frame_timeout)
+        except (PeerGone, trio.TooSlowError) as exc:
+            log.info("dropping a connection without a certificate: %s", exc or "timed out")
+            return
+        try:
+            remote = isinstance(wire.decode_message(frame), wire.RemoteHello)
+        except wire.RemoteProtocolError:
+            remote = False  # the enrolment codec has its own message types
+        if remote:
+            from ._relay import serve_remote
+
+            await serve_remote(self, stream, frame, extra)
+            return
+        await self.enroll(stream, wire.encode_frame(frame, self.bc.max_frame) + extra)
+
+    async def enroll(self, stream: TlsStream, first: bytes = b"") -> None:
         """A connection without a certificate: one enrolment (a join token for a certificate).
 
         The whole exchange has the handshake's deadline; the spent token is saved before the
@@ -560,6 +605,7 @@ class Connections:
 
         enrollment = BrokerEnrollment(pki.ca_file.read_bytes(), self.book, issue, self.clock)
         decoder = wire.FrameDecoder(wire.DEFAULT_MAX_FRAME)
+        decoder.receive_data(first)
 
         async def next_msg() -> object:
             while not isinstance(payload := decoder.next_frame(), bytes):

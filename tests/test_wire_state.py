@@ -28,6 +28,7 @@ PEERS = {
     Channel.STARTER: (S, B),
     Channel.ATTACH: (S, B),
     Channel.SESSION: (C, S),
+    Channel.REMOTE: (C, B),
 }
 
 JOB = wire.JobSpec(executable="/bin/sleep", args=("60",))
@@ -77,6 +78,19 @@ SAMPLES: dict[str, Message] = {
         wire.SessionAttach(session_id="s1", starter_id="st1"),
         wire.SessionOpen(capability=b"cap", shells=("bash",)),
         wire.SessionReady(host_key="ssh-ed25519 AAAA", login="ann", signature=b"s" * 64),
+        wire.KeyAdd(key="ssh-ed25519 AAAA"),
+        wire.KeyAdded(fingerprint="SHA256:x", pool_id="p1"),
+        wire.KeyList(),
+        wire.KeyListReply(keys=()),
+        wire.KeyRemove(fingerprint="SHA256:x"),
+        wire.KeyRemoved(fingerprint="SHA256:x"),
+        wire.PoolCa(),
+        wire.PoolCaReply(pool_id="p1", ca_cert="-----BEGIN CERTIFICATE-----"),
+        wire.RemoteHello(),
+        wire.RemoteChallenge(nonce=b"n" * 32, pool_id="p1"),
+        wire.RemoteSsh(
+            job="32.0", client_key="ssh-ed25519 AAAA", key="ssh-ed25519 BBBB", signature=b"s" * 64
+        ),
     ]
 }
 
@@ -113,6 +127,18 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("start", C, "ssh_request"): "ssh_request",
         ("ssh_request", B, "ssh_grant"): "closed",
         ("ssh_request", B, "error"): "start",
+        ("start", C, "key_add"): "key_add",
+        ("key_add", B, "key_added"): "start",
+        ("key_add", B, "error"): "start",
+        ("start", C, "key_list"): "key_list",
+        ("key_list", B, "key_list_reply"): "start",
+        ("key_list", B, "error"): "start",
+        ("start", C, "key_remove"): "key_remove",
+        ("key_remove", B, "key_removed"): "start",
+        ("key_remove", B, "error"): "start",
+        ("start", C, "pool_ca"): "pool_ca",
+        ("pool_ca", B, "pool_ca_reply"): "start",
+        ("pool_ca", B, "error"): "start",
         ("start", B, "error"): "closed",
     },
     Channel.STARTER: {
@@ -154,6 +180,15 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("start", C, "session_open"): "opening",
         ("opening", S, "session_ready"): "raw",
         ("opening", S, "error"): "closed",
+    },
+    Channel.REMOTE: {
+        ("start", C, "remote_hello"): "hello",
+        ("start", B, "error"): "closed",
+        ("hello", B, "remote_challenge"): "challenged",
+        ("hello", B, "error"): "closed",
+        ("challenged", C, "remote_ssh"): "requested",
+        ("requested", B, "ssh_grant"): "raw",
+        ("requested", B, "error"): "closed",
     },
 }
 

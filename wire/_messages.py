@@ -530,6 +530,103 @@ class SessionReady(Message):
     agent_forwarding: bool = False
 
 
+# Remote clients (issue 11): keys registered over the unix socket, then TLS from anywhere.
+
+
+@attrs.frozen
+class ClientKeyInfo:
+    """One registered client key (``stj keys list``)."""
+
+    fingerprint: str
+    key: str
+    uid: int
+    user: str
+    comment: str = ""
+    added: float = 0.0
+
+
+@attrs.frozen
+class KeyAdd(Message):
+    """Register ``key`` (an ``ssh-ed25519`` public line) for the asker's uid (unix socket)."""
+
+    TYPE: ClassVar[str] = "key_add"
+    key: str
+    comment: str = ""
+
+
+@attrs.frozen
+class KeyAdded(Message):
+    TYPE: ClassVar[str] = "key_added"
+    fingerprint: str
+    pool_id: str
+
+
+@attrs.frozen
+class KeyList(Message):
+    TYPE: ClassVar[str] = "key_list"
+
+
+@attrs.frozen
+class KeyListReply(Message):
+    TYPE: ClassVar[str] = "key_list_reply"
+    keys: tuple[ClientKeyInfo, ...]
+
+
+@attrs.frozen
+class KeyRemove(Message):
+    TYPE: ClassVar[str] = "key_remove"
+    fingerprint: str
+
+
+@attrs.frozen
+class KeyRemoved(Message):
+    TYPE: ClassVar[str] = "key_removed"
+    fingerprint: str
+
+
+@attrs.frozen
+class PoolCa(Message):
+    """Ask for the pool CA certificate (over the unix socket: the trusted channel)."""
+
+    TYPE: ClassVar[str] = "pool_ca"
+
+
+@attrs.frozen
+class PoolCaReply(Message):
+    TYPE: ClassVar[str] = "pool_ca_reply"
+    pool_id: str
+    ca_cert: str
+
+
+@attrs.frozen
+class RemoteHello(Message):
+    """A remote client's first frame on a TLS connection without a client certificate."""
+
+    TYPE: ClassVar[str] = "remote_hello"
+    version: int = 1
+
+
+@attrs.frozen
+class RemoteChallenge(Message):
+    """A fresh nonce for this connection: the client signs it together with its request."""
+
+    TYPE: ClassVar[str] = "remote_challenge"
+    nonce: bytes
+    pool_id: str
+
+
+@attrs.frozen
+class RemoteSsh(Message):
+    """``ssh_request`` from a remote client, signed by its registered key (``key``) over
+    ``remote_request_statement(pool_id, nonce, job, client_key, key)``."""
+
+    TYPE: ClassVar[str] = "remote_ssh"
+    job: str
+    client_key: str
+    key: str
+    signature: bytes
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -571,6 +668,17 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         SessionAttach,
         SessionOpen,
         SessionReady,
+        KeyAdd,
+        KeyAdded,
+        KeyList,
+        KeyListReply,
+        KeyRemove,
+        KeyRemoved,
+        PoolCa,
+        PoolCaReply,
+        RemoteHello,
+        RemoteChallenge,
+        RemoteSsh,
     )
 }
 

@@ -15,6 +15,9 @@ ATTACH   a starter's session connection to the broker: one ``session_attach`` ov
          both sides leave TLS and the socket is handed on untouched (RAW).
 SESSION  a client and a starter on that handed-on socket: ``session_open`` with the capability,
          ``session_ready`` with the signed host key, then raw SSH.
+REMOTE   a remote client and the broker over TLS (no client certificate): ``remote_hello``,
+         ``remote_challenge`` (a fresh nonce), ``remote_ssh`` signed by a registered key, then
+         ``ssh_grant``, both sides leave TLS and the broker relays the socket (RAW).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Channel(enum.Enum):
     STARTER = "starter"
     ATTACH = "attach"
     SESSION = "session"
+    REMOTE = "remote"
 
 
 class Role(enum.Enum):
@@ -56,6 +60,10 @@ for _req, _reply, _after in (
     ("token_create", "token_created", START),
     ("starter_revoke", "starter_revoked", START),
     ("ssh_request", "ssh_grant", CLOSED_STATE),
+    ("key_add", "key_added", START),
+    ("key_list", "key_list_reply", START),
+    ("key_remove", "key_removed", START),
+    ("pool_ca", "pool_ca_reply", START),
 ):
     _CONTROL[(START, C, _req)] = _req
     _CONTROL[(_req, B, _reply)] = _after
@@ -96,11 +104,24 @@ _SESSION: _Table = {
     ("opening", S, "error"): CLOSED_STATE,
 }
 
+# A remote client over TLS without a certificate: one challenge, one signed request; a grant
+# leaves TLS (close_notify both ways) and the connection is relayed to the starter, RAW.
+_REMOTE: _Table = {
+    (START, C, "remote_hello"): "hello",
+    ("hello", B, "remote_challenge"): "challenged",
+    ("hello", B, "error"): CLOSED_STATE,
+    ("challenged", C, "remote_ssh"): "requested",
+    ("requested", B, "ssh_grant"): RAW,
+    ("requested", B, "error"): CLOSED_STATE,
+    (START, B, "error"): CLOSED_STATE,
+}
+
 TABLES: dict[Channel, _Table] = {
     Channel.CONTROL: _CONTROL,
     Channel.STARTER: _STARTER,
     Channel.ATTACH: _ATTACH,
     Channel.SESSION: _SESSION,
+    Channel.REMOTE: _REMOTE,
 }
 
 

@@ -1,0 +1,293 @@
+"""Remote clients: a signed request over TLS, then a relay that copies nothing through Python.
+
+A remote client (a laptop) connects to the broker's TLS port without a certificate and says
+``remote_hello``; the broker answers with a fresh nonce (``remote_challenge``); the client
+signs that nonce, the pool id and its request with the key its user registered
+(``_keys.KeyBook.verify``). The request is then authorised exactly as a local one (the
+registered key's uid stands for the caller), the starter dials its session connection as
+usual, and the grant goes back inside TLS. Both ends then leave TLS (close_notify both ways):
+from here the client's connection carries SSH, end to end encrypted and host-key pinned, and
+the broker joins it to the starter's session connection **in the kernel**: ``os.splice``
+moves bytes from one socket into a pipe and from the pipe into the other socket. No session
+byte is ever copied into this process's memory (``relay`` never calls recv or send; only the
+byte counts it is told come back up).
+
+This module must never read a session byte, and never relay before the request verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ssh_to_job import wire
+from ssh_to_job.transport import FramedStream, PeerGone
+
+from ._jobs import user_name
+
+if TYPE_CHECKING:
+    from ._connections import Connections
+
+log = logging.getLogger("stj.broker")
+
+#: Seconds a remote client has between its hello and its signed request.
+REQUEST_TIMEOUT = 30.0
+#: Pipe size for the relay (the kernel's default is 64 KiB; bigger means fewer wake-ups).
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+#: Errors that end one direction of the relay: the peer reset or went away.
+_GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EBADF)
+
+
+@attrs.define
+class RelayStats:
+    """Bytes moved each way (client to starter, starter to client), as splice reported."""
+
+    to_starter: int = 0
+    to_client: int = 0
+
+
+async def _one_way(
+    src: trio.socket.SocketType,
+    dst: trio.socket.SocketType,
+    count: Callable[[int], None],
+) -> bool:
+    """Splice ``src`` into ``dst`` until ``src`` ends; then end ``dst``'s sending side.
+
+    True if it ended because a side reset or went away (the whole relay must end), False at
+    a clean end of stream (the other direction may still have bytes to move).
+    """
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        s_fd, d_fd = src.fileno(), dst.fileno()
+        while True:
+            # The pipe is always drained before the next fill, so EAGAIN here means "src has
+            # nothing yet", never "the pipe is full".
+            try:
+                n = os.splice(s_fd, w, PIPE_SIZE, flags=_FLAGS)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(src)
+                continue
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    return True
+                raise
+            if n == 0:
+                break
+            count(n)
+            while n:
+                try:
+                    n -= os.splice(r, d_fd, n, flags=_FLAGS)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(dst)
+                except OSError as exc:
+                    if exc.errno in _GONE:
+                        return True
+                    raise
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+        return False
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def relay(
+    client: trio.socket.SocketType, starter: trio.socket.SocketType, stats: RelayStats
+) -> None:
+    """Join two connected sockets in the kernel until both directions have ended.
+
+    A direction ends at end of stream, passed on as a half-close (so ssh's own shutdown
+    works) while the other direction goes on; a reset on either side ends both.
+    """
+
+    def up(n: int) -> None:
+        stats.to_starter += n
+
+    def down(n: int) -> None:
+        stats.to_client += n
+
+    async with trio.open_nursery() as nursery:
+
+        async def way(
+            src: trio.socket.SocketType, dst: trio.socket.SocketType, count: Callable[[int], None]
+        ) -> None:
+            try:
+                gone = await _one_way(src, dst, count)
+            except OSError as exc:
+                log.info("relay: %s", exc)
+                gone = True
+            if gone:
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(way, client, starter, up)
+        nursery.start_soon(way, starter, client, down)
+
+
+def _address(stream: Any) -> str:
+    try:
+        peer = stream.transport_stream.socket.getpeername()
+        return str(peer[0])
+    except (OSError, AttributeError, IndexError):
+        return "?"
+
+
+def source_refusal(row: Any, addr: str) -> wire.Error | None:
+    """The job's ``--allow-ssh-from`` rule, for a remote client at ``addr`` (local clients
+    are not subject to it)."""
+    allowed = getattr(row.job_spec(), "ssh_from", ())
+    if not allowed:
+        return None
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(addr)
+        if any(ip in ipaddress.ip_network(net, strict=False) for net in allowed):
+            return None
+    except ValueError:
+        pass
+    return wire.Error(
+        "source_denied",
+        f"job {row.id} accepts remote sessions only from {','.join(allowed)} "
+        f"(stj submit --allow-ssh-from); you connect from {addr}",
+    )
+
+
+async def serve_remote(conns: Connections, stream: Any, frame: bytes, extra: bytes) -> None:
+    """One remote client's connection, from its ``remote_hello`` (already read) to the end of
+    its relayed session. Refusals are one ``error`` frame with a sentence for a person."""
+    bc = conns.bc
+    conn = wire.Connection(wire.Channel.REMOTE, wire.Role.BROKER, wire.Role.CLIENT, bc.max_frame)
+    fs = FramedStream(stream, conn)
+    conn.receive_data(wire.encode_frame(frame, bc.max_frame) + extra)
+    addr = _address(stream)
+    pool_id = conns.pki.pool_id if conns.pki is not None else ""
+    try:
+        hello = await fs.receive(within=bc.frame_timeout)
+        if not isinstance(hello, wire.RemoteHello):
+            raise wire.RemoteProtocolError(f"expected remote_hello, got {hello.TYPE}")
+        if hello.version != 1:
+            await fs.send(
+                wire.Error("version", f"remote protocol version {hello.version} is not spoken here")
+            )
+            return
+        nonce = secrets.token_bytes(32)
+        await fs.send(wire.RemoteChallenge(nonce=nonce, pool_id=pool_id))
+        msg = await fs.receive(within=REQUEST_TIMEOUT, frame_timeout=bc.frame_timeout)
+        assert isinstance(msg, wire.RemoteSsh)  # the REMOTE table allows nothing else
+        if conn.trailing_data:
+            raise wire.RemoteProtocolError("bytes after the request")
+        who = conns.keys.verify(pool_id, nonce, msg)
+        if isinstance(who, wire.Error):
+            log.warning("remote request from %s refused: %s", addr, who.message)
+            conns.queue.audit(-1, "ssh", msg.job[:64], f"refused remote {addr}: {who.code}")
+            await fs.send(who)
+            return
+        await _session(conns, fs, stream, msg, who.uid, who.fingerprint, addr)
+    except wire.RemoteProtocolError as exc:
+        log.info("remote client %s sent garbage: %s", addr, exc)
+        await fs.farewell(wire.Error("protocol", f"protocol error: {exc}"))
+    except (PeerGone, trio.TooSlowError) as exc:
+        log.info("remote client %s: %s", addr, exc or "timed out")
+
+
+async def _session(
+    conns: Connections,
+    fs: FramedStream,
+    stream: Any,
+    msg: wire.RemoteSsh,
+    uid: int,
+    fingerprint: str,
+    addr: str,
+) -> None:
+    """Authorise as for a local client, get the starter's session socket, grant, relay."""
+    queue = conns.queue
+
+    def record(session_id: str, row: Any, outcome: str, reason: str, starter: str = "") -> None:
+        queue.record_session(
+            session_id,
+            row.id if row is not None else msg.job[:64],
+            uid,
+            user_name(uid),
+            row.owner_uid if row is not None else -1,
+            outcome,
+            reason,
+            starter,
+            conns.bc.session_record_days,
+            client_key=fingerprint,
+            client_addr=addr,
+        )
+
+    request = wire.SshRequest(job=msg.job, client_key=msg.client_key)
+    refusal, row = conns._ssh_refusal(request, uid)
+    if refusal is None and row is not None:
+        refusal = source_refusal(row, addr)
+    starter = None
+    if refusal is None and row is not None:
+        starter = await conns.jobs.wait_for_starter(row.starter, conns.bc.starter_wait)
+        if starter is None:
+            refusal = wire.Error(
+                "unavailable",
+                f"the starter running job {row.id} is not connected; try again shortly",
+            )
+    if refusal is not None or row is None or starter is None:
+        assert refusal is not None
+        queue.audit(uid, "ssh", row.id if row else msg.job[:64], f"refused: {refusal.code}")
+        record(secrets.token_hex(16), row, "refused", refusal.message)
+        await fs.send(refusal)
+        return
+    session_id, blob = conns.rendezvous.capability(
+        starter, row.id, row.owner_uid, uid, msg.client_key
+    )
+    session, why = await conns.rendezvous.open(starter, row.id, session_id)
+    if session is None:
+        queue.audit(uid, "ssh", row.id, f"failed: {why}")
+        record(session_id, row, "failed", why, starter.name)
+        await fs.send(wire.Error("session_failed", f"job {row.id}: {why}"))
+        return
+    try:
+        await fs.send(
+            wire.SshGrant(
+                session_id=session_id,
+                job=row.id,
+                capability=blob,
+                starter_id=starter.name,
+                starter_key=starter.key,
+            )
+        )
+        queue.audit(uid, "ssh", row.id, f"granted remote session {session_id} to {addr}")
+        record(session_id, row, "granted", "", starter.name)
+        try:
+            with trio.fail_after(conns.bc.frame_timeout):
+                raw, left = await stream.unwrap()
+        except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            log.info("remote session %s: leaving TLS failed: %s", session_id[:8], exc)
+            return
+        if left or not isinstance(raw, trio.SocketStream):
+            log.warning("remote session %s: bytes after the grant; dropped", session_id[:8])
+            return
+        stats = RelayStats()
+        log.info("remote session %s: relaying %s <-> %s", session_id[:8], addr, starter.name)
+        await relay(raw.socket, session, stats)
+        log.info(
+            "remote session %s ended: relayed %d bytes to the starter, %d to the client "
+            "(spliced, not copied)",
+            session_id[:8],
+            stats.to_starter,
+            stats.to_client,
+        )
+    finally:
+        session.close()

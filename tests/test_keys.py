@@ -1,0 +1,120 @@
+"""``stj keys`` and ``stj pool-ca``: client keys registered over the unix socket (the kernel says
+who registers), one owner per key, and the pool CA handed out over the same trusted channel."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from conftest import STJ, Pool, User
+
+from ssh_to_job import wire
+
+
+@pytest.fixture
+def config_dirs(pool: Pool, users: dict[str, User]) -> Iterator[dict[str, dict[str, str]]]:
+    """A private XDG_CONFIG_HOME per test user (their 'laptop' files), removed afterwards."""
+    out = {}
+    made = []
+    for name in ("a", "b"):
+        u = users[name]
+        d = pool.state / f"xdg-{name}"
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chown(d, u.uid, u.gid)
+        made.append(d)
+        out[name] = {"XDG_CONFIG_HOME": str(d)}
+    yield out
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _show(pool: Pool, user: User, env: dict[str, str]) -> str:
+    r = pool.run(user, [STJ, "keys", "show"], env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_keys_add_list_remove_one_owner_per_key(
+    pool: Pool, users: dict[str, User], config_dirs: dict[str, dict[str, str]]
+) -> None:
+    """A user registers their key from stdin and sees it listed; another uid can neither
+    register that key nor remove it nor see it; a superuser sees every key; the owner removes it."""
+    a, b, su = users["a"], users["b"], users["su"]
+    pub = _show(pool, a, config_dirs["a"])
+    assert _show(pool, a, config_dirs["a"]) == pub, "the key is made once and then kept"
+    fp = wire.ssh_fingerprint(pub)
+    r = pool.run(a, [STJ, "keys", "add", "--comment", "laptop"], input=pub + "\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"registered key {fp} in pool ")
+    r = pool.run(a, [STJ, "keys", "add"], input=pub + "\n")
+    assert r.returncode == 0, "registering one's own key again is harmless"
+    listed = json.loads(pool.stj(a, "keys", "list", "--json").stdout)
+    assert [(k["fingerprint"], k["uid"], k["comment"]) for k in listed] == [(fp, a.uid, "laptop")]
+    assert fp in pool.stj(a, "keys", "list").stdout
+
+    r = pool.run(b, [STJ, "keys", "add"], input=pub + "\n")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"stj: key {fp} is already registered by another user; a key belongs to one user: "
+        "make your own (stj keys show on your laptop)"
+    ]
+    r = pool.stj(b, "keys", "remove", fp, check=False)
+    assert r.returncode == 1
+    assert f"you have no registered key {fp}" in r.stderr
+    assert json.loads(pool.stj(b, "keys", "list", "--json").stdout) == []
+    everyone = json.loads(pool.stj(su, "keys", "list", "--json").stdout)
+    assert fp in [k["fingerprint"] for k in everyone]
+
+    assert pool.stj(a, "keys", "remove", fp).stdout == f"removed key {fp}\n"
+    assert json.loads(pool.stj(a, "keys", "list", "--json").stdout) == []
+    # Now free, the key may be registered by b (it is b's laptop now).
+    r = pool.run(b, [STJ, "keys", "add"], input=pub + "\n")
+    assert r.returncode == 0, r.stderr
+    pool.stj(b, "keys", "remove", fp)
+
+
+def test_keys_add_refuses_what_is_not_an_ed25519_public_key(
+    pool: Pool, users: dict[str, User]
+) -> None:
+    """An RSA key, a private key or garbage is refused in one line that says what to give."""
+    a = users["a"]
+    for text in (
+        "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ",
+        "-----BEGIN OPENSSH PRIVATE KEY-----",
+        "",
+    ):
+        r = pool.run(a, [STJ, "keys", "add"], input=text)
+        assert r.returncode == 1
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "only ed25519 keys are accepted" in r.stderr
+        assert "give the contents of a .pub file" in r.stderr
+
+
+def test_pool_ca_is_the_pools_and_trust_keeps_it(
+    pool: Pool, users: dict[str, User], config_dirs: dict[str, dict[str, str]]
+) -> None:
+    """stj pool-ca prints the pool's CA certificate to any local user with its fingerprint;
+    stj pool-ca --trust keeps it for a BROKER:PORT, and refuses a file that is no certificate."""
+    a = users["a"]
+    r = pool.stj(a, "pool-ca")
+    assert r.stdout == (pool.state / "pki" / "ca.crt").read_text()
+    assert "CA SHA-256 " in r.stderr
+    fingerprint = r.stderr.split("CA SHA-256 ")[1].split(";")[0]
+    t = pool.run(
+        a, [STJ, "pool-ca", "--trust", "198.18.0.1:9620", "-"], input=r.stdout, env=config_dirs["a"]
+    )
+    assert t.returncode == 0, t.stderr
+    assert t.stdout.startswith(f"trusted the pool CA {fingerprint} for 198.18.0.1:9620")
+    kept = (
+        pathlib.Path(config_dirs["a"]["XDG_CONFIG_HOME"]) / "ssh-to-job/pools/198.18.0.1_9620.crt"
+    )
+    assert kept.read_text() == r.stdout
+    bad = pool.run(
+        a, [STJ, "pool-ca", "--trust", "198.18.0.1:9620", "-"], input="nope", env=config_dirs["a"]
+    )
+    assert bad.returncode == 1
+    assert "not a PEM CA certificate" in bad.stderr
