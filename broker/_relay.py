@@ -137,6 +137,10 @@ async def relay(
         nursery.start_soon(way, starter, client, down)
 
 
+def bc_max_frame(conns: Connections) -> int:
+    return int(conns.bc.max_frame) + wire.FRAME_HEADER.size
+
+
 def _address(stream: Any) -> str:
     try:
         peer = stream.transport_stream.socket.getpeername()
@@ -276,10 +280,23 @@ async def _session(
         except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             log.info("remote session %s: leaving TLS failed: %s", session_id[:8], exc)
             return
-        if left or not isinstance(raw, trio.SocketStream):
-            log.warning("remote session %s: bytes after the grant; dropped", session_id[:8])
+        if not isinstance(raw, trio.SocketStream):
             return
         stats = RelayStats()
+        if left:
+            # The client may send session_open right behind its close_notify, so its start
+            # can come in with our last TLS read: the control exchange's tail (at most that
+            # one frame: the client sends nothing more before the starter's session_ready),
+            # not SSH, which the starter has not even started yet. Pass it on as it is.
+            if len(left) > bc_max_frame(conns):
+                log.warning("remote session %s: bytes after the grant; dropped", session_id[:8])
+                return
+            try:
+                await session.send(left)
+            except OSError as exc:
+                log.info("remote session %s: starter gone: %s", session_id[:8], exc)
+                return
+            stats.to_starter += len(left)
         log.info("remote session %s: relaying %s <-> %s", session_id[:8], addr, starter.name)
         await relay(raw.socket, session, stats)
         log.info(

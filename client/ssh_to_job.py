@@ -533,7 +533,8 @@ def _session(
     except UsageError as exc:
         return die(str(exc), 2)
     _write(d / "id", private)
-    sockpath = find_socket(opts.name)
+    # A remote pool needs no local broker, config or state dir.
+    sockpath = find_socket(opts.name) if not opts.pool else None
     _debug(opts, f"asking broker {opts.pool or sockpath} for a session into job {jid.one}")
     since = time.monotonic()
     status_shown = False
@@ -544,6 +545,7 @@ def _session(
 
                 reply, fd = request_session(opts.pool, jid.one, public)
             else:
+                assert sockpath is not None
                 with BrokerClient(sockpath) as bc:
                     reply, fd = bc.ssh(wire.SshRequest(job=jid.one, client_key=public))
         except BrokerUnavailable as exc:

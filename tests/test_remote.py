@@ -1,0 +1,368 @@
+"""Remote clients from a laptop, in network namespaces (tests/netns.py): the broker host, an
+execute host that drops every inbound connection, and a laptop that has nothing but
+ssh-to-job, OpenSSH and the files its user brought (a client key registered once, the pool
+CA). A second pool's broker runs beside the first, for the keys-are-per-pool rules.
+
+The first test follows docs/user.md's "From your laptop" section step by step. One set-up
+serves the whole module (starting pools in namespaces is the expensive part).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from conftest import BIN, ROOT, SSH_TO_JOB, STJ, User, new_state_dir, wait_for
+from netns import Host, Network, missing_tools
+
+PORT = 9620
+OTHER_PORT = 9621
+
+
+class RemoteSite:
+    """A pool (broker + one firewalled execute host), a second pool's broker, a laptop."""
+
+    def __init__(self, net: Network, root: pathlib.Path, users: dict[str, User]) -> None:
+        self.net = net
+        self.root = root
+        self.users = users
+        self.broker = net.add_host("broker", "198.18.0.1", hostname="broker.stj.test")
+        self.exec1 = net.add_host(
+            "exec1", "198.18.0.2", hostname="exec1.stj.test", drop_inbound=True
+        )
+        self.laptop = net.add_host("laptop", "198.18.0.5", hostname="laptop.stj.test")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.pool = f"{self.broker.address}:{PORT}"
+        self.other = f"{self.broker.address}:{OTHER_PORT}"
+        self.broker_cfg = self._config("broker", f'[broker]\nlisten = "0.0.0.0:{PORT}"\n')
+        self.other_cfg = self._config("other", f'[broker]\nlisten = "0.0.0.0:{OTHER_PORT}"\n')
+        #: Each user's laptop files (XDG_CONFIG_HOME), as if on another machine.
+        self.laptop_home: dict[str, pathlib.Path] = {}
+        for name in ("a", "b"):
+            u = users[name]
+            d = root / f"laptop-{name}"
+            d.mkdir(mode=0o700)
+            os.chown(d, u.uid, u.gid)
+            self.laptop_home[name] = d
+
+    def _config(self, name: str, body: str) -> pathlib.Path:
+        state = self.root / name
+        state.mkdir(mode=0o755, exist_ok=True)
+        cfg = self.root / f"{name}.toml"
+        cfg.write_text(f'[pool]\nstate_dir = "{state}"\n\n{body}')
+        cfg.chmod(0o644)
+        return cfg
+
+    def env(self, user: User, config: pathlib.Path | None = None, **extra: str) -> dict[str, str]:
+        env = {
+            "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
+            "STJ_CONFIG": str(config or self.broker_cfg),
+            "HOME": user.home,
+            "USER": user.name or "",
+            "LOGNAME": user.name or "",
+            "LANG": "C.UTF-8",
+            "SHELL": "/bin/bash",
+            "TMPDIR": "/tmp",
+        }
+        env.update(extra)
+        return env
+
+    def log(self, name: str) -> pathlib.Path:
+        return self.root / f"{name}.log"
+
+    def start(self, name: str, host: Host, argv: list[str], config: pathlib.Path) -> None:
+        with open(self.log(name), "ab") as out:
+            self.procs[name] = host.popen(
+                argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=self.env(ROOT, config)
+            )
+
+    def run(
+        self,
+        host: Host,
+        user: User,
+        *argv: str,
+        check: bool = True,
+        timeout: float = 60,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        r = host.run(
+            [*user.prefix(), *argv],
+            env=env or self.env(user),
+            check=False,
+            timeout=timeout,
+            cwd="/tmp",
+            input=input,
+        )
+        if check and r.returncode != 0:
+            raise AssertionError(
+                f"{argv} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}\n{self.logs()}"
+            )
+        return r
+
+    def on_laptop(
+        self,
+        who: str,
+        *argv: str,
+        check: bool = True,
+        timeout: float = 60,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` as ``who`` on the laptop, with their laptop files and no pool config."""
+        user = self.users[who]
+        env = self.env(user, XDG_CONFIG_HOME=str(self.laptop_home[who]))
+        env["STJ_CONFIG"] = "/nonexistent/stj.toml"  # nothing of the pool's host applies here
+        return self.run(
+            self.laptop, user, *argv, check=check, timeout=timeout, input=input, env=env
+        )
+
+    def on_broker(
+        self, who: str, *argv: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return self.run(self.broker, self.users[who], *argv, check=check)
+
+    def set_up(self) -> None:
+        self.start("broker", self.broker, [STJ, "broker"], self.broker_cfg)
+        self.start("other", self.broker, [STJ, "broker"], self.other_cfg)
+        for port in (PORT, OTHER_PORT):
+            wait_for(
+                "the brokers' TLS ports",
+                lambda p=port: self.laptop.can_connect(self.broker.address, p),  # type: ignore[misc]
+            )
+        token = self.run(self.broker, ROOT, STJ, "token", "create").stdout.strip()
+        cfg = self._config("exec1", "[starter]\nslots = 8\n")
+        self.start(
+            "exec1", self.exec1, [STJ, "starter", "--join", self.pool, "--token", token], cfg
+        )
+
+        def connected() -> bool:
+            r = self.run(self.broker, ROOT, STJ, "status", "--json", check=False)
+            return r.returncode == 0 and any(
+                s["connected"] for s in json.loads(r.stdout)["starters"]
+            )
+
+        wait_for("the starter connected", connected, 30)
+
+    def submit(self, who: str, *argv: str) -> str:
+        r = self.on_broker(who, STJ, "submit", *argv)
+        job = r.stdout.split(":", 1)[1].split()[0]
+
+        def running() -> bool:
+            r = self.run(self.broker, ROOT, STJ, "q", "--json")
+            return any(j["id"] == job and j["state"] == "running" for j in json.loads(r.stdout))
+
+        wait_for(f"job {job} running", running, 30)
+        return job
+
+    def logs(self) -> str:
+        out = []
+        for name in sorted(self.procs):
+            text = self.log(name).read_text(errors="replace") if self.log(name).exists() else ""
+            out.append(f"--- {name} ---\n{text[-3000:]}")
+        return "\n".join(out)
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def _register(site: RemoteSite, who: str) -> str:
+    """docs/user.md, "From your laptop", steps 1-3 for user ``who``: the laptop's client key
+    registered on the pool's host, the pool CA brought to the laptop and trusted there."""
+    pub = site.on_laptop(who, STJ, "keys", "show").stdout
+    site.run(site.broker, site.users[who], STJ, "keys", "add", input=pub)
+    ca = site.on_broker(who, STJ, "pool-ca").stdout
+    site.on_laptop(who, STJ, "pool-ca", "--trust", site.pool, "-", input=ca)
+    return pub.strip()
+
+
+@pytest.fixture(scope="module")
+def site(users: dict[str, User]) -> Iterator[RemoteSite]:
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"network namespaces need {', '.join(missing)}")
+    root = new_state_dir()
+    net = Network()
+    s = RemoteSite(net, root, users)
+    try:
+        s.set_up()
+        _register(s, "a")
+        yield s
+    finally:
+        s.close()
+        net.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def job(site: RemoteSite) -> str:
+    """One running job of user a's on the firewalled execute host, with a file to fetch."""
+    a = site.users["a"]
+    d = site.root / "job-a"
+    d.mkdir(mode=0o755)
+    os.chown(d, a.uid, a.gid)
+    return site.submit(
+        "a", "-d", str(d), "/bin/sh", "-c", "head -c 3000000 /dev/urandom > data.bin; sleep 600"
+    )
+
+
+def _one_line(r: subprocess.CompletedProcess[str]) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("ssh-to-job: "), r.stderr
+    return lines[0]
+
+
+def test_from_the_laptop_ssh_scp_sftp_rsync(site: RemoteSite, job: str) -> None:
+    """From the laptop, ssh-to-job -pool runs a command in the job on the firewalled execute
+    host, scp and sftp fetch a file, rsync -e 'ssh-to-job -pool ...' copies it; each session
+    is recorded with the laptop's key and address, and the broker relayed its bytes by splice."""
+    a = site.users["a"]
+    r = site.on_laptop("a", SSH_TO_JOB, "-pool", site.pool, job, "hostname; id -un; pwd")
+    host, login, cwd = r.stdout.split()
+    assert (host, login) == ("exec1.stj.test", a.name)
+    out = site.root / "fetched"
+    out.mkdir(mode=0o777, exist_ok=True)
+    out.chmod(0o777)
+    site.on_laptop(
+        "a", SSH_TO_JOB, "-pool", site.pool, "-ssh", "scp", job, "remote:data.bin", f"{out}/scp"
+    )
+    site.on_laptop(
+        "a",
+        SSH_TO_JOB,
+        "-pool",
+        site.pool,
+        "-ssh",
+        "sftp -b -",
+        job,
+        input=f"get data.bin {out}/sftp\n",
+    )
+    site.on_laptop(
+        "a", "rsync", "-e", f"{SSH_TO_JOB} -pool {site.pool}", f"{job}:data.bin", f"{out}/rsync"
+    )
+    original = pathlib.Path(cwd) / "data.bin"
+    for name in ("scp", "sftp", "rsync"):
+        assert (out / name).read_bytes() == original.read_bytes(), name
+    # Session records: the laptop's key fingerprint and its address.
+    records = json.loads(site.on_broker("a", STJ, "history", "--sessions", "--json", job).stdout)
+    granted = [s for s in records if s["outcome"] == "granted"]
+    assert len(granted) == 4
+    fp = json.loads(site.on_broker("a", STJ, "keys", "list", "--json").stdout)[0]["fingerprint"]
+    assert {(s["client_key"], s["client_addr"]) for s in granted} == {(fp, site.laptop.address)}
+    # "relayed N bytes to the starter, M to the client (spliced, not copied)" per session:
+    # the three downloads (3 MB each) went through the kernel relay.
+    to_client = [
+        int(m[1])
+        for m in re.finditer(
+            r"(\d+) to the client \(spliced, not copied\)", site.log("broker").read_text()
+        )
+    ]
+    assert len(to_client) >= 4
+    assert sum(to_client) > 3 * 3_000_000
+
+
+def test_unregistered_foreign_and_other_pools_keys_get_one_clear_line(
+    site: RemoteSite, job: str
+) -> None:
+    """A laptop key nobody registered, a registered key of another user (for a's job), a key
+    of this pool at another pool, a pool with no trusted CA and a broker that is not the
+    trusted pool's are each refused in one line that says what to do."""
+    line = _one_line(site.on_laptop("b", SSH_TO_JOB, "-pool", site.pool, job, "true", check=False))
+    assert "no pool CA for 198.18.0.1:9620" in line
+    assert "stj pool-ca --trust 198.18.0.1:9620" in line
+    ca = site.on_broker("b", STJ, "pool-ca").stdout
+    site.on_laptop("b", STJ, "pool-ca", "--trust", site.pool, "-", input=ca)
+    line = _one_line(site.on_laptop("b", SSH_TO_JOB, "-pool", site.pool, job, "true", check=False))
+    assert "is not registered in this pool" in line
+    assert "stj keys add" in line
+    _register(site, "b")
+    line = _one_line(site.on_laptop("b", SSH_TO_JOB, "-pool", site.pool, job, "true", check=False))
+    assert f"job {job} belongs to {site.users['a'].name}" in line
+    # The other pool: a's key is registered only in the first one.
+    other_ca = site.run(
+        site.broker, ROOT, STJ, "pool-ca", env=site.env(ROOT, site.other_cfg)
+    ).stdout
+    site.on_laptop("a", STJ, "pool-ca", "--trust", site.other, "-", input=other_ca)
+    line = _one_line(
+        site.on_laptop("a", SSH_TO_JOB, "-pool", site.other, "1.0", "true", check=False)
+    )
+    assert "is not registered in this pool" in line
+    # The other pool's CA trusted under the first pool's address: its broker is refused.
+    site.on_laptop("b", STJ, "pool-ca", "--trust", site.pool, "-", input=other_ca)
+    try:
+        line = _one_line(
+            site.on_laptop("b", SSH_TO_JOB, "-pool", site.pool, job, "true", check=False)
+        )
+        assert "is not the pool whose CA you trusted" in line
+    finally:
+        site.on_laptop("b", STJ, "pool-ca", "--trust", site.pool, "-", input=ca)
+
+
+REPLAY = """
+import json, socket, sys
+from ssh_to_job import wire
+from ssh_to_job.client import _remote
+host, port, job = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+seed, public = _remote.client_key()
+_priv, session_key = wire.ed25519_keypair()
+
+def connect():
+    ctx = _remote._context(_remote.ca_path(host, port))
+    tls = ctx.wrap_socket(socket.create_connection((host, port), timeout=20), server_hostname=host)
+    conn = wire.Connection(wire.Channel.REMOTE, wire.Role.CLIENT, wire.Role.BROKER)
+    tls.sendall(conn.send(wire.RemoteHello()))
+    return tls, conn, _remote._receive(tls, conn, "broker"), _remote._broker_pool_id(tls, "b")
+
+def signed(pool_id, nonce, job):
+    statement = wire.remote_request_statement(pool_id, nonce, job, session_key, public)
+    return wire.RemoteSsh(job=job, client_key=session_key, key=public,
+                          signature=wire.sign(seed, statement))
+
+out = {}
+tls1, conn1, ch1, pool_id = connect()
+captured = signed(pool_id, ch1.nonce, job)  # what a sniffer or a log could have kept
+tls2, conn2, ch2, _ = connect()
+assert ch2.nonce != ch1.nonce
+tls2.sendall(conn2.send(captured))
+out["replayed"] = _remote._receive(tls2, conn2, "broker").code
+tls3, conn3, ch3, _ = connect()
+tls3.sendall(conn3.send(signed("another-pool", ch3.nonce, job)))
+out["other_pool"] = _remote._receive(tls3, conn3, "broker").code
+tls1.sendall(conn1.send(signed(pool_id, ch1.nonce, "999999.0")))
+out["fresh"] = _remote._receive(tls1, conn1, "broker").code
+print(json.dumps(out))
+"""
+
+
+def test_a_replayed_or_misdirected_request_fails(site: RemoteSite, job: str) -> None:
+    """A correctly signed request replayed on another connection (another nonce) and one
+    signed for another pool id are refused for their signature; the same key's fresh request
+    passes the signature check (and meets the next rule: the job is unknown)."""
+    r = site.on_laptop("a", sys.executable, "-c", REPLAY, site.broker.address, str(PORT), job)
+    assert json.loads(r.stdout) == {
+        "replayed": "bad_signature",
+        "other_pool": "bad_signature",
+        "fresh": "unknown_job",
+    }
+    assert "a replayed or forged request" in site.log("broker").read_text()
+
+
+def test_local_clients_are_unchanged(site: RemoteSite, job: str) -> None:
+    """On the broker host the unix socket path still works as before, beside remote clients."""
+    r = site.on_broker("a", SSH_TO_JOB, job, "hostname")
+    assert r.stdout.strip() == "exec1.stj.test"
