@@ -149,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("ssh-config", help="print an ssh_config block: `ssh job-32.0`, VS Code")
     _common(p)
+    p.add_argument("-pool", "--pool", default="", help="a remote pool's BROKER:PORT (laptop)")
     p = sub.add_parser("keys", help="client keys for ssh-to-job -pool from other hosts")
     ksub = p.add_subparsers(dest="keys_cmd", required=True)
     k = ksub.add_parser("add", help="register the public key on stdin (or FILE) for you")
@@ -722,7 +723,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "ssh-config":
             from .ideproxy import ssh_config_block
 
-            sys.stdout.write(ssh_config_block(a.broker_name or a.state_dir, a.config))
+            try:
+                block = ssh_config_block(a.broker_name or a.state_dir, a.config, a.pool)
+            except ValueError as exc:
+                return die(str(exc))
+            sys.stdout.write(block)
             return 0
     except common.ConfigError as exc:
         return die(f"config: {exc}", 2)

@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -366,3 +367,129 @@ def test_local_clients_are_unchanged(site: RemoteSite, job: str) -> None:
     """On the broker host the unix socket path still works as before, beside remote clients."""
     r = site.on_broker("a", SSH_TO_JOB, job, "hostname")
     assert r.stdout.strip() == "exec1.stj.test"
+
+
+SERVE_ONCE = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+c.sendall(sys.argv[2].encode())
+c.close()
+"""
+
+READ_FROM = """
+import socket, sys, time
+for _ in range(100):
+    try:
+        c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+        break
+    except OSError:
+        time.sleep(0.1)
+if len(sys.argv) > 2:  # through a SOCKS5 proxy to 127.0.0.1:argv[2]
+    c.sendall(b"\\x05\\x01\\x00")
+    assert c.recv(2) == b"\\x05\\x00"
+    to = socket.inet_aton("127.0.0.1") + int(sys.argv[2]).to_bytes(2, "big")
+    c.sendall(b"\\x05\\x01\\x00\\x01" + to)
+    assert c.recv(10)[:2] == b"\\x05\\x00"
+data = b""
+while chunk := c.recv(100):
+    data += chunk
+print(data.decode())
+"""
+
+
+def _py(script: str, *args: str) -> str:
+    return shlex.join(["python3", "-c", script, *args])
+
+
+def test_plain_ssh_from_the_laptop_with_ssh_config(site: RemoteSite, job: str) -> None:
+    """stj ssh-config -pool on the laptop gives a Host block with which plain OpenSSH reaches
+    the job (a refusal is one line): a command, scp, rsync -e ssh, -L, -R and -D forwards,
+    and four parallel `ssh -T -D PORT job-N bash` with a script on stdin (VS Code's way)."""
+    block = site.on_laptop("a", STJ, "ssh-config", "-pool", site.pool).stdout
+    assert f"-pool {site.pool} %n" in block
+    cfg = site.laptop_home["a"] / "ssh_config"
+    cfg.write_text(block)
+    cfg.chmod(0o644)
+    host = f"job-{job}"
+    ssh = ["ssh", "-F", str(cfg)]
+    r = site.on_laptop("a", *ssh, host, "hostname; pwd")
+    name, cwd = r.stdout.split()
+    assert name == "exec1.stj.test"
+    # A refusal through plain ssh is one line too: no fd-passing noise from OpenSSH.
+    r = site.on_laptop("a", *ssh, "job-999999.0", "true", check=False)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == ["ssh-to-job: job 999999.0 is not in the queue"]
+    out = site.root / "fetched-ssh"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    site.on_laptop("a", "scp", "-F", str(cfg), f"{host}:data.bin", f"{out}/scp")
+    site.on_laptop("a", "rsync", "-e", shlex.join(ssh), f"{host}:data.bin", f"{out}/rsync")
+    original = (pathlib.Path(cwd) / "data.bin").read_bytes()
+    assert (out / "scp").read_bytes() == original
+    assert (out / "rsync").read_bytes() == original
+
+    a = site.users["a"]
+    env = site.env(a, XDG_CONFIG_HOME=str(site.laptop_home["a"]))
+
+    def background(*argv: str) -> subprocess.Popen[str]:
+        return site.laptop.popen(
+            [*a.prefix(), *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd="/tmp",
+        )
+
+    forward = [*ssh, "-o", "ExitOnForwardFailure=yes"]
+    # -L: the laptop's 7101 reaches a server on the execute host's loopback.
+    local = background(
+        *forward, "-L", "127.0.0.1:7101:127.0.0.1:7102", host, _py(SERVE_ONCE, "7102", "hello-L")
+    )
+    assert local.stdout is not None
+    assert local.stdout.readline() == "ready\n"
+    got = site.on_laptop("a", sys.executable, "-c", READ_FROM, "7101")
+    assert got.stdout.strip() == "hello-L"
+    local.wait(30)
+    # -R: the execute host's 7103 reaches a server on the laptop.
+    server = background(sys.executable, "-c", SERVE_ONCE, "7104", "hello-R")
+    assert server.stdout is not None
+    assert server.stdout.readline() == "ready\n"
+    r = site.on_laptop(
+        "a", *forward, "-R", "127.0.0.1:7103:127.0.0.1:7104", host, _py(READ_FROM, "7103")
+    )
+    assert r.stdout.strip() == "hello-R"
+    server.wait(30)
+    # -D: a SOCKS proxy on the laptop whose connections leave from the execute host.
+    socks = background(*forward, "-D", "127.0.0.1:7105", host, _py(SERVE_ONCE, "7106", "hello-D"))
+    assert socks.stdout is not None
+    assert socks.stdout.readline() == "ready\n"
+    got = site.on_laptop("a", sys.executable, "-c", READ_FROM, "7105", "7106")
+    assert got.stdout.strip() == "hello-D"
+    socks.wait(30)
+
+    # VS Code Remote-SSH: several `ssh -T -D PORT host bash` at once, a script on stdin.
+    editors = [
+        site.laptop.popen(
+            [*a.prefix(), *ssh, "-T", "-D", f"127.0.0.1:{7110 + i}", host, "bash"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd="/tmp",
+        )
+        for i in range(4)
+    ]
+    results = [
+        p.communicate('echo "$(hostname) $((6 * 7)) $PWD"\nexit 0\n', timeout=60) for p in editors
+    ]
+    for p, (stdout, stderr) in zip(editors, results, strict=True):
+        assert p.returncode == 0, stderr
+        assert stdout.split() == ["exec1.stj.test", "42", cwd], stderr
