@@ -152,7 +152,7 @@ def _address(stream: Any) -> str:
 def source_refusal(row: Any, addr: str) -> wire.Error | None:
     """The job's ``--allow-ssh-from`` rule, for a remote client at ``addr`` (local clients
     are not subject to it)."""
-    allowed = getattr(row.job_spec(), "ssh_from", ())
+    allowed = row.job_spec().ssh_from
     if not allowed:
         return None
     import ipaddress

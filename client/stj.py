@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
         help="users besides you who may ssh into these jobs (see also stj ssh-allow)",
     )
     p.add_argument(
+        "--allow-ssh-from",
+        metavar="CIDR[,CIDR...]",
+        help="remote clients (ssh-to-job -pool) may reach these jobs only from these networks",
+    )
+    p.add_argument(
         "-i",
         "--interactive",
         action="store_true",
@@ -261,6 +266,7 @@ def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
         "time_limit",
         "ssh",
         "ssh_users",
+        "allow_ssh_from",
     }
     unknown = set(raw) - known
     if unknown:
@@ -304,6 +310,9 @@ def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
     ssh_users = raw.get("ssh_users", [])
     if not isinstance(ssh_users, list) or not all(isinstance(x, str) for x in ssh_users):
         raise ValueError(f"{path}: 'ssh_users' must be a list of user names")
+    ssh_from = raw.get("allow_ssh_from", [])
+    if not isinstance(ssh_from, list) or not all(isinstance(x, str) for x in ssh_from):
+        raise ValueError(f"{path}: 'allow_ssh_from' must be a list of networks (CIDR)")
     return wire.JobSpec(
         executable=exe,
         args=tuple(args),
@@ -315,6 +324,7 @@ def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
         time_limit=times["time_limit"],
         ssh=ssh,
         ssh_users=tuple(ssh_users),
+        ssh_from=tuple(ssh_from),
     ), count
 
 
@@ -384,6 +394,9 @@ def cmd_submit(a: argparse.Namespace) -> int:
             ssh_users=tuple(u for u in a.ssh_users.split(",") if u)
             if a.ssh_users
             else spec.ssh_users,
+            ssh_from=tuple(n.strip() for n in a.allow_ssh_from.split(",") if n.strip())
+            if a.allow_ssh_from
+            else spec.ssh_from,
         )
         count = a.count if a.count is not None else count
     except ValueError as exc:

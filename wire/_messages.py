@@ -48,6 +48,18 @@ def _check_seconds(_inst: object, attribute: attrs.Attribute[float], value: floa
         raise ValueError(f"{attribute.name} must be between 0 and a year of seconds")
 
 
+def _check_networks(_inst: object, _attr: object, value: tuple[str, ...]) -> None:
+    import ipaddress
+
+    for net in value:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"ssh_from takes networks like 10.1.0.0/16 or 2001:db8::/32, not {net!r}"
+            ) from None
+
+
 @attrs.frozen
 class JobSpec:
     """What a user submits: run ``executable`` with ``args`` in ``initialdir``."""
@@ -72,6 +84,9 @@ class JobSpec:
     ssh: bool = True
     #: Users besides the owner (names or uids) who may ssh into it (``--ssh-users``).
     ssh_users: tuple[str, ...] = ()
+    #: Networks (CIDR) remote clients must connect from (``--allow-ssh-from``); empty: any.
+    #: Local clients (the broker's unix socket) are not subject to it.
+    ssh_from: tuple[str, ...] = attrs.field(default=(), validator=_check_networks)
 
     def debugs(self, why: str) -> bool:
         """Whether a job that ended this way ("exit", "signal", "timeout") is kept."""
