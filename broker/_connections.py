@@ -184,6 +184,8 @@ class Connections:
         self._output_req = 0
         #: Client keys registered for remote use (``stj keys``; see ``_keys``, ``_relay``).
         self.keys = KeyBook(queue.db)
+        #: Connections without a certificate not yet authenticated, per address and in all.
+        self.anon_gate = Gate(config.max_connections, config.max_connections_per_uid)
 
     async def accept_loop(
         self,
@@ -565,22 +567,45 @@ class Connections:
 
     async def _anonymous(self, stream: TlsStream) -> None:
         """A connection without a certificate: a remote client (``remote_hello``, see
-        ``_relay``) or a starter enrolling (anything else goes to the enrolment codec)."""
-        try:
-            frame, extra = await _first_frame(stream, self.bc.max_frame, self.bc.frame_timeout)
-        except (PeerGone, trio.TooSlowError) as exc:
-            log.info("dropping a connection without a certificate: %s", exc or "timed out")
-            return
-        try:
-            remote = isinstance(wire.decode_message(frame), wire.RemoteHello)
-        except wire.RemoteProtocolError:
-            remote = False  # the enrolment codec has its own message types
-        if remote:
-            from ._relay import serve_remote
+        ``_relay``) or a starter enrolling (anything else goes to the enrolment codec).
 
-            await serve_remote(self, stream, frame, extra)
+        Until it has proved who it is, such a connection counts against ``anon_gate`` (per
+        address and in all), so unauthenticated peers hold a bounded number of sockets."""
+        try:
+            where = str(stream.transport_stream.socket.getpeername()[0])
+        except (OSError, AttributeError, IndexError):
+            where = "?"
+        refused = self.anon_gate.enter(where)
+        if refused is not None:
+            log.warning("refusing a connection from %s: %s", where, refused)
+            await _refuse_tls(stream, wire.Error("busy", f"{refused}; try again later"))
             return
-        await self.enroll(stream, wire.encode_frame(frame, self.bc.max_frame) + extra)
+        held = True
+
+        def authenticated() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.anon_gate.leave(where)
+
+        try:
+            try:
+                frame, extra = await _first_frame(stream, self.bc.max_frame, self.bc.frame_timeout)
+            except (PeerGone, trio.TooSlowError) as exc:
+                log.info("dropping a connection without a certificate: %s", exc or "timed out")
+                return
+            try:
+                remote = isinstance(wire.decode_message(frame), wire.RemoteHello)
+            except wire.RemoteProtocolError:
+                remote = False  # the enrolment codec has its own message types
+            if remote:
+                from ._relay import serve_remote
+
+                await serve_remote(self, stream, frame, extra, authenticated)
+                return
+            await self.enroll(stream, wire.encode_frame(frame, self.bc.max_frame) + extra)
+        finally:
+            authenticated()
 
     async def enroll(self, stream: TlsStream, first: bytes = b"") -> None:
         """A connection without a certificate: one enrolment (a join token for a certificate).

@@ -170,9 +170,16 @@ def source_refusal(row: Any, addr: str) -> wire.Error | None:
     )
 
 
-async def serve_remote(conns: Connections, stream: Any, frame: bytes, extra: bytes) -> None:
+async def serve_remote(
+    conns: Connections,
+    stream: Any,
+    frame: bytes,
+    extra: bytes,
+    authenticated: Callable[[], None] = lambda: None,
+) -> None:
     """One remote client's connection, from its ``remote_hello`` (already read) to the end of
-    its relayed session. Refusals are one ``error`` frame with a sentence for a person."""
+    its relayed session. Refusals are one ``error`` frame with a sentence for a person.
+    ``authenticated`` is called once the request's signature verified."""
     bc = conns.bc
     conn = wire.Connection(wire.Channel.REMOTE, wire.Role.BROKER, wire.Role.CLIENT, bc.max_frame)
     fs = FramedStream(stream, conn)
@@ -200,6 +207,7 @@ async def serve_remote(conns: Connections, stream: Any, frame: bytes, extra: byt
             conns.queue.audit(-1, "ssh", msg.job[:64], f"refused remote {addr}: {who.code}")
             await fs.send(who)
             return
+        authenticated()
         await _session(conns, fs, stream, msg, who.uid, who.fingerprint, addr)
     except wire.RemoteProtocolError as exc:
         log.info("remote client %s sent garbage: %s", addr, exc)

@@ -521,3 +521,30 @@ def test_allow_ssh_from_limits_remote_clients_only(site: RemoteSite) -> None:
     assert bad.returncode == 2
     assert "ssh_from takes networks like 10.1.0.0/16" in bad.stderr
     site.on_broker("a", STJ, "rm", elsewhere, here)
+
+
+FLOOD = """
+import socket, sys
+from ssh_to_job.client import _remote
+host, port = sys.argv[1], int(sys.argv[2])
+ctx = _remote._context(_remote.ca_path(host, port))
+held = [
+    ctx.wrap_socket(socket.create_connection((host, port), timeout=20), server_hostname=host)
+    for _ in range(64)
+]
+extra = ctx.wrap_socket(socket.create_connection((host, port), timeout=20), server_hostname=host)
+print(extra.recv(4096)[4:].decode(), flush=True)
+for t in held:
+    t.close()
+"""
+
+
+def test_unauthenticated_connections_are_capped_per_address(site: RemoteSite, job: str) -> None:
+    """Connections without a certificate that have not proved a key count against the
+    per-address cap: past it the next one gets one error frame at once; once they are gone
+    the laptop is served again."""
+    r = site.on_laptop("a", sys.executable, "-c", FLOOD, site.broker.address, str(PORT))
+    assert json.loads(r.stdout)["code"] == "busy", r.stdout
+    assert "connections open to the broker (the limit)" in r.stdout
+    r = site.on_laptop("a", SSH_TO_JOB, "-pool", site.pool, job, "echo again")
+    assert r.stdout == "again\n"
