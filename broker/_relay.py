@@ -45,7 +45,6 @@ REQUEST_TIMEOUT = 30.0
 #: Pipe size for the relay (the kernel's default is 64 KiB; bigger means fewer wake-ups).
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 #: Errors that end one direction of the relay: the peer reset or went away.
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EBADF)
 
@@ -58,51 +57,41 @@ class RelayStats:
     to_client: int = 0
 
 
-async def _one_way(
-    src: trio.socket.SocketType,
-    dst: trio.socket.SocketType,
-    count: Callable[[int], None],
-) -> bool:
-    """Splice ``src`` into ``dst`` until ``src`` ends; then end ``dst``'s sending side.
+def _one_way(src: int, dst: int, pipe: tuple[int, int], count: Callable[[int], None]) -> bool:
+    """Splice ``src`` into ``dst`` (blocking file descriptors) until ``src`` ends; then end
+    ``dst``'s sending side. Runs in a thread of its own: a blocking splice costs one system
+    call per chunk and no event-loop round trip (measured: a third of the broker CPU per GiB
+    of the same loop driven by trio's wait_readable).
 
     True if it ended because a side reset or went away (the whole relay must end), False at
     a clean end of stream (the other direction may still have bytes to move).
     """
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
-        s_fd, d_fd = src.fileno(), dst.fileno()
-        while True:
-            # The pipe is always drained before the next fill, so EAGAIN here means "src has
-            # nothing yet", never "the pipe is full".
+    r, w = pipe
+    while True:
+        try:
+            n = os.splice(src, w, PIPE_SIZE, flags=os.SPLICE_F_MOVE)
+        except OSError as exc:
+            if exc.errno in _GONE or exc.errno == errno.EINVAL:
+                return True
+            raise
+        if n == 0:
+            break
+        count(n)
+        while n:
             try:
-                n = os.splice(s_fd, w, PIPE_SIZE, flags=_FLAGS)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(src)
-                continue
+                n -= os.splice(r, dst, n, flags=os.SPLICE_F_MOVE)
             except OSError as exc:
-                if exc.errno in _GONE:
+                if exc.errno in _GONE or exc.errno == errno.EINVAL:
                     return True
                 raise
-            if n == 0:
-                break
-            count(n)
-            while n:
-                try:
-                    n -= os.splice(r, d_fd, n, flags=_FLAGS)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(dst)
-                except OSError as exc:
-                    if exc.errno in _GONE:
-                        return True
-                    raise
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-        return False
-    finally:
-        os.close(r)
-        os.close(w)
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(dst)) as end:
+        end.shutdown(socket.SHUT_WR)
+    return False
+
+
+#: Relay threads are long-lived (two per remote session): they get their own, wide limiter
+#: rather than trio's default one (40 threads, shared with everything else).
+_THREADS = trio.CapacityLimiter(100_000)
 
 
 async def relay(
@@ -111,7 +100,9 @@ async def relay(
     """Join two connected sockets in the kernel until both directions have ended.
 
     A direction ends at end of stream, passed on as a half-close (so ssh's own shutdown
-    works) while the other direction goes on; a reset on either side ends both.
+    works) while the other direction goes on; a reset on either side ends both. Cancelled
+    (the broker stops), it shuts both sockets down, which ends the threads' splices; the
+    threads are never abandoned, so no splice can run on a descriptor after it is closed.
     """
 
     def up(n: int) -> None:
@@ -120,21 +111,52 @@ async def relay(
     def down(n: int) -> None:
         stats.to_client += n
 
-    async with trio.open_nursery() as nursery:
+    def cut() -> None:
+        for sock in (client, starter):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
-        async def way(
-            src: trio.socket.SocketType, dst: trio.socket.SocketType, count: Callable[[int], None]
-        ) -> None:
-            try:
-                gone = await _one_way(src, dst, count)
-            except OSError as exc:
-                log.info("relay: %s", exc)
-                gone = True
-            if gone:
-                nursery.cancel_scope.cancel()
+    pipes = [os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)]
+    try:
+        for _r, w in pipes:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        c_fd, s_fd = client.fileno(), starter.fileno()
+        # The threads block in splice; trio no longer touches these sockets.
+        os.set_blocking(c_fd, True)
+        os.set_blocking(s_fd, True)
+        async with trio.open_nursery() as nursery:
+            left = 2
 
-        nursery.start_soon(way, client, starter, up)
-        nursery.start_soon(way, starter, client, down)
+            async def way(src: int, dst: int, pipe: tuple[int, int], count: Any) -> None:
+                nonlocal left
+                try:
+                    gone = await trio.to_thread.run_sync(
+                        _one_way, src, dst, pipe, count, limiter=_THREADS
+                    )
+                except OSError as exc:
+                    log.info("relay: %s", exc)
+                    gone = True
+                left -= 1
+                if gone:
+                    cut()
+                if not left:
+                    nursery.cancel_scope.cancel()
+
+            async def watch() -> None:
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    if left:
+                        cut()
+
+            nursery.start_soon(way, c_fd, s_fd, pipes[0], up)
+            nursery.start_soon(way, s_fd, c_fd, pipes[1], down)
+            nursery.start_soon(watch)
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
 
 
 def bc_max_frame(conns: Connections) -> int:
