@@ -60,8 +60,9 @@ class RelayStats:
 def _one_way(src: int, dst: int, pipe: tuple[int, int], count: Callable[[int], None]) -> bool:
     """Splice ``src`` into ``dst`` (blocking file descriptors) until ``src`` ends; then end
     ``dst``'s sending side. Runs in a thread of its own: a blocking splice costs one system
-    call per chunk and no event-loop round trip (measured: a third of the broker CPU per GiB
-    of the same loop driven by trio's wait_readable).
+    call per chunk and no event-loop round trip (measured on the development machine: about
+    1.3 broker CPU seconds per GiB, against 1.6 for the same loop driven by trio's
+    wait_readable; most of what is left is the kernel's own work).
 
     True if it ended because a side reset or went away (the whole relay must end), False at
     a clean end of stream (the other direction may still have bytes to move).

@@ -187,7 +187,10 @@ def _register(site: RemoteSite, who: str) -> str:
     pub = site.on_laptop(who, STJ, "keys", "show").stdout
     site.run(site.broker, site.users[who], STJ, "keys", "add", input=pub)
     ca = site.on_broker(who, STJ, "pool-ca").stdout
-    site.on_laptop(who, STJ, "pool-ca", "--trust", site.pool, "-", input=ca)
+    pem = site.laptop_home[who] / "pool-ca.pem"
+    pem.write_text(ca)
+    pem.chmod(0o644)
+    site.on_laptop(who, STJ, "pool-ca", "--trust", site.pool, str(pem))
     return pub.strip()
 
 
