@@ -322,7 +322,11 @@ class Connections:
             return reply
         if self.pki is None:
             return wire.Error("unavailable", "this broker has no pool CA")
-        return wire.PoolCaReply(pool_id=pool_id, ca_cert=self.pki.ca_file.read_text())
+        return wire.PoolCaReply(
+            pool_id=pool_id,
+            ca_cert=self.pki.ca_file.read_text(),
+            ssh_host_ca=self.pki.ssh_host_ca_line(),
+        )
 
     async def _query(self, stream: FramedStream, msg: wire.Query) -> None:
         states = _queue.FINISHED_STATES if msg.history else _queue.LIVE_STATES
@@ -748,6 +752,7 @@ class Connections:
             return
         try:
             with trio.fail_after(self.bc.frame_timeout):
+                await stream.send_all(self._session_cert(msg))
                 raw, left = await stream.unwrap()
         except (trio.TooSlowError, *_TLS_ERRORS) as exc:
             log.info("session %s: leaving TLS failed: %s", msg.session_id[:8], exc)
@@ -758,6 +763,28 @@ class Connections:
         # serve_tls closes the connection's stream when we return: the rendezvous gets its own.
         dup = socket.socket(fileno=os.dup(raw.socket.fileno()))
         self.rendezvous.attach(trio.socket.from_stdlib_socket(dup), msg, ident.name)
+
+    def _session_cert(self, msg: wire.SessionAttach) -> bytes:
+        """The ``session_cert`` frame for an attach: the session's host key certified by the
+        pool's OpenSSH host CA for host names ``job-<id>`` (``job-<cluster>`` for proc 0), so
+        that plain ssh with a ``@cert-authority`` line checks it (``stj ssh-config -pool``)."""
+        conn = wire.Connection(wire.Channel.ATTACH, wire.Role.BROKER, wire.Role.STARTER)
+        conn.receive_data(wire.encode_frame(wire.encode_message(msg)))
+        conn.next_event()
+        pending = self.rendezvous.sessions.get(msg.session_id)
+        cert = ""
+        if msg.host_key and self.pki is not None and pending is not None:
+            cluster, _, proc = pending.job.partition(".")
+            names = [f"job-{pending.job}"] + ([f"job-{cluster}"] if proc == "0" else [])
+            from ssh_to_job.common import PkiError
+
+            try:
+                cert = self.pki.host_certificate(
+                    msg.host_key, names, f"{self.pki.pool_id}/{pending.job}/{msg.session_id}"
+                )
+            except PkiError as exc:
+                log.warning("session %s: no host certificate: %s", msg.session_id[:8], exc)
+        return conn.send(wire.SessionCert(certificate=cert))
 
     async def _starter_session(
         self,

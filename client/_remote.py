@@ -34,6 +34,8 @@ from ssh_to_job import common, wire
 from ._broker import BrokerUnavailable
 
 KEY_NAME = "client_ed25519"
+#: The line of ``stj pool-ca``'s output that carries the pool's OpenSSH host CA.
+SSH_CA_TAG = "ssh-host-ca:"
 #: Seconds for the TCP connect, the TLS handshake and each answer of the broker.
 TIMEOUT = 30.0
 
@@ -70,6 +72,11 @@ def ca_path(host: str, port: int, d: pathlib.Path | None = None) -> pathlib.Path
     return (d or config_dir()) / "pools" / f"{pool_label(host, port)}.crt"
 
 
+def known_hosts_path(host: str, port: int, d: pathlib.Path | None = None) -> pathlib.Path:
+    """The pool's ``@cert-authority`` known_hosts (plain ssh checks host certificates)."""
+    return (d or config_dir()) / "pools" / f"{pool_label(host, port)}.known_hosts"
+
+
 def client_key(d: pathlib.Path | None = None) -> tuple[bytes, str]:
     """(seed, public line) of this user's client key, made on first use."""
     d = d or config_dir()
@@ -100,11 +107,21 @@ def trust(host: str, port: int, pem: str) -> pathlib.Path:
         ca_fingerprint(pem)
     except (ssl.SSLError, ValueError) as exc:
         raise ValueError(f"not a PEM CA certificate: {exc}") from None
+    ssh_ca = [
+        line[len(SSH_CA_TAG) :].strip() for line in pem.splitlines() if line.startswith(SSH_CA_TAG)
+    ]
+    if len(ssh_ca) > 1 or (ssh_ca and not ssh_ca[0].startswith("ssh-ed25519 ")):
+        raise ValueError(f"the file's {SSH_CA_TAG} line is not one ssh-ed25519 key")
     path = ca_path(host, port)
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(pem)
-    os.replace(tmp, path)
+    for target, text in (
+        (path, pem),
+        # Only host names job-*: the pool's CA vouches for sessions, for nothing else.
+        (known_hosts_path(host, port), f"@cert-authority job-* {ssh_ca[0]}\n" if ssh_ca else ""),
+    ):
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
     return path
 
 

@@ -82,10 +82,13 @@ def ssh_config_block(name: str | None, config: str | None = None, pool: str = ""
     d = config_dir()
     user_key(d)
     proxy = [sys.executable, "-P", "-m", "ssh_to_job.client.ideproxy"]
+    known_hosts = d / "known_hosts"
     if pool:
-        from ._remote import ca_path, parse_pool
+        from ._remote import ca_path, known_hosts_path, parse_pool
 
         host, port = parse_pool(pool)
+        if cert_checked(host, port, d):
+            known_hosts = known_hosts_path(host, port, d)
         if not ca_path(host, port, d).exists():
             raise ValueError(
                 f"no pool CA for {host}:{port} yet: run 'stj pool-ca --trust {host}:{port} FILE' "
@@ -97,17 +100,22 @@ def ssh_config_block(name: str | None, config: str | None = None, pool: str = ""
     else:
         proxy += ["-name", str(find_socket(name, config).absolute())]
     cmd = " ".join(shlex.quote(p) for p in proxy) + " %n"
+    checked = (
+        "Host keys: certificates of the pool's host CA (@cert-authority), checked by ssh."
+        if known_hosts != d / "known_hosts"
+        else "Host keys are pinned per session by the starter's signature."
+    )
     return f"""\
 # ssh-to-job: `ssh job-32.0` opens a fresh session into job 32.0 (also for VS Code
-# Remote-SSH). Host keys are pinned per session by the starter's signature.
+# Remote-SSH). {checked}
 Host {PREFIX}*
   ProxyCommand {cmd}
   ProxyUseFdpass yes
   IdentityFile "{d}/id_ed25519"
   IdentitiesOnly yes
   IdentityAgent none
-  UserKnownHostsFile "{d}/known_hosts"
-  GlobalKnownHostsFile "{d}/known_hosts"
+  UserKnownHostsFile "{known_hosts}"
+  GlobalKnownHostsFile "{known_hosts}"
   StrictHostKeyChecking yes
   UpdateHostKeys no
   CheckHostIP no
@@ -116,6 +124,17 @@ Host {PREFIX}*
   PasswordAuthentication no
   KbdInteractiveAuthentication no
 """
+
+
+def cert_checked(host: str, port: int, d: pathlib.Path) -> bool:
+    """Whether the pool at ``host:port`` has an ``@cert-authority`` line here: then plain ssh
+    checks each session's host certificate itself and nothing is pinned per session."""
+    from ._remote import known_hosts_path
+
+    try:
+        return known_hosts_path(host, port, d).read_text().startswith("@cert-authority ")
+    except OSError:
+        return False
 
 
 def refuse(message: str, code: int = 1) -> int:
@@ -135,6 +154,12 @@ def refuse(message: str, code: int = 1) -> int:
     if is_ssh:
         os.kill(parent, signal.SIGTERM)
     return code
+
+
+def _pool_address(pool: str) -> tuple[str, int]:
+    from ._remote import parse_pool
+
+    return parse_pool(pool)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             ready = open_session(session, reply, ())
         except (SessionError, OSError, wire.ProtocolError) as exc:
             return refuse(f"job {reply.job}: {exc}")
-        pin(d, host, ready.host_key)
+        if not (pool and cert_checked(*_pool_address(pool), d)):
+            pin(d, host, ready.host_key)
         out = socket.socket(fileno=os.dup(1))
         socket.send_fds(out, [b"\0"], [session.fileno()])
         out.close()

@@ -673,6 +673,9 @@ def cmd_keys(a: argparse.Namespace) -> int:
         with _client(a) as bc:
             ca = bc.call(wire.PoolCa(), wire.PoolCaReply)
         sys.stdout.write(ca.ca_cert)
+        if ca.ssh_host_ca:
+            # After the PEM blocks, where TLS libraries ignore it: what plain ssh trusts.
+            print(f"{_remote.SSH_CA_TAG} {ca.ssh_host_ca}")
         print(
             f"stj: pool {ca.pool_id}, CA SHA-256 {_remote.ca_fingerprint(ca.ca_cert)}; on your "
             "laptop: stj pool-ca --trust BROKER:PORT FILE",

@@ -97,11 +97,15 @@ def test_keys_add_refuses_what_is_not_an_ed25519_public_key(
 def test_pool_ca_is_the_pools_and_trust_keeps_it(
     pool: Pool, users: dict[str, User], config_dirs: dict[str, dict[str, str]]
 ) -> None:
-    """stj pool-ca prints the pool's CA certificate to any local user with its fingerprint;
-    stj pool-ca --trust keeps it for a BROKER:PORT, and refuses a file that is no certificate."""
+    """stj pool-ca prints the pool's CA certificate and OpenSSH host CA to any local user,
+    with the CA's fingerprint; stj pool-ca --trust keeps both for a BROKER:PORT (the host CA as
+    a @cert-authority line), and refuses a file that is no certificate."""
     a = users["a"]
     r = pool.stj(a, "pool-ca")
-    assert r.stdout == (pool.state / "pki" / "ca.crt").read_text()
+    pem, ssh_line = r.stdout.rsplit("-----\n", 1)
+    assert pem + "-----\n" == (pool.state / "pki" / "ca.crt").read_text()
+    # The pool's OpenSSH host CA follows the PEM, for the laptop's @cert-authority line.
+    assert ssh_line.startswith("ssh-host-ca: ssh-ed25519 ")
     assert "CA SHA-256 " in r.stderr
     fingerprint = r.stderr.split("CA SHA-256 ")[1].split(";")[0]
     t = pool.run(
@@ -109,10 +113,10 @@ def test_pool_ca_is_the_pools_and_trust_keeps_it(
     )
     assert t.returncode == 0, t.stderr
     assert t.stdout.startswith(f"trusted the pool CA {fingerprint} for 198.18.0.1:9620")
-    kept = (
-        pathlib.Path(config_dirs["a"]["XDG_CONFIG_HOME"]) / "ssh-to-job/pools/198.18.0.1_9620.crt"
-    )
-    assert kept.read_text() == r.stdout
+    pools = pathlib.Path(config_dirs["a"]["XDG_CONFIG_HOME"]) / "ssh-to-job/pools"
+    assert (pools / "198.18.0.1_9620.crt").read_text() == r.stdout
+    known = (pools / "198.18.0.1_9620.known_hosts").read_text()
+    assert known == f"@cert-authority job-* {ssh_line.split(': ', 1)[1]}"
     bad = pool.run(
         a, [STJ, "pool-ca", "--trust", "198.18.0.1:9620", "-"], input="nope", env=config_dirs["a"]
     )

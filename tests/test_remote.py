@@ -415,6 +415,11 @@ def test_plain_ssh_from_the_laptop_with_ssh_config(site: RemoteSite, job: str) -
     and four parallel `ssh -T -D PORT job-N bash` with a script on stdin (VS Code's way)."""
     block = site.on_laptop("a", STJ, "ssh-config", "-pool", site.pool).stdout
     assert f"-pool {site.pool} %n" in block
+    pools = site.laptop_home["a"] / "ssh-to-job" / "pools"
+    known = pools / "198.18.0.1_9620.known_hosts"
+    assert f'UserKnownHostsFile "{known}"' in block
+    ssh_ca = site.on_broker("a", STJ, "pool-ca").stdout.splitlines()[-1].split(": ", 1)[1]
+    assert known.read_text() == f"@cert-authority job-* {ssh_ca}\n"
     cfg = site.laptop_home["a"] / "ssh_config"
     cfg.write_text(block)
     cfg.chmod(0o644)
@@ -423,6 +428,25 @@ def test_plain_ssh_from_the_laptop_with_ssh_config(site: RemoteSite, job: str) -
     r = site.on_laptop("a", *ssh, host, "hostname; pwd")
     name, cwd = r.stdout.split()
     assert name == "exec1.stj.test"
+    # ssh itself checked the session's host certificate: nothing was pinned per session, and
+    # the same connection with another pool's host CA in known_hosts is refused by ssh.
+    assert not (site.laptop_home["a"] / "ssh-to-job" / "known_hosts").exists()
+    assert site.on_laptop("a", *ssh, f"job-{job.split('.')[0]}", "echo proc0").stdout == "proc0\n"
+    other_ca = site.run(site.broker, ROOT, STJ, "pool-ca", env=site.env(ROOT, site.other_cfg))
+    wrong = site.laptop_home["a"] / "wrong_known_hosts"
+    wrong.write_text(
+        f"@cert-authority job-* {other_ca.stdout.splitlines()[-1].split(': ', 1)[1]}\n"
+    )
+    wrong_cfg = site.laptop_home["a"] / "wrong_ssh_config"
+    wrong_cfg.write_text(block.replace(str(known), str(wrong)))
+    wrong_cfg.chmod(0o644)
+    r = site.on_laptop("a", "ssh", "-F", str(wrong_cfg), host, "true", check=False)
+    assert r.returncode == 255
+    assert "Host key verification failed" in r.stderr, r.stderr
+    r = site.on_laptop(
+        "a", "ssh", "-F", str(wrong_cfg), f"job-{job.split('.')[0]}", "true", check=False
+    )
+    assert r.returncode == 255, "job-N (proc 0) is a principal too, and still checked"
     # A refusal through plain ssh is one line too: no fd-passing noise from OpenSSH.
     r = site.on_laptop("a", *ssh, "job-999999.0", "true", check=False)
     assert r.returncode != 0

@@ -86,6 +86,7 @@ SAMPLES: dict[str, Message] = {
         wire.KeyRemoved(fingerprint="SHA256:x"),
         wire.PoolCa(),
         wire.PoolCaReply(pool_id="p1", ca_cert="-----BEGIN CERTIFICATE-----"),
+        wire.SessionCert(certificate="ssh-ed25519-cert-v01@openssh.com AAAA"),
         wire.RemoteHello(),
         wire.RemoteChallenge(nonce=b"n" * 32, pool_id="p1"),
         wire.RemoteSsh(
@@ -174,7 +175,8 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("ready", B, "error"): "closed",
     },
     Channel.ATTACH: {
-        ("start", S, "session_attach"): "raw",
+        ("start", S, "session_attach"): "attached",
+        ("attached", B, "session_cert"): "raw",
     },
     Channel.SESSION: {
         ("start", C, "session_open"): "opening",
@@ -369,19 +371,23 @@ def test_broker_may_refuse_a_starter(state: str) -> None:
 
 
 def test_attach_goes_raw_with_trailing_data() -> None:
-    """session_attach turns the connection RAW; bytes behind it are left for the next protocol."""
+    """session_attach and the broker's session_cert turn the connection RAW; bytes behind the
+    certificate are left for the next protocol."""
     starter = Connection(Channel.ATTACH, S, B)
     broker = Connection(Channel.ATTACH, B, S)
-    data = starter.send(SAMPLES["session_attach"])
-    assert starter.state == "raw"
-    behind = encode_frame(encode_message(SAMPLES["session_open"]))
-    broker.receive_data(data + behind)
+    broker.receive_data(starter.send(SAMPLES["session_attach"]))
     assert broker.next_event() == SAMPLES["session_attach"]
+    assert broker.state == starter.state == "attached"
+    data = broker.send(SAMPLES["session_cert"])
     assert broker.state == "raw"
-    assert broker.next_event() is NEED_DATA
-    assert broker.trailing_data == behind
+    behind = encode_frame(encode_message(SAMPLES["session_open"]))
+    starter.receive_data(data + behind)
+    assert starter.next_event() == SAMPLES["session_cert"]
+    assert starter.state == "raw"
+    assert starter.next_event() is NEED_DATA
+    assert starter.trailing_data == behind
     with pytest.raises(LocalProtocolError):
-        broker.send(SAMPLES["error"])
+        starter.send(SAMPLES["error"])
 
 
 @pytest.mark.parametrize("chunk", [None, 1])

@@ -523,6 +523,8 @@ class SessionAttach(Message):
     TYPE: ClassVar[str] = "session_attach"
     session_id: str
     starter_id: str
+    #: The session's host key (made before dialling), for the broker to certify.
+    host_key: str = ""
 
 
 @attrs.frozen
@@ -611,6 +613,17 @@ class PoolCaReply(Message):
     TYPE: ClassVar[str] = "pool_ca_reply"
     pool_id: str
     ca_cert: str
+    #: The OpenSSH public line of the pool's host CA (sessions' host certificates).
+    ssh_host_ca: str = ""
+
+
+@attrs.frozen
+class SessionCert(Message):
+    """The broker's answer to ``session_attach``: an OpenSSH host certificate for the
+    session's host key ("" if none was asked for); then both sides leave TLS."""
+
+    TYPE: ClassVar[str] = "session_cert"
+    certificate: str = ""
 
 
 @attrs.frozen
@@ -694,6 +707,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         RemoteHello,
         RemoteChallenge,
         RemoteSsh,
+        SessionCert,
     )
 }
 

@@ -11,8 +11,9 @@ CONTROL  a local client and the broker: one request, then its reply (``job_list`
          pages; ``ssh_grant`` ends the conversation because the socket it carries is the point).
 STARTER  a starter and the broker over mutually authenticated TLS 1.3: ``starter_hello``,
          ``welcome``, then free traffic both ways.
-ATTACH   a starter's session connection to the broker: one ``session_attach`` over TLS, then
-         both sides leave TLS and the socket is handed on untouched (RAW).
+ATTACH   a starter's session connection to the broker: ``session_attach`` over TLS, the
+         broker's ``session_cert`` (the session's host certificate), then both sides leave TLS
+         and the socket is handed on untouched (RAW).
 SESSION  a client and a starter on that handed-on socket: ``session_open`` with the capability,
          ``session_ready`` with the signed host key, then raw SSH.
 REMOTE   a remote client and the broker over TLS (no client certificate): ``remote_hello``,
@@ -95,7 +96,8 @@ _STARTER[("ready", B, "error")] = CLOSED_STATE
 _STARTER[("ready", S, "error")] = CLOSED_STATE
 
 _ATTACH: _Table = {
-    (START, S, "session_attach"): RAW,
+    (START, S, "session_attach"): "attached",
+    ("attached", B, "session_cert"): RAW,
 }
 
 _SESSION: _Table = {
