@@ -7,12 +7,15 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
 from collections.abc import Iterator
 
 import pytest
 from conftest import STJ, Pool, User
 
 from ssh_to_job import wire
+from ssh_to_job.broker._keys import KeyBook, Registered
+from ssh_to_job.broker._queue import JobQueue
 
 
 @pytest.fixture
@@ -122,3 +125,81 @@ def test_pool_ca_is_the_pools_and_trust_keeps_it(
     )
     assert bad.returncode == 1
     assert "not a PEM CA certificate" in bad.stderr
+
+
+def test_ssh_key_helpers_agree_with_openssh(tmp_path: pathlib.Path) -> None:
+    """wire's fingerprint, public-key and private-seed readers give what ssh-keygen says, for a
+    key ssh-keygen made and for one wire made; what is not an ed25519 public line is refused."""
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
+    )
+    pub = (tmp_path / "k.pub").read_text()
+    listed = subprocess.run(
+        ["ssh-keygen", "-l", "-f", str(tmp_path / "k.pub")], capture_output=True, text=True
+    ).stdout
+    assert listed.split()[1] == wire.ssh_fingerprint(pub)
+    seed = wire.ed25519_seed((tmp_path / "k").read_bytes())
+    assert wire.public_key_of(seed) == wire.ed25519_public_of(pub)
+    assert wire.ed25519_line(wire.ed25519_public_of(pub)) == " ".join(pub.split()[:2])
+    private, public = wire.ed25519_keypair()
+    (tmp_path / "w").write_bytes(private)
+    (tmp_path / "w").chmod(0o600)
+    derived = subprocess.run(
+        ["ssh-keygen", "-y", "-f", str(tmp_path / "w")], capture_output=True, text=True
+    ).stdout
+    assert derived.split()[:2] == public.split()
+    assert wire.ed25519_line(wire.public_key_of(wire.ed25519_seed(private))) == public
+    blob = pub.split()[1]
+    for bad in ("ssh-rsa " + blob, "ssh-ed25519 !!!", "ssh-ed25519 " + blob[:-8], "", "x"):
+        with pytest.raises(ValueError, match=r"ed25519|base64"):
+            wire.ed25519_public_of(bad)
+
+
+def test_key_book_verifies_only_this_connection_and_pool(tmp_path: pathlib.Path) -> None:
+    """KeyBook.verify names the uid of a registered key whose signature covers this pool id
+    and this nonce; a changed nonce, pool, job or session key, an unknown key, and a key
+    registered by another uid are each refused with their own code."""
+    queue = JobQueue(tmp_path / "queue.db")
+    try:
+        book = KeyBook(queue.db)
+        private, public = wire.ed25519_keypair()
+        seed = wire.ed25519_seed(private)
+        assert isinstance(book.add(1001, public + " laptop", "", "a"), wire.KeyAdded)
+        assert book.add(1002, public, "", "b") == wire.Error(
+            "key_taken",
+            f"key {wire.ssh_fingerprint(public)} is already registered by another user; a key "
+            "belongs to one user: make your own (stj keys show on your laptop)",
+        )
+        _s, session_key = wire.ed25519_keypair()
+        nonce = os.urandom(32)
+
+        def request(pool: str, n: bytes, job: str = "32.0", key: str = public) -> wire.RemoteSsh:
+            statement = wire.remote_request_statement(pool, n, job, session_key, key)
+            return wire.RemoteSsh(
+                job="32.0", client_key=session_key, key=key, signature=wire.sign(seed, statement)
+            )
+
+        who = book.verify("pool1", nonce, request("pool1", nonce))
+        assert who == Registered(1001, wire.ssh_fingerprint(public))
+        for bad in (
+            request("pool1", os.urandom(32)),
+            request("pool2", nonce),
+            request("pool1", nonce, job="33.0"),
+        ):
+            reply = book.verify("pool1", nonce, bad)
+            assert isinstance(reply, wire.Error)
+            assert reply.code == "bad_signature"
+        _p, stranger = wire.ed25519_keypair()
+        reply = book.verify("pool1", nonce, request("pool1", nonce, key=stranger))
+        assert isinstance(reply, wire.Error)
+        assert reply.code == "unknown_key"
+        assert [k.comment for k in book.list(1001)] == ["laptop"]
+        assert book.list(1002) == []
+        fp = wire.ssh_fingerprint(public)
+        assert isinstance(book.remove(1002, fp, superuser=False), wire.Error)
+        assert book.remove(1001, fp, superuser=False) == wire.KeyRemoved(fingerprint=fp)
+        reply = book.verify("pool1", nonce, request("pool1", nonce))
+        assert isinstance(reply, wire.Error)
+        assert reply.code == "unknown_key"
+    finally:
+        queue.close()
