@@ -10,7 +10,9 @@ from here the client's connection carries SSH, end to end encrypted and host-key
 the broker joins it to the starter's session connection **in the kernel**: ``os.splice``
 moves bytes from one socket into a pipe and from the pipe into the other socket. No session
 byte is ever copied into this process's memory (``relay`` never calls recv or send; only the
-byte counts it is told come back up).
+byte counts splice reports come back up). The one exception is not SSH: the start of the
+client's ``session_open`` frame, when it arrives in the same read as the client's
+close_notify, is passed on once before the relay starts.
 
 This module must never read a session byte, and never relay before the request verified.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import logging
 import os
 import secrets
@@ -160,7 +163,7 @@ async def relay(
             os.close(w)
 
 
-def bc_max_frame(conns: Connections) -> int:
+def _frame_limit(conns: Connections) -> int:
     return int(conns.bc.max_frame) + wire.FRAME_HEADER.size
 
 
@@ -178,8 +181,6 @@ def source_refusal(row: Any, addr: str) -> wire.Error | None:
     allowed = row.job_spec().ssh_from
     if not allowed:
         return None
-    import ipaddress
-
     try:
         ip = ipaddress.ip_address(addr)
         if any(ip in ipaddress.ip_network(net, strict=False) for net in allowed):
@@ -319,11 +320,13 @@ async def _session(
             # can come in with our last TLS read: the control exchange's tail (at most that
             # one frame: the client sends nothing more before the starter's session_ready),
             # not SSH, which the starter has not even started yet. Pass it on as it is.
-            if len(left) > bc_max_frame(conns):
+            if len(left) > _frame_limit(conns):
                 log.warning("remote session %s: bytes after the grant; dropped", session_id[:8])
                 return
+            view = memoryview(left)
             try:
-                await session.send(left)
+                while view:
+                    view = view[await session.send(view) :]
             except OSError as exc:
                 log.info("remote session %s: starter gone: %s", session_id[:8], exc)
                 return
