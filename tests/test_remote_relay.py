@@ -105,3 +105,24 @@ def test_the_relay_code_reads_no_session_byte() -> None:
         assert "splice" in called or fn is _relay.relay
         forbidden = {"recv", "recv_into", "recvmsg", "read", "readv", "send", "sendall", "write"}
         assert not called & forbidden, (fn.__name__, called & forbidden)
+
+
+async def test_a_cancelled_relay_ends_at_once_and_cuts_both_sides() -> None:
+    """Cancelling the relay (the broker stops) ends it promptly although both sides are idle
+    and open: its threads are woken by shutting the sockets down, and both peers see the end."""
+    client, client_far = _pair()
+    starter, starter_far = _pair()
+    stats = _relay.RelayStats()
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_relay.relay, client_far, starter_far, stats)
+                await _send_all(client, b"ping")
+                assert await starter.recv(4) == b"ping"
+                nursery.cancel_scope.cancel()
+            assert await _read_all(client) == b""
+            assert await _read_all(starter) == b""
+        assert stats.to_starter == 4
+    finally:
+        for s in (client, client_far, starter, starter_far):
+            s.close()
