@@ -43,6 +43,7 @@ from ssh_to_job.transport import (
 
 from . import _queue
 from ._jobs import Jobs, StarterConn, user_name
+from ._keys import KeyBook
 from ._queue import HELD, IDLE, RELEASING, RUNNING, SUSPENDED, UnknownJob
 from ._rendezvous import Rendezvous, pass_socket
 
@@ -181,6 +182,10 @@ class Connections:
         self.save_seen: Callable[[], None] = lambda: None
         self.unix_gate = Gate(config.max_connections, config.max_connections_per_uid)
         self._output_req = 0
+        #: Client keys registered for remote use (``stj keys``; see ``_keys``, ``_relay``).
+        self.keys = KeyBook(queue.db)
+        #: Connections without a certificate not yet authenticated, per address and in all.
+        self.anon_gate = Gate(config.max_connections, config.max_connections_per_uid)
 
     async def accept_loop(
         self,
@@ -294,7 +299,34 @@ class Connections:
         elif isinstance(msg, wire.SshRequest):
             await self._ssh(stream, sock, msg, uid)
             return True
+        elif isinstance(msg, wire.KeyAdd | wire.KeyList | wire.KeyRemove | wire.PoolCa):
+            await stream.send(self._keys_request(msg, uid))
         return False
+
+    def _keys_request(self, msg: wire.Message, uid: int) -> wire.Message:
+        """``stj keys add|list|remove`` and ``stj pool-ca``: the asker is who SO_PEERCRED says."""
+        pool_id = self.pki.pool_id if self.pki is not None else ""
+        if isinstance(msg, wire.KeyAdd):
+            reply = self.keys.add(uid, msg.key, msg.comment, user_name(uid))
+            if isinstance(reply, wire.KeyAdded):
+                self.queue.audit(uid, "key", "", f"registered {reply.fingerprint}")
+                return wire.KeyAdded(fingerprint=reply.fingerprint, pool_id=pool_id)
+            return reply
+        if isinstance(msg, wire.KeyList):
+            seen = None if self.jobs.is_superuser(uid) else uid
+            return wire.KeyListReply(keys=tuple(self.keys.list(seen)))
+        if isinstance(msg, wire.KeyRemove):
+            reply = self.keys.remove(uid, msg.fingerprint, self.jobs.is_superuser(uid))
+            if isinstance(reply, wire.KeyRemoved):
+                self.queue.audit(uid, "key", "", f"removed {reply.fingerprint}")
+            return reply
+        if self.pki is None:
+            return wire.Error("unavailable", "this broker has no pool CA")
+        return wire.PoolCaReply(
+            pool_id=pool_id,
+            ca_cert=self.pki.ca_file.read_text(),
+            ssh_host_ca=self.pki.ssh_host_ca_line(),
+        )
 
     async def _query(self, stream: FramedStream, msg: wire.Query) -> None:
         states = _queue.FINISHED_STATES if msg.history else _queue.LIVE_STATES
@@ -532,7 +564,7 @@ class Connections:
         socket. A peer without a certificate may only enrol (``enroll``)."""
         try:
             if ident is None:
-                await self.enroll(stream)
+                await self._anonymous(stream)
                 return
             await self._serve_tls(stream, ident)
         except Exception:
@@ -542,7 +574,49 @@ class Connections:
             with contextlib.suppress(*_TLS_ERRORS):
                 await trio.aclose_forcefully(stream)
 
-    async def enroll(self, stream: TlsStream) -> None:
+    async def _anonymous(self, stream: TlsStream) -> None:
+        """A connection without a certificate: a remote client (``remote_hello``, see
+        ``_relay``) or a starter enrolling (anything else goes to the enrolment codec).
+
+        Until it has proved who it is, such a connection counts against ``anon_gate`` (per
+        address and in all), so unauthenticated peers hold a bounded number of sockets."""
+        try:
+            where = str(stream.transport_stream.socket.getpeername()[0])
+        except (OSError, AttributeError, IndexError):
+            where = "?"
+        refused = self.anon_gate.enter(where)
+        if refused is not None:
+            log.warning("refusing a connection from %s: %s", where, refused)
+            await _refuse_tls(stream, wire.Error("busy", f"{refused}; try again later"))
+            return
+        held = True
+
+        def authenticated() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.anon_gate.leave(where)
+
+        try:
+            try:
+                frame, extra = await _first_frame(stream, self.bc.max_frame, self.bc.frame_timeout)
+            except (PeerGone, trio.TooSlowError) as exc:
+                log.info("dropping a connection without a certificate: %s", exc or "timed out")
+                return
+            try:
+                remote = isinstance(wire.decode_message(frame), wire.RemoteHello)
+            except wire.RemoteProtocolError:
+                remote = False  # the enrolment codec has its own message types
+            if remote:
+                from ._relay import serve_remote
+
+                await serve_remote(self, stream, frame, extra, authenticated)
+                return
+            await self.enroll(stream, wire.encode_frame(frame, self.bc.max_frame) + extra)
+        finally:
+            authenticated()
+
+    async def enroll(self, stream: TlsStream, first: bytes = b"") -> None:
         """A connection without a certificate: one enrolment (a join token for a certificate).
 
         The whole exchange has the handshake's deadline; the spent token is saved before the
@@ -565,6 +639,7 @@ class Connections:
 
         enrollment = BrokerEnrollment(pki.ca_file.read_bytes(), self.book, issue, self.clock)
         decoder = wire.FrameDecoder(wire.DEFAULT_MAX_FRAME)
+        decoder.receive_data(first)
 
         async def next_msg() -> object:
             while not isinstance(payload := decoder.next_frame(), bytes):
@@ -682,6 +757,7 @@ class Connections:
             return
         try:
             with trio.fail_after(self.bc.frame_timeout):
+                await stream.send_all(self._session_cert(msg))
                 raw, left = await stream.unwrap()
         except (trio.TooSlowError, *_TLS_ERRORS) as exc:
             log.info("session %s: leaving TLS failed: %s", msg.session_id[:8], exc)
@@ -692,6 +768,28 @@ class Connections:
         # serve_tls closes the connection's stream when we return: the rendezvous gets its own.
         dup = socket.socket(fileno=os.dup(raw.socket.fileno()))
         self.rendezvous.attach(trio.socket.from_stdlib_socket(dup), msg, ident.name)
+
+    def _session_cert(self, msg: wire.SessionAttach) -> bytes:
+        """The ``session_cert`` frame for an attach: the session's host key certified by the
+        pool's OpenSSH host CA for host names ``job-<id>`` (``job-<cluster>`` for proc 0), so
+        that plain ssh with a ``@cert-authority`` line checks it (``stj ssh-config -pool``)."""
+        conn = wire.Connection(wire.Channel.ATTACH, wire.Role.BROKER, wire.Role.STARTER)
+        conn.receive_data(wire.encode_frame(wire.encode_message(msg)))
+        conn.next_event()
+        pending = self.rendezvous.sessions.get(msg.session_id)
+        cert = ""
+        if msg.host_key and self.pki is not None and pending is not None:
+            cluster, _, proc = pending.job.partition(".")
+            names = [f"job-{pending.job}"] + ([f"job-{cluster}"] if proc == "0" else [])
+            from ssh_to_job.common import PkiError
+
+            try:
+                cert = self.pki.host_certificate(
+                    msg.host_key, names, f"{self.pki.pool_id}/{pending.job}/{msg.session_id}"
+                )
+            except PkiError as exc:
+                log.warning("session %s: no host certificate: %s", msg.session_id[:8], exc)
+        return conn.send(wire.SessionCert(certificate=cert))
 
     async def _starter_session(
         self,

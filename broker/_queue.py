@@ -195,6 +195,7 @@ class Row:
             time_limit=float(d.get("time_limit", 0.0)),
             ssh=bool(d.get("ssh", True)),
             ssh_users=tuple(d.get("ssh_users", ())),
+            ssh_from=tuple(d.get("ssh_from", ())),
         )
 
 
@@ -253,6 +254,8 @@ def _spec_blob(spec: wire.JobSpec) -> str:
         d["ssh"] = False
     if spec.ssh_users:
         d["ssh_users"] = list(spec.ssh_users)
+    if spec.ssh_from:
+        d["ssh_from"] = list(spec.ssh_from)
     return json.dumps(d, separators=(",", ":"))
 
 

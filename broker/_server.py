@@ -169,11 +169,11 @@ class Broker:
             os.chmod(self.socket_path, 0o666)  # noqa: S103
             unix.listen(512)
             c = self.connections
+            # Certificates are optional in the handshake: remote clients have none (they sign
+            # with a registered key, see _relay) and enrolling starters have none yet; every
+            # other first frame requires a starter certificate (handle_tls).
             ctx = transport.server_context(
-                self.pki.cert_file,
-                self.pki.key_file,
-                self.pki.ca_file,
-                allow_enrollment=self.bc.allow_enrollment,
+                self.pki.cert_file, self.pki.key_file, self.pki.ca_file, allow_enrollment=True
             )
             async with trio.open_nursery() as nursery:
                 listeners = await nursery.start(
@@ -186,7 +186,7 @@ class Broker:
                         pool_id=self.pki.pool_id,
                         roles={wire.ROLE_STARTER},
                         is_revoked=self.is_revoked,
-                        allow_anonymous=self.bc.allow_enrollment,
+                        allow_anonymous=True,
                         handshake_timeout=self.bc.handshake_timeout,
                         farewell=_farewell,
                         max_handshakes=self.bc.max_connections,

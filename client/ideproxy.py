@@ -73,25 +73,49 @@ def pin(d: pathlib.Path, host: str, host_key: str) -> None:
         os.replace(tmp, path)
 
 
-def ssh_config_block(name: str | None, config: str | None = None) -> str:
+def ssh_config_block(name: str | None, config: str | None = None, pool: str = "") -> str:
     """The ``Host job-*`` block, with the pool's socket baked in as found now (from -name,
-    $STJ_STATE_DIR or the config): editors run ssh without this shell's environment."""
+    $STJ_STATE_DIR or the config): editors run ssh without this shell's environment.
+
+    With ``pool`` (``BROKER:PORT``, on a laptop) the block reaches that remote pool instead,
+    and the laptop files' location (``$XDG_CONFIG_HOME`` if set) is baked in as well."""
     d = config_dir()
     user_key(d)
-    sock = find_socket(name, config).absolute()
-    proxy = [sys.executable, "-P", "-m", "ssh_to_job.client.ideproxy", "-name", str(sock)]
+    proxy = [sys.executable, "-P", "-m", "ssh_to_job.client.ideproxy"]
+    known_hosts = d / "known_hosts"
+    if pool:
+        from ._remote import ca_path, known_hosts_path, parse_pool
+
+        host, port = parse_pool(pool)
+        if cert_checked(host, port, d):
+            known_hosts = known_hosts_path(host, port, d)
+        if not ca_path(host, port, d).exists():
+            raise ValueError(
+                f"no pool CA for {host}:{port} yet: run 'stj pool-ca --trust {host}:{port} FILE' "
+                "first (FILE from 'stj pool-ca' on a host of the pool)"
+            )
+        if os.environ.get("XDG_CONFIG_HOME"):
+            proxy = ["env", f"XDG_CONFIG_HOME={os.environ['XDG_CONFIG_HOME']}", *proxy]
+        proxy += ["-pool", f"{host}:{port}"]
+    else:
+        proxy += ["-name", str(find_socket(name, config).absolute())]
     cmd = " ".join(shlex.quote(p) for p in proxy) + " %n"
+    checked = (
+        "Host keys: certificates of the pool's host CA (@cert-authority), checked by ssh."
+        if known_hosts != d / "known_hosts"
+        else "Host keys are pinned per session by the starter's signature."
+    )
     return f"""\
 # ssh-to-job: `ssh job-32.0` opens a fresh session into job 32.0 (also for VS Code
-# Remote-SSH). Host keys are pinned per session by the starter's signature.
+# Remote-SSH). {checked}
 Host {PREFIX}*
   ProxyCommand {cmd}
   ProxyUseFdpass yes
   IdentityFile "{d}/id_ed25519"
   IdentitiesOnly yes
   IdentityAgent none
-  UserKnownHostsFile "{d}/known_hosts"
-  GlobalKnownHostsFile "{d}/known_hosts"
+  UserKnownHostsFile "{known_hosts}"
+  GlobalKnownHostsFile "{known_hosts}"
   StrictHostKeyChecking yes
   UpdateHostKeys no
   CheckHostIP no
@@ -100,6 +124,17 @@ Host {PREFIX}*
   PasswordAuthentication no
   KbdInteractiveAuthentication no
 """
+
+
+def cert_checked(host: str, port: int, d: pathlib.Path) -> bool:
+    """Whether the pool at ``host:port`` has an ``@cert-authority`` line here: then plain ssh
+    checks each session's host certificate itself and nothing is pinned per session."""
+    from ._remote import known_hosts_path
+
+    try:
+        return known_hosts_path(host, port, d).read_text().startswith("@cert-authority ")
+    except OSError:
+        return False
 
 
 def refuse(message: str, code: int = 1) -> int:
@@ -121,14 +156,24 @@ def refuse(message: str, code: int = 1) -> int:
     return code
 
 
+def _pool_address(pool: str) -> tuple[str, int]:
+    from ._remote import parse_pool
+
+    return parse_pool(pool)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    name = None
+    name = pool = None
     if len(args) == 3 and args[0] in ("-name", "--name"):
         name, args = args[1], args[2:]
+    elif len(args) == 3 and args[0] in ("-pool", "--pool"):
+        pool, args = args[1], args[2:]
     if len(args) != 1 or not args[0].startswith(PREFIX):
         return die(
-            f"usage: python -m ssh_to_job.client.ideproxy [-name broker] {PREFIX}CLUSTER.PROC", 2
+            "usage: python -m ssh_to_job.client.ideproxy [-name broker | -pool BROKER:PORT] "
+            f"{PREFIX}CLUSTER.PROC",
+            2,
         )
     host = args[0]
     try:
@@ -140,8 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     d = config_dir()
     public = user_key(d)
     try:
-        with BrokerClient(find_socket(name)) as bc:
-            reply, fd = bc.ssh(wire.SshRequest(job=jid.one, client_key=public))
+        if pool:  # a remote pool (see _remote): TLS, a signed request, a relayed socket
+            from ._remote import request_session
+
+            reply, fd = request_session(pool, jid.one, public)
+        else:
+            with BrokerClient(find_socket(name)) as bc:
+                reply, fd = bc.ssh(wire.SshRequest(job=jid.one, client_key=public))
     except BrokerUnavailable as exc:
         return refuse(str(exc))
     if isinstance(reply, wire.Error):
@@ -153,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             ready = open_session(session, reply, ())
         except (SessionError, OSError, wire.ProtocolError) as exc:
             return refuse(f"job {reply.job}: {exc}")
-        pin(d, host, ready.host_key)
+        if not (pool and cert_checked(*_pool_address(pool), d)):
+            pin(d, host, ready.host_key)
         out = socket.socket(fileno=os.dup(1))
         socket.send_fds(out, [b"\0"], [session.fileno()])
         out.close()

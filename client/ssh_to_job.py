@@ -45,7 +45,7 @@ Open an ssh session into a running job, as the job's user, in its environment an
 directory. Without a remote command you get an interactive shell.
 
   -name broker          broker to ask: its state directory or socket path
-  -pool addr            a remote pool (not supported yet: use -name on the pool's host)
+  -pool host:port       a remote pool's broker (see `stj keys` and `stj pool-ca --trust`)
   -ssh "cmd args"       run this instead of ssh, e.g. -ssh sftp, -ssh scp
                         (with scp, write the remote side as remote:path)
   -keygen-options opts  session key type, e.g. "-t rsa -b 3072" (default ed25519)
@@ -545,11 +545,6 @@ def hand_over(
 
 
 def run(opts: Options) -> int:
-    if opts.pool:
-        return die(
-            "-pool: remote pools are not supported yet; run ssh-to-job on the pool's "
-            "broker host (or use -name to pick a local broker)"
-        )
     try:
         jid = parse_job(opts.job)
     except ValueError as exc:
@@ -607,14 +602,21 @@ def _session(
     except UsageError as exc:
         return die(str(exc), 2)
     _write(d / "id", private)
-    sockpath = find_socket(opts.name)
-    _debug(opts, f"asking broker {sockpath} for a session into job {jid.one}")
+    # A remote pool needs no local broker, config or state dir.
+    sockpath = find_socket(opts.name) if not opts.pool else None
+    _debug(opts, f"asking broker {opts.pool or sockpath} for a session into job {jid.one}")
     since = time.monotonic()
     status_shown = False
     while True:
         try:
-            with BrokerClient(sockpath) as bc:
-                reply, fd = bc.ssh(wire.SshRequest(job=jid.one, client_key=public))
+            if opts.pool:  # a remote pool: TLS, a signed request, a relayed socket
+                from ._remote import request_session
+
+                reply, fd = request_session(opts.pool, jid.one, public)
+            else:
+                assert sockpath is not None
+                with BrokerClient(sockpath) as bc:
+                    reply, fd = bc.ssh(wire.SshRequest(job=jid.one, client_key=public))
         except BrokerUnavailable as exc:
             return die(str(exc))
         if isinstance(reply, wire.Error) and reply.code == "idle" and opts.auto_retry:

@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
         help="users besides you who may ssh into these jobs (see also stj ssh-allow)",
     )
     p.add_argument(
+        "--allow-ssh-from",
+        metavar="CIDR[,CIDR...]",
+        help="remote clients (ssh-to-job -pool) may reach these jobs only from these networks",
+    )
+    p.add_argument(
         "-i",
         "--interactive",
         action="store_true",
@@ -149,6 +154,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("ssh-config", help="print an ssh_config block: `ssh job-32.0`, VS Code")
     _common(p)
+    p.add_argument("-pool", "--pool", default="", help="a remote pool's BROKER:PORT (laptop)")
+    p = sub.add_parser("keys", help="client keys for ssh-to-job -pool from other hosts")
+    ksub = p.add_subparsers(dest="keys_cmd", required=True)
+    k = ksub.add_parser("add", help="register the public key on stdin (or FILE) for you")
+    _common(k)
+    k.add_argument("--comment", default="")
+    k.add_argument("file", nargs="?", default="-")
+    k = ksub.add_parser("list", help="your registered keys (a superuser's: everyone's)")
+    _common(k)
+    k.add_argument("--json", action="store_true")
+    k = ksub.add_parser("remove", help="unregister a key by its SHA256: fingerprint")
+    _common(k)
+    k.add_argument("fingerprint")
+    ksub.add_parser("show", help="this host's client public key (made on first use)")
+    p = sub.add_parser("pool-ca", help="print the pool CA; --trust keeps one on a remote host")
+    _common(p)
+    p.add_argument("--trust", metavar="BROKER:PORT", help="keep FILE as the CA of that pool")
+    p.add_argument("file", nargs="?", default="-")
     p = sub.add_parser("token", help="join tokens for new execute hosts (root or superuser)")
     tsub = p.add_subparsers(dest="token_cmd", required=True)
     t = tsub.add_parser("create", help="print a one-time join token for `stj starter --join`")
@@ -243,6 +266,7 @@ def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
         "time_limit",
         "ssh",
         "ssh_users",
+        "allow_ssh_from",
     }
     unknown = set(raw) - known
     if unknown:
@@ -286,6 +310,9 @@ def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
     ssh_users = raw.get("ssh_users", [])
     if not isinstance(ssh_users, list) or not all(isinstance(x, str) for x in ssh_users):
         raise ValueError(f"{path}: 'ssh_users' must be a list of user names")
+    ssh_from = raw.get("allow_ssh_from", [])
+    if not isinstance(ssh_from, list) or not all(isinstance(x, str) for x in ssh_from):
+        raise ValueError(f"{path}: 'allow_ssh_from' must be a list of networks (CIDR)")
     return wire.JobSpec(
         executable=exe,
         args=tuple(args),
@@ -297,6 +324,7 @@ def _load_submit_file(path: str) -> tuple[wire.JobSpec, int]:
         time_limit=times["time_limit"],
         ssh=ssh,
         ssh_users=tuple(ssh_users),
+        ssh_from=tuple(ssh_from),
     ), count
 
 
@@ -366,6 +394,9 @@ def cmd_submit(a: argparse.Namespace) -> int:
             ssh_users=tuple(u for u in a.ssh_users.split(",") if u)
             if a.ssh_users
             else spec.ssh_users,
+            ssh_from=tuple(n.strip() for n in a.allow_ssh_from.split(",") if n.strip())
+            if a.allow_ssh_from
+            else spec.ssh_from,
         )
         count = a.count if a.count is not None else count
     except ValueError as exc:
@@ -642,6 +673,49 @@ def cmd_revoke(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(a: argparse.Namespace) -> int:
+    """``stj keys add|list|remove|show`` and ``stj pool-ca [--trust BROKER:PORT FILE]``."""
+    from . import _remote
+
+    if a.cmd == "pool-ca" and a.trust:
+        return _remote.cmd_trust(a.trust, a.file)
+    if a.cmd == "keys" and a.keys_cmd == "show":
+        return _remote.cmd_keys_show()
+    if a.cmd == "pool-ca":
+        with _client(a) as bc:
+            ca = bc.call(wire.PoolCa(), wire.PoolCaReply)
+        sys.stdout.write(ca.ca_cert)
+        if ca.ssh_host_ca:
+            # After the PEM blocks, where TLS libraries ignore it: what plain ssh trusts.
+            print(f"{_remote.SSH_CA_TAG} {ca.ssh_host_ca}")
+        print(
+            f"stj: pool {ca.pool_id}, CA SHA-256 {_remote.ca_fingerprint(ca.ca_cert)}; on your "
+            "laptop: stj pool-ca --trust BROKER:PORT FILE",
+            file=sys.stderr,
+        )
+        return 0
+    if a.keys_cmd == "add":
+        text = sys.stdin.read() if a.file == "-" else pathlib.Path(a.file).read_text()
+        with _client(a) as bc:
+            added = bc.call(wire.KeyAdd(key=text.strip(), comment=a.comment), wire.KeyAdded)
+        print(f"registered key {added.fingerprint} in pool {added.pool_id}")
+        return 0
+    if a.keys_cmd == "remove":
+        with _client(a) as bc:
+            gone = bc.call(wire.KeyRemove(fingerprint=a.fingerprint), wire.KeyRemoved)
+        print(f"removed key {gone.fingerprint}")
+        return 0
+    with _client(a) as bc:
+        listed = bc.call(wire.KeyList(), wire.KeyListReply)
+    if a.json:
+        print(json.dumps([attrs.asdict(k) for k in listed.keys], indent=1))
+        return 0
+    for k in listed.keys:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(k.added))
+        print(printable(f"{k.fingerprint}  {k.user:<10} {when}  {k.comment}"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:2] == ["starter", "revoke"]:
@@ -672,10 +746,16 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_token(a)
         if a.cmd == "starter-revoke":
             return cmd_revoke(a)
+        if a.cmd in ("keys", "pool-ca"):
+            return cmd_keys(a)
         if a.cmd == "ssh-config":
             from .ideproxy import ssh_config_block
 
-            sys.stdout.write(ssh_config_block(a.broker_name or a.state_dir, a.config))
+            try:
+                block = ssh_config_block(a.broker_name or a.state_dir, a.config, a.pool)
+            except ValueError as exc:
+                return die(str(exc))
+            sys.stdout.write(block)
             return 0
     except common.ConfigError as exc:
         return die(f"config: {exc}", 2)

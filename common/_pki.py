@@ -83,6 +83,11 @@ STARTER_CERT = "starter.crt"
 ISSUED = "issued"
 REVOKED = "revoked"
 TOKENS = "tokens.json"
+#: The key that signs sessions' OpenSSH host certificates (``@cert-authority`` on laptops).
+SSH_HOST_CA = "ssh_host_ca.key"
+#: How long a session's host certificate is valid. OpenSSH checks it at every key exchange,
+#: re-keying included, so it must outlive any session; the key it certifies dies with it.
+HOST_CERT_SECONDS = 400 * 86400
 
 _ORG = "ssh-to-job"
 
@@ -615,6 +620,55 @@ class BrokerPki:
         old = path.read_text() if path.exists() else ""
         write_public(path, (old + entry.line()).encode())
         return cert
+
+    def ssh_host_ca(self) -> ed25519.Ed25519PrivateKey:
+        """The pool's OpenSSH host CA key (``ssh_host_ca.key``, 0600), made on first use.
+
+        A key of its own, not the X.509 CA's: one key never signs two formats."""
+        path = self.directory / SSH_HOST_CA
+        if path.exists():
+            return load_private_key(path)
+        key = new_private_key()
+        write_private(path, private_key_pem(key))
+        return key
+
+    def ssh_host_ca_line(self) -> str:
+        """The OpenSSH public line of ``ssh_host_ca`` (for ``@cert-authority``)."""
+        return (
+            self.ssh_host_ca()
+            .public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode("ascii")
+        )
+
+    def host_certificate(
+        self,
+        host_key: str,
+        principals: Sequence[str],
+        key_id: str,
+        now: datetime.datetime | None = None,
+    ) -> str:
+        """An OpenSSH host certificate for the public key line ``host_key``, valid for the
+        host names ``principals`` only, signed by ``ssh_host_ca``; ``PkiError`` for a bad key."""
+        try:
+            public = serialization.load_ssh_public_key(host_key.encode("ascii"))
+        except (ValueError, UnicodeEncodeError, TypeError) as exc:
+            raise PkiError(f"not an OpenSSH public key: {exc}") from None
+        if not isinstance(public, ed25519.Ed25519PublicKey):
+            raise PkiError("session host keys are ed25519")
+        start = int((now or _utcnow()).timestamp())
+        cert = (
+            serialization.SSHCertificateBuilder()
+            .public_key(public)
+            .serial(secrets.randbits(64))
+            .type(serialization.SSHCertificateType.HOST)
+            .key_id(key_id.encode("utf-8"))
+            .valid_principals([p.encode("utf-8") for p in principals])
+            .valid_after(start - int(BACKDATE.total_seconds()))
+            .valid_before(start + HOST_CERT_SECONDS)
+            .sign(self.ssh_host_ca())
+        )
+        return cert.public_bytes().decode("ascii")
 
     def issued(self) -> list[IssuedCert]:
         path = self.directory / ISSUED

@@ -107,13 +107,17 @@ def sshd_config(
     forwarding: bool,
     debug: bool,
     agent_forwarding: bool = False,
+    host_certificate: bool = False,
 ) -> str:
     fwd = "yes" if forwarding else "no"
     agent = "yes" if agent_forwarding else "no"
+    # The pool's host certificate for this key (broker-signed, host name job-<id>): plain ssh
+    # with a @cert-authority line checks it (stj ssh-config -pool).
+    cert = f'HostCertificate "{d}/host_key-cert.pub"\n' if host_certificate else ""
     return f"""\
 # ssh-to-job session config: one connection on stdin/stdout (sshd -i), never a listener.
 HostKey "{d}/host_key"
-AuthorizedKeysFile "{d}/authorized_keys"
+{cert}AuthorizedKeysFile "{d}/authorized_keys"
 AuthenticationMethods publickey
 PubkeyAuthentication yes
 PasswordAuthentication no
@@ -168,14 +172,29 @@ async def run_session(starter: Starter, job: Job, session_id: str) -> None:
     """Everything the starter does for one session; never raises."""
     cfg = starter.config.starter
     sock: trio.socket.SocketType | None = None
+    # The host key is made before dialling so that the broker can certify it (session_cert).
+    host_key = make_host_key()
+    certificate = ""
     try:
         with trio.fail_after(cfg.session_timeout):
             tls = await starter.connect_broker()
             try:
                 attach = wire.Connection(wire.Channel.ATTACH, wire.Role.STARTER, wire.Role.BROKER)
                 await tls.send_all(
-                    attach.send(wire.SessionAttach(session_id=session_id, starter_id=starter.name))
+                    attach.send(
+                        wire.SessionAttach(
+                            session_id=session_id, starter_id=starter.name, host_key=host_key[1]
+                        )
+                    )
                 )
+                while not isinstance(reply := attach.next_event(), wire.Message):
+                    if reply is wire.CLOSED:
+                        raise PeerClosed("the broker closed the session connection")
+                    attach.receive_data(bytes(await tls.receive_some(65536)))
+                assert isinstance(reply, wire.SessionCert)
+                if attach.trailing_data:
+                    raise wire.RemoteProtocolError("bytes after the broker's session_cert")
+                certificate = reply.certificate
                 raw, extra = await tls.unwrap()
             except BaseException:
                 await trio.aclose_forcefully(tls)
@@ -210,7 +229,7 @@ async def run_session(starter: Starter, job: Job, session_id: str) -> None:
             pass
         sock.close()
         return
-    await _serve(starter, job, session_id, cap, msg, sock, conn)
+    await _serve(starter, job, session_id, cap, msg, sock, conn, host_key, certificate)
 
 
 async def _frame_after(sock: trio.socket.SocketType, head: bytes, within: float) -> bytes:
@@ -262,6 +281,8 @@ async def _serve(
     msg: wire.SessionOpen,
     sock: trio.socket.SocketType,
     conn: wire.Connection,
+    host_key: tuple[bytes, str] | None = None,
+    certificate: str = "",
 ) -> None:
     cfg = starter.config.starter
     uid, gid = job.plan.run.uid, job.plan.run.gid
@@ -276,8 +297,10 @@ async def _serve(
     ours.setblocking(True)
     try:
         common.private_dir(d, uid, gid)
-        private, public = make_host_key()
+        private, public = host_key if host_key is not None else make_host_key()
         common.write_private(d / "host_key", private, uid, gid)
+        if certificate:
+            common.write_private(d / "host_key-cert.pub", certificate.encode() + b"\n", uid, gid)
         common.write_private(d / "authorized_keys", (cap.client_key + "\n").encode(), uid, gid)
         if msg.persist:
             try:
@@ -300,7 +323,13 @@ async def _serve(
         common.write_private(
             d / "sshd_config",
             sshd_config(
-                d, login, env, cfg.allow_forwarding, starter.debug, cfg.allow_agent_forwarding
+                d,
+                login,
+                env,
+                cfg.allow_forwarding,
+                starter.debug,
+                cfg.allow_agent_forwarding,
+                host_certificate=bool(certificate),
             ).encode(),
             uid,
             gid,

@@ -92,6 +92,7 @@ class TinyBroker:
         if isinstance(first, wire.SessionAttach):
             # Out of TLS, as the real broker does; the test owns the bare socket from here (it
             # plays the client). serve_tls closes the stream afterwards: hand on a duplicate.
+            await stream.send_all(wire.encode_frame(wire.encode_message(wire.SessionCert())))
             raw, _extra = await stream.unwrap()
             assert isinstance(raw, trio.SocketStream)
             dup = socket.socket(fileno=os.dup(raw.socket.fileno()))

@@ -131,6 +131,10 @@ class FakeStarter:
         attach = wire.SessionAttach(session_id=open_msg.session_id, starter_id=self.name)
         c = wire.Connection(wire.Channel.ATTACH, wire.Role.STARTER, wire.Role.BROKER)
         await tls.send_all(c.send(attach))
+        # The broker answers with the session's host certificate (none asked for here).
+        while not isinstance(reply := c.next_event(), wire.Message):
+            c.receive_data(bytes(await tls.receive_some(65536)))
+        assert reply == wire.SessionCert(certificate="")
         raw, extra = await tls.unwrap()
         assert extra == b""
         assert isinstance(raw, trio.SocketStream)

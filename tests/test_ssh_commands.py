@@ -228,12 +228,21 @@ def test_setup_failures_exit_1(pool: Pool, users: dict[str, User]) -> None:
     assert r.stderr == f"ssh-to-job: job {done} is completed; there is nothing to connect to\n"
 
 
-def test_pool_option_is_refused(pool: Pool, users: dict[str, User], job: dict[str, Any]) -> None:
-    """-pool (any spelling) says remote pools are not supported yet and exits 1."""
-    for argv in (["-pool", "cm.example.org"], ["--pool", "cm.example.org"], ["--pool=cm:9618"]):
+def test_pool_option_without_a_trusted_ca(
+    pool: Pool, users: dict[str, User], job: dict[str, Any]
+) -> None:
+    """-pool (any spelling) to a pool whose CA this user never trusted is refused in one line
+    that says how to get it (never trust on first use); exit 1. (tests/test_remote.py has
+    the rest of the remote client.)"""
+    for argv, where in (
+        (["-pool", "cm.example.org"], "cm.example.org:9620"),
+        (["--pool", "cm.example.org"], "cm.example.org:9620"),
+        (["--pool=cm:9618"], "cm:9618"),
+    ):
         r = pool.ssh(users["a"], *argv, job["id"], "true")
         assert r.returncode == 1
-        assert "-pool: remote pools are not supported yet" in r.stderr
+        assert r.stderr.startswith(f"ssh-to-job: no pool CA for {where}: "), r.stderr
+        assert len(r.stderr.splitlines()) == 1
 
 
 def test_ssh_exit_255_passes_through(

@@ -36,6 +36,9 @@ OVERRIDES: dict[tuple[type, str], st.SearchStrategy[Any]] = {
     (wire.JobSpec, "debug_on"): st.sets(st.sampled_from(("exit", "signal", "timeout"))).map(tuple),
     (wire.JobSpec, "debug_hold_ttl"): st.floats(min_value=0, max_value=366 * 86400),
     (wire.JobSpec, "time_limit"): st.floats(min_value=0, max_value=366 * 86400),
+    (wire.JobSpec, "ssh_from"): st.lists(
+        st.sampled_from(("10.0.0.0/8", "198.18.0.5", "2001:db8::/32")), max_size=3
+    ).map(tuple),
 }
 
 
@@ -110,7 +113,7 @@ def test_every_message_class_is_registered_and_covered() -> None:
     } - {Message}
     assert all_subclasses(Message) == exported == set(wire.MESSAGE_TYPES.values())
     assert set(STRATEGIES) == set(wire.MESSAGE_TYPES.values())
-    assert len(wire.MESSAGE_TYPES) == 38
+    assert len(wire.MESSAGE_TYPES) == 50
 
 
 def test_type_names_are_snake_case_of_class_names() -> None:
@@ -146,7 +149,7 @@ def test_no_field_is_named_type() -> None:
             wire.Submit(spec=wire.JobSpec(executable="/bin/sleep", args=("60",), env={"A": "1"})),
             b'{"spec":{"executable":"/bin/sleep","args":["60"],"env":{"A":"1"},"initialdir":"/",'
             b'"hold_on_failure":false,"debug_on":[],"debug_hold_ttl":0.0,"time_limit":0.0,'
-            b'"ssh":true,"ssh_users":[]},"count":1,"type":"submit"}',
+            b'"ssh":true,"ssh_users":[],"ssh_from":[]},"count":1,"type":"submit"}',
         ),
         (
             wire.SessionOpen(capability=b"cap", shells=("bash", "sh")),

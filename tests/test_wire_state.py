@@ -28,6 +28,7 @@ PEERS = {
     Channel.STARTER: (S, B),
     Channel.ATTACH: (S, B),
     Channel.SESSION: (C, S),
+    Channel.REMOTE: (C, B),
 }
 
 JOB = wire.JobSpec(executable="/bin/sleep", args=("60",))
@@ -77,6 +78,20 @@ SAMPLES: dict[str, Message] = {
         wire.SessionAttach(session_id="s1", starter_id="st1"),
         wire.SessionOpen(capability=b"cap", shells=("bash",)),
         wire.SessionReady(host_key="ssh-ed25519 AAAA", login="ann", signature=b"s" * 64),
+        wire.KeyAdd(key="ssh-ed25519 AAAA"),
+        wire.KeyAdded(fingerprint="SHA256:x", pool_id="p1"),
+        wire.KeyList(),
+        wire.KeyListReply(keys=()),
+        wire.KeyRemove(fingerprint="SHA256:x"),
+        wire.KeyRemoved(fingerprint="SHA256:x"),
+        wire.PoolCa(),
+        wire.PoolCaReply(pool_id="p1", ca_cert="-----BEGIN CERTIFICATE-----"),
+        wire.SessionCert(certificate="ssh-ed25519-cert-v01@openssh.com AAAA"),
+        wire.RemoteHello(),
+        wire.RemoteChallenge(nonce=b"n" * 32, pool_id="p1"),
+        wire.RemoteSsh(
+            job="32.0", client_key="ssh-ed25519 AAAA", key="ssh-ed25519 BBBB", signature=b"s" * 64
+        ),
     ]
 }
 
@@ -113,6 +128,18 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("start", C, "ssh_request"): "ssh_request",
         ("ssh_request", B, "ssh_grant"): "closed",
         ("ssh_request", B, "error"): "start",
+        ("start", C, "key_add"): "key_add",
+        ("key_add", B, "key_added"): "start",
+        ("key_add", B, "error"): "start",
+        ("start", C, "key_list"): "key_list",
+        ("key_list", B, "key_list_reply"): "start",
+        ("key_list", B, "error"): "start",
+        ("start", C, "key_remove"): "key_remove",
+        ("key_remove", B, "key_removed"): "start",
+        ("key_remove", B, "error"): "start",
+        ("start", C, "pool_ca"): "pool_ca",
+        ("pool_ca", B, "pool_ca_reply"): "start",
+        ("pool_ca", B, "error"): "start",
         ("start", B, "error"): "closed",
     },
     Channel.STARTER: {
@@ -148,12 +175,22 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("ready", B, "error"): "closed",
     },
     Channel.ATTACH: {
-        ("start", S, "session_attach"): "raw",
+        ("start", S, "session_attach"): "attached",
+        ("attached", B, "session_cert"): "raw",
     },
     Channel.SESSION: {
         ("start", C, "session_open"): "opening",
         ("opening", S, "session_ready"): "raw",
         ("opening", S, "error"): "closed",
+    },
+    Channel.REMOTE: {
+        ("start", C, "remote_hello"): "hello",
+        ("start", B, "error"): "closed",
+        ("hello", B, "remote_challenge"): "challenged",
+        ("hello", B, "error"): "closed",
+        ("challenged", C, "remote_ssh"): "requested",
+        ("requested", B, "ssh_grant"): "raw",
+        ("requested", B, "error"): "closed",
     },
 }
 
@@ -334,19 +371,23 @@ def test_broker_may_refuse_a_starter(state: str) -> None:
 
 
 def test_attach_goes_raw_with_trailing_data() -> None:
-    """session_attach turns the connection RAW; bytes behind it are left for the next protocol."""
+    """session_attach and the broker's session_cert turn the connection RAW; bytes behind the
+    certificate are left for the next protocol."""
     starter = Connection(Channel.ATTACH, S, B)
     broker = Connection(Channel.ATTACH, B, S)
-    data = starter.send(SAMPLES["session_attach"])
-    assert starter.state == "raw"
-    behind = encode_frame(encode_message(SAMPLES["session_open"]))
-    broker.receive_data(data + behind)
+    broker.receive_data(starter.send(SAMPLES["session_attach"]))
     assert broker.next_event() == SAMPLES["session_attach"]
+    assert broker.state == starter.state == "attached"
+    data = broker.send(SAMPLES["session_cert"])
     assert broker.state == "raw"
-    assert broker.next_event() is NEED_DATA
-    assert broker.trailing_data == behind
+    behind = encode_frame(encode_message(SAMPLES["session_open"]))
+    starter.receive_data(data + behind)
+    assert starter.next_event() == SAMPLES["session_cert"]
+    assert starter.state == "raw"
+    assert starter.next_event() is NEED_DATA
+    assert starter.trailing_data == behind
     with pytest.raises(LocalProtocolError):
-        broker.send(SAMPLES["error"])
+        starter.send(SAMPLES["error"])
 
 
 @pytest.mark.parametrize("chunk", [None, 1])

@@ -21,6 +21,7 @@ from ._errors import CapabilityError
 
 CAP_DOMAIN = b"ssh-to-job capability v1\0"
 HOSTKEY_DOMAIN = b"ssh-to-job host key v1\0"
+REMOTE_DOMAIN = b"ssh-to-job remote request v1\0"
 
 SIG_LEN = 64
 KEY_LEN = 32
@@ -180,6 +181,14 @@ class ReplayCache:
 
 def host_key_statement(session_id: str, login: str, host_key: str) -> bytes:
     return canonical(HOSTKEY_DOMAIN, session_id, login, host_key)
+
+
+def remote_request_statement(
+    pool_id: str, nonce: bytes, job: str, client_key: str, key: str
+) -> bytes:
+    """What a remote client signs with its registered key: the pool (from the broker's
+    verified certificate), the broker's fresh nonce for this connection, and the request."""
+    return canonical(REMOTE_DOMAIN, pool_id, nonce, job, client_key, key)
 
 
 def same_secret(a: bytes, b: bytes) -> bool:

@@ -48,6 +48,18 @@ def _check_seconds(_inst: object, attribute: attrs.Attribute[float], value: floa
         raise ValueError(f"{attribute.name} must be between 0 and a year of seconds")
 
 
+def _check_networks(_inst: object, _attr: object, value: tuple[str, ...]) -> None:
+    import ipaddress
+
+    for net in value:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"ssh_from takes networks like 10.1.0.0/16 or 2001:db8::/32, not {net!r}"
+            ) from None
+
+
 @attrs.frozen
 class JobSpec:
     """What a user submits: run ``executable`` with ``args`` in ``initialdir``."""
@@ -72,6 +84,9 @@ class JobSpec:
     ssh: bool = True
     #: Users besides the owner (names or uids) who may ssh into it (``--ssh-users``).
     ssh_users: tuple[str, ...] = ()
+    #: Networks (CIDR) remote clients must connect from (``--allow-ssh-from``); empty: any.
+    #: Local clients (the broker's unix socket) are not subject to it.
+    ssh_from: tuple[str, ...] = attrs.field(default=(), validator=_check_networks)
 
     def debugs(self, why: str) -> bool:
         """Whether a job that ended this way ("exit", "signal", "timeout") is kept."""
@@ -508,6 +523,8 @@ class SessionAttach(Message):
     TYPE: ClassVar[str] = "session_attach"
     session_id: str
     starter_id: str
+    #: The session's host key (made before dialling), for the broker to certify.
+    host_key: str = ""
 
 
 @attrs.frozen
@@ -530,6 +547,114 @@ class SessionReady(Message):
     banner: str = ""
     #: Whether this session's sshd forwards an ssh agent (the pool's allow_agent_forwarding).
     agent_forwarding: bool = False
+
+
+# Remote clients (issue 11): keys registered over the unix socket, then TLS from anywhere.
+
+
+@attrs.frozen
+class ClientKeyInfo:
+    """One registered client key (``stj keys list``)."""
+
+    fingerprint: str
+    key: str
+    uid: int
+    user: str
+    comment: str = ""
+    added: float = 0.0
+
+
+@attrs.frozen
+class KeyAdd(Message):
+    """Register ``key`` (an ``ssh-ed25519`` public line) for the asker's uid (unix socket)."""
+
+    TYPE: ClassVar[str] = "key_add"
+    key: str
+    comment: str = ""
+
+
+@attrs.frozen
+class KeyAdded(Message):
+    TYPE: ClassVar[str] = "key_added"
+    fingerprint: str
+    pool_id: str
+
+
+@attrs.frozen
+class KeyList(Message):
+    TYPE: ClassVar[str] = "key_list"
+
+
+@attrs.frozen
+class KeyListReply(Message):
+    TYPE: ClassVar[str] = "key_list_reply"
+    keys: tuple[ClientKeyInfo, ...]
+
+
+@attrs.frozen
+class KeyRemove(Message):
+    TYPE: ClassVar[str] = "key_remove"
+    fingerprint: str
+
+
+@attrs.frozen
+class KeyRemoved(Message):
+    TYPE: ClassVar[str] = "key_removed"
+    fingerprint: str
+
+
+@attrs.frozen
+class PoolCa(Message):
+    """Ask for the pool CA certificate (over the unix socket: the trusted channel)."""
+
+    TYPE: ClassVar[str] = "pool_ca"
+
+
+@attrs.frozen
+class PoolCaReply(Message):
+    TYPE: ClassVar[str] = "pool_ca_reply"
+    pool_id: str
+    ca_cert: str
+    #: The OpenSSH public line of the pool's host CA (sessions' host certificates).
+    ssh_host_ca: str = ""
+
+
+@attrs.frozen
+class SessionCert(Message):
+    """The broker's answer to ``session_attach``: an OpenSSH host certificate for the
+    session's host key ("" if none was asked for); then both sides leave TLS."""
+
+    TYPE: ClassVar[str] = "session_cert"
+    certificate: str = ""
+
+
+@attrs.frozen
+class RemoteHello(Message):
+    """A remote client's first frame on a TLS connection without a client certificate."""
+
+    TYPE: ClassVar[str] = "remote_hello"
+    version: int = 1
+
+
+@attrs.frozen
+class RemoteChallenge(Message):
+    """A fresh nonce for this connection: the client signs it together with its request."""
+
+    TYPE: ClassVar[str] = "remote_challenge"
+    nonce: bytes
+    pool_id: str
+
+
+@attrs.frozen
+class RemoteSsh(Message):
+    """``ssh_request`` from a remote client, signed by its registered key (``key``) over
+    ``remote_request_statement(pool_id, nonce, job, client_key, key)``."""
+
+    TYPE: ClassVar[str] = "remote_ssh"
+    job: str
+    client_key: str
+    key: str
+    signature: bytes
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -573,6 +698,18 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         SessionAttach,
         SessionOpen,
         SessionReady,
+        KeyAdd,
+        KeyAdded,
+        KeyList,
+        KeyListReply,
+        KeyRemove,
+        KeyRemoved,
+        PoolCa,
+        PoolCaReply,
+        RemoteHello,
+        RemoteChallenge,
+        RemoteSsh,
+        SessionCert,
     )
 }
 

@@ -8,6 +8,8 @@ the client the ~30 ms of importing ``cryptography`` (tested against ``ssh-keygen
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import os
 import struct
 
@@ -52,3 +54,63 @@ def ed25519_keypair(comment: str = "") -> tuple[bytes, str]:
     pem += "\n-----END OPENSSH PRIVATE KEY-----\n"
     public = "ssh-ed25519 " + base64.b64encode(public_blob).decode()
     return pem.encode(), public
+
+
+def ed25519_public_of(line: str) -> bytes:
+    """The 32-byte key of an ``ssh-ed25519 AAAA... [comment]`` line; ValueError otherwise."""
+    words = line.strip().split()
+    if len(words) < 2 or words[0] != "ssh-ed25519":
+        raise ValueError("not an ssh-ed25519 public key line (only ed25519 keys are accepted)")
+    try:
+        blob = base64.b64decode(words[1].encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ValueError("the public key is not valid base64") from None
+    if blob[:15] != _string(_KEYTYPE) or len(blob) != 15 + 4 + 32 or blob[15:19] != b"\0\0\0 ":
+        raise ValueError("the public key blob is not an ed25519 key")
+    return blob[19:]
+
+
+def ed25519_line(public: bytes) -> str:
+    """The canonical ``ssh-ed25519 AAAA...`` line (no comment) of a 32-byte key."""
+    return "ssh-ed25519 " + base64.b64encode(_string(_KEYTYPE) + _string(public)).decode()
+
+
+def ssh_fingerprint(line: str) -> str:
+    """OpenSSH's ``SHA256:...`` fingerprint of a public key line (as ``ssh-keygen -l``)."""
+    blob = base64.b64decode(line.strip().split()[1].encode("ascii"))
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def ed25519_seed(private_pem: bytes) -> bytes:
+    """The 32-byte seed of an unencrypted ``openssh-key-v1`` ed25519 key (as we write them)."""
+    text = private_pem.decode("ascii", "replace").strip().splitlines()
+    if len(text) < 3 or "OPENSSH PRIVATE KEY" not in text[0]:
+        raise ValueError("not an OpenSSH private key file")
+    body = base64.b64decode("".join(text[1:-1]))
+    if not body.startswith(_MAGIC):
+        raise ValueError("not an OpenSSH private key file")
+    pos = len(_MAGIC)
+
+    def take() -> bytes:
+        nonlocal pos
+        (n,) = struct.unpack_from(">I", body, pos)
+        pos += 4
+        out = body[pos : pos + n]
+        pos += n
+        return out
+
+    if take() != b"none" or take() != b"none":
+        raise ValueError("the key file is encrypted (only unencrypted keys are supported)")
+    take()  # kdf options
+    pos += 4  # number of keys (1)
+    take()  # public blob
+    private = body[pos + 4 :]
+    pos = 8  # check ints
+    body = private
+    if take() != _KEYTYPE:
+        raise ValueError("the key file does not hold an ed25519 key")
+    take()  # public key
+    secret = take()
+    if len(secret) != 64:
+        raise ValueError("the key file's ed25519 secret is malformed")
+    return secret[:32]

@@ -11,10 +11,14 @@ CONTROL  a local client and the broker: one request, then its reply (``job_list`
          pages; ``ssh_grant`` ends the conversation because the socket it carries is the point).
 STARTER  a starter and the broker over mutually authenticated TLS 1.3: ``starter_hello``,
          ``welcome``, then free traffic both ways.
-ATTACH   a starter's session connection to the broker: one ``session_attach`` over TLS, then
-         both sides leave TLS and the socket is handed on untouched (RAW).
+ATTACH   a starter's session connection to the broker: ``session_attach`` over TLS, the
+         broker's ``session_cert`` (the session's host certificate), then both sides leave TLS
+         and the socket is handed on untouched (RAW).
 SESSION  a client and a starter on that handed-on socket: ``session_open`` with the capability,
          ``session_ready`` with the signed host key, then raw SSH.
+REMOTE   a remote client and the broker over TLS (no client certificate): ``remote_hello``,
+         ``remote_challenge`` (a fresh nonce), ``remote_ssh`` signed by a registered key, then
+         ``ssh_grant``, both sides leave TLS and the broker relays the socket (RAW).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class Channel(enum.Enum):
     STARTER = "starter"
     ATTACH = "attach"
     SESSION = "session"
+    REMOTE = "remote"
 
 
 class Role(enum.Enum):
@@ -56,6 +61,10 @@ for _req, _reply, _after in (
     ("token_create", "token_created", START),
     ("starter_revoke", "starter_revoked", START),
     ("ssh_request", "ssh_grant", CLOSED_STATE),
+    ("key_add", "key_added", START),
+    ("key_list", "key_list_reply", START),
+    ("key_remove", "key_removed", START),
+    ("pool_ca", "pool_ca_reply", START),
 ):
     _CONTROL[(START, C, _req)] = _req
     _CONTROL[(_req, B, _reply)] = _after
@@ -87,7 +96,8 @@ _STARTER[("ready", B, "error")] = CLOSED_STATE
 _STARTER[("ready", S, "error")] = CLOSED_STATE
 
 _ATTACH: _Table = {
-    (START, S, "session_attach"): RAW,
+    (START, S, "session_attach"): "attached",
+    ("attached", B, "session_cert"): RAW,
 }
 
 _SESSION: _Table = {
@@ -96,11 +106,24 @@ _SESSION: _Table = {
     ("opening", S, "error"): CLOSED_STATE,
 }
 
+# A remote client over TLS without a certificate: one challenge, one signed request; a grant
+# leaves TLS (close_notify both ways) and the connection is relayed to the starter, RAW.
+_REMOTE: _Table = {
+    (START, C, "remote_hello"): "hello",
+    ("hello", B, "remote_challenge"): "challenged",
+    ("hello", B, "error"): CLOSED_STATE,
+    ("challenged", C, "remote_ssh"): "requested",
+    ("requested", B, "ssh_grant"): RAW,
+    ("requested", B, "error"): CLOSED_STATE,
+    (START, B, "error"): CLOSED_STATE,
+}
+
 TABLES: dict[Channel, _Table] = {
     Channel.CONTROL: _CONTROL,
     Channel.STARTER: _STARTER,
     Channel.ATTACH: _ATTACH,
     Channel.SESSION: _SESSION,
+    Channel.REMOTE: _REMOTE,
 }
 
 
