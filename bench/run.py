@@ -881,21 +881,29 @@ Host *
             rec["submit_s"] = r["wall"]
             rec["jobs_per_s"] = count / r["wall"]
             rec["queue_size"] = total
-            qrec: Json = {}
-            with self.daemons(qrec):
-                res = self.worker(
-                    "times",
-                    {"cmds": {"stj q": {"argv": [stj, "q"], "timeout": 600}}, "reps": q_reps},
-                )["runs"]["stj q"]
-            qrec["wall"] = summary([x["wall"] for x in res if x["rc"] == 0])
-            qrec["client_cpu"] = summary([x["cpu"] for x in res])
-            qrec["failed"] = sum(1 for x in res if x["rc"] != 0)
-            rec["q"] = qrec
+            # The three views: per cluster (the default), every job, every job as JSON.
+            for key, extra in (("q", []), ("q_nobatch", ["--nobatch"]), ("q_json", ["--json"])):
+                qrec: Json = {}
+                with self.daemons(qrec):
+                    res = self.worker(
+                        "times",
+                        {
+                            "cmds": {"stj q": {"argv": [stj, "q", *extra], "timeout": 600}},
+                            "reps": q_reps if extra else 3 * q_reps,
+                        },
+                    )["runs"]["stj q"]
+                qrec["wall"] = summary([x["wall"] for x in res if x["rc"] == 0])
+                qrec["client_cpu"] = summary([x["cpu"] for x in res])
+                qrec["failed"] = sum(1 for x in res if x["rc"] != 0)
+                qrec["reps"] = len(res)
+                rec[key] = qrec
             rec["broker_rss_after_mib"] = proc_mem(self.broker_pid).get("VmRSS")
             out[label] = rec
             self.log(
                 f"  queue {total}: submit {rec['jobs_per_s']:.0f} jobs/s, stj q "
-                f"{qrec['wall'].get('median', 0):.2f}s, broker "
+                f"{rec['q']['wall'].get('median', 0) * 1000:.0f} ms, --nobatch "
+                f"{rec['q_nobatch']['wall'].get('median', 0):.2f} s, --json "
+                f"{rec['q_json']['wall'].get('median', 0):.2f} s, broker "
                 f"{rec['broker_rss_after_mib']:.0f} MiB"
             )
         # One job at a time: the CLI as a user types it, and the broker alone.

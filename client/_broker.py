@@ -139,6 +139,19 @@ class BrokerClient:
                 return out
             reply = self._receive()
 
+    def clusters(self, query: wire.ClusterQuery) -> list[wire.ClusterInfo] | wire.Error:
+        reply = self.request(query)
+        out: list[wire.ClusterInfo] = []
+        while True:
+            if isinstance(reply, wire.Error):
+                return reply
+            if not isinstance(reply, wire.ClusterList):
+                raise BrokerUnavailable(f"the broker answered {reply.TYPE!r} to a query")
+            out.extend(reply.clusters)
+            if reply.last:
+                return out
+            reply = self._receive()
+
     def ssh(self, msg: wire.SshRequest) -> tuple[wire.Message, int | None]:
         """Returns the reply and, with a grant, the session socket's file descriptor."""
         reply = self.request(msg)

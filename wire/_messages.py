@@ -110,6 +110,36 @@ class JobInfo:
 
 
 @attrs.frozen
+class ClusterInfo:
+    """One line of ``stj q``'s default view: a cluster's live jobs counted by state.
+
+    ``hold_reason`` is one held job's reason (``more_reasons``: the held jobs do not all share
+    it); ``debug_job`` is the lowest job of the cluster in a debug hold that has not ended, to
+    connect to, and ``debug_until`` the latest end of those holds.
+    """
+
+    OMIT_DEFAULTS: ClassVar[bool] = True
+
+    cluster: int
+    owner: str
+    owner_uid: int
+    submitted: float
+    executable: str
+    args: tuple[str, ...]
+    idle: int = 0
+    running: int = 0
+    suspended: int = 0
+    held: int = 0
+    releasing: int = 0
+    sessions: int = 0
+    hold_reason: str = ""
+    more_reasons: bool = False
+    debug_held: int = 0
+    debug_job: str = ""
+    debug_until: float = 0.0
+
+
+@attrs.frozen
 class ActResult:
     id: str
     ok: bool
@@ -530,6 +560,22 @@ class SessionReady(Message):
     agent_forwarding: bool = False
 
 
+@attrs.frozen
+class ClusterQuery(Message):
+    """``stj q`` without ``--nobatch``: one summary per cluster (``cluster_list`` pages)."""
+
+    TYPE: ClassVar[str] = "cluster_query"
+    ids: tuple[str, ...] = ()
+    owner: str = ""
+
+
+@attrs.frozen
+class ClusterList(Message):
+    TYPE: ClassVar[str] = "cluster_list"
+    clusters: tuple[ClusterInfo, ...]
+    last: bool = True
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -571,6 +617,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         SessionAttach,
         SessionOpen,
         SessionReady,
+        ClusterQuery,
+        ClusterList,
     )
 }
 

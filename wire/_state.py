@@ -56,11 +56,12 @@ for _req, _reply, _after in (
     ("token_create", "token_created", START),
     ("starter_revoke", "starter_revoked", START),
     ("ssh_request", "ssh_grant", CLOSED_STATE),
+    ("cluster_query", "cluster_list", START),
 ):
     _CONTROL[(START, C, _req)] = _req
     _CONTROL[(_req, B, _reply)] = _after
     _CONTROL[(_req, B, "error")] = START
-# A paged listing: job_list with last=false keeps the state (see next_state).
+# A paged listing: job_list (or cluster_list) with last=false keeps the state (see next_state).
 _CONTROL[(START, B, "error")] = CLOSED_STATE
 
 # TLS has authenticated both ends before the first frame: the hello only says what this
@@ -107,7 +108,7 @@ TABLES: dict[Channel, _Table] = {
 def next_state(channel: Channel, state: str, sender: Role, msg_type: str, more: bool) -> str | None:
     """The state after ``sender`` sends ``msg_type`` in ``state``; None if not allowed.
 
-    ``more`` is true for a ``job_list`` page that is not the last one.
+    ``more`` is true for a ``job_list`` or ``cluster_list`` page that is not the last one.
     """
     after = TABLES[channel].get((state, sender, msg_type))
     if after is not None and more:
