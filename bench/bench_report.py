@@ -137,7 +137,7 @@ def targets(r: Json) -> list[tuple[str, str, str]]:
         rows.append(("≥ 1,000 grants/s", "–", verdict(None, "")))
 
     q = _get(ph, "queue", "100k")
-    views = (
+    views: tuple[tuple[str, str, str], ...] = (
         ("q", "stj q (one line per cluster)", "q_summary_100k_s"),
         ("q_nobatch", "stj q --nobatch (every job)", "q_100k_s"),
         ("q_json", "stj q --json (every job)", "q_100k_s"),
