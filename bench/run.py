@@ -393,7 +393,9 @@ Host *
         # A unique starter name: the starter's cgroup is named after it, and a second starter
         # with the same name (another pool on this host) would treat ours as leftovers.
         (self.state / "config.toml").write_text(
-            f'[starter]\nname = "stjbench-{self.tok}"\nslots = {slots}\n'
+            # The queue phase puts 100,000 jobs of one user in the queue.
+            f'[broker]\nmax_jobs_per_user = 200000\n[starter]\nname = "stjbench-{self.tok}"\n'
+            f"slots = {slots}\n"
         )
         log = open(self.state / "pool.log", "ab")
         self.pool = subprocess.Popen(

@@ -31,6 +31,7 @@ import attrs
 
 from ssh_to_job import wire
 
+from . import _mux
 from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
 
 USAGE = """\
@@ -258,6 +259,8 @@ def runtime_dir() -> tuple[pathlib.Path, bool]:
 def sweep_stale(base: pathlib.Path) -> None:
     """Remove session directories whose ssh-to-job process is gone (killed with SIGKILL)."""
     for entry in base.iterdir():
+        if entry.name.startswith("mux-"):
+            continue  # a repeat-command master's socket (_mux): its ssh removes it
         try:
             pid = int((entry / "pid").read_text())
         except (OSError, ValueError):
@@ -513,7 +516,7 @@ def run(opts: Options) -> int:
     try:
         with signals:
             (d / "pid").write_text(str(os.getpid()))
-            return _session(opts, jid, shells, d, signals)
+            return _session(opts, jid, shells, d, signals, base if shared else None)
     except KeyboardInterrupt:
         if opts.remove_on_interrupt:
             _remove_job(opts, jid)
@@ -530,15 +533,39 @@ def _debug(opts: Options, msg: str) -> None:
         print(f"ssh-to-job: {msg}", file=sys.stderr)
 
 
+def _through_master(opts: Options, d: pathlib.Path, path: pathlib.Path, signals: _Signals) -> int:
+    """A repeat command: through this user's live master for the job, no broker (_mux)."""
+    _debug(opts, f"reusing this job's session through {path}")
+    _write(d / "config", _mux.client_config(path, opts.debug).encode())
+    argv = build_argv(opts, d / "config")
+    try:
+        child = subprocess.Popen(argv)
+    except OSError as exc:
+        return die(f"cannot run {argv[0]}: {exc.strerror}")
+    signals.child = child
+    rc = child.wait()
+    return rc if rc >= 0 else 128 - rc
+
+
 def _session(
-    opts: Options, jid: wire.JobId, shells: tuple[str, ...], d: pathlib.Path, signals: _Signals
+    opts: Options,
+    jid: wire.JobId,
+    shells: tuple[str, ...],
+    d: pathlib.Path,
+    signals: _Signals,
+    mux_dir: pathlib.Path | None = None,
 ) -> int:
+    sockpath = find_socket(opts.name)
+    mux_path: pathlib.Path | None = None
+    if mux_dir is not None and _mux.usable(shlex.split(opts.ssh), opts.x11):
+        mux_path = _mux.socket_path(mux_dir, str(sockpath), jid.one, shells)
+        if _mux.alive(mux_path):
+            return _through_master(opts, d, mux_path, signals)
     try:
         private, public = generate_key(opts.keygen)
     except UsageError as exc:
         return die(str(exc), 2)
     _write(d / "id", private)
-    sockpath = find_socket(opts.name)
     _debug(opts, f"asking broker {sockpath} for a session into job {jid.one}")
     since = time.monotonic()
     status_shown = False
@@ -600,6 +627,10 @@ def _session(
         listener.bind("\0" + proxy_name)
         listener.listen(1)
         argv = build_argv(opts, d / "config")
+        if mux_path is not None and ready.mux_persist > 0 and not forward_agent:
+            # The first command of a burst: its ssh stays as this job's master (_mux).
+            argv[1:1] = _mux.master_options(mux_path, ready.mux_persist)
+            _mux.write_client_config(mux_path)
         if ready.banner and not opts.command and os.path.basename(argv[0]) == "ssh":
             print(ready.banner, file=sys.stderr, flush=True)
         if not ready.agent_forwarding and wants_agent(shlex.split(opts.ssh)[1:]):

@@ -107,6 +107,7 @@ def sshd_config(
     forwarding: bool,
     debug: bool,
     agent_forwarding: bool = False,
+    mux: bool = False,
 ) -> str:
     fwd = "yes" if forwarding else "no"
     agent = "yes" if agent_forwarding else "no"
@@ -146,6 +147,8 @@ LoginGraceTime 120
 ClientAliveInterval 30
 ClientAliveCountMax 4
 LogLevel {"DEBUG" if debug else "ERROR"}
+# Repeat commands through the client's ControlMaster (mux_persist); off: one session only.
+MaxSessions {10 if mux else 1}
 {_setenv_line(env)}"""
 
 
@@ -292,7 +295,13 @@ async def _serve(
         common.write_private(
             d / "sshd_config",
             sshd_config(
-                d, login, env, cfg.allow_forwarding, starter.debug, cfg.allow_agent_forwarding
+                d,
+                login,
+                env,
+                cfg.allow_forwarding,
+                starter.debug,
+                cfg.allow_agent_forwarding,
+                mux=cfg.mux_persist > 0,
             ).encode(),
             uid,
             gid,
@@ -308,6 +317,7 @@ async def _serve(
             signature=wire.sign(starter.identity, statement),
             banner=banner,
             agent_forwarding=cfg.allow_agent_forwarding,
+            mux_persist=cfg.mux_persist,
         )
         # sshd gets its own duplicate of the socket as stdin/stdout; ours is closed below.
         argv = [cfg.sshd, "-i", "-e", "-f", str(d / "sshd_config")]

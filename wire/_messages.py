@@ -558,6 +558,9 @@ class SessionReady(Message):
     banner: str = ""
     #: Whether this session's sshd forwards an ssh agent (the pool's allow_agent_forwarding).
     agent_forwarding: bool = False
+    #: Seconds the client's ssh may stay as an idle ControlMaster for repeat commands into
+    #: this job (the pool's ``mux_persist``); 0: no multiplexing (sshd has ``MaxSessions 1``).
+    mux_persist: float = 0.0
 
 
 @attrs.frozen
