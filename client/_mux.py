@@ -23,6 +23,7 @@ import shlex
 import socket
 import stat
 import sys
+import time
 
 #: The client's own off switch (the pool's is the starter's ``mux_persist``).
 ENV_OFF = "SSH_TO_JOB_MUX"
@@ -30,7 +31,9 @@ ENV_OFF = "SSH_TO_JOB_MUX"
 #: this module, not the imports of a full session (attrs, wire, nacl: ~150 ms on a loaded
 #: 2-core machine against the master's ~8 ms).
 _JOB_RE = re.compile(r"^([0-9]{1,12})(?:\.([0-9]{1,9}))?(?:\.0)?$")
-_WITH_ARG = {"name", "ssh", "shells", "keygen-options", "l", "p", "o"}
+#: The options a repeat command may have; any other (-keygen-options, -debug, -X,
+#: -remove-on-interrupt, ...) takes the full path, which checks and honours it.
+_WITH_ARG = {"name", "ssh", "shells", "l", "p", "o"}
 _HOST = "ssh-to-job"
 
 
@@ -67,14 +70,14 @@ def alive(path: pathlib.Path) -> bool:
     try:
         s.connect(str(path))
         return True
+    except FileNotFoundError:
+        return False
     except OSError:
-        # Gone (its ssh removes the socket) or killed without cleaning up: the next full
-        # session makes a new one.
-        for p in (path, config_path(path)):
-            try:
-                p.unlink()
-            except OSError:
-                pass
+        # A master killed without cleaning up: the next full session makes a new one.
+        try:
+            path.unlink()
+        except OSError:
+            pass
         return False
     finally:
         s.close()
@@ -128,16 +131,39 @@ def config_path(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(path.name + ".cfg")
 
 
-def write_client_config(path: pathlib.Path) -> None:
-    """Write (0600, replacing) the config repeat commands use with the master at ``path``."""
+#: A master's config without its socket is one being set up for this long (a key exchange
+#: on a loaded host), and left over from a master that is gone after it.
+_CLAIM_SECONDS = 60.0
+
+
+def claim(path: pathlib.Path) -> bool:
+    """Become the one session that makes the master at ``path``: create its client config
+    (0600, exclusively). False when another ssh-to-job is making it right now; two would race
+    for the socket and the loser's ssh would complain on the user's terminal."""
     cfg = config_path(path)
-    tmp = cfg.with_name(cfg.name + f".{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, client_config(path, debug=False).encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, cfg)
+    for _ in range(2):
+        try:
+            fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            try:
+                age = time.time() - os.lstat(cfg).st_mtime
+            except FileNotFoundError:
+                continue
+            if path.exists() or age < _CLAIM_SECONDS:
+                return False
+            try:
+                cfg.unlink()  # the config of a master that is gone
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError:
+            return False
+        try:
+            os.write(fd, client_config(path, debug=False).encode())
+        finally:
+            os.close(fd)
+        return True
+    return False
 
 
 def command_argv(words: list[str], cfg: pathlib.Path, command: list[str]) -> list[str]:
@@ -210,7 +236,7 @@ def repeat_argv(argv: list[str]) -> list[str] | None:
             break
         key, eq, inline = arg.lstrip("-").partition("=")
         if key not in _WITH_ARG:
-            return None  # -debug, -X, -auto-retry, -remove-on-interrupt, -help, ...
+            return None
         if not eq:
             i += 1
             if i >= len(argv):

@@ -627,10 +627,14 @@ def _session(
         listener.bind("\0" + proxy_name)
         listener.listen(1)
         argv = build_argv(opts, d / "config")
-        if mux_path is not None and ready.mux_persist > 0 and not forward_agent:
+        if (
+            mux_path is not None
+            and ready.mux_persist > 0
+            and not (forward_agent or opts.debug or opts.remove_on_interrupt)
+            and _mux.claim(mux_path)
+        ):
             # The first command of a burst: its ssh stays as this job's master (_mux).
             argv[1:1] = _mux.master_options(mux_path, ready.mux_persist)
-            _mux.write_client_config(mux_path)
         if ready.banner and not opts.command and os.path.basename(argv[0]) == "ssh":
             print(ready.banner, file=sys.stderr, flush=True)
         if not ready.agent_forwarding and wants_agent(shlex.split(opts.ssh)[1:]):

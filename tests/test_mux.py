@@ -4,6 +4,7 @@ ends with the job, and the pool can turn it off."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -23,6 +24,10 @@ def _master(pool: Pool, user: User, job: str) -> pathlib.Path:
     return _mux.socket_path(base, str(pool.state / "broker.sock"), job, ("/bin/bash",))
 
 
+#: The client's own switch, which conftest's pools turn off for the other tests.
+MUX = {"SSH_TO_JOB_MUX": "1"}
+
+
 def _granted(pool: Pool, user: User, job: str) -> list[dict[str, Any]]:
     rows = json.loads(pool.stj(user, "history", "--sessions", "--json", job).stdout)
     return [r for r in rows if r["outcome"] == "granted"]
@@ -30,7 +35,7 @@ def _granted(pool: Pool, user: User, job: str) -> list[dict[str, Any]]:
 
 def _session_of(pool: Pool, user: User, job: str) -> str:
     """The id of the sshd session a command ran in (the starter's SSH_TO_JOB_SESSION)."""
-    r = pool.ssh(user, job, "echo $SSH_TO_JOB_SESSION")
+    r = pool.ssh(user, job, "echo $SSH_TO_JOB_SESSION", env=MUX)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
@@ -54,17 +59,17 @@ def test_repeat_commands_skip_the_broker_and_files_still_copy(
     assert (top.st_uid, stat.S_IMODE(top.st_mode)) == (a.uid, 0o700)
     for _ in range(3):
         assert _session_of(pool, a, job) == first
-    assert pool.ssh(a, job, "echo data > f.txt").returncode == 0
+    assert pool.ssh(a, job, "echo data > f.txt", env=MUX).returncode == 0
     dest = pathlib.Path(a.home) / f"mux-{job}"
     try:
-        r = pool.ssh(a, "-ssh", "scp", job, "remote:f.txt", str(dest))
+        r = pool.ssh(a, "-ssh", "scp", job, "remote:f.txt", str(dest), env=MUX)
         assert r.returncode == 0, r.stderr
         assert dest.read_text() == "data\n"
         dest.unlink()
-        r = pool.run(a, ["rsync", "-e", "ssh-to-job", f"{job}:f.txt", str(dest)])
+        r = pool.run(a, ["rsync", "-e", "ssh-to-job", f"{job}:f.txt", str(dest)], env=MUX)
         assert r.returncode == 0, r.stderr
         assert dest.read_text() == "data\n"
-        r = pool.ssh(a, "-ssh", "sftp", job, input="ls f.txt\n")
+        r = pool.ssh(a, "-ssh", "sftp", job, input="ls f.txt\n", env=MUX)
         assert r.returncode == 0, r.stderr
         assert "f.txt" in r.stdout
     finally:
@@ -72,7 +77,7 @@ def test_repeat_commands_skip_the_broker_and_files_still_copy(
     assert len(_granted(pool, a, job)) == 1
     pool.stj(a, "rm", job)
     wait_for("the master to end with the job", lambda: not sock.exists(), timeout=20)
-    r = pool.ssh(a, job, "true")
+    r = pool.ssh(a, job, "true", env=MUX)
     assert r.returncode == 1
     assert len(_granted(pool, a, job)) == 1
 
@@ -107,6 +112,29 @@ def test_another_uid_cannot_use_the_master_and_hold_ends_it(
         pool.stj(a, "rm", job)
 
 
+def test_concurrent_first_commands_make_one_master_quietly(
+    pool: Pool, users: dict[str, User]
+) -> None:
+    """Six first commands at once all succeed with nothing on stderr (one of them makes the
+    master, the others stay plain sessions); the next command uses that master."""
+    a = users["a"]
+    (job,) = pool.submit(a, "/bin/sleep", "300")
+    pool.wait_state(job, "running")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as ex:
+            runs = list(ex.map(lambda i: pool.ssh(a, job, f"echo {i}", env=MUX), range(6)))
+        assert [(r.returncode, r.stdout, r.stderr) for r in runs] == [
+            (0, f"{i}\n", "") for i in range(6)
+        ]
+        assert _master(pool, a, job).exists()
+        n = len(_granted(pool, a, job))
+        assert n == 6
+        _session_of(pool, a, job)
+        assert len(_granted(pool, a, job)) == n
+    finally:
+        pool.stj(a, "rm", job)
+
+
 def test_pool_turns_it_off_and_an_idle_master_does_not_hold_up_completion(
     make_pool: Any, users: dict[str, User]
 ) -> None:
@@ -126,7 +154,7 @@ def test_pool_turns_it_off_and_an_idle_master_does_not_hold_up_completion(
     short: Pool = make_pool("[starter]\nmux_persist = 2\n", slots=2)
     (job,) = short.submit(a, "/bin/sh", "-c", "while [ ! -e go ]; do sleep 0.1; done")
     short.wait_state(job, "running")
-    assert short.ssh(a, job, "touch go").returncode == 0
+    assert short.ssh(a, job, "touch go", env=MUX).returncode == 0
     assert _master(short, a, job).exists()
     t0 = time.monotonic()
     short.wait_state(job, "completed", timeout=30)
