@@ -23,7 +23,6 @@ import shlex
 import socket
 import stat
 import sys
-import time
 
 #: The client's own off switch (the pool's is the starter's ``mux_persist``).
 ENV_OFF = "SSH_TO_JOB_MUX"
@@ -131,39 +130,47 @@ def config_path(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(path.name + ".cfg")
 
 
-#: A master's config without its socket is one being set up for this long (a key exchange
-#: on a loaded host), and left over from a master that is gone after it.
-_CLAIM_SECONDS = 60.0
+#: The lock of the ssh-to-job that is making a master: held until it exits (by then its ssh
+#: has bound the socket, or failed), never inherited by ssh.
+_claimed: list[int] = []
 
 
 def claim(path: pathlib.Path) -> bool:
-    """Become the one session that makes the master at ``path``: create its client config
-    (0600, exclusively). False when another ssh-to-job is making it right now; two would race
-    for the socket and the loser's ssh would complain on the user's terminal."""
+    """Become the one session that makes the master at ``path`` and write the client config
+    of the commands that will use it. False when another ssh-to-job is making it right now
+    (two would race for the socket, and the loser's ssh would complain on the terminal)."""
+    import fcntl  # only the first command of a burst needs it
+
+    try:
+        fd = os.open(
+            path.with_name(path.name + ".lock"),
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    if alive(path):  # made meanwhile by the one that held the lock
+        os.close(fd)
+        return False
     cfg = config_path(path)
-    for _ in range(2):
+    tmp = cfg.with_name(f"{cfg.name}.{os.getpid()}")
+    try:
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            try:
-                age = time.time() - os.lstat(cfg).st_mtime
-            except FileNotFoundError:
-                continue
-            if path.exists() or age < _CLAIM_SECONDS:
-                return False
-            try:
-                cfg.unlink()  # the config of a master that is gone
-            except FileNotFoundError:
-                pass
-            continue
-        except OSError:
-            return False
-        try:
-            os.write(fd, client_config(path, debug=False).encode())
+            os.write(out, client_config(path, debug=False).encode())
         finally:
-            os.close(fd)
-        return True
-    return False
+            os.close(out)
+        os.replace(tmp, cfg)
+    except OSError:
+        os.close(fd)
+        return False
+    _claimed.append(fd)
+    return True
 
 
 def command_argv(words: list[str], cfg: pathlib.Path, command: list[str]) -> list[str]:
