@@ -15,32 +15,38 @@ socket's name), or a master for a session whose ssh options this module cannot v
 
 from __future__ import annotations
 
-import hashlib
+# The C modules, not hashlib/socket/pathlib/re: on a loaded 2-core host those cost 25 ms of
+# imports against the master's ~8 ms for the command itself.
+import _sha256  # type: ignore[import-not-found]  # hashlib's builtin sha256, no stub
+import _socket
 import os
-import pathlib
-import re
-import shlex
-import socket
-import stat
 import sys
+
+# Not typing.TYPE_CHECKING: importing typing costs more than the rest of this module.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import pathlib
 
 #: The client's own off switch (the pool's is the starter's ``mux_persist``).
 ENV_OFF = "SSH_TO_JOB_MUX"
-#: ``ssh-to-job``'s entry point lives here so that a repeat command costs an interpreter and
-#: this module, not the imports of a full session (attrs, wire, nacl: ~150 ms on a loaded
-#: 2-core machine against the master's ~8 ms).
-_JOB_RE = re.compile(r"^([0-9]{1,12})(?:\.([0-9]{1,9}))?(?:\.0)?$")
 #: The options a repeat command may have; any other (-keygen-options, -debug, -X,
 #: -remove-on-interrupt, ...) takes the full path, which checks and honours it.
 _WITH_ARG = {"name", "ssh", "shells", "l", "p", "o"}
 _HOST = "ssh-to-job"
 
 
+def _name(base: str, broker: str, job: str, shells: tuple[str, ...]) -> str:
+    key = "\0".join((os.path.realpath(broker), job, ",".join(shells)))
+    digest: str = _sha256.sha256(key.encode()).hexdigest()
+    return os.path.join(base, f"mux-{digest[:20]}")
+
+
 def socket_path(base: pathlib.Path, broker: str, job: str, shells: tuple[str, ...]) -> pathlib.Path:
     """The master's socket: in ``base`` (the user's 0700 runtime directory), named by the pool
     (its broker's socket), the job and the shells asked for; short enough for ``sun_path``."""
-    key = "\0".join((os.path.realpath(broker), job, ",".join(shells)))
-    return base / f"mux-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+    import pathlib
+
+    return pathlib.Path(_name(str(base), broker, job, shells))
 
 
 def usable(ssh_words: list[str], x11: bool | None) -> bool:
@@ -63,18 +69,18 @@ def usable(ssh_words: list[str], x11: bool | None) -> bool:
     return True
 
 
-def alive(path: pathlib.Path) -> bool:
-    """Whether a master answers on ``path``; what a gone one left behind is removed."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def alive(path: str | os.PathLike[str]) -> bool:
+    """Whether a master answers on ``path``; a socket nobody listens on is removed."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        s.connect(str(path))
+        s.connect(os.fspath(path))
         return True
     except FileNotFoundError:
         return False
     except OSError:
         # A master killed without cleaning up: the next full session makes a new one.
         try:
-            path.unlink()
+            os.unlink(path)
         except OSError:
             pass
         return False
@@ -82,24 +88,24 @@ def alive(path: pathlib.Path) -> bool:
         s.close()
 
 
-def master_options(path: pathlib.Path, persist: float) -> list[str]:
+def master_options(path: str | os.PathLike[str], persist: float) -> list[str]:
     """ssh options that make the first session's ssh the master, idling ``persist`` seconds
     (command-line options win over our config's ``ControlMaster no``)."""
     return [
         "-o",
         "ControlMaster=yes",
         "-o",
-        f"ControlPath={path}",
+        f"ControlPath={os.fspath(path)}",
         "-o",
         f"ControlPersist={max(1, int(persist))}s",
     ]
 
 
-def client_config(path: pathlib.Path, debug: bool) -> str:
+def client_config(path: str | os.PathLike[str], debug: bool) -> str:
     """The ssh_config of a command through the master: nothing else may be used. Were the
     master to go between our check and ssh's connect, ``ProxyCommand false`` makes ssh fail
     (exit 255) rather than connect anywhere else."""
-    quoted = str(path)
+    quoted = os.fspath(path)
     if '"' in quoted or "\n" in quoted:
         raise ValueError(f"path {quoted!r} cannot be written into an ssh_config")
     return (
@@ -109,7 +115,7 @@ def client_config(path: pathlib.Path, debug: bool) -> str:
                 "Host *",
                 "  ControlMaster no",
                 f'  ControlPath "{quoted}"',
-                f"  ProxyCommand {shlex.quote('/bin/false')}",
+                "  ProxyCommand /bin/false",
                 "  BatchMode yes",
                 "  ForwardAgent no",
                 "  ForwardX11 no",
@@ -125,9 +131,9 @@ def client_config(path: pathlib.Path, debug: bool) -> str:
     )
 
 
-def config_path(path: pathlib.Path) -> pathlib.Path:
+def config_path(path: str | os.PathLike[str]) -> str:
     """Where the client config of commands through the master at ``path`` is kept."""
-    return path.with_name(path.name + ".cfg")
+    return os.fspath(path) + ".cfg"
 
 
 #: The lock of the ssh-to-job that is making a master: held until it exits (by then its ssh
@@ -135,18 +141,15 @@ def config_path(path: pathlib.Path) -> pathlib.Path:
 _claimed: list[int] = []
 
 
-def claim(path: pathlib.Path) -> bool:
+def claim(path: str | os.PathLike[str]) -> bool:
     """Become the one session that makes the master at ``path`` and write the client config
     of the commands that will use it. False when another ssh-to-job is making it right now
     (two would race for the socket, and the loser's ssh would complain on the terminal)."""
     import fcntl  # only the first command of a burst needs it
 
+    path = os.fspath(path)
     try:
-        fd = os.open(
-            path.with_name(path.name + ".lock"),
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-        )
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
         return False
     try:
@@ -158,7 +161,7 @@ def claim(path: pathlib.Path) -> bool:
         os.close(fd)
         return False
     cfg = config_path(path)
-    tmp = cfg.with_name(f"{cfg.name}.{os.getpid()}")
+    tmp = f"{cfg}.{os.getpid()}"
     try:
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
@@ -173,19 +176,19 @@ def claim(path: pathlib.Path) -> bool:
     return True
 
 
-def command_argv(words: list[str], cfg: pathlib.Path, command: list[str]) -> list[str]:
+def command_argv(words: list[str], cfg: str, command: list[str]) -> list[str]:
     """ssh, scp or sftp with ``cfg``, as ``ssh_to_job.build_argv`` runs them."""
     prog = os.path.basename(words[0])
     if prog == "scp":
-        return [words[0], "-F", str(cfg), *words[1:], *command]
+        return [words[0], "-F", cfg, *words[1:], *command]
     if prog == "sftp":
-        return [words[0], "-F", str(cfg), *words[1:], *command, _HOST]
-    return [words[0], "-F", str(cfg), *words[1:], _HOST, *command]
+        return [words[0], "-F", cfg, *words[1:], *command, _HOST]
+    return [words[0], "-F", cfg, *words[1:], _HOST, *command]
 
 
 def _broker_socket(name: str | None) -> str | None:
-    """``client._broker.find_socket`` without its imports; None where it would need the
-    config parser's judgement (then the full path decides)."""
+    """``client._broker.find_socket`` without its imports; None where the full path should
+    judge (a config file that does not parse)."""
     if name:
         return os.path.join(name, "broker.sock") if os.path.isdir(name) else name
     env = os.environ.get("STJ_STATE_DIR")
@@ -213,26 +216,40 @@ def _broker_socket(name: str | None) -> str | None:
     return personal if os.path.exists(personal) or not os.path.exists(system) else system
 
 
-def _private_base() -> pathlib.Path | None:
+def _private_base() -> str | None:
     """The per-uid runtime directory ``ssh_to_job.runtime_dir`` uses, if it is ours and
     private; never made here (the first, full session makes it)."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     if not base or not os.path.isdir(base) or os.stat(base).st_uid != os.getuid():
         base = os.environ.get("TMPDIR") or "/tmp"
-    d = pathlib.Path(base) / f"ssh-to-job-{os.getuid()}"
+    d = os.path.join(base, f"ssh-to-job-{os.getuid()}")
     try:
         st = os.lstat(d)
     except OSError:
         return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+    # S_ISDIR without importing stat: the file type bits of a directory are 0o040000.
+    if st.st_mode & 0o170000 != 0o040000 or st.st_uid != os.getuid() or st.st_mode & 0o077:
         return None
     return d
+
+
+def _job_one(text: str) -> str | None:
+    """``cluster[.proc[.0]]`` as ``wire.parse_job_id(text).one`` spells it; None otherwise."""
+    parts = text.strip().split(".")
+    if not 1 <= len(parts) <= 3 or (len(parts) == 3 and parts[2] != "0"):
+        return None
+    limits = (12, 9, 1)
+    for part, most in zip(parts, limits, strict=False):
+        # ASCII digits only: int() would take other scripts' digits too.
+        if not part or len(part) > most or not (part.isascii() and part.isdigit()):
+            return None
+    return f"{int(parts[0])}.{int(parts[1]) if len(parts) > 1 else 0}"
 
 
 def repeat_argv(argv: list[str]) -> list[str] | None:
     """The command to exec for a repeat command through a live master, or None: then the
     full ``ssh-to-job`` runs (any option but the plain ones, no master, anything unsure)."""
-    ssh, name, shells = "ssh", None, ""
+    ssh, name, shells = "", None, ""
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -258,14 +275,17 @@ def repeat_argv(argv: list[str]) -> list[str] | None:
         i += 1
     if i >= len(argv):
         return None
-    m = _JOB_RE.match(argv[i].rpartition("@")[2].strip())
-    if not m:
+    job = _job_one(argv[i].rpartition("@")[2])
+    if job is None:
         return None
-    job = f"{int(m[1])}.{int(m[2] or 0)}"
-    try:
-        words = shlex.split(ssh)
-    except ValueError:
-        return None
+    words = ["ssh"]
+    if ssh:
+        import shlex  # only with -ssh: it imports re
+
+        try:
+            words = shlex.split(ssh)
+        except ValueError:
+            return None
     if not words or not usable(words, None):
         return None
     wanted = tuple(x for x in shells.split(",") if x)
@@ -275,9 +295,9 @@ def repeat_argv(argv: list[str]) -> list[str] | None:
     base = _private_base()
     if broker is None or base is None:
         return None
-    path = socket_path(base, broker, job, wanted)
+    path = _name(base, broker, job, wanted)
     cfg = config_path(path)
-    if not alive(path) or not cfg.exists():
+    if not alive(path) or not os.path.exists(cfg):
         return None
     return command_argv(words, cfg, argv[i + 1 :])
 
