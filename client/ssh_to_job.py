@@ -260,7 +260,16 @@ def sweep_stale(base: pathlib.Path) -> None:
     """Remove session directories whose ssh-to-job process is gone (killed with SIGKILL)."""
     for entry in base.iterdir():
         if entry.name.startswith("mux-"):
-            continue  # a repeat-command master's socket (_mux): its ssh removes it
+            # A repeat-command master's socket (its ssh removes it), or the config and lock
+            # beside it: those go once no master has used them for a while.
+            stem = entry.name.split(".", 1)[0]
+            try:
+                idle = time.time() - entry.lstat().st_mtime > 600
+            except FileNotFoundError:
+                continue
+            if entry.name != stem and idle and not (base / stem).exists():
+                entry.unlink(missing_ok=True)
+            continue
         try:
             pid = int((entry / "pid").read_text())
         except (OSError, ValueError):
