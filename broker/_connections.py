@@ -18,6 +18,7 @@ else. Nothing here decides a job's fate: that is ``_jobs``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pwd
@@ -342,9 +343,13 @@ class Connections:
             await stream.send(scope)
             return
         if scope is None:
-            await stream.send(wire.JobList(jobs=(), last=True))
+            empty = wire.JobTable(wire.JOB_COLUMNS, "[]") if msg.table else wire.JobList(jobs=())
+            await stream.send(empty)
             return
         ids, owner_uid = scope
+        if msg.table:
+            await self._query_table(stream, ids, states, owner_uid)
+            return
         page: list[wire.JobInfo] = []
         for info in self.queue.infos(ids, states, owner_uid):
             page.append(info)
@@ -352,6 +357,24 @@ class Connections:
                 await stream.send(wire.JobList(jobs=tuple(page), last=False))
                 page = []
         await stream.send(wire.JobList(jobs=tuple(page), last=True))
+
+    async def _query_table(
+        self,
+        stream: FramedStream,
+        ids: wire.JobId | None,
+        states: tuple[str, ...],
+        owner_uid: int | None,
+    ) -> None:
+        """A listing as ``job_table`` pages: rows of plain values, one ``json.dumps`` each."""
+        rows: list[list[object]] = []
+        for row in self.queue.table_rows(ids, states, owner_uid):
+            rows.append(row)
+            if len(rows) == PAGE:
+                text = json.dumps(rows, separators=(",", ":"))
+                await stream.send(wire.JobTable(wire.JOB_COLUMNS, text, last=False))
+                rows = []
+        text = json.dumps(rows, separators=(",", ":"))
+        await stream.send(wire.JobTable(wire.JOB_COLUMNS, text, last=True))
 
     def known_starters(self) -> set[str]:
         """Every starter enrolled in this pool whose certificates are not all revoked."""

@@ -611,6 +611,65 @@ class JobQueue:
                 debug_until,
             )
 
+    def table_rows(
+        self,
+        ids: wire.JobId | None = None,
+        states: tuple[str, ...] = LIVE_STATES,
+        owner_uid: int | None = None,
+    ) -> Iterator[list[object]]:
+        """What ``infos`` gives, as lists of ``wire.JOB_COLUMNS`` values (``job_table``):
+        no object per job, and ``json.dumps`` takes a page of them at C speed."""
+        cols = (
+            "j.cluster || '.' || j.proc, j.owner, j.owner_uid, j.state, j.spec_id, j.submitted,"
+            " j.started, j.finished, j.exit_code, j.exit_signal, j.hold_reason, j.starter, j.pid,"
+            " j.scratch, j.sessions, j.debug_until"
+        )
+        # A cluster's procs share one spec: read and parse it once per listing, by its id.
+        specs: dict[int, tuple[str, list[str], str]] = {}
+        for (
+            job_id,
+            owner,
+            uid,
+            state,
+            spec_id,
+            submitted,
+            started,
+            finished,
+            exit_code,
+            exit_signal,
+            hold_reason,
+            starter,
+            pid,
+            scratch,
+            sessions,
+            debug_until,
+        ) in self._select(cols, ids, states, owner_uid):
+            spec = specs.get(spec_id)
+            if spec is None:
+                (text,) = self.db.execute("SELECT spec FROM specs WHERE id = ?", (spec_id,))
+                d = _spec_dict(text[0])
+                spec = specs[spec_id] = (d["executable"], d["args"], d["initialdir"])
+            yield [
+                job_id,
+                owner,
+                uid,
+                state,
+                spec[0],
+                spec[1],
+                submitted,
+                started,
+                finished,
+                exit_code,
+                exit_signal,
+                hold_reason,
+                starter,
+                [pid] if pid else [],
+                scratch,
+                spec[2],
+                sessions,
+                debug_until,
+            ]
+
     def _select(
         self, columns: str, ids: wire.JobId | None, states: tuple[str, ...], owner_uid: int | None
     ) -> sqlite3.Cursor:

@@ -11,7 +11,7 @@ import os
 import pathlib
 import socket
 import sys
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ssh_to_job import common, wire
 
@@ -135,6 +135,34 @@ class BrokerClient:
             if not isinstance(reply, wire.JobList):
                 raise BrokerUnavailable(f"the broker answered {reply.TYPE!r} to a query")
             out.extend(reply.jobs)
+            if reply.last:
+                return out
+            reply = self._receive()
+
+    def job_table(self, query: wire.Query) -> list[list[Any]] | wire.Error:
+        """The rows of a ``query`` with ``table`` (``wire.JOB_COLUMNS`` values each); each row's
+        length is checked, its values are the caller's to check as it uses them."""
+        import json  # only listings need it, not a session's start-up
+
+        import attrs
+
+        reply = self.request(attrs.evolve(query, table=True))
+        out: list[list[Any]] = []
+        width = len(wire.JOB_COLUMNS)
+        while True:
+            if isinstance(reply, wire.Error):
+                return reply
+            if not isinstance(reply, wire.JobTable):
+                raise BrokerUnavailable(f"the broker answered {reply.TYPE!r} to a query")
+            if reply.columns != wire.JOB_COLUMNS:
+                raise BrokerUnavailable("the broker's job rows have other columns than ours")
+            try:
+                rows = json.loads(reply.rows)
+            except ValueError:
+                rows = None
+            if type(rows) is not list or not all(type(r) is list and len(r) == width for r in rows):
+                raise BrokerUnavailable("the broker sent malformed job rows")
+            out.extend(rows)
             if reply.last:
                 return out
             reply = self._receive()

@@ -43,6 +43,7 @@ SAMPLES: dict[str, Message] = {
         wire.JobList(jobs=()),
         wire.ClusterQuery(ids=("32",)),
         wire.ClusterList(clusters=()),
+        wire.JobTable(columns=wire.JOB_COLUMNS, rows="[]"),
         wire.Act(action="rm", ids=("32.0",)),
         wire.SshAllow(id="32.0", users=("carol",)),
         wire.SessionQuery(job="32.0"),
@@ -90,6 +91,7 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("submit", B, "error"): "start",
         ("start", C, "query"): "query",
         ("query", B, "job_list"): "start",
+        ("query", B, "job_table"): "start",
         ("query", B, "error"): "start",
         ("start", C, "act"): "act",
         ("act", B, "act_reply"): "start",
@@ -304,6 +306,17 @@ def test_job_list_paging() -> None:
     assert pair.state == "start"
     with pytest.raises(LocalProtocolError):
         pair.ends[B].send(wire.JobList(jobs=(), last=False))
+
+
+def test_job_table_paging() -> None:
+    """A query may be answered in job_table pages instead: last=false keeps it open."""
+    pair = Pair(Channel.CONTROL)
+    pair.say(C, wire.Query(table=True))
+    for _ in range(3):
+        pair.say(B, wire.JobTable(columns=wire.JOB_COLUMNS, rows="[]", last=False))
+        assert pair.state == "query"
+    pair.say(B, wire.JobTable(columns=wire.JOB_COLUMNS, rows="[]", last=True))
+    assert pair.state == "start"
 
 
 def test_cluster_list_paging() -> None:

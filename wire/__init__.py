@@ -27,6 +27,7 @@ from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel
 from ._frame import HEADER as FRAME_HEADER
 from ._jobid import JobId, parse_job_id
 from ._messages import (
+    JOB_COLUMNS,
     MESSAGE_TYPES,
     Ack,
     Act,
@@ -44,6 +45,7 @@ from ._messages import (
     JobReport,
     JobRun,
     JobSpec,
+    JobTable,
     JobUpdate,
     Message,
     OpenSession,
@@ -125,6 +127,7 @@ __all__ = [
     "CLOSED",
     "DEFAULT_MAX_FRAME",
     "FRAME_HEADER",
+    "JOB_COLUMNS",
     "MAX_CAP_LIFETIME",
     "MESSAGE_TYPES",
     "NEED_DATA",
@@ -156,6 +159,7 @@ __all__ = [
     "JobReport",
     "JobRun",
     "JobSpec",
+    "JobTable",
     "JobUpdate",
     "LocalProtocolError",
     "Message",
