@@ -186,7 +186,7 @@ def command_argv(words: list[str], cfg: str, command: list[str]) -> list[str]:
     return [words[0], "-F", cfg, *words[1:], _HOST, *command]
 
 
-def _broker_socket(name: str | None) -> str | None:
+def broker_socket(name: str | None) -> str | None:
     """``client._broker.find_socket`` without its imports; None where the full path should
     judge (a config file that does not parse)."""
     if name:
@@ -233,7 +233,7 @@ def _private_base() -> str | None:
     return d
 
 
-def _job_one(text: str) -> str | None:
+def job_one(text: str) -> str | None:
     """``cluster[.proc[.0]]`` as ``wire.parse_job_id(text).one`` spells it; None otherwise."""
     parts = text.strip().split(".")
     if not 1 <= len(parts) <= 3 or (len(parts) == 3 and parts[2] != "0"):
@@ -275,7 +275,7 @@ def repeat_argv(argv: list[str]) -> list[str] | None:
         i += 1
     if i >= len(argv):
         return None
-    job = _job_one(argv[i].rpartition("@")[2])
+    job = job_one(argv[i].rpartition("@")[2])
     if job is None:
         return None
     words = ["ssh"]
@@ -291,7 +291,7 @@ def repeat_argv(argv: list[str]) -> list[str] | None:
     wanted = tuple(x for x in shells.split(",") if x)
     if not wanted and os.environ.get("SHELL"):
         wanted = (os.environ["SHELL"],)
-    broker = _broker_socket(name)
+    broker = broker_socket(name)
     base = _private_base()
     if broker is None or base is None:
         return None

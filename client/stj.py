@@ -23,7 +23,7 @@ import attrs
 
 from ssh_to_job import common, wire
 
-from . import _interactive, _pool
+from . import _interactive, _pool, _qfast
 from ._broker import (
     BrokerClient,
     BrokerRefused,
@@ -430,26 +430,10 @@ def _bad_id(ids: list[str]) -> int | None:
     return None
 
 
-def _cluster_notes(c: wire.ClusterInfo, now: float) -> list[str]:
-    """What a user must still see of a cluster's held jobs in the summary: that they are
-    held and why, and for a debug hold how long it lasts and how to connect."""
-    notes: list[str] = []
-    if c.held:
-        n = f"{c.held} job" + ("" if c.held == 1 else "s")
-        why = printable(c.hold_reason[:100]) if c.hold_reason else "no reason given"
-        more = f"; other reasons too: stj q --nobatch {c.cluster}" if c.more_reasons else ""
-        notes.append(f"held ({n}): {why}{more}")
-    if c.debug_held and c.debug_until > now:
-        n = f"{c.debug_held} job" + ("" if c.debug_held == 1 else "s")
-        notes.append(
-            f"debug hold ({n}): {_left(c.debug_until - now)} left; "
-            f"connect: ssh-to-job {c.debug_job}"
-        )
-    return notes
-
-
 def cmd_q_clusters(a: argparse.Namespace) -> int:
-    """``stj q``: one line per cluster, counted by the broker (condor_q's batch view)."""
+    """``stj q``: one line per cluster, counted by the broker (condor_q's batch view). The
+    plain form is answered by ``_qfast`` before this module loads; this one serves the rest
+    (``--name``, ``--config``, ``--state-dir``)."""
     try:
         with _client(a) as bc:
             clusters: list[wire.ClusterInfo] = []
@@ -462,31 +446,7 @@ def cmd_q_clusters(a: argparse.Namespace) -> int:
                 clusters.extend(got)
     except BrokerUnavailable as exc:
         return die(str(exc))
-    out = sys.stdout
-    out.write(
-        f"{'CLUSTER':<8} {'OWNER':<10} {'SUBMITTED':<15} {'IDLE':>6} {'RUN':>6} {'HOLD':>6} "
-        f"{'SUSP':>6} {'TOTAL':>6} {'SSH':>4} CMD\n"
-    )
-    now = time.time()
-    totals = {"idle": 0, "running": 0, "suspended": 0, "held": 0, "releasing": 0}
-    for c in clusters:
-        cmd = printable(" ".join((os.path.basename(c.executable), *c.args))[:60])
-        # A releasing job is still on its way out of a (debug) hold.
-        hold = c.held + c.releasing
-        total = c.idle + c.running + c.suspended + hold
-        out.write(
-            f"{c.cluster:<8} {printable(c.owner):<10} {_fmt_time(c.submitted):<15} "
-            f"{c.idle:>6} {c.running:>6} {hold:>6} {c.suspended:>6} {total:>6} "
-            f"{c.sessions:>4} {cmd}\n"
-        )
-        for note in _cluster_notes(c, now):
-            # Under its row, as in the per-job view: a long reason cannot push columns apart.
-            out.write(f"{'':<8} {note}\n")
-        for k in totals:
-            totals[k] += getattr(c, k)
-    n = sum(totals.values())
-    parts = ", ".join(f"{v} {k}" for k, v in sorted(totals.items()) if v)
-    out.write(f"\n{n} job" + ("" if n == 1 else "s") + (f": {parts}" if parts else "") + "\n")
+    sys.stdout.write(_qfast.render([attrs.asdict(c) for c in clusters]))
     return 0
 
 
