@@ -11,6 +11,7 @@ import os
 import pathlib
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ssh_to_job import common, wire
@@ -139,15 +140,17 @@ class BrokerClient:
                 return out
             reply = self._receive()
 
-    def job_table(self, query: wire.Query) -> list[list[Any]] | wire.Error:
-        """The rows of a ``query`` with ``table`` (``wire.JOB_COLUMNS`` values each); each row's
-        length is checked, its values are the caller's to check as it uses them."""
+    def job_table(
+        self, query: wire.Query, on_page: Callable[[list[list[Any]]], None]
+    ) -> wire.Error | None:
+        """The rows of a ``query`` with ``table`` (``wire.JOB_COLUMNS`` values each), handed
+        to ``on_page`` a page at a time as they arrive, so that the caller's work overlaps
+        the broker's; each row's length is checked, its values are the caller's to check."""
         import json  # only listings need it, not a session's start-up
 
         import attrs
 
         reply = self.request(attrs.evolve(query, table=True))
-        out: list[list[Any]] = []
         width = len(wire.JOB_COLUMNS)
         while True:
             if isinstance(reply, wire.Error):
@@ -162,9 +165,9 @@ class BrokerClient:
                 rows = None
             if type(rows) is not list or not all(type(r) is list and len(r) == width for r in rows):
                 raise BrokerUnavailable("the broker sent malformed job rows")
-            out.extend(rows)
+            on_page(rows)
             if reply.last:
-                return out
+                return None
             reply = self._receive()
 
     def clusters(self, query: wire.ClusterQuery) -> list[wire.ClusterInfo] | wire.Error:

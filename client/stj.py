@@ -458,82 +458,109 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
     # A listing of 100,000 jobs makes millions of small objects that all live until this
     # short process exits: the cycle collector's passes over them would double the time.
     gc.disable()
+    printer = _JobPrinter(history, a.json)
     try:
         with _client(a) as bc:
-            rows: list[list[Any]] = []
             for ident in a.ids or [""]:
-                got = bc.job_table(
-                    wire.Query(ids=(ident,) if ident else (), history=history, owner=a.owner or "")
+                err = bc.job_table(
+                    wire.Query(ids=(ident,) if ident else (), history=history, owner=a.owner or ""),
+                    printer.page,
                 )
-                if isinstance(got, wire.Error):
-                    return die(got.message)
-                rows.extend(got)
+                if err is not None:
+                    return die(err.message)
     except BrokerUnavailable as exc:
         return die(str(exc))
-    if a.json:
-        # One job per line: the C encoder (indent= would switch to the slow Python one); the
-        # rows are JobInfo's fields in order, so the objects are JobInfo's, as before.
-        keys = wire.JOB_COLUMNS
-        sys.stdout.write(
-            "[\n" + ",\n".join(json.dumps(dict(zip(keys, r, strict=True))) for r in rows) + "\n]"
-        )
-        print()
-        return 0
-    try:
-        return _print_jobs(a, [_JobRow._make(r) for r in rows], history)
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
         return die(f"the broker sent a malformed job row: {exc}")
+    printer.close()
+    return 0
 
 
 #: A row of a ``job_table``: read by field name like ``wire.JobInfo``, without building one.
 _JobRow = collections.namedtuple("_JobRow", wire.JOB_COLUMNS)  # type: ignore[misc]
 
 
-def _print_jobs(a: argparse.Namespace, jobs: list[Any], history: bool) -> int:
-    out = sys.stdout
-    if history:
-        out.write(
-            f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
-            f"{'EXIT':<9} CMD\n"
-        )
-    else:
-        out.write(
-            f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
-            f"{'SSH':<4} CMD\n"
-        )
-    now = time.time()
-    for j in jobs:
-        cmd = printable(" ".join((os.path.basename(j.executable), *j.args))[:60])
-        if history:
-            ex = (
-                f"sig {j.exit_signal}"
-                if j.exit_signal is not None
-                else str(j.exit_code)
-                if j.exit_code is not None
-                else "-"
+class _JobPrinter:
+    """``stj q --nobatch`` / ``--json`` / ``stj history``, written a page at a time."""
+
+    def __init__(self, history: bool, as_json: bool) -> None:
+        self.history = history
+        self.as_json = as_json
+        self.started = False
+        self.counts: dict[str, int] = {}
+        self.n = 0
+        self.now = time.time()
+        self.out = sys.stdout
+
+    def _start(self) -> None:
+        self.started = True
+        if self.as_json:
+            self.out.write("[\n")
+        elif self.history:
+            self.out.write(
+                f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
+                f"{'EXIT':<9} CMD\n"
             )
-            extra = f"{ex:<9}"
         else:
-            extra = f"{j.sessions:<4}"
-        owner = printable(j.owner)
-        out.write(
-            f"{j.id:<10} {owner:<10} {j.state:<10} {_fmt_time(j.submitted):<15} "
-            f"{_fmt_dur(j):<11} {extra} {cmd}\n"
-        )
-        if j.hold_reason and j.state == "held":
-            # Under its row, so that a long reason cannot push the columns apart.
-            out.write(f"{'':<10} hold reason: {printable(j.hold_reason)}\n")
-            if j.debug_until > now:
-                left = _left(j.debug_until - now)
-                out.write(f"{'':<10} debug hold: {left} left; connect: ssh-to-job {j.id}\n")
-    if not history:
-        counts: dict[str, int] = {}
+            self.out.write(
+                f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
+                f"{'SSH':<4} CMD\n"
+            )
+
+    def page(self, rows: list[list[Any]]) -> None:
+        if not self.started:
+            self._start()
+        if self.as_json:
+            # One job per line: the C encoder (indent= would switch to the slow Python one);
+            # the rows are JobInfo's fields in order, so the objects are JobInfo's, as before.
+            if rows:
+                keys = wire.JOB_COLUMNS
+                lead = ",\n" if self.n else ""
+                self.out.write(
+                    lead + ",\n".join(json.dumps(dict(zip(keys, r, strict=True))) for r in rows)
+                )
+            self.n += len(rows)
+            return
+        self._rows([_JobRow._make(r) for r in rows])
+
+    def _rows(self, jobs: list[Any]) -> None:
+        out, history, now = self.out, self.history, self.now
         for j in jobs:
-            counts[j.state] = counts.get(j.state, 0) + 1
-        total = f"{len(jobs)} job" + ("" if len(jobs) == 1 else "s")
-        parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        out.write(f"\n{total}" + (f": {parts}" if parts else "") + "\n")
-    return 0
+            cmd = printable(" ".join((os.path.basename(j.executable), *j.args))[:60])
+            if history:
+                ex = (
+                    f"sig {j.exit_signal}"
+                    if j.exit_signal is not None
+                    else str(j.exit_code)
+                    if j.exit_code is not None
+                    else "-"
+                )
+                extra = f"{ex:<9}"
+            else:
+                extra = f"{j.sessions:<4}"
+                self.counts[j.state] = self.counts.get(j.state, 0) + 1
+            owner = printable(j.owner)
+            out.write(
+                f"{j.id:<10} {owner:<10} {j.state:<10} {_fmt_time(j.submitted):<15} "
+                f"{_fmt_dur(j):<11} {extra} {cmd}\n"
+            )
+            if j.hold_reason and j.state == "held":
+                # Under its row, so that a long reason cannot push the columns apart.
+                out.write(f"{'':<10} hold reason: {printable(j.hold_reason)}\n")
+                if j.debug_until > now:
+                    left = _left(j.debug_until - now)
+                    out.write(f"{'':<10} debug hold: {left} left; connect: ssh-to-job {j.id}\n")
+        self.n += len(jobs)
+
+    def close(self) -> None:
+        if not self.started:
+            self._start()
+        if self.as_json:
+            self.out.write("\n]\n")
+        elif not self.history:
+            total = f"{self.n} job" + ("" if self.n == 1 else "s")
+            parts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
+            self.out.write(f"\n{total}" + (f": {parts}" if parts else "") + "\n")
 
 
 def cmd_act(a: argparse.Namespace) -> int:
