@@ -18,7 +18,6 @@ else. Nothing here decides a job's fate: that is ``_jobs``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pwd
@@ -365,15 +364,12 @@ class Connections:
         states: tuple[str, ...],
         owner_uid: int | None,
     ) -> None:
-        """A listing as ``job_table`` pages: rows of plain values, one ``json.dumps`` each."""
-        rows: list[list[object]] = []
-        for row in self.queue.table_rows(ids, states, owner_uid):
-            rows.append(row)
-            if len(rows) == PAGE:
-                text = json.dumps(rows, separators=(",", ":"))
-                await stream.send(wire.JobTable(wire.JOB_COLUMNS, text, last=False))
-                rows = []
-        text = json.dumps(rows, separators=(",", ":"))
+        """A listing as ``job_table`` pages, each sent as soon as SQLite has written it."""
+        pages = self.queue.table_pages(ids, states, owner_uid, PAGE)
+        text = next(pages)
+        for after in pages:
+            await stream.send(wire.JobTable(wire.JOB_COLUMNS, text, last=False))
+            text = after
         await stream.send(wire.JobTable(wire.JOB_COLUMNS, text, last=True))
 
     def known_starters(self) -> set[str]:

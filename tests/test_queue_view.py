@@ -5,10 +5,14 @@ connect."""
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 import time
 
 from conftest import Pool, User, wait_for
+
+from ssh_to_job import wire
+from ssh_to_job.broker import _queue
 
 
 def _rows(text: str) -> tuple[list[str], list[str], str]:
@@ -107,3 +111,27 @@ def test_summary_of_an_empty_or_unknown_selection(pool: Pool, users: dict[str, U
     r = pool.stj(a, "q", "abc", check=False)
     assert r.returncode == 2
     assert time.monotonic() - t0 < 10
+
+
+def test_job_table_rows_equal_the_job_infos(tmp_path: pathlib.Path) -> None:
+    """The broker's job_table pages (JSON written by SQLite, the spec spliced in) read back
+    as exactly JobInfo's values: quotes, control characters, non-ASCII, nulls, pids, and times
+    to the last bit; paged as asked, with one empty page for an empty listing."""
+    q = _queue.JobQueue(tmp_path / "queue.db")
+    try:
+        spec = wire.JobSpec(
+            executable='/bin/s"h\x1b', args=("-c", "ü \\ x"), env={}, initialdir="/tmp/a b"
+        )
+        q.submit(spec, 5, "stjta", 1001, 1001)
+        q.submit(wire.JobSpec(executable="/bin/true"), 2, "stjtb", 1002, 1002)
+        q.set_state("1.0", "held", hold_reason='why "\x07', debug_until=5.0, pid=77)
+        q.set_state("1.1", "running", started=0.1 + 0.2, exit_code=3, exit_signal=9)
+        pages = list(q.table_pages(page=3))
+        assert len(pages) == 3
+        rows = [r for p in pages for r in json.loads(p)]
+        infos = [[getattr(i, c) for c in wire.JOB_COLUMNS] for i in q.infos()]
+        assert rows == [[list(v) if isinstance(v, tuple) else v for v in i] for i in infos]
+        assert rows[1][wire.JOB_COLUMNS.index("started")] == 0.1 + 0.2
+        assert list(q.table_pages(wire.parse_job_id("99"))) == ["[]"]
+    finally:
+        q.close()
