@@ -476,6 +476,23 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
     return 0
 
 
+def _json_lines(rows: list[list[Any]]) -> str:
+    """A page of rows as JobInfo objects (the rows are its fields in order), one per line.
+
+    One call of the C encoder for the whole page (indent= would switch to the slow Python
+    one), then a line break at each boundary between objects: ``}, {`` occurs there
+    ``len(rows) - 1`` times, and any more means a job's text contains it too; then each
+    object is encoded on its own instead.
+    """
+    keys = wire.JOB_COLUMNS
+    objs = [dict(zip(keys, r, strict=True)) for r in rows]
+    text = json.dumps(objs)[1:-1]
+    if text.count("}, {") == len(objs) - 1:
+        return text.replace("}, {", "},\n{")
+    encode = json.JSONEncoder().encode
+    return ",\n".join([encode(o) for o in objs])
+
+
 #: A row of a ``job_table``: read by field name like ``wire.JobInfo``, without building one.
 _JobRow = collections.namedtuple("_JobRow", wire.JOB_COLUMNS)  # type: ignore[misc]
 
@@ -511,14 +528,8 @@ class _JobPrinter:
         if not self.started:
             self._start()
         if self.as_json:
-            # One job per line: the C encoder (indent= would switch to the slow Python one);
-            # the rows are JobInfo's fields in order, so the objects are JobInfo's, as before.
             if rows:
-                keys = wire.JOB_COLUMNS
-                lead = ",\n" if self.n else ""
-                self.out.write(
-                    lead + ",\n".join(json.dumps(dict(zip(keys, r, strict=True))) for r in rows)
-                )
+                self.out.write((",\n" if self.n else "") + _json_lines(rows))
             self.n += len(rows)
             return
         self._rows([_JobRow._make(r) for r in rows])

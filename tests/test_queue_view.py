@@ -135,3 +135,37 @@ def test_job_table_rows_equal_the_job_infos(tmp_path: pathlib.Path) -> None:
         assert list(q.table_pages(wire.parse_job_id("99"))) == ["[]"]
     finally:
         q.close()
+
+
+def test_json_listing_is_one_object_per_line_whatever_the_text() -> None:
+    """`stj q --json` writes one JobInfo object per line, also when a job's arguments contain
+    the text that separates objects (`}, {`), and each line reads back as that job."""
+    from ssh_to_job.client.stj import _json_lines
+
+    base = [
+        "1.0",
+        "a",
+        1,
+        "idle",
+        "/x",
+        ["y"],
+        1.5,
+        None,
+        None,
+        None,
+        None,
+        "",
+        "",
+        [],
+        "",
+        "/",
+        0,
+        0.0,
+    ]
+    for args in (["plain"], ["}, {", "x"]):
+        rows = [base, [*base[:5], args, *base[6:]], base]
+        lines = _json_lines(rows).split("\n")
+        assert len(lines) == 3
+        got = [json.loads(line.rstrip(",")) for line in lines]
+        assert [list(o.values()) for o in got] == rows
+        assert list(got[0]) == list(wire.JOB_COLUMNS)
