@@ -200,6 +200,8 @@ class Bench:
             "LANG": "C.UTF-8",
             "SHELL": "/bin/bash",
             "TMPDIR": "/tmp",
+            # Cold sessions everywhere but in the repeat phase, which turns the master on.
+            "SSH_TO_JOB_MUX": "0",
         }
 
     def as_user(self, argv: Sequence[str]) -> list[str]:
@@ -393,7 +395,9 @@ Host *
         # A unique starter name: the starter's cgroup is named after it, and a second starter
         # with the same name (another pool on this host) would treat ours as leftovers.
         (self.state / "config.toml").write_text(
-            f'[starter]\nname = "stjbench-{self.tok}"\nslots = {slots}\n'
+            # The queue phase puts 100,000 jobs of one user in the queue.
+            f'[broker]\nmax_jobs_per_user = 200000\n[starter]\nname = "stjbench-{self.tok}"\n'
+            f"slots = {slots}\n"
         )
         log = open(self.state / "pool.log", "ab")
         self.pool = subprocess.Popen(
@@ -660,23 +664,61 @@ Host *
                 out[n]["ratio"] = paired_ratio(out[n]["raw"], out[fl]["raw"])
         return out
 
+    def _end_master(self) -> None:
+        """Stop the bench user's repeat-command master for the job, so a round starts cold."""
+        from ssh_to_job.client import _mux
+
+        base = pathlib.Path("/tmp") / f"ssh-to-job-{self.user.pw_uid}"
+        sock = _mux.socket_path(base, str(self.state / "broker.sock"), self.job, ("/bin/bash",))
+        if sock.exists():
+            self.run_user(["ssh", "-F", "none", "-S", str(sock), "-O", "exit", "x"], timeout=20)
+            deadline = time.monotonic() + 10
+            while sock.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
     def phase_repeat(self) -> None:
+        """Ten commands in a row into one job: the product as shipped (the first a full
+        session, the next nine through its ControlMaster), the product with the master off
+        (SSH_TO_JOB_MUX=0: ten full sessions), and the floor (ten plain ssh logins)."""
         rounds = 2 if self.quick else 3
+        mux = {"SSH_TO_JOB_MUX": "1"}
         cmds = {
-            "ssh-to-job": {"argv": self.ssh_to_job(self.job, "true")},
+            "ssh-to-job": {"argv": self.ssh_to_job(self.job, "true"), "env": mux},
+            "ssh-to-job, no master": {
+                "argv": self.ssh_to_job(self.job, "true"),
+                "env": {"SSH_TO_JOB_MUX": "0"},
+            },
             "floor": {"argv": self.floor_ssh("floor", "true"), "env": {"SHELL": "/bin/sh"}},
         }
-        merged: dict[str, list[Json]] = {"ssh-to-job": [], "floor": []}
-        totals: dict[str, list[float]] = {"ssh-to-job": [], "floor": []}
+        merged: dict[str, list[Json]] = {k: [] for k in cmds}
+        totals: dict[str, list[float]] = {k: [] for k in cmds}
+        first: list[float] = []
+        repeats: list[float] = []
+        repeat_cpu: list[float] = []
         for _ in range(rounds):
+            self._end_master()
             res = self.worker("times", {"cmds": cmds, "reps": 10, "order": "block"})["runs"]
             for k, v in res.items():
                 merged[k].extend(v)
                 totals[k].append(sum(r["wall"] for r in v))
+            ok = [r for r in res["ssh-to-job"] if r["rc"] == 0]
+            if ok:
+                first.append(ok[0]["wall"])
+                repeats.extend(r["wall"] for r in ok[1:])
+                repeat_cpu.extend(r["cpu"] for r in ok[1:])
+        self._end_master()
         out = self._times_result(merged)
         for k in totals:
             out[k]["ten_in_a_row"] = summary(totals[k])
+        out["ssh-to-job"]["first"] = summary(first)
+        out["ssh-to-job"]["repeat"] = summary(repeats)
+        out["ssh-to-job"]["repeat_cpu"] = summary(repeat_cpu)
         self.results["phases"]["repeat"] = out
+        self.log(
+            f"  repeat: first {summary(first).get('median', 0) * 1000:.0f} ms, then "
+            f"{summary(repeats).get('median', 0) * 1000:.1f} ms each (no master: "
+            f"{out['ssh-to-job, no master']['wall'].get('median', 0) * 1000:.0f} ms)"
+        )
 
     def phase_throughput(self) -> None:
         reps = 2 if self.quick else 4
@@ -881,21 +923,29 @@ Host *
             rec["submit_s"] = r["wall"]
             rec["jobs_per_s"] = count / r["wall"]
             rec["queue_size"] = total
-            qrec: Json = {}
-            with self.daemons(qrec):
-                res = self.worker(
-                    "times",
-                    {"cmds": {"stj q": {"argv": [stj, "q"], "timeout": 600}}, "reps": q_reps},
-                )["runs"]["stj q"]
-            qrec["wall"] = summary([x["wall"] for x in res if x["rc"] == 0])
-            qrec["client_cpu"] = summary([x["cpu"] for x in res])
-            qrec["failed"] = sum(1 for x in res if x["rc"] != 0)
-            rec["q"] = qrec
+            # The three views: per cluster (the default), every job, every job as JSON.
+            for key, extra in (("q", []), ("q_nobatch", ["--nobatch"]), ("q_json", ["--json"])):
+                qrec: Json = {}
+                with self.daemons(qrec):
+                    res = self.worker(
+                        "times",
+                        {
+                            "cmds": {"stj q": {"argv": [stj, "q", *extra], "timeout": 600}},
+                            "reps": q_reps if extra else 3 * q_reps,
+                        },
+                    )["runs"]["stj q"]
+                qrec["wall"] = summary([x["wall"] for x in res if x["rc"] == 0])
+                qrec["client_cpu"] = summary([x["cpu"] for x in res])
+                qrec["failed"] = sum(1 for x in res if x["rc"] != 0)
+                qrec["reps"] = len(res)
+                rec[key] = qrec
             rec["broker_rss_after_mib"] = proc_mem(self.broker_pid).get("VmRSS")
             out[label] = rec
             self.log(
                 f"  queue {total}: submit {rec['jobs_per_s']:.0f} jobs/s, stj q "
-                f"{qrec['wall'].get('median', 0):.2f}s, broker "
+                f"{rec['q']['wall'].get('median', 0) * 1000:.0f} ms, --nobatch "
+                f"{rec['q_nobatch']['wall'].get('median', 0):.2f} s, --json "
+                f"{rec['q_json']['wall'].get('median', 0):.2f} s, broker "
                 f"{rec['broker_rss_after_mib']:.0f} MiB"
             )
         # One job at a time: the CLI as a user types it, and the broker alone.
@@ -937,6 +987,11 @@ Host *
         cmds: Json = {
             "srun --overlap true": {"argv": [*srun, "true"]},
             "ssh-to-job true": {"argv": self.ssh_to_job(self.job, "true")},
+            # As shipped: after the first, every command goes through the job's master.
+            "ssh-to-job true, master": {
+                "argv": self.ssh_to_job(self.job, "true"),
+                "env": {"SSH_TO_JOB_MUX": "1"},
+            },
         }
         res = self.worker("times", {"cmds": cmds, "reps": 10 if self.quick else 20}, env=env)[
             "runs"

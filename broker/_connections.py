@@ -281,6 +281,8 @@ class Connections:
             await stream.send(self.jobs.submit(msg, uid, gid))
         elif isinstance(msg, wire.Query):
             await self._query(stream, msg)
+        elif isinstance(msg, wire.ClusterQuery):
+            await self._cluster_query(stream, msg)
         elif isinstance(msg, wire.Act):
             await stream.send(await self.jobs.act(msg, uid))
         elif isinstance(msg, wire.SshAllow):
@@ -328,15 +330,18 @@ class Connections:
             ssh_host_ca=self.pki.ssh_host_ca_line(),
         )
 
-    async def _query(self, stream: FramedStream, msg: wire.Query) -> None:
-        states = _queue.FINISHED_STATES if msg.history else _queue.LIVE_STATES
+    @staticmethod
+    def _query_scope(
+        msg: wire.Query | wire.ClusterQuery,
+    ) -> tuple[wire.JobId | None, int | None] | wire.Error | None:
+        """The ids and owner a query names; an Error for a bad id, None for an owner who
+        cannot exist (the answer is empty)."""
         ids: wire.JobId | None = None
         if msg.ids:
             try:
                 ids = wire.parse_job_id(msg.ids[0])
             except ValueError as exc:
-                await stream.send(wire.Error("bad_request", str(exc)))
-                return
+                return wire.Error("bad_request", str(exc))
         owner_uid = None
         if msg.owner:
             # isascii: '²'.isdigit() is true, and int() refuses it.
@@ -345,8 +350,37 @@ class Connections:
             else:
                 owner_uid = _uid_of(msg.owner)
             if owner_uid is None or not 0 <= owner_uid < 1 << 32:
-                await stream.send(wire.JobList(jobs=(), last=True))
-                return
+                return None
+        return ids, owner_uid
+
+    async def _cluster_query(self, stream: FramedStream, msg: wire.ClusterQuery) -> None:
+        scope = self._query_scope(msg)
+        if isinstance(scope, wire.Error):
+            await stream.send(scope)
+            return
+        page: list[wire.ClusterInfo] = []
+        if scope is not None:
+            for info in self.queue.clusters(*scope):
+                page.append(info)
+                if len(page) == PAGE:
+                    await stream.send(wire.ClusterList(clusters=tuple(page), last=False))
+                    page = []
+        await stream.send(wire.ClusterList(clusters=tuple(page), last=True))
+
+    async def _query(self, stream: FramedStream, msg: wire.Query) -> None:
+        states = _queue.FINISHED_STATES if msg.history else _queue.LIVE_STATES
+        scope = self._query_scope(msg)
+        if isinstance(scope, wire.Error):
+            await stream.send(scope)
+            return
+        if scope is None:
+            empty = wire.JobTable(wire.JOB_COLUMNS, "[]") if msg.table else wire.JobList(jobs=())
+            await stream.send(empty)
+            return
+        ids, owner_uid = scope
+        if msg.table:
+            await self._query_table(stream, ids, states, owner_uid)
+            return
         page: list[wire.JobInfo] = []
         for info in self.queue.infos(ids, states, owner_uid):
             page.append(info)
@@ -354,6 +388,21 @@ class Connections:
                 await stream.send(wire.JobList(jobs=tuple(page), last=False))
                 page = []
         await stream.send(wire.JobList(jobs=tuple(page), last=True))
+
+    async def _query_table(
+        self,
+        stream: FramedStream,
+        ids: wire.JobId | None,
+        states: tuple[str, ...],
+        owner_uid: int | None,
+    ) -> None:
+        """A listing as ``job_table`` pages, each sent as soon as SQLite has written it."""
+        pages = self.queue.table_pages(ids, states, owner_uid, PAGE)
+        text = next(pages)
+        for after in pages:
+            await stream.send(wire.JobTable(wire.JOB_COLUMNS, text, last=False))
+            text = after
+        await stream.send(wire.JobTable(wire.JOB_COLUMNS, text, last=True))
 
     def known_starters(self) -> set[str]:
         """Every starter enrolled in this pool whose certificates are not all revoked."""

@@ -614,6 +614,54 @@ class JobQueue:
                 debug_until,
             )
 
+    def table_pages(
+        self,
+        ids: wire.JobId | None = None,
+        states: tuple[str, ...] = LIVE_STATES,
+        owner_uid: int | None = None,
+        page: int = 2000,
+    ) -> Iterator[str]:
+        """What ``infos`` gives, as ``job_table`` pages: the JSON text of a list of rows of
+        ``wire.JOB_COLUMNS`` values, up to ``page`` rows each (always at least one page).
+
+        SQLite writes each row's JSON but for the spec's parts, which Python splices in from
+        one parsed copy per cluster: half the time of building lists for ``json.dumps``.
+        Times are printed with 17 significant digits (``%!.17g``), so that they read back as
+        exactly the stored floats (SQLite's own JSON numbers keep 15).
+        """
+
+        def num(col: str) -> str:
+            return f"CASE WHEN {col} IS NULL THEN 'null' ELSE printf('%!.17g', {col}) END"
+
+        head = "json_array(j.cluster || '.' || j.proc, j.owner, j.owner_uid, j.state)"
+        mid = (
+            f"'[' || {num('j.submitted')} || ',' || {num('j.started')} || ',' || "
+            f"{num('j.finished')} || ',' || substr(json_array(j.exit_code, j.exit_signal,"
+            " j.hold_reason, j.starter, CASE WHEN j.pid THEN json_array(j.pid) ELSE json_array()"
+            " END, j.scratch), 2)"
+        )
+        tail = f"'[' || j.sessions || ',' || {num('j.debug_until')} || ']'"
+        cols = f"j.spec_id, {head}, {mid}, {tail}"
+        # A cluster's procs share one spec: its JSON parts are made once per listing.
+        frags: dict[int, tuple[str, str]] = {}
+        rows: list[str] = []
+        for spec_id, a, b, c in self._select(cols, ids, states, owner_uid):
+            f = frags.get(spec_id)
+            if f is None:
+                ((text,),) = self.db.execute("SELECT spec FROM specs WHERE id = ?", (spec_id,))
+                d = _spec_dict(text)
+                f = frags[spec_id] = (
+                    json.dumps([d["executable"], d["args"]], separators=(",", ":"))[1:-1],
+                    json.dumps(d["initialdir"]),
+                )
+            # a = [id,owner,uid,state]; b = [submitted,started,finished,exit...,scratch];
+            # c = [sessions,debug_until]: spliced in JobInfo's order with the spec's parts.
+            rows.append(f"{a[:-1]},{f[0]},{b[1:-1]},{f[1]},{c[1:]}")
+            if len(rows) == page:
+                yield "[" + ",".join(rows) + "]"
+                rows = []
+        yield "[" + ",".join(rows) + "]"
+
     def _select(
         self, columns: str, ids: wire.JobId | None, states: tuple[str, ...], owner_uid: int | None
     ) -> sqlite3.Cursor:
@@ -673,3 +721,96 @@ class JobQueue:
     def counts(self) -> dict[str, int]:
         cur = self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {state: n for state, n in cur}
+
+    def clusters(
+        self, ids: wire.JobId | None = None, owner_uid: int | None = None
+    ) -> list[wire.ClusterInfo]:
+        """What ``stj q`` shows by default: one summary per cluster of live jobs.
+
+        Counted by SQLite from the ``jobs_by_state`` index alone (100,000 idle jobs in about
+        10 ms, where one pass over the rows with every column took 150 ms); only the rows that
+        have more to say are read: a held job's reason and debug hold, a running job's
+        sessions, and one row per cluster for its owner, time and command.
+        """
+        where: list[str] = []
+        args: list[object] = []
+        if ids is not None:
+            where.append("cluster = ?")
+            args.append(ids.cluster)
+            if ids.proc is not None:
+                where.append("proc = ?")
+                args.append(ids.proc)
+        if owner_uid is not None:
+            where.append("owner_uid = ?")
+            args.append(owner_uid)
+        cond = "".join(f" AND {w}" for w in where)
+        live = ", ".join("?" * len(LIVE_STATES))
+        counts: dict[int, dict[str, int]] = {}
+        cur = self.db.execute(
+            f"SELECT cluster, state, COUNT(*) FROM jobs WHERE state IN ({live}){cond}"  # noqa: S608
+            " GROUP BY state, cluster",
+            (*LIVE_STATES, *args),
+        )
+        for cluster, state, n in cur:
+            counts.setdefault(cluster, {})[state] = n
+        if not counts:
+            return []
+        # Held jobs: the lowest and highest reason say whether they share one; a debug hold
+        # not yet past its end is one to connect to (its lowest proc).
+        now = time.time()
+        held: dict[int, tuple[str, str, int, int | None, float | None]] = {}
+        cur = self.db.execute(
+            "SELECT cluster, MIN(hold_reason), MAX(hold_reason), SUM(debug_until > ?),"  # noqa: S608
+            " MIN(CASE WHEN debug_until > ? THEN proc END),"
+            " MAX(CASE WHEN debug_until > ? THEN debug_until END)"
+            f" FROM jobs WHERE state = ?{cond} GROUP BY cluster",
+            (now, now, now, HELD, *args),
+        )
+        for cluster, lo, hi, n_debug, debug_proc, until in cur:
+            held[cluster] = (lo, hi, n_debug, debug_proc, until)
+        sessions: dict[int, int] = dict(
+            self.db.execute(
+                f"SELECT cluster, SUM(sessions) FROM jobs WHERE state IN (?, ?, ?){cond}"  # noqa: S608
+                " AND sessions > 0 GROUP BY cluster",
+                (RUNNING, SUSPENDED, HELD, *args),
+            )
+        )
+        # Every proc of a cluster shares its owner, submit time and spec: read the lowest.
+        meta: dict[int, tuple[str, int, float, str]] = {}
+        for cluster in counts:
+            row = self.db.execute(
+                "SELECT j.owner, j.owner_uid, j.submitted, s.spec FROM jobs j"
+                " JOIN specs s ON s.id = j.spec_id WHERE j.cluster = ? ORDER BY j.proc LIMIT 1",
+                (cluster,),
+            ).fetchone()
+            meta[cluster] = row
+        out: list[wire.ClusterInfo] = []
+        for cluster in sorted(counts):
+            c = counts[cluster]
+            owner, uid, submitted, spec = meta[cluster]
+            d = _spec_dict(spec)
+            reason_lo, reason_hi, debug_held, debug_proc, debug_until = held.get(
+                cluster, ("", "", 0, None, None)
+            )
+            out.append(
+                wire.ClusterInfo(
+                    cluster,
+                    owner,
+                    uid,
+                    submitted,
+                    d["executable"],
+                    d["args_t"],
+                    c.get(IDLE, 0),
+                    c.get(RUNNING, 0),
+                    c.get(SUSPENDED, 0),
+                    c.get(HELD, 0),
+                    c.get(RELEASING, 0),
+                    sessions.get(cluster, 0),
+                    reason_lo,
+                    reason_lo != reason_hi,
+                    debug_held,
+                    f"{cluster}.{debug_proc}" if debug_proc is not None else "",
+                    debug_until or 0.0,
+                )
+            )
+        return out

@@ -11,7 +11,8 @@ import os
 import pathlib
 import socket
 import sys
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ssh_to_job import common, wire
 
@@ -135,6 +136,49 @@ class BrokerClient:
             if not isinstance(reply, wire.JobList):
                 raise BrokerUnavailable(f"the broker answered {reply.TYPE!r} to a query")
             out.extend(reply.jobs)
+            if reply.last:
+                return out
+            reply = self._receive()
+
+    def job_table(
+        self, query: wire.Query, on_page: Callable[[list[list[Any]]], None]
+    ) -> wire.Error | None:
+        """The rows of a ``query`` with ``table`` (``wire.JOB_COLUMNS`` values each), handed
+        to ``on_page`` a page at a time as they arrive, so that the caller's work overlaps
+        the broker's; each row's length is checked, its values are the caller's to check."""
+        import json  # only listings need it, not a session's start-up
+
+        import attrs
+
+        reply = self.request(attrs.evolve(query, table=True))
+        width = len(wire.JOB_COLUMNS)
+        while True:
+            if isinstance(reply, wire.Error):
+                return reply
+            if not isinstance(reply, wire.JobTable):
+                raise BrokerUnavailable(f"the broker answered {reply.TYPE!r} to a query")
+            if reply.columns != wire.JOB_COLUMNS:
+                raise BrokerUnavailable("the broker's job rows have other columns than ours")
+            try:
+                rows = json.loads(reply.rows)
+            except ValueError:
+                rows = None
+            if type(rows) is not list or not all(type(r) is list and len(r) == width for r in rows):
+                raise BrokerUnavailable("the broker sent malformed job rows")
+            on_page(rows)
+            if reply.last:
+                return None
+            reply = self._receive()
+
+    def clusters(self, query: wire.ClusterQuery) -> list[wire.ClusterInfo] | wire.Error:
+        reply = self.request(query)
+        out: list[wire.ClusterInfo] = []
+        while True:
+            if isinstance(reply, wire.Error):
+                return reply
+            if not isinstance(reply, wire.ClusterList):
+                raise BrokerUnavailable(f"the broker answered {reply.TYPE!r} to a query")
+            out.extend(reply.clusters)
             if reply.last:
                 return out
             reply = self._receive()

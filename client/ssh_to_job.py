@@ -32,7 +32,7 @@ import attrs
 
 from ssh_to_job import wire
 
-from . import _persist
+from . import _mux, _persist
 from ._broker import BrokerClient, BrokerUnavailable, die, find_socket
 
 USAGE = """\
@@ -314,6 +314,17 @@ def runtime_dir() -> tuple[pathlib.Path, bool]:
 def sweep_stale(base: pathlib.Path) -> None:
     """Remove session directories whose ssh-to-job process is gone (killed with SIGKILL)."""
     for entry in base.iterdir():
+        if entry.name.startswith("mux-"):
+            # A repeat-command master's socket (its ssh removes it), or the config and lock
+            # beside it: those go once no master has used them for a while.
+            stem = entry.name.split(".", 1)[0]
+            try:
+                idle = time.time() - entry.lstat().st_mtime > 600
+            except FileNotFoundError:
+                continue
+            if entry.name != stem and idle and not (base / stem).exists():
+                entry.unlink(missing_ok=True)
+            continue
         try:
             pid = int((entry / "pid").read_text())
         except (OSError, ValueError):
@@ -573,7 +584,7 @@ def run(opts: Options) -> int:
     try:
         with signals:
             (d / "pid").write_text(str(os.getpid()))
-            return _session(opts, jid, shells, d, signals)
+            return _session(opts, jid, shells, d, signals, base if shared else None)
     except KeyboardInterrupt:
         if opts.remove_on_interrupt:
             _remove_job(opts, jid)
@@ -590,20 +601,45 @@ def _debug(opts: Options, msg: str) -> None:
         print(f"ssh-to-job: {msg}", file=sys.stderr)
 
 
+def _through_master(opts: Options, d: pathlib.Path, path: pathlib.Path, signals: _Signals) -> int:
+    """A repeat command: through this user's live master for the job, no broker (_mux)."""
+    _debug(opts, f"reusing this job's session through {path}")
+    _write(d / "config", _mux.client_config(path, opts.debug).encode())
+    argv = build_argv(opts, d / "config")
+    try:
+        child = subprocess.Popen(argv)
+    except OSError as exc:
+        return die(f"cannot run {argv[0]}: {exc.strerror}")
+    signals.child = child
+    rc = child.wait()
+    return rc if rc >= 0 else 128 - rc
+
+
 def _session(
     opts: Options,
     jid: wire.JobId | SlurmJobId,
     shells: tuple[str, ...],
     d: pathlib.Path,
     signals: _Signals,
+    mux_dir: pathlib.Path | None = None,
 ) -> int:
+    # A remote pool needs no local broker, config or state dir.
+    sockpath = find_socket(opts.name) if not opts.pool else None
+    mux_path: pathlib.Path | None = None
+    # A --persist session needs its tmux session made ready by the starter: always a full one.
+    # -debug shows a whole set-up and -remove-on-interrupt acts on this session: full ones.
+    full = opts.persist or opts.debug or opts.remove_on_interrupt
+    if mux_dir is not None and not full and _mux.usable(shlex.split(opts.ssh), opts.x11):
+        mux_path = _mux.socket_path(mux_dir, opts.pool or str(sockpath), jid.one, shells)
+        # An interactive login takes a session of its own (and its welcome line): see _mux.
+        login = not opts.command and os.path.basename(shlex.split(opts.ssh)[0]) == "ssh"
+        if not login and _mux.alive(mux_path):
+            return _through_master(opts, d, mux_path, signals)
     try:
         private, public = generate_key(opts.keygen)
     except UsageError as exc:
         return die(str(exc), 2)
     _write(d / "id", private)
-    # A remote pool needs no local broker, config or state dir.
-    sockpath = find_socket(opts.name) if not opts.pool else None
     _debug(opts, f"asking broker {opts.pool or sockpath} for a session into job {jid.one}")
     since = time.monotonic()
     status_shown = False
@@ -671,6 +707,14 @@ def _session(
         listener.bind("\0" + proxy_name)
         listener.listen(1)
         argv = build_argv(opts, d / "config")
+        if (
+            mux_path is not None
+            and ready.mux_persist > 0
+            and not (forward_agent or opts.debug or opts.remove_on_interrupt)
+            and _mux.claim(mux_path)
+        ):
+            # The first command of a burst: its ssh stays as this job's master (_mux).
+            argv[1:1] = _mux.master_options(mux_path, ready.mux_persist)
         if ready.banner and not opts.command and os.path.basename(argv[0]) == "ssh":
             print(ready.banner, file=sys.stderr, flush=True)
         if not ready.agent_forwarding and wants_agent(shlex.split(opts.ssh)[1:]):

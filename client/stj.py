@@ -7,7 +7,9 @@ commands are small blocking clients of the broker's unix socket.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import gc
 import json
 import os
 import pathlib
@@ -21,7 +23,7 @@ import attrs
 
 from ssh_to_job import common, wire
 
-from . import _interactive, _pool
+from . import _interactive, _pool, _qfast
 from ._broker import (
     BrokerClient,
     BrokerRefused,
@@ -134,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.add_argument("--owner")
         p.add_argument("ids", nargs="*")
+        if name == "q":
+            p.add_argument(
+                "--nobatch",
+                "--all",
+                action="store_true",
+                help="one line per job instead of one per cluster (--json always lists jobs)",
+            )
         if name == "history":
             p.add_argument(
                 "--sessions",
@@ -438,21 +447,12 @@ def _fmt_dur(j: wire.JobInfo) -> str:
     return f"{s // 86400}+{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-_JOB_FIELDS = tuple(f.name for f in attrs.fields(wire.JobInfo))
-
-
 def _left(seconds: float) -> str:
     s = int(seconds)
     if s < 120:
         return f"{s} s"
     h, m = divmod(s // 60, 60)
     return f"{h}h{m:02d}m" if h else f"{m} min"
-
-
-def _job_dict(j: wire.JobInfo) -> dict[str, Any]:
-    d = {name: getattr(j, name) for name in _JOB_FIELDS}
-    d["args"], d["pids"] = list(j.args), list(j.pids)
-    return d
 
 
 def _bad_id(ids: list[str]) -> int | None:
@@ -465,70 +465,148 @@ def _bad_id(ids: list[str]) -> int | None:
     return None
 
 
-def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
-    if (rc := _bad_id(a.ids)) is not None:
-        return rc
+def cmd_q_clusters(a: argparse.Namespace) -> int:
+    """``stj q``: one line per cluster, counted by the broker (condor_q's batch view). The
+    plain form is answered by ``_qfast`` before this module loads; this one serves the rest
+    (``--name``, ``--config``, ``--state-dir``)."""
     try:
         with _client(a) as bc:
-            jobs: list[wire.JobInfo] = []
+            clusters: list[wire.ClusterInfo] = []
             for ident in a.ids or [""]:
-                got = bc.jobs(
-                    wire.Query(ids=(ident,) if ident else (), history=history, owner=a.owner or "")
+                got = bc.clusters(
+                    wire.ClusterQuery(ids=(ident,) if ident else (), owner=a.owner or "")
                 )
                 if isinstance(got, wire.Error):
                     return die(got.message)
-                jobs.extend(got)
+                clusters.extend(got)
     except BrokerUnavailable as exc:
         return die(str(exc))
-    if a.json:
-        # One job per line: the C encoder (indent= would switch to the slow Python one).
-        sys.stdout.write("[\n" + ",\n".join(json.dumps(_job_dict(j)) for j in jobs) + "\n]")
-        print()
-        return 0
-    out = sys.stdout
-    if history:
-        out.write(
-            f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
-            f"{'EXIT':<9} CMD\n"
-        )
-    else:
-        out.write(
-            f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
-            f"{'SSH':<4} CMD\n"
-        )
-    now = time.time()
-    for j in jobs:
-        cmd = printable(" ".join((os.path.basename(j.executable), *j.args))[:60])
-        if history:
-            ex = (
-                f"sig {j.exit_signal}"
-                if j.exit_signal is not None
-                else str(j.exit_code)
-                if j.exit_code is not None
-                else "-"
-            )
-            extra = f"{ex:<9}"
-        else:
-            extra = f"{j.sessions:<4}"
-        owner = printable(j.owner)
-        out.write(
-            f"{j.id:<10} {owner:<10} {j.state:<10} {_fmt_time(j.submitted):<15} "
-            f"{_fmt_dur(j):<11} {extra} {cmd}\n"
-        )
-        if j.hold_reason and j.state == "held":
-            # Under its row, so that a long reason cannot push the columns apart.
-            out.write(f"{'':<10} hold reason: {printable(j.hold_reason)}\n")
-            if j.debug_until > now:
-                left = _left(j.debug_until - now)
-                out.write(f"{'':<10} debug hold: {left} left; connect: ssh-to-job {j.id}\n")
-    if not history:
-        counts: dict[str, int] = {}
-        for j in jobs:
-            counts[j.state] = counts.get(j.state, 0) + 1
-        total = f"{len(jobs)} job" + ("" if len(jobs) == 1 else "s")
-        parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        out.write(f"\n{total}" + (f": {parts}" if parts else "") + "\n")
+    sys.stdout.write(_qfast.render([attrs.asdict(c) for c in clusters]))
     return 0
+
+
+def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
+    if (rc := _bad_id(a.ids)) is not None:
+        return rc
+    if not history and not a.json and not a.nobatch:
+        return cmd_q_clusters(a)
+    # A listing of 100,000 jobs makes millions of small objects that all live until this
+    # short process exits: the cycle collector's passes over them would double the time.
+    gc.disable()
+    printer = _JobPrinter(history, a.json)
+    try:
+        with _client(a) as bc:
+            for ident in a.ids or [""]:
+                err = bc.job_table(
+                    wire.Query(ids=(ident,) if ident else (), history=history, owner=a.owner or ""),
+                    printer.page,
+                )
+                if err is not None:
+                    return die(err.message)
+    except BrokerUnavailable as exc:
+        return die(str(exc))
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        return die(f"the broker sent a malformed job row: {exc}")
+    printer.close()
+    return 0
+
+
+def _json_lines(rows: list[list[Any]]) -> str:
+    """A page of rows as JobInfo objects (the rows are its fields in order), one per line.
+
+    One call of the C encoder for the whole page (indent= would switch to the slow Python
+    one), then a line break at each boundary between objects: ``}, {`` occurs there
+    ``len(rows) - 1`` times, and any more means a job's text contains it too; then each
+    object is encoded on its own instead.
+    """
+    keys = wire.JOB_COLUMNS
+    objs = [dict(zip(keys, r, strict=True)) for r in rows]
+    text = json.dumps(objs)[1:-1]
+    if text.count("}, {") == len(objs) - 1:
+        return text.replace("}, {", "},\n{")
+    encode = json.JSONEncoder().encode
+    return ",\n".join([encode(o) for o in objs])
+
+
+#: A row of a ``job_table``: read by field name like ``wire.JobInfo``, without building one.
+_JobRow = collections.namedtuple("_JobRow", wire.JOB_COLUMNS)  # type: ignore[misc]
+
+
+class _JobPrinter:
+    """``stj q --nobatch`` / ``--json`` / ``stj history``, written a page at a time."""
+
+    def __init__(self, history: bool, as_json: bool) -> None:
+        self.history = history
+        self.as_json = as_json
+        self.started = False
+        self.counts: dict[str, int] = {}
+        self.n = 0
+        self.now = time.time()
+        self.out = sys.stdout
+
+    def _start(self) -> None:
+        self.started = True
+        if self.as_json:
+            self.out.write("[\n")
+        elif self.history:
+            self.out.write(
+                f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
+                f"{'EXIT':<9} CMD\n"
+            )
+        else:
+            self.out.write(
+                f"{'ID':<10} {'OWNER':<10} {'STATE':<10} {'SUBMITTED':<15} {'RUN_TIME':<11} "
+                f"{'SSH':<4} CMD\n"
+            )
+
+    def page(self, rows: list[list[Any]]) -> None:
+        if not self.started:
+            self._start()
+        if self.as_json:
+            if rows:
+                self.out.write((",\n" if self.n else "") + _json_lines(rows))
+            self.n += len(rows)
+            return
+        self._rows([_JobRow._make(r) for r in rows])
+
+    def _rows(self, jobs: list[Any]) -> None:
+        out, history, now = self.out, self.history, self.now
+        for j in jobs:
+            cmd = printable(" ".join((os.path.basename(j.executable), *j.args))[:60])
+            if history:
+                ex = (
+                    f"sig {j.exit_signal}"
+                    if j.exit_signal is not None
+                    else str(j.exit_code)
+                    if j.exit_code is not None
+                    else "-"
+                )
+                extra = f"{ex:<9}"
+            else:
+                extra = f"{j.sessions:<4}"
+                self.counts[j.state] = self.counts.get(j.state, 0) + 1
+            owner = printable(j.owner)
+            out.write(
+                f"{j.id:<10} {owner:<10} {j.state:<10} {_fmt_time(j.submitted):<15} "
+                f"{_fmt_dur(j):<11} {extra} {cmd}\n"
+            )
+            if j.hold_reason and j.state == "held":
+                # Under its row, so that a long reason cannot push the columns apart.
+                out.write(f"{'':<10} hold reason: {printable(j.hold_reason)}\n")
+                if j.debug_until > now:
+                    left = _left(j.debug_until - now)
+                    out.write(f"{'':<10} debug hold: {left} left; connect: ssh-to-job {j.id}\n")
+        self.n += len(jobs)
+
+    def close(self) -> None:
+        if not self.started:
+            self._start()
+        if self.as_json:
+            self.out.write("\n]\n")
+        elif not self.history:
+            total = f"{self.n} job" + ("" if self.n == 1 else "s")
+            parts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
+            self.out.write(f"\n{total}" + (f": {parts}" if parts else "") + "\n")
 
 
 def cmd_act(a: argparse.Namespace) -> int:

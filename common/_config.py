@@ -137,6 +137,10 @@ class StarterConfig:
     #: After a session's sshd ends, what it started (a remote command whose client was
     #: interrupted) gets this long to end before the session's processes are killed (seconds).
     session_end_grace: float = attrs.field(default=2.0, validator=_between(0, 3600))
+    #: Repeat commands: seconds a client's ssh may idle as a ControlMaster into a job after
+    #: its last command, so that the next ones skip the broker and the key exchange (one
+    #: capability per burst). 0 turns it off: sshd then allows one session per connection.
+    mux_persist: float = attrs.field(default=10.0, validator=_between(0, 600))
     # -- added by the multi-host work (TLS control channels, the pool CA; common._pki) --
     #: Where the starter keeps the pool CA, its key and certificate after enrolment;
     #: default: ``<state>/pki`` (made 0700).

@@ -108,6 +108,7 @@ def sshd_config(
     debug: bool,
     agent_forwarding: bool = False,
     host_certificate: bool = False,
+    mux: bool = False,
 ) -> str:
     fwd = "yes" if forwarding else "no"
     agent = "yes" if agent_forwarding else "no"
@@ -152,6 +153,8 @@ ClientAliveCountMax 4
 # DEBUG1 is where sshd names the session's forwards, for its record (see _sshdlog.py); the
 # log stays in the session dir.
 LogLevel {"DEBUG2" if debug else "DEBUG1"}
+# Repeat commands through the client's ControlMaster (mux_persist); off: one session only.
+MaxSessions {10 if mux else 1}
 {_setenv_line(env)}"""
 
 
@@ -330,6 +333,7 @@ async def _serve(
                 starter.debug,
                 cfg.allow_agent_forwarding,
                 host_certificate=bool(certificate),
+                mux=cfg.mux_persist > 0,
             ).encode(),
             uid,
             gid,
@@ -345,6 +349,7 @@ async def _serve(
             signature=wire.sign(starter.identity, statement),
             banner=banner,
             agent_forwarding=cfg.allow_agent_forwarding,
+            mux_persist=cfg.mux_persist,
         )
         # sshd gets its own duplicate of the socket as stdin/stdout; ours is closed below.
         argv = [cfg.sshd, "-i", "-e", "-f", str(d / "sshd_config")]

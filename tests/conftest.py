@@ -101,6 +101,9 @@ class Pool:
             "LANG": "C.UTF-8",
             "SHELL": "/bin/bash",
             "TMPDIR": "/tmp",
+            # One full session per command, as most tests count on (tests/test_mux.py turns
+            # the repeat-command master back on).
+            "SSH_TO_JOB_MUX": "0",
         }
         if user.name:
             env["USER"] = env["LOGNAME"] = user.name

@@ -41,13 +41,18 @@ def test_a_submit_too_large_for_a_frame_is_one_clear_line(
 
 
 def test_control_characters_are_escaped_in_listings(pool: Pool, users: dict[str, User]) -> None:
-    """An escape sequence in a job's arguments or hold reason is shown as text in stj q."""
+    """An escape sequence in a job's arguments or hold reason is shown as text in stj q, in
+    both views."""
     a = users["a"]
     (job,) = pool.submit(a, "/bin/sh", "-c", "sleep 300", "\x1b]0;owned\x07\x1b[2J")
     try:
         pool.stj(a, "hold", "--reason", "why\x1b[31mred", job)
         pool.wait_state(job, "held")
-        r = pool.stj(a, "q")
+        summary = pool.stj(a, "q").stdout
+        assert "\x1b" not in summary, repr(summary)
+        assert "\x07" not in summary, repr(summary)
+        assert "held (1 job): why\\x1b[31mred" in summary, summary
+        r = pool.stj(a, "q", "--nobatch")
         assert "\x1b" not in r.stdout, repr(r.stdout)
         assert "\x07" not in r.stdout, repr(r.stdout)
         lines = r.stdout.splitlines()

@@ -13,6 +13,8 @@ OURS = {
     "ssh_to_job",
     "ssh_to_job.client",
     "ssh_to_job.client._broker",
+    "ssh_to_job.client._mux",
+    "ssh_to_job.client._persist",
     "ssh_to_job.client.ssh_to_job",
     "ssh_to_job.common",
     "ssh_to_job.common._config",

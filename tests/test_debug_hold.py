@@ -102,7 +102,7 @@ def _alive(pid: int) -> bool:
 
 
 def _q_lines(pool: Pool, user: User, job: str) -> list[str]:
-    lines = pool.stj(user, "q", job).stdout.splitlines()
+    lines = pool.stj(user, "q", "--nobatch", job).stdout.splitlines()
     at = next(i for i, x in enumerate(lines) if x.startswith(job + " "))
     return [x.strip() for x in lines[at + 1 : -2]]
 

@@ -68,7 +68,7 @@ def test_flood_from_one_uid_leaves_others_served(make_pool: Any, users: dict[str
         # 64 per uid by default: everything past that is refused at once, with a reason.
         assert refused >= 300 - 64 - 5, line
         for _ in range(5):
-            took, r = _timed(pool, b, "q", "--owner", "stjtb")
+            took, r = _timed(pool, b, "q", "--nobatch", "--owner", "stjtb")
             assert job in r.stdout
             assert took < 1.0, f"stj q took {took:.2f} s during the flood"
         start = time.monotonic()

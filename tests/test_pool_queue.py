@@ -238,8 +238,8 @@ def test_malformed_submit_input_is_refused_and_queues_nothing(
 
 
 def test_q_lists_id_owner_state_times_and_command(pool: Pool, users: dict[str, User]) -> None:
-    """`stj q` shows id, owner, state, submission time, run time and command of each job, to
-    anyone; `--json` gives the same jobs with their pids, and ids filter the listing."""
+    """`stj q --nobatch` shows id, owner, state, submission time, run time and command of each
+    job, to anyone; `--json` gives the same jobs with their pids, and ids filter the listing."""
     a, b = users["a"], users["b"]
     t0 = time.time()
     _, (running,) = submit_cluster(pool, a, "/bin/sleep", "120")
@@ -248,7 +248,7 @@ def test_q_lists_id_owner_state_times_and_command(pool: Pool, users: dict[str, U
         pool.stj(b, "hold", "--reason", "wait for me", held)
         info = pool.wait_state(running, "running")
         time.sleep(1.1)  # so the run time is at least one second
-        text = pool.stj(b, "q").stdout
+        text = pool.stj(b, "q", "--nobatch").stdout
         header, *rows = text.splitlines()
         assert header.split() == ["ID", "OWNER", "STATE", "SUBMITTED", "RUN_TIME", "SSH", "CMD"]
         row = next(r for r in rows if r.startswith(running + " ")).split()

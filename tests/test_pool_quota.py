@@ -77,7 +77,7 @@ def test_rm_of_a_big_cluster_keeps_others_served_and_counts(
     def query_loop() -> None:
         while not done.is_set():
             start = time.monotonic()
-            q = pool.stj(b, "q", "--owner", "stjtb")
+            q = pool.stj(b, "q", "--nobatch", "--owner", "stjtb")
             latencies.append(time.monotonic() - start)
             assert mine in q.stdout
 

@@ -116,10 +116,14 @@ class RemoteSite:
         check: bool = True,
         timeout: float = 60,
         input: str | None = None,
+        mux: bool = False,
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` as ``who`` on the laptop, with their laptop files and no pool config."""
+        """Run ``argv`` as ``who`` on the laptop, with their laptop files and no pool config;
+        each command a full session unless ``mux`` (repeat commands through a master)."""
         user = self.users[who]
-        env = self.env(user, XDG_CONFIG_HOME=str(self.laptop_home[who]))
+        env = self.env(
+            user, XDG_CONFIG_HOME=str(self.laptop_home[who]), SSH_TO_JOB_MUX="1" if mux else "0"
+        )
         env["STJ_CONFIG"] = "/nonexistent/stj.toml"  # nothing of the pool's host applies here
         return self.run(
             self.laptop, user, *argv, check=check, timeout=timeout, input=input, env=env
@@ -278,6 +282,26 @@ def test_from_the_laptop_ssh_scp_sftp_rsync(site: RemoteSite, job: str) -> None:
     ]
     assert len(to_client) >= 4
     assert sum(to_client) > 3 * 3_000_000
+
+
+def test_repeat_commands_from_the_laptop_share_one_master(site: RemoteSite) -> None:
+    """From the laptop, with the product default (repeat commands through a ControlMaster),
+    three commands to one job make one granted, recorded session, and all three run."""
+    a = site.users["a"]
+    job = site.submit("a", "/bin/sleep", "300")
+    try:
+        outs = [
+            site.on_laptop("a", SSH_TO_JOB, "-pool", site.pool, job, f"echo n{i}", mux=True)
+            for i in range(3)
+        ]
+        assert [r.stdout.strip() for r in outs] == ["n0", "n1", "n2"]
+        records = json.loads(
+            site.on_broker("a", STJ, "history", "--sessions", "--json", job).stdout
+        )
+        assert [s["outcome"] for s in records] == ["granted"]
+        assert records[0]["uid"] == a.uid
+    finally:
+        site.on_broker("a", STJ, "rm", job)
 
 
 def test_unregistered_foreign_and_other_pools_keys_get_one_clear_line(

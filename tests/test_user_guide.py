@@ -219,7 +219,16 @@ def _steps(w: Walk) -> list[tuple[str, Callable[[str], object]]]:
         assert len(w.submitted(cmd, "9")) == 4
 
     def q(cmd: str) -> None:
-        assert "ID" in w.ok(cmd)
+        rows = [line.split() for line in w.ok(cmd).splitlines() if line.strip()]
+        assert rows[0][0] == "CLUSTER", rows
+        # One line per cluster: cluster 8's three jobs counted (TOTAL, after the two words of
+        # SUBMITTED) on one line.
+        (row,) = [r for r in rows if r[0] == w.ids["8"]]
+        assert row[8] == "3", row
+
+    def q_nobatch(cmd: str) -> None:
+        out = w.ok(cmd)
+        assert all(f"{w.ids['8']}.{i}" in out for i in range(3)), out
 
     def q_json(cmd: str) -> None:
         jobs = json.loads(w.ok(cmd))
@@ -268,6 +277,10 @@ def _steps(w: Walk) -> list[tuple[str, Callable[[str], object]]]:
         w.submitted(cmd, "52")
 
     def q_again(cmd: str) -> None:
+        rows = [line.split() for line in w.ok(cmd).splitlines() if line.strip()]
+        assert any(r[0] == w.ids["52"] for r in rows[1:]), rows
+
+    def q_nobatch_52(cmd: str) -> None:
         assert f"{w.ids['52']}.0" in w.ok(cmd)
         w.ok(f"stj rm {w.ids['52']}", raw=True)  # not in the guide: its slot is needed
 
@@ -371,8 +384,11 @@ def _steps(w: Walk) -> list[tuple[str, Callable[[str], object]]]:
             child.close(force=True)
 
     def no_pool(cmd: str) -> None:
+        # A remote pool whose CA this user never trusted: one line, nothing trusted on first use.
         r = w.bash(cmd)
-        assert (r.returncode, "not supported yet" in r.stderr) == (1, True), r
+        assert r.returncode == 1, r
+        (line,) = r.stderr.strip().splitlines()
+        assert line.startswith("ssh-to-job: no pool CA for cm.example.org:9620"), r
 
     def auto_retry(cmd: str) -> None:
         (jid,) = w.submitted("stj submit /bin/sleep 600", "33")
@@ -412,6 +428,7 @@ def _steps(w: Walk) -> list[tuple[str, Callable[[str], object]]]:
         ("stj submit -n 3 -e OMP_NUM_THREADS=4 -d ~/run ./simulate --steps 1000", submit_8),
         ("stj submit -f job.toml", submit_file),
         ("stj q", q),
+        ("stj q --nobatch", q_nobatch),
         ("stj q --json 8", q_json),
         ("stj history", w.ok),
         ("stj history --sessions 8.0", w.ok),
@@ -429,7 +446,7 @@ def _steps(w: Walk) -> list[tuple[str, Callable[[str], object]]]:
         ("ssh-to-job 32.0", login),
         ("ssh-to-job 32.0 'tail -f log.txt'", tail_f),
         ("ssh-to-job -name /srv/pool 32.0", login),
-        ("ssh-to-job -pool cm.example.org 32.0", no_pool),
+        ("ssh-to-job -pool cm.example.org:9620 32.0", no_pool),
         ("ssh-to-job -ssh sftp 32.0", sftp),
         ('ssh-to-job -keygen-options "-t rsa -b 3072" 32.0', login),
         ("ssh-to-job -shells zsh,bash 32.0", login),
@@ -450,6 +467,7 @@ def _steps(w: Walk) -> list[tuple[str, Callable[[str], object]]]:
         ("stj rm 41.0", w.ok),
         ("stj submit --time-limit 2h --debug-on timeout,signal ./train.py", time_limit),
         ("stj q", q_again),
+        ("stj q --nobatch 52", q_nobatch_52),
         ("ssh-to-job -ssh scp 32 remote:out.dat .", scp_down),
         ('ssh-to-job -ssh scp 32 "local file.txt" remote:', scp_up),
         ("ssh-to-job 32 mkdir -p inbox", w.ok),

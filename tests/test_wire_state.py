@@ -42,6 +42,9 @@ SAMPLES: dict[str, Message] = {
         wire.SubmitReply(cluster=32, count=1),
         wire.Query(ids=("32",)),
         wire.JobList(jobs=()),
+        wire.ClusterQuery(ids=("32",)),
+        wire.ClusterList(clusters=()),
+        wire.JobTable(columns=wire.JOB_COLUMNS, rows="[]"),
         wire.Act(action="rm", ids=("32.0",)),
         wire.SshAllow(id="32.0", users=("carol",)),
         wire.SessionQuery(job="32.0"),
@@ -103,6 +106,7 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("submit", B, "error"): "start",
         ("start", C, "query"): "query",
         ("query", B, "job_list"): "start",
+        ("query", B, "job_table"): "start",
         ("query", B, "error"): "start",
         ("start", C, "act"): "act",
         ("act", B, "act_reply"): "start",
@@ -140,6 +144,9 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
         ("start", C, "pool_ca"): "pool_ca",
         ("pool_ca", B, "pool_ca_reply"): "start",
         ("pool_ca", B, "error"): "start",
+        ("start", C, "cluster_query"): "cluster_query",
+        ("cluster_query", B, "cluster_list"): "start",
+        ("cluster_query", B, "error"): "start",
         ("start", B, "error"): "closed",
     },
     Channel.STARTER: {
@@ -294,6 +301,7 @@ def test_table_matches_spec(channel: Channel, state: str) -> None:
         ("session_query", "session_list"),
         ("status", "status_reply"),
         ("output", "output_reply"),
+        ("cluster_query", "cluster_list"),
     ],
 )
 def test_control_requests_repeat(request_type: str, reply_type: str) -> None:
@@ -335,6 +343,33 @@ def test_job_list_paging() -> None:
     assert pair.state == "start"
     with pytest.raises(LocalProtocolError):
         pair.ends[B].send(wire.JobList(jobs=(), last=False))
+
+
+def test_job_table_paging() -> None:
+    """A query may be answered in job_table pages instead: last=false keeps it open."""
+    pair = Pair(Channel.CONTROL)
+    pair.say(C, wire.Query(table=True))
+    for _ in range(3):
+        pair.say(B, wire.JobTable(columns=wire.JOB_COLUMNS, rows="[]", last=False))
+        assert pair.state == "query"
+    pair.say(B, wire.JobTable(columns=wire.JOB_COLUMNS, rows="[]", last=True))
+    assert pair.state == "start"
+
+
+def test_cluster_list_paging() -> None:
+    """cluster_list pages with last=false keep the cluster query open, as job_list's do."""
+    pair = Pair(Channel.CONTROL)
+    info = wire.ClusterInfo(
+        cluster=1, owner="a", owner_uid=1, submitted=1.0, executable="x", args=(), idle=3
+    )
+    pair.say(C, wire.ClusterQuery())
+    for _ in range(3):
+        pair.say(B, wire.ClusterList(clusters=(info,), last=False))
+        assert pair.state == "cluster_query"
+    pair.say(B, wire.ClusterList(clusters=(), last=True))
+    assert pair.state == "start"
+    with pytest.raises(LocalProtocolError):
+        pair.ends[B].send(wire.ClusterList(clusters=(), last=False))
 
 
 def test_starter_handshake_then_free_traffic() -> None:

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
-from ._messages import Error, JobList, Message, decode_message, encode_message
+from ._messages import (
+    ClusterList,
+    Error,
+    JobList,
+    JobTable,
+    Message,
+    decode_message,
+    encode_message,
+)
 from ._state import RAW, START, Channel, Role, next_state
 
 ERROR_STATE = "error"
@@ -37,7 +45,7 @@ class Connection:
     def _advance(self, sender: Role, msg: Message, error: type[ProtocolError]) -> None:
         if self.state == ERROR_STATE:
             raise error("connection is already in the error state")
-        more = isinstance(msg, JobList) and not msg.last
+        more = isinstance(msg, JobList | JobTable | ClusterList) and not msg.last
         after = next_state(self.channel, self.state, sender, msg.TYPE, more)
         if after is None:
             prev, self.state = self.state, ERROR_STATE

@@ -125,6 +125,36 @@ class JobInfo:
 
 
 @attrs.frozen
+class ClusterInfo:
+    """One line of ``stj q``'s default view: a cluster's live jobs counted by state.
+
+    ``hold_reason`` is one held job's reason (``more_reasons``: the held jobs do not all share
+    it); ``debug_job`` is the lowest job of the cluster in a debug hold that has not ended, to
+    connect to, and ``debug_until`` the latest end of those holds.
+    """
+
+    OMIT_DEFAULTS: ClassVar[bool] = True
+
+    cluster: int
+    owner: str
+    owner_uid: int
+    submitted: float
+    executable: str
+    args: tuple[str, ...]
+    idle: int = 0
+    running: int = 0
+    suspended: int = 0
+    held: int = 0
+    releasing: int = 0
+    sessions: int = 0
+    hold_reason: str = ""
+    more_reasons: bool = False
+    debug_held: int = 0
+    debug_job: str = ""
+    debug_until: float = 0.0
+
+
+@attrs.frozen
 class ActResult:
     id: str
     ok: bool
@@ -208,6 +238,8 @@ class Query(Message):
     #: ``True``: finished jobs (completed, removed) instead of the live queue.
     history: bool = False
     owner: str = ""
+    #: ``True``: answer with ``job_table`` pages (rows as JSON arrays) instead of ``job_list``.
+    table: bool = False
 
 
 @attrs.frozen
@@ -547,6 +579,45 @@ class SessionReady(Message):
     banner: str = ""
     #: Whether this session's sshd forwards an ssh agent (the pool's allow_agent_forwarding).
     agent_forwarding: bool = False
+    #: Seconds the client's ssh may stay as an idle ControlMaster for repeat commands into
+    #: this job (the pool's ``mux_persist``); 0: no multiplexing (sshd has ``MaxSessions 1``).
+    mux_persist: float = 0.0
+
+
+@attrs.frozen
+class ClusterQuery(Message):
+    """``stj q`` without ``--nobatch``: one summary per cluster (``cluster_list`` pages)."""
+
+    TYPE: ClassVar[str] = "cluster_query"
+    ids: tuple[str, ...] = ()
+    owner: str = ""
+
+
+@attrs.frozen
+class ClusterList(Message):
+    TYPE: ClassVar[str] = "cluster_list"
+    clusters: tuple[ClusterInfo, ...]
+    last: bool = True
+
+
+#: The columns of a ``job_table`` row: ``JobInfo``'s fields, in its order.
+JOB_COLUMNS: tuple[str, ...] = tuple(f.name for f in attrs.fields(JobInfo))
+
+
+@attrs.frozen
+class JobTable(Message):
+    """One page of a ``query`` with ``table``: ``rows`` is the JSON text of a list of rows,
+    each a list of the values of ``columns`` (``JobInfo``'s fields) in order.
+
+    A listing of 100,000 jobs as ``JobInfo`` objects costs seconds to build, encode and check
+    field by field; as arrays it is one ``json.dumps`` on the broker and one ``json.loads`` on
+    the client, each in C. The client checks each row's length and types as it reads it.
+    """
+
+    TYPE: ClassVar[str] = "job_table"
+    columns: tuple[str, ...]
+    rows: str
+    last: bool = True
 
 
 # Remote clients (issue 11): keys registered over the unix socket, then TLS from anywhere.
@@ -710,6 +781,9 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         RemoteChallenge,
         RemoteSsh,
         SessionCert,
+        ClusterQuery,
+        ClusterList,
+        JobTable,
     )
 }
 

@@ -65,11 +65,14 @@ for _req, _reply, _after in (
     ("key_list", "key_list_reply", START),
     ("key_remove", "key_removed", START),
     ("pool_ca", "pool_ca_reply", START),
+    ("cluster_query", "cluster_list", START),
 ):
     _CONTROL[(START, C, _req)] = _req
     _CONTROL[(_req, B, _reply)] = _after
     _CONTROL[(_req, B, "error")] = START
-# A paged listing: job_list with last=false keeps the state (see next_state).
+# A query with table=true is answered with job_table pages instead of job_list ones.
+_CONTROL[("query", B, "job_table")] = START
+# A paged listing: job_list (or cluster_list) with last=false keeps the state (see next_state).
 _CONTROL[(START, B, "error")] = CLOSED_STATE
 
 # TLS has authenticated both ends before the first frame: the hello only says what this
@@ -130,7 +133,8 @@ TABLES: dict[Channel, _Table] = {
 def next_state(channel: Channel, state: str, sender: Role, msg_type: str, more: bool) -> str | None:
     """The state after ``sender`` sends ``msg_type`` in ``state``; None if not allowed.
 
-    ``more`` is true for a ``job_list`` page that is not the last one.
+    ``more`` is true for a ``job_list``, ``job_table`` or ``cluster_list`` page that is not
+    the last one.
     """
     after = TABLES[channel].get((state, sender, msg_type))
     if after is not None and more:

@@ -1,0 +1,171 @@
+"""`stj q`'s views: one line per cluster by default (counted by the broker), every job with
+`--nobatch`/`--all` and `--json`; held and debug-held clusters still say why and how to
+connect."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import time
+
+from conftest import Pool, User, wait_for
+
+from ssh_to_job import wire
+from ssh_to_job.broker import _queue
+
+
+def _rows(text: str) -> tuple[list[str], list[str], str]:
+    """(header words, body lines, total line) of a `stj q` listing."""
+    header, *rest = text.splitlines()
+    assert rest[-2] == "", text
+    return header.split(), rest[:-2], rest[-1]
+
+
+def _cluster_block(body: list[str], cluster: str) -> tuple[list[str], list[str]]:
+    """A cluster's row (split in words) and the note lines under it."""
+    at = next(i for i, line in enumerate(body) if line.split()[0] == cluster)
+    end = at + 1
+    while end < len(body) and body[end].startswith(" "):
+        end += 1
+    return body[at].split(), [x.strip() for x in body[at + 1 : end]]
+
+
+def test_summary_counts_each_cluster_by_state(pool: Pool, users: dict[str, User]) -> None:
+    """`stj q` shows one line per cluster with its owner, submit time, counts by state and
+    command, and a total; `--nobatch`, `--all` and `--json` list every job instead."""
+    a, b = users["a"], users["b"]
+    ids = pool.submit(a, "/bin/sleep", "300", count=3)
+    (other,) = pool.submit(b, "/bin/sleep", "301")
+    cluster = ids[0].split(".")[0]
+    try:
+        pool.stj(a, "hold", "--reason", "wait for me", ids[2])
+        for job in ids[:2]:
+            pool.wait_state(job, "running")
+        pool.wait_state(ids[2], "held")
+        header, body, total = _rows(pool.stj(b, "q").stdout)
+        assert header == [
+            "CLUSTER", "OWNER", "SUBMITTED", "IDLE", "RUN", "HOLD", "SUSP", "TOTAL", "SSH", "CMD"
+        ]  # fmt: skip
+        row, notes = _cluster_block(body, cluster)
+        assert row[:2] == [cluster, "stjta"]
+        assert re.fullmatch(r"\d\d/\d\d \d\d:\d\d:\d\d", f"{row[2]} {row[3]}")
+        assert row[4:10] == ["0", "2", "1", "0", "3", "0"], row
+        assert row[10:] == ["sleep", "300"]
+        assert notes == ["held (1 job): wait for me"]
+        row, notes = _cluster_block(body, other.split(".")[0])
+        assert (row[1], row[5], row[8], notes) == ("stjtb", "1", "1", [])
+        m = re.fullmatch(r"(\d+) jobs: (.*)", total)
+        assert m, total
+        parts = {state: n for n, state in (p.split() for p in m[2].split(", "))}
+        assert int(m[1]) == sum(int(n) for n in parts.values())
+        assert int(parts["running"]) >= 3
+        assert int(parts["held"]) >= 1
+        # Only the given cluster, and only an owner's.
+        _, body, total = _rows(pool.stj(b, "q", cluster).stdout)
+        assert [x.split()[0] for x in body if not x.startswith(" ")] == [cluster]
+        assert total == "3 jobs: 1 held, 2 running"
+        _, body, _ = _rows(pool.stj(b, "q", "--owner", "stjtb").stdout)
+        assert {x.split()[1] for x in body if not x.startswith(" ")} == {"stjtb"}
+        for flag in ("--nobatch", "--all"):
+            header, body, total = _rows(pool.stj(b, "q", flag, cluster).stdout)
+            assert header[0] == "ID"
+            assert [x.split()[0] for x in body if not x.startswith(" ")] == ids
+            assert total == "3 jobs: 1 held, 2 running"
+        listed = json.loads(pool.stj(b, "q", "--json", cluster).stdout)
+        assert [j["id"] for j in listed] == ids
+    finally:
+        pool.stj(a, "rm", cluster)
+        pool.stj(b, "rm", other)
+
+
+def test_summary_shows_a_debug_hold_and_how_to_connect(pool: Pool, users: dict[str, User]) -> None:
+    """A cluster whose job failed into a debug hold says so under its row: the reason, the
+    time left and the `ssh-to-job` command, which works."""
+    a = users["a"]
+    (job,) = pool.submit(a, "--debug-on", "exit", "/bin/sh", "-c", "sleep 1000 & exit 3")
+    cluster = job.split(".")[0]
+    try:
+
+        def notes() -> list[str] | None:
+            _, body, _ = _rows(pool.stj(a, "q", cluster).stdout)
+            got = _cluster_block(body, cluster)[1]
+            return got if len(got) == 2 else None
+
+        held, debug = wait_for("a debug hold in stj q", notes)
+        assert held.startswith("held (1 job): debug hold: the job failed with exit status 3")
+        m = re.fullmatch(rf"debug hold \(1 job\): (.+) left; connect: ssh-to-job {job}", debug)
+        assert m, debug
+        assert pool.ssh(a, job, "echo in").stdout == "in\n"
+    finally:
+        pool.stj(a, "rm", cluster)
+
+
+def test_summary_of_an_empty_or_unknown_selection(pool: Pool, users: dict[str, User]) -> None:
+    """An unknown cluster or owner gives the header and "0 jobs"; a bad id is refused."""
+    a = users["a"]
+    t0 = time.monotonic()
+    for args in (("99999",), ("--owner", "nosuchuserxyz"), ("--owner", "²")):
+        header, body, total = _rows(pool.stj(a, "q", *args).stdout)
+        assert (header[0], body, total) == ("CLUSTER", [], "0 jobs")
+    r = pool.stj(a, "q", "abc", check=False)
+    assert r.returncode == 2
+    assert time.monotonic() - t0 < 10
+
+
+def test_job_table_rows_equal_the_job_infos(tmp_path: pathlib.Path) -> None:
+    """The broker's job_table pages (JSON written by SQLite, the spec spliced in) read back
+    as exactly JobInfo's values: quotes, control characters, non-ASCII, nulls, pids, and times
+    to the last bit; paged as asked, with one empty page for an empty listing."""
+    q = _queue.JobQueue(tmp_path / "queue.db")
+    try:
+        spec = wire.JobSpec(
+            executable='/bin/s"h\x1b', args=("-c", "ü \\ x"), env={}, initialdir="/tmp/a b"
+        )
+        q.submit(spec, 5, "stjta", 1001, 1001)
+        q.submit(wire.JobSpec(executable="/bin/true"), 2, "stjtb", 1002, 1002)
+        q.set_state("1.0", "held", hold_reason='why "\x07', debug_until=5.0, pid=77)
+        q.set_state("1.1", "running", started=0.1 + 0.2, exit_code=3, exit_signal=9)
+        pages = list(q.table_pages(page=3))
+        assert len(pages) == 3
+        rows = [r for p in pages for r in json.loads(p)]
+        infos = [[getattr(i, c) for c in wire.JOB_COLUMNS] for i in q.infos()]
+        assert rows == [[list(v) if isinstance(v, tuple) else v for v in i] for i in infos]
+        assert rows[1][wire.JOB_COLUMNS.index("started")] == 0.1 + 0.2
+        assert list(q.table_pages(wire.parse_job_id("99"))) == ["[]"]
+    finally:
+        q.close()
+
+
+def test_json_listing_is_one_object_per_line_whatever_the_text() -> None:
+    """`stj q --json` writes one JobInfo object per line, also when a job's arguments contain
+    the text that separates objects (`}, {`), and each line reads back as that job."""
+    from ssh_to_job.client.stj import _json_lines
+
+    base = [
+        "1.0",
+        "a",
+        1,
+        "idle",
+        "/x",
+        ["y"],
+        1.5,
+        None,
+        None,
+        None,
+        None,
+        "",
+        "",
+        [],
+        "",
+        "/",
+        0,
+        0.0,
+    ]
+    for args in (["plain"], ["}, {", "x"]):
+        rows = [base, [*base[:5], args, *base[6:]], base]
+        lines = _json_lines(rows).split("\n")
+        assert len(lines) == 3
+        got = [json.loads(line.rstrip(",")) for line in lines]
+        assert [list(o.values()) for o in got] == rows
+        assert list(got[0]) == list(wire.JOB_COLUMNS)
