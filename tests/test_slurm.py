@@ -404,6 +404,12 @@ for _ in range(100):
         break
     except OSError:
         time.sleep(0.1)
+if len(sys.argv) > 2:  # through a SOCKS5 proxy to 127.0.0.1:argv[2]
+    c.sendall(b"\\x05\\x01\\x00")
+    assert c.recv(2) == b"\\x05\\x00"
+    to = socket.inet_aton("127.0.0.1") + int(sys.argv[2]).to_bytes(2, "big")
+    c.sendall(b"\\x05\\x01\\x00\\x01" + to)
+    assert c.recv(10)[:2] == b"\\x05\\x00"
 data = b""
 while chunk := c.recv(100):
     data += chunk
@@ -449,37 +455,42 @@ def test_ssh_config_host_names_a_slurm_job(
 def test_local_and_remote_forwards(
     spool: Pool, users: dict[str, User], job_a: dict[str, Any]
 ) -> None:
-    """`ssh-to-job -ssh 'ssh -L ...' slurm:N` reaches a port served inside the job, and -R
-    lets the job reach a port served on the client's side."""
+    """`ssh-to-job -ssh 'ssh -L ...' slurm:N` reaches a port served inside the job, -D is a
+    SOCKS proxy whose connections leave from inside the job, and -R lets the job reach a port
+    served on the client's side."""
     a = users["a"]
     jid = str(job_a["job_id"])
-    lport, tport, rport, sport = free_ports(4)
-    served = subprocess.Popen(
-        [
-            *a.prefix(),
-            f"{BIN}/ssh-to-job",
-            "-ssh",
-            f"ssh -o ExitOnForwardFailure=yes -L 127.0.0.1:{lport}:127.0.0.1:{tport}",
-            f"slurm:{jid}",
-            shlex.join(["python3", "-c", SERVE_ONCE, str(tport), "hello-L"]),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=spool.env(a),
-        cwd="/tmp",
-    )
-    try:
-        assert served.stdout is not None
-        assert served.stdout.readline() == "ready\n"
-        got = spool.run(a, [sys.executable, "-c", READ_FROM, str(lport)])
-        assert got.stdout.strip() == "hello-L", got.stderr
-        served.communicate(timeout=30)
-        assert served.returncode == 0
-    finally:
-        served.kill()
-        served.communicate()
+    lport, tport, rport, sport, dport, d2port = free_ports(6)
+    for forward, reach, via in (
+        (f"-L 127.0.0.1:{lport}:127.0.0.1:{tport}", tport, [str(lport)]),
+        (f"-D 127.0.0.1:{dport}", d2port, [str(dport), str(d2port)]),
+    ):
+        served = subprocess.Popen(
+            [
+                *a.prefix(),
+                f"{BIN}/ssh-to-job",
+                "-ssh",
+                f"ssh -o ExitOnForwardFailure=yes {forward}",
+                f"slurm:{jid}",
+                shlex.join(["python3", "-c", SERVE_ONCE, str(reach), f"hello {forward}"]),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=spool.env(a),
+            cwd="/tmp",
+        )
+        try:
+            assert served.stdout is not None
+            assert served.stdout.readline() == "ready\n"
+            got = spool.run(a, [sys.executable, "-c", READ_FROM, *via])
+            assert got.stdout.strip() == f"hello {forward}", got.stderr
+            served.communicate(timeout=30)
+            assert served.returncode == 0
+        finally:
+            served.kill()
+            served.communicate()
     server = subprocess.Popen(
         [sys.executable, "-c", SERVE_ONCE, str(sport), "hello-R"],
         stdout=subprocess.PIPE,
