@@ -426,6 +426,7 @@ class Connections:
                 jobs=tuple(sorted(conn.jobs)),
                 address=conn.address,
                 last_seen=self.last_seen.get(conn.name, 0.0),
+                tracking=conn.tracking,
             )
             for conn in live.values()
         ]
@@ -865,6 +866,7 @@ class Connections:
             stream=stream,
             address=address,
             outbox=Outbox(stream),
+            tracking=hello.tracking[:32],
         )
         self.jobs.starter_joined(conn)
         self.seen(name, connected=True)

@@ -76,6 +76,8 @@ class StarterConn:
     #: It has sent its sync: until then it gets no new job (the sync would call it lost).
     synced: bool = False
     pending_output: dict[int, trio.MemorySendChannel[wire.OutputData]] = attrs.field(factory=dict)
+    #: A Slurm starter's session tracking, from its hello.
+    tracking: str = ""
 
     def post(self, msg: wire.Message) -> None:
         """Queue ``msg`` for this starter (bounded: one that stops reading is dropped)."""

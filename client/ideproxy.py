@@ -25,7 +25,7 @@ import sys
 from ssh_to_job import wire
 
 from ._broker import BrokerClient, BrokerUnavailable, die, find_socket, printable
-from .ssh_to_job import SessionError, generate_key, open_session
+from .ssh_to_job import SessionError, SlurmJobId, generate_key, open_session, parse_job
 
 PREFIX = "job-"
 KEEP = 16
@@ -106,8 +106,8 @@ def ssh_config_block(name: str | None, config: str | None = None, pool: str = ""
         else "Host keys are pinned per session by the starter's signature."
     )
     return f"""\
-# ssh-to-job: `ssh job-32.0` opens a fresh session into job 32.0 (also for VS Code
-# Remote-SSH). {checked}
+# ssh-to-job: `ssh job-32.0` opens a fresh session into job 32.0, `ssh job-slurm-1234`
+# into Slurm job 1234 (also for VS Code Remote-SSH). {checked}
 Host {PREFIX}*
   ProxyCommand {cmd}
   ProxyUseFdpass yes
@@ -172,15 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or not args[0].startswith(PREFIX):
         return die(
             "usage: python -m ssh_to_job.client.ideproxy [-name broker | -pool BROKER:PORT] "
-            f"{PREFIX}CLUSTER.PROC",
+            f"{PREFIX}CLUSTER.PROC | {PREFIX}slurm-JOB",
             2,
         )
     host = args[0]
     try:
-        jid = wire.parse_job_id(host[len(PREFIX) :])
+        # ``job-slurm-1234`` (also ``_7``, ``+1``, ``+node017``) names a Slurm job.
+        jid: wire.JobId | SlurmJobId = parse_job(host[len(PREFIX) :])
     except ValueError as exc:
         return refuse(str(exc), 2)
-    if jid.node:
+    if isinstance(jid, wire.JobId) and jid.node:
         return refuse(f"job {jid.one} has no node {jid.node} (its only node is 0)", 2)
     d = config_dir()
     public = user_key(d)

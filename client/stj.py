@@ -696,6 +696,7 @@ def cmd_status(a: argparse.Namespace) -> int:
         print(
             printable(
                 f"starter {s.starter_id} ({s.address}): connected, {s.busy}/{s.slots} slots busy"
+                + (f", Slurm sessions tracked by {s.tracking}" if s.tracking else "")
                 + (f": {' '.join(s.jobs)}" if s.jobs else "")
             )
         )

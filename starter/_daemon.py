@@ -151,6 +151,8 @@ class Starter:
         #: The key of a renewal asked for and not yet answered.
         self._renew_key: Any = None
         self.backoff = Backoff(BACKOFF_MIN, cfg.reconnect_max)
+        #: Slurm mode: how sessions are tracked here, for ``stj status`` (docs/slurm.md).
+        self.tracking = ""
         self._lock_fd = -1
 
     # ------------------------------------------------------------------ set-up
@@ -179,9 +181,10 @@ class Starter:
         if not os.access(cfg.sshd, os.X_OK):
             raise SystemExit(f"starter: {cfg.sshd} not found; install openssh-server")
         if cfg.backend == "slurm":
-            from ._slurm import check_node
+            from ._slurm import check_node, node_tracking
 
             check_node(cfg.slurm_conf)
+            self.tracking = node_tracking(cfg.slurm_conf)
         if not os.access(REAPER, os.X_OK):
             raise SystemExit(f"starter: {REAPER} is missing; reinstall ssh-to-job")
         if cfg.use_cgroups and os.getuid() == 0:
@@ -457,7 +460,10 @@ class Starter:
         refusal (revoked, another pool) arrives here as its error frame or a closed stream.
         """
         hello = wire.StarterHello(
-            starter_id=self.name, starter_key=self.public_key, slots=self.config.starter.slots
+            starter_id=self.name,
+            starter_key=self.public_key,
+            slots=self.config.starter.slots,
+            tracking=self.tracking,
         )
         await stream.send(hello)
         msg = await stream.receive(within=self.config.starter.handshake_timeout)

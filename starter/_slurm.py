@@ -355,6 +355,37 @@ def check_node(slurm_conf: str) -> None:
         raise SystemExit("starter: backend = slurm needs Slurm's scontrol (slurm-client)")
 
 
+def node_tracking(slurm_conf: str) -> str:
+    """At start in Slurm mode: how this node's sessions will be tracked, from Slurm's
+    configuration (``scontrol show config``, once): "slurm-cgroup" where Slurm gives each job
+    an extern step in a cgroup container (``proctrack/cgroup`` with ``PrologFlags=Contain``),
+    else "process-tree" (the starter's own tracking). Each session's log line says what it
+    really got."""
+    import subprocess
+
+    try:
+        r = subprocess.run(
+            ["scontrol", "show", "config"],
+            capture_output=True,
+            text=True,
+            env=_slurm_env(slurm_conf),
+            timeout=SCONTROL_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("scontrol show config: %s; assuming process-tree tracking", exc)
+        return "process-tree"
+    conf = {}
+    for line in r.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            conf[key.strip()] = value.strip()
+    contain = "contain" in conf.get("PrologFlags", "").lower().split(",")
+    if conf.get("ProctrackType") == "proctrack/cgroup" and contain:
+        return "slurm-cgroup"
+    return "process-tree"
+
+
 async def serve_session(starter: Starter, job: str, session_id: str) -> None:
     """One session into the Slurm job ``job`` on this node; never raises."""
     cfg = starter.config.starter

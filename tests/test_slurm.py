@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import BIN, ROOT, Pool, User, new_state_dir, wait_for
+from conftest import BIN, ROOT, STJ, Pool, User, new_state_dir, wait_for
 from slurm import Cluster, have_slurm
 
 pytestmark = pytest.mark.skipif(have_slurm() is not None, reason=str(have_slurm()))
@@ -381,3 +383,144 @@ def test_node_selection_in_a_two_node_job(
     refused(spool.ssh(a, f"slurm:{jid}+2", "true"), "no node 2")
     refused(spool.ssh(a, f"slurm:{jid}+elsewhere", "true"), "does not run on elsewhere")
     cluster.run(["scancel", jid])
+
+
+SERVE_ONCE = """
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+c.sendall(sys.argv[2].encode())
+c.close()
+"""
+
+READ_FROM = """
+import socket, sys, time
+for _ in range(100):
+    try:
+        c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+        break
+    except OSError:
+        time.sleep(0.1)
+if len(sys.argv) > 2:  # through a SOCKS5 proxy to 127.0.0.1:argv[2]
+    c.sendall(b"\\x05\\x01\\x00")
+    assert c.recv(2) == b"\\x05\\x00"
+    to = socket.inet_aton("127.0.0.1") + int(sys.argv[2]).to_bytes(2, "big")
+    c.sendall(b"\\x05\\x01\\x00\\x01" + to)
+    assert c.recv(10)[:2] == b"\\x05\\x00"
+data = b""
+while chunk := c.recv(100):
+    data += chunk
+print(data.decode())
+"""
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback ports that are free now."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_ssh_config_host_names_a_slurm_job(
+    spool: Pool, users: dict[str, User], job_a: dict[str, Any]
+) -> None:
+    """With `stj ssh-config`'s block, plain `ssh job-slurm-N` (and job-slurm:N) enters Slurm
+    job N as its user; another user's Slurm job is refused in one line."""
+    a, b = users["a"], users["b"]
+    jid = str(job_a["job_id"])
+    cfg = pathlib.Path(a.home) / ".stj-slurm-ssh-config"
+    cfg.write_text(spool.run(a, [STJ, "ssh-config"], check=True).stdout)
+    for host in (f"job-slurm-{jid}", f"job-slurm:{jid}"):
+        r = spool.run(a, ["ssh", "-F", str(cfg), host, "echo $SLURM_JOB_ID $(id -u)"])
+        assert r.returncode == 0, r.stderr + spool.log_text()
+        assert r.stdout.split() == [jid, str(a.uid)]
+    cfg_b = pathlib.Path(b.home) / ".stj-slurm-ssh-config"
+    cfg_b.write_text(spool.run(b, [STJ, "ssh-config"], check=True).stdout)
+    r = spool.run(b, ["ssh", "-F", str(cfg_b), f"job-slurm-{jid}", "true"])
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [
+        f"ssh-to-job: Slurm job {jid} belongs to {a.name}; only its owner, a Slurm operator "
+        "or a queue superuser may ssh into it"
+    ]
+
+
+def test_local_and_remote_forwards(
+    spool: Pool, users: dict[str, User], job_a: dict[str, Any]
+) -> None:
+    """`ssh-to-job -ssh 'ssh -L ...' slurm:N` reaches a port served inside the job, -D is a
+    SOCKS proxy whose connections leave from inside the job, and -R lets the job reach a port
+    served on the client's side."""
+    a = users["a"]
+    jid = str(job_a["job_id"])
+    lport, tport, rport, sport, dport, d2port = free_ports(6)
+    for forward, reach, via in (
+        (f"-L 127.0.0.1:{lport}:127.0.0.1:{tport}", tport, [str(lport)]),
+        (f"-D 127.0.0.1:{dport}", d2port, [str(dport), str(d2port)]),
+    ):
+        served = subprocess.Popen(
+            [
+                *a.prefix(),
+                f"{BIN}/ssh-to-job",
+                "-ssh",
+                f"ssh -o ExitOnForwardFailure=yes {forward}",
+                f"slurm:{jid}",
+                shlex.join(["python3", "-c", SERVE_ONCE, str(reach), f"hello {forward}"]),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=spool.env(a),
+            cwd="/tmp",
+        )
+        try:
+            assert served.stdout is not None
+            assert served.stdout.readline() == "ready\n"
+            got = spool.run(a, [sys.executable, "-c", READ_FROM, *via])
+            assert got.stdout.strip() == f"hello {forward}", got.stderr
+            served.communicate(timeout=30)
+            assert served.returncode == 0
+        finally:
+            served.kill()
+            served.communicate()
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVE_ONCE, str(sport), "hello-R"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline() == "ready\n"
+        r = spool.ssh(
+            a,
+            "-ssh",
+            f"ssh -o ExitOnForwardFailure=yes -R 127.0.0.1:{rport}:127.0.0.1:{sport}",
+            f"slurm:{jid}",
+            shlex.join(["python3", "-c", READ_FROM, str(rport)]),
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "hello-R"
+    finally:
+        server.kill()
+        server.communicate()
+
+
+def test_status_shows_how_each_slurm_starter_tracks_sessions(spool: Pool, cluster: Cluster) -> None:
+    """`stj status` names each Slurm starter's session tracking, as Slurm's set-up implies:
+    slurm-cgroup with proctrack/cgroup (and PrologFlags=Contain), else process-tree."""
+    want = "slurm-cgroup" if cluster.proctrack == "proctrack/cgroup" else "process-tree"
+    starters = json.loads(spool.stj(ROOT, "status", "--json").stdout)["starters"]
+    got = {s["starter_id"]: s["tracking"] for s in starters if s["connected"]}
+    assert got == {node: want for node in cluster.nodes}
+    text = spool.stj(ROOT, "status").stdout
+    for node in cluster.nodes:
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"starter {node} "))
+        assert f"Slurm sessions tracked by {want}" in line, text

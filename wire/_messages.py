@@ -171,6 +171,8 @@ class StarterInfo:
     address: str = ""
     #: Unix time the broker last heard from it (0: never since the broker started).
     last_seen: float = 0.0
+    #: How a Slurm starter tracks sessions: "slurm-cgroup" or "process-tree" ("": not Slurm).
+    tracking: str = ""
 
 
 @attrs.frozen
@@ -424,6 +426,8 @@ class StarterHello(Message):
     starter_key: bytes
     slots: int
     version: int = 2
+    #: A Slurm starter's session tracking (docs/slurm.md): "slurm-cgroup" or "process-tree".
+    tracking: str = ""
 
 
 @attrs.frozen
