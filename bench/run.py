@@ -397,7 +397,7 @@ Host *
         (self.state / "config.toml").write_text(
             # The queue phase puts 100,000 jobs of one user in the queue.
             f'[broker]\nmax_jobs_per_user = 200000\n[starter]\nname = "stjbench-{self.tok}"\n'
-            f"slots = {slots}\n"
+            f"slots = {slots}\n" + "".join(f"{line}\n" for line in self.a.starter_option)
         )
         log = open(self.state / "pool.log", "ab")
         self.pool = subprocess.Popen(
@@ -721,7 +721,7 @@ Host *
         )
 
     def phase_throughput(self) -> None:
-        reps = 2 if self.quick else 4
+        reps = self.a.rounds or (2 if self.quick else 4)
         src, dst, empty, j = str(self.src), str(self.dst), str(self.empty), self.job
         rm = ["rm", "-f", dst]
         fcfg = str(self.floor / "ssh_config")
@@ -1074,6 +1074,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="concurrency levels (default 50,100,200; quick: 50,200)",
     )
+    ap.add_argument("--rounds", type=int, default=0, help="throughput rounds (default 4; quick: 2)")
+    ap.add_argument(
+        "--starter-option",
+        action="append",
+        default=[],
+        metavar="KEY = VALUE",
+        help="an extra [starter] line for the bench pool's config, to measure a path apart "
+        "(e.g. 'use_shim = false', 'use_cgroups = false'); repeatable",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the state directory")
     a = ap.parse_args(argv)
     if a.only and "slurm" in a.only:
@@ -1095,6 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.teardown()
     bench.results["mode"] = "quick" if a.quick else "full"
+    bench.results["starter_options"] = a.starter_option
     bench.results["runtime_s"] = round(time.monotonic() - bench.t_start, 1)
     if "machine" in bench.results:
         bench.results["machine"]["loadavg_end"] = os.getloadavg()
