@@ -532,6 +532,17 @@ def walk(users: dict[str, User]) -> Iterator[Walk]:
         yield w
     finally:
         if w.pool is not None:
+            # A pool keeps its jobs across a stop (keep_jobs_on_stop): end the walk's jobs
+            # first, so that no job, and no job's tmux server, outlives the test.
+            r = w.bash("stj q --json", raw=True)
+            live = {j["id"].split(".")[0] for j in json.loads(r.stdout or "[]")}
+            if live:
+                w.bash("stj rm " + " ".join(sorted(live)), raw=True)
+                wait_for(
+                    "the walk's jobs to end",
+                    lambda: json.loads(w.bash("stj q --json", raw=True).stdout or "[]") == [],
+                    30,
+                )
             os.killpg(w.pool.pid, signal.SIGTERM)
             try:
                 w.pool.wait(20)
