@@ -384,9 +384,15 @@ class Starter:
     async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
         """SIGTERM/SIGINT: end every job as a whole, then stop (a personal pool stopped with
         Ctrl-C runs nothing), unless ``keep_jobs_on_stop`` leaves them to the next starter."""
+        # The receiver stays open until the stop is over: a second SIGTERM (stj pool's own
+        # stop follows the process group's) must not kill the starter half-way through ending
+        # its jobs, which would leave them running with no starter.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
                 break
+            await self._stop(scope)
+
+    async def _stop(self, scope: trio.CancelScope) -> None:
         self.stopping = True
         if self.config.starter.keep_jobs_on_stop:
             log.info("starter stopping: leaving %d job(s) to the next starter", len(self.jobs))

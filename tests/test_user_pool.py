@@ -132,3 +132,27 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def test_stopping_a_users_pool_ends_its_jobs(users: dict[str, User]) -> None:
+    """SIGTERM to a user's `stj pool` process group (the starter gets it twice: from the group
+    and from the supervisor's own stop) ends the pool's running job instead of leaving it
+    behind with no starter."""
+    with user_pool(users["a"]) as (_env, run):
+        r = run(STJ, "submit", "/bin/sleep", "300")
+        assert r.returncode == 0, r.stderr
+        job = r.stdout.split(":", 1)[1].split()[0]
+        pids: list[int] = []
+        deadline = time.monotonic() + 20
+        while not pids and time.monotonic() < deadline:
+            jobs = json.loads(run(STJ, "q", "--json", job).stdout or "[]")
+            pids = [p for j in jobs if j["state"] == "running" for p in j["pids"]]
+            time.sleep(0.1)
+        assert pids, "the job did not start"
+    # user_pool has stopped the pool (SIGTERM to its group, then waited for it).
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}")]
+        time.sleep(0.1)
+    assert alive == [], f"job processes {alive} outlived their stopped pool"
