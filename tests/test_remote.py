@@ -551,23 +551,24 @@ def test_allow_ssh_from_limits_remote_clients_only(site: RemoteSite) -> None:
     naming the rule, admits it from inside them, and leaves local clients alone; a network
     that is not one is refused at submit."""
     elsewhere = site.submit(
-        "a", "--allow-ssh-from", "10.0.0.0/8,2001:db8::/32", "/bin/sleep", "600"
+        "a", "--allow-ssh-from", "198.19.0.0/16,2001:db8::/32", "/bin/sleep", "600"
     )
     line = _one_line(
         site.on_laptop("a", SSH_TO_JOB, "-pool", site.pool, elsewhere, "true", check=False)
     )
     assert line == (
-        f"ssh-to-job: job {elsewhere} accepts remote sessions only from 10.0.0.0/8,2001:db8::/32 "
+        f"ssh-to-job: job {elsewhere} accepts remote sessions only from "
+        "198.19.0.0/16,2001:db8::/32 "
         f"(stj submit --allow-ssh-from); you connect from {site.laptop.address}"
     )
     assert site.on_broker("a", SSH_TO_JOB, elsewhere, "echo local").stdout == "local\n"
     here = site.submit(
-        "a", "--allow-ssh-from", f"10.0.0.0/8,{site.laptop.address}/32", "/bin/sleep", "600"
+        "a", "--allow-ssh-from", f"198.19.0.0/16,{site.laptop.address}/32", "/bin/sleep", "600"
     )
     r = site.on_laptop("a", SSH_TO_JOB, "-pool", site.pool, here, "echo remote")
     assert r.stdout == "remote\n"
     bad = site.on_broker(
-        "a", STJ, "submit", "--allow-ssh-from", "10.0.0.300/8", "/bin/true", check=False
+        "a", STJ, "submit", "--allow-ssh-from", "198.19.0.300/16", "/bin/true", check=False
     )
     assert bad.returncode == 2
     assert "ssh_from takes networks like 10.1.0.0/16" in bad.stderr
