@@ -379,7 +379,7 @@ class Connections:
             return
         ids, owner_uid = scope
         if msg.table:
-            await self._query_table(stream, ids, states, owner_uid)
+            await self._query_table(stream, ids, states, owner_uid, msg.objects)
             return
         page: list[wire.JobInfo] = []
         for info in self.queue.infos(ids, states, owner_uid):
@@ -395,9 +395,10 @@ class Connections:
         ids: wire.JobId | None,
         states: tuple[str, ...],
         owner_uid: int | None,
+        objects: bool = False,
     ) -> None:
         """A listing as ``job_table`` pages, each sent as soon as SQLite has written it."""
-        pages = self.queue.table_pages(ids, states, owner_uid, PAGE)
+        pages = self.queue.table_pages(ids, states, owner_uid, PAGE, objects)
         text = next(pages)
         for after in pages:
             await stream.send(wire.JobTable(wire.JOB_COLUMNS, text, last=False))

@@ -141,17 +141,19 @@ class BrokerClient:
             reply = self._receive()
 
     def job_table(
-        self, query: wire.Query, on_page: Callable[[list[list[Any]]], None]
+        self, query: wire.Query, on_page: Callable[[list[Any], str], None]
     ) -> wire.Error | None:
-        """The rows of a ``query`` with ``table`` (``wire.JOB_COLUMNS`` values each), handed
-        to ``on_page`` a page at a time as they arrive, so that the caller's work overlaps
-        the broker's; each row's length is checked, its values are the caller's to check."""
+        """The rows of a ``query`` with ``table`` (``wire.JOB_COLUMNS`` values each, or with
+        ``objects`` objects keyed by them), handed to ``on_page`` with the page's text a page
+        at a time as they arrive, so that the caller's work overlaps the broker's; each row's
+        shape is checked, its values are the caller's to check."""
         import json  # only listings need it, not a session's start-up
 
         import attrs
 
         reply = self.request(attrs.evolve(query, table=True))
         width = len(wire.JOB_COLUMNS)
+        keys = dict.fromkeys(wire.JOB_COLUMNS).keys()
         while True:
             if isinstance(reply, wire.Error):
                 return reply
@@ -163,9 +165,13 @@ class BrokerClient:
                 rows = json.loads(reply.rows)
             except ValueError:
                 rows = None
-            if type(rows) is not list or not all(type(r) is list and len(r) == width for r in rows):
+            if type(rows) is not list or not (
+                all(type(r) is dict and r.keys() == keys for r in rows)
+                if query.objects
+                else all(type(r) is list and len(r) == width for r in rows)
+            ):
                 raise BrokerUnavailable("the broker sent malformed job rows")
-            on_page(rows)
+            on_page(rows, reply.rows)
             if reply.last:
                 return None
             reply = self._receive()

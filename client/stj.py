@@ -498,7 +498,12 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
         with _client(a) as bc:
             for ident in a.ids or [""]:
                 err = bc.job_table(
-                    wire.Query(ids=(ident,) if ident else (), history=history, owner=a.owner or ""),
+                    wire.Query(
+                        ids=(ident,) if ident else (),
+                        history=history,
+                        owner=a.owner or "",
+                        objects=a.json,
+                    ),
                     printer.page,
                 )
                 if err is not None:
@@ -511,21 +516,11 @@ def cmd_q(a: argparse.Namespace, history: bool = False) -> int:
     return 0
 
 
-def _json_lines(rows: list[list[Any]]) -> str:
-    """A page of rows as JobInfo objects (the rows are its fields in order), one per line.
-
-    One call of the C encoder for the whole page (indent= would switch to the slow Python
-    one), then a line break at each boundary between objects: ``}, {`` occurs there
-    ``len(rows) - 1`` times, and any more means a job's text contains it too; then each
-    object is encoded on its own instead.
-    """
-    keys = wire.JOB_COLUMNS
-    objs = [dict(zip(keys, r, strict=True)) for r in rows]
-    text = json.dumps(objs)[1:-1]
-    if text.count("}, {") == len(objs) - 1:
-        return text.replace("}, {", "},\n{")
-    encode = json.JSONEncoder().encode
-    return ",\n".join([encode(o) for o in objs])
+def _json_lines(rows: list[dict[str, Any]]) -> str:
+    """A page of JobInfo objects, one per line, every character outside ASCII escaped (for
+    a page whose text, as the broker wrote it, is not all ASCII)."""
+    encode = json.JSONEncoder(separators=(",", ":")).encode
+    return ",\n".join([encode(o) for o in rows])
 
 
 #: A row of a ``job_table``: read by field name like ``wire.JobInfo``, without building one.
@@ -559,12 +554,16 @@ class _JobPrinter:
                 f"{'SSH':<4} CMD\n"
             )
 
-    def page(self, rows: list[list[Any]]) -> None:
+    def page(self, rows: list[Any], text: str) -> None:
         if not self.started:
             self._start()
         if self.as_json:
+            # The broker's text, checked by the reader, is written as it is: one object per
+            # line. Only ASCII goes out unescaped, so no control character of a job's text
+            # (C1 codes included) reaches the terminal raw.
             if rows:
-                self.out.write((",\n" if self.n else "") + _json_lines(rows))
+                body = text[1:-1] if text.isascii() else _json_lines(rows)
+                self.out.write((",\n" if self.n else "") + body)
             self.n += len(rows)
             return
         self._rows([_JobRow._make(r) for r in rows])

@@ -137,35 +137,32 @@ def test_job_table_rows_equal_the_job_infos(tmp_path: pathlib.Path) -> None:
         q.close()
 
 
-def test_json_listing_is_one_object_per_line_whatever_the_text() -> None:
-    """`stj q --json` writes one JobInfo object per line, also when a job's arguments contain
-    the text that separates objects (`}, {`), and each line reads back as that job."""
+def test_json_listing_is_one_object_per_line_whatever_the_text(tmp_path: pathlib.Path) -> None:
+    """`stj q --json`'s pages (objects keyed by the columns, written by SQLite) read back as
+    the array rows' values, one object per line, also when a job's text contains what
+    separates objects; a page with text outside ASCII is rewritten escaped, the same objects."""
     from ssh_to_job.client.stj import _json_lines
 
-    base = [
-        "1.0",
-        "a",
-        1,
-        "idle",
-        "/x",
-        ["y"],
-        1.5,
-        None,
-        None,
-        None,
-        None,
-        "",
-        "",
-        [],
-        "",
-        "/",
-        0,
-        0.0,
-    ]
-    for args in (["plain"], ["}, {", "x"]):
-        rows = [base, [*base[:5], args, *base[6:]], base]
-        lines = _json_lines(rows).split("\n")
-        assert len(lines) == 3
-        got = [json.loads(line.rstrip(",")) for line in lines]
-        assert [list(o.values()) for o in got] == rows
-        assert list(got[0]) == list(wire.JOB_COLUMNS)
+    q = _queue.JobQueue(tmp_path / "queue.db")
+    try:
+        spec = wire.JobSpec(
+            executable="/bin/sh", args=("-c", '"},\n{" }, { ü\x1b\x9b'), env={}, initialdir="/t"
+        )
+        q.submit(spec, 3, "stjta", 1001, 1001)
+        q.submit(wire.JobSpec(executable="/bin/true"), 1, "stjtb", 1002, 1002)
+        q.set_state("1.1", "held", hold_reason="why\n ü\x9b", debug_until=5.0, pid=77)
+        arrays = [r for p in q.table_pages(page=3) for r in json.loads(p)]
+        pages = list(q.table_pages(page=3, objects=True))
+        assert len(pages) == 2
+        want = [dict(zip(wire.JOB_COLUMNS, r, strict=True)) for r in arrays]
+        lines = [line for p in pages for line in p[1:-1].split("\n")]
+        assert len(lines) == len(want) == 4
+        assert [json.loads(line.rstrip(",")) for line in lines] == want
+        assert all(list(json.loads(line.rstrip(","))) == list(wire.JOB_COLUMNS) for line in lines)
+        assert not pages[0].isascii()
+        redone = _json_lines(json.loads(pages[0]))
+        assert redone.isascii()
+        assert [json.loads(x.rstrip(",")) for x in redone.split("\n")] == want[:3]
+        assert list(q.table_pages(wire.parse_job_id("99"), objects=True)) == ["[]"]
+    finally:
+        q.close()

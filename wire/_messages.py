@@ -242,6 +242,9 @@ class Query(Message):
     owner: str = ""
     #: ``True``: answer with ``job_table`` pages (rows as JSON arrays) instead of ``job_list``.
     table: bool = False
+    #: With ``table``: each row a JSON object keyed by the columns, one per line, as
+    #: ``stj q --json`` prints them (the client checks and writes the text, never rebuilds it).
+    objects: bool = False
 
 
 @attrs.frozen
