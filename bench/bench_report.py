@@ -253,6 +253,53 @@ def targets(r: Json) -> list[tuple[str, str, str]]:
     return rows
 
 
+#: perf's shared objects, in the groups that say what the CPU of a grant buys.
+DSO_GROUPS = (
+    (
+        "TLS and signatures (libcrypto, libssl, cryptography, libsodium)",
+        ("libcrypto", "libssl", "_rust", "_sodium"),
+    ),
+    ("the kernel (sockets, scheduling, process start)", ("[kernel",)),
+    (
+        "the Python interpreter (our code, trio, attrs, json)",
+        ("python3", "libpython", "_json", "_ssl", "_cffi"),
+    ),
+    ("the C library (allocation, copies)", ("libc.so", "libm.so", "ld-linux")),
+    ("SQLite (queue, audit, session record)", ("libsqlite", "_sqlite3")),
+)
+
+
+def perf_table(name: str, rec: Json) -> str:
+    """Where the broker's and the starter's CPU per operation went, by perf's shared object."""
+    lines = [
+        f"Where the daemons' CPU went in `{name}` (perf samples by shared object; share × CPU "
+        "per grant):\n",
+        "| group | broker | starter |",
+        "|---|---|---|",
+    ]
+    per = {
+        "broker": rec.get("broker_cpu_per_op_ms", 0.0),
+        "starter": rec.get("starter_cpu_per_op_ms", 0.0),
+    }
+    groups: dict[str, dict[str, float]] = {}
+    for who, shares in rec["perf"].items():
+        for dso, pct in shares.items():
+            label = next(
+                (g for g, keys in DSO_GROUPS if any(dso.startswith(k) for k in keys)), "other"
+            )
+            groups.setdefault(label, {}).setdefault(who, 0.0)
+            groups[label][who] += pct
+    for label in [g for g, _ in DSO_GROUPS] + ["other"]:
+        if label in groups:
+            pcts = [groups[label].get(who, 0.0) for who in ("broker", "starter")]
+            cells = [
+                f"{pct:.0f}% = {pct / 100 * per[who]:.2f} ms"
+                for pct, who in zip(pcts, ("broker", "starter"), strict=True)
+            ]
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(r: Json) -> str:
     m = r.get("machine", {})
     v = r.get("versions", {})
@@ -483,6 +530,9 @@ def render(r: Json) -> str:
                 f"{rec.get('starter_cpu_per_op_ms', 0):.2f} ms |"
             )
         w("")
+        for k, rec in b.items():
+            if rec.get("perf"):
+                w(perf_table(k, rec))
     q = ph.get("queue")
     if q:
         w("### Queue\n")

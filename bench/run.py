@@ -511,6 +511,54 @@ Host *
             }
         into["wall_s"] = wall
 
+    @contextmanager
+    def perf_dsos(self, into: Json | None) -> Iterator[None]:
+        """With ``perf`` (./dev bench installs linux-perf): sample the broker and the starter
+        over the block and put each one's CPU share by shared object into ``into["perf"]``
+        (the interpreter: our code, trio and attrs; libcrypto: TLS handshakes and signatures;
+        the kernel: sockets). Nothing when ``into`` is None or perf cannot sample here."""
+        perf = shutil.which("perf")
+        if into is None or perf is None:
+            yield
+            return
+        data = {k: self.state / f"perf-{k}.data" for k in ("broker", "starter")}
+        pids = {"broker": self.broker_pid, "starter": self.starter_pid}
+        procs = {
+            k: subprocess.Popen(
+                [perf, "record", "-q", "-F", "499", "-o", str(data[k]), "-p", str(pids[k])],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for k in pids
+        }
+        try:
+            yield
+        finally:
+            for p in procs.values():
+                p.send_signal(signal.SIGINT)
+            for p in procs.values():
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        out: Json = {}
+        for k, path in data.items():
+            rep = sh(
+                [perf, "report", "-i", str(path), "--sort", "dso", "--stdio", "-g", "none"],
+                timeout=120,
+            )
+            shares: dict[str, float] = {}
+            for line in rep.stdout.splitlines():
+                m = re.match(r"\s*([0-9.]+)%\s+(\S+)", line)
+                if m and not line.lstrip().startswith("#"):
+                    shares[m[2]] = float(m[1])
+            if shares:
+                out[k] = shares
+            path.unlink(missing_ok=True)
+        if out:
+            into["perf"] = out
+
     def guard(self, name: str, fn: Any) -> None:
         """Run one phase; a failure is recorded in the results, and the others still run."""
         if self.a.only and name not in self.a.only:
@@ -881,7 +929,9 @@ Host *
         ):
             self._settle()
             rec: Json = {}
-            with self.daemons(rec):
+            # The busiest grant run also says where the daemons' CPU goes, library by library.
+            profile = kind == "grant" and threads == 16
+            with self.daemons(rec), self.perf_dsos(rec if profile else None):
                 r = self.worker(
                     "broker_load", {"kind": kind, "job": job, "threads": threads, "seconds": secs}
                 )
