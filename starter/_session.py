@@ -175,6 +175,7 @@ async def run_session(starter: Starter, job: Job, session_id: str) -> None:
     """Everything the starter does for one session; never raises."""
     cfg = starter.config.starter
     sock: trio.socket.SocketType | None = None
+    t0 = time.perf_counter()
     # The host key is made before dialling so that the broker can certify it (session_cert).
     host_key = make_host_key()
     certificate = ""
@@ -204,7 +205,15 @@ async def run_session(starter: Starter, job: Job, session_id: str) -> None:
                 raise
         assert isinstance(raw, trio.SocketStream)
         sock = raw.socket
+        t1 = time.perf_counter()
         frame = await _frame_after(sock, bytes(extra), cfg.session_timeout)
+        if starter.debug:
+            log.debug(
+                "session %s: host key, dial, TLS and attach %.1f ms; the capability %.1f ms later",
+                session_id[:8],
+                (t1 - t0) * 1000,
+                (time.perf_counter() - t1) * 1000,
+            )
     except (
         OSError,
         PeerGone,
@@ -298,6 +307,9 @@ async def _serve(
     # From here on the socket is a plain blocking one: sshd gets it as stdin/stdout.
     ours = socket.socket(fileno=sock.detach())
     ours.setblocking(True)
+    # Where the set-up's time goes, for the debug log (issue 12: the starter's share of a
+    # cold session, taken apart before anything is cut).
+    marks = [("capability", time.perf_counter())]
     try:
         common.private_dir(d, uid, gid)
         private, public = host_key if host_key is not None else make_host_key()
@@ -362,6 +374,7 @@ async def _serve(
         )
         os.fchown(log_fd, uid, gid)
         preexec = _procs.make_preexec(uid, gid, list(job.plan.groups), cgroup)
+        marks.append(("files", time.perf_counter()))
         if cfg.use_shim:
             parent, child = socket.socketpair()
             shim_cfg = preload.ShimConfig(
@@ -384,12 +397,14 @@ async def _serve(
                 child.close()
                 os.close(log_fd)
             job.group.adopt(proc.pid)
+            marks.append(("spawn", time.perf_counter()))
             with parent:
                 try:
                     await _shim_handshake(parent, shim_cfg, SHIM_TIMEOUT)
                 except preload.ShimError as exc:
                     proc.kill()
                     raise SessionRefused(str(exc)) from None
+                marks.append(("shim", time.perf_counter()))
                 ours.sendall(conn.send(ready))
                 parent.sendall(preload.GO)
         else:
@@ -407,6 +422,15 @@ async def _serve(
             finally:
                 os.close(log_fd)
             job.group.adopt(proc.pid)
+            marks.append(("spawn", time.perf_counter()))
+        if starter.debug:
+            steps = ", ".join(
+                f"{name} {(t - marks[i][1]) * 1000:.1f} ms" for i, (name, t) in enumerate(marks[1:])
+            )
+            total = (marks[-1][1] - marks[0][1]) * 1000
+            log.debug(
+                "session %s set-up: %.1f ms from the capability (%s)", session_id[:8], total, steps
+            )
         if job.killed:
             # rm/hold came while we set up: the group kill may have missed this sshd (it
             # joins the job's cgroup only as it starts).

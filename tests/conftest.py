@@ -84,8 +84,11 @@ def users() -> dict[str, User]:
 class Pool:
     """A running personal pool (broker and starter processes) in its own state directory."""
 
-    def __init__(self, state: pathlib.Path, config: str = "", slots: int = 4) -> None:
+    def __init__(
+        self, state: pathlib.Path, config: str = "", slots: int = 4, debug: bool = False
+    ) -> None:
         self.state = state
+        self.debug = debug
         self.config_path = state / "config.toml"
         self.config_path.write_text(config)
         self.slots = slots
@@ -122,6 +125,7 @@ class Pool:
                     str(self.config_path),
                     "--slots",
                     str(self.slots),
+                    *(["--debug"] if self.debug else []),
                 ],
                 stdout=log,
                 stderr=log,
@@ -276,10 +280,10 @@ def make_pool(users: dict[str, User]) -> Iterator[Any]:
     """Factory: start pools with a given config; all are stopped and removed afterwards."""
     pools: list[Pool] = []
 
-    def make(config: str = "", slots: int = 4, start: bool = True) -> Pool:
+    def make(config: str = "", slots: int = 4, start: bool = True, debug: bool = False) -> Pool:
         su = users["su"].name
         cfg = f'[broker]\nsuperusers = ["{su}"]\n' + config
-        pool = Pool(new_state_dir(), cfg, slots)
+        pool = Pool(new_state_dir(), cfg, slots, debug)
         pools.append(pool)
         if start:
             pool.start()  # on failure the teardown below still stops it
