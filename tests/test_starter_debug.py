@@ -32,11 +32,13 @@ def test_debug_log_takes_a_sessions_set_up_apart(make_pool: Any, users: dict[str
             assert r.returncode == 0, r.stderr
             if not debug:
                 text = pool.log.read_text(errors="replace")
-                assert not SETUP.search(text) and not DIAL.search(text)
+                assert not SETUP.search(text)
+                assert not DIAL.search(text)
                 continue
             m = wait_for("the set-up line", lambda: SETUP.search(pool.log.read_text()))
             d = DIAL.search(pool.log.read_text())
-            assert d is not None and d[1] == m[1]
+            assert d is not None
+            assert d[1] == m[1]
             total, *parts = (float(x) for x in m.groups()[1:])
             assert all(p >= 0 for p in parts)
             assert abs(sum(parts) - total) < 0.5
