@@ -35,7 +35,8 @@ def test_debug_log_takes_a_sessions_set_up_apart(make_pool: Any, users: dict[str
                 assert not SETUP.search(text)
                 assert not DIAL.search(text)
                 continue
-            m = wait_for("the set-up line", lambda: SETUP.search(pool.log.read_text()))
+            log = pool.log
+            m = wait_for("the set-up line", lambda: SETUP.search(log.read_text()))  # noqa: B023
             d = DIAL.search(pool.log.read_text())
             assert d is not None
             assert d[1] == m[1]
