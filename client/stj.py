@@ -447,12 +447,8 @@ def _fmt_dur(j: wire.JobInfo) -> str:
     return f"{s // 86400}+{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _left(seconds: float) -> str:
-    s = int(seconds)
-    if s < 120:
-        return f"{s} s"
-    h, m = divmod(s // 60, 60)
-    return f"{h}h{m:02d}m" if h else f"{m} min"
+#: How long a debug hold has left, as the summary (``_qfast``) says it.
+_left = _qfast._left
 
 
 def _bad_id(ids: list[str]) -> int | None:
