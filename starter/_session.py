@@ -385,6 +385,7 @@ async def _serve(
                 os.close(log_fd)
             job.group.adopt(proc.pid)
             with parent:
+                await job.group.settle(proc.pid)
                 try:
                     await _shim_handshake(parent, shim_cfg, SHIM_TIMEOUT)
                 except preload.ShimError as exc:
@@ -407,6 +408,7 @@ async def _serve(
             finally:
                 os.close(log_fd)
             job.group.adopt(proc.pid)
+            await job.group.settle(proc.pid)
         if job.killed:
             # rm/hold came while we set up: the group kill may have missed this sshd (it
             # joins the job's cgroup only as it starts).

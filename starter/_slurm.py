@@ -7,10 +7,12 @@ node, step by step), takes the environment of the batch step's first task from
 ``/proc/PID/environ`` (``SLURM_JOB_ID``, ``SLURM_JOB_NODELIST`` and the rest, as the batch
 script sees them), the working directory and owner from ``scontrol show job -o``, and checks
 that the processes belong to the job's owner. The session's sshd is then **adopted into the
-job** the way ``pam_slurm_adopt`` adopts into the extern step: its pid is written into every
-cgroup the job's extern step process lives in (``PrologFlags=Contain``; with
-``proctrack/cgroup`` that is the container Slurm signals, counts and lists, so the session
-shows in ``scontrol listpids`` and dies with the job). With ``proctrack/linuxproc`` there is
+job** the way ``pam_slurm_adopt`` adopts into the extern step (``PrologFlags=Contain``): the
+extern step's slurmstepd is asked to adopt its pid (starter/_stepd.py), which puts it into the
+step's container and Slurm's accounting; where slurmstepd cannot be asked (no libslurm, no
+answer), the starter writes the pid into every cgroup the extern step process lives in itself.
+With ``proctrack/cgroup`` either way is the container Slurm signals, counts and lists, so the
+session shows in ``scontrol listpids`` and dies with the job. With ``proctrack/linuxproc`` there is
 no container to join: the starter itself watches the job and kills the session's processes
 when it ends. Either way the starter watches the job (a pidfd on its extern or batch process)
 and ends every session into it when the job ends on this node.
@@ -36,7 +38,7 @@ import trio
 
 from ssh_to_job import wire
 
-from . import _procs
+from . import _procs, _stepd
 from ._jobs import Job, JobPlan
 from ._session import run_session
 
@@ -106,6 +108,12 @@ class SlurmJob:
     anchor: int
     #: The cgroup directories (one per hierarchy) of the job's extern step, where sessions go.
     cgroups: tuple[pathlib.Path, ...]
+    #: This node's slurmd spool directory (where the extern step's slurmstepd listens), or "".
+    spool: str = ""
+    #: The node (its Slurm NodeName) this starter serves.
+    node: str = ""
+    #: Whether the job has an extern step on this node (``PrologFlags=Contain``).
+    extern: bool = False
 
 
 def _slurm_env(slurm_conf: str) -> dict[str, str]:
@@ -229,6 +237,7 @@ async def locate(job: str, node: str, slurm_conf: str) -> SlurmJob:
     workdir = info.get("WorkDir", "") or "/"
     anchor = (extern or [source])[0]
     cgroups = _job_cgroups(extern[0], job_id) if extern else ()
+    template = await spool_template(slurm_conf)
     return SlurmJob(
         job_id=job_id,
         uid=uid,
@@ -238,6 +247,9 @@ async def locate(job: str, node: str, slurm_conf: str) -> SlurmJob:
         pids=tuple(sorted({p for p, _, _ in rows})),
         anchor=anchor,
         cgroups=cgroups,
+        spool=_stepd.spool_dir(template, node) if template else "",
+        node=node,
+        extern=bool(extern),
     )
 
 
@@ -245,17 +257,43 @@ class SlurmGroup(_procs.JobGroup):
     """A Slurm job's sessions on this node: their sshd processes and what those start.
 
     The job's own processes are Slurm's: this group never signals them. Sessions are tracked
-    by descent from their sshd (as without cgroups), and each sshd also joins the job's extern
-    step cgroups, so Slurm counts, lists and kills it with the job.
+    by descent from their sshd (as without cgroups), and each sshd is also adopted into the
+    job's extern step (by its slurmstepd, else by writing its cgroups), so Slurm counts, lists
+    and kills it with the job.
     """
 
     def __init__(self, slurm: SlurmJob) -> None:
         super().__init__(None)
         self.slurm = slurm
         self.uid = slurm.uid
+        #: How the last sshd was adopted, for the session's log line: "slurmstepd",
+        #: "cgroup write (why slurmstepd could not)" or "" (not adopted: no extern step).
+        self.adopted_by = ""
 
-    def adopt(self, pid: int) -> None:
-        super().adopt(pid)
+    async def settle(self, pid: int) -> None:
+        """Adopt the session's sshd into the extern step before it runs on (the shim holds it
+        until then): through slurmstepd where it answers, else by writing its cgroups."""
+        s = self.slurm
+        why = "the job has no extern step here (PrologFlags=Contain)"
+        if s.extern and s.spool:
+            try:
+                await _stepd.adopt(s.spool, s.node, s.job_id, pid)
+            except _stepd.StepdError as exc:
+                why = str(exc)
+            else:
+                self.adopted_by = "slurmstepd"
+                log.info("Slurm job %d: sshd %d adopted by slurmstepd", s.job_id, pid)
+                return
+        elif s.extern:
+            why = "slurmd's spool directory is unknown"
+        self._write_cgroups(pid)
+        if s.cgroups:
+            self.adopted_by = f"cgroup write ({why})"
+            log.info("Slurm job %d: sshd %d adopted by cgroup write (%s)", s.job_id, pid, why)
+        else:
+            log.info("Slurm job %d: sshd %d tracked by the starter alone (%s)", s.job_id, pid, why)
+
+    def _write_cgroups(self, pid: int) -> None:
         for d in self.slurm.cgroups:
             try:
                 fd = os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
@@ -355,12 +393,37 @@ def check_node(slurm_conf: str) -> None:
         raise SystemExit("starter: backend = slurm needs Slurm's scontrol (slurm-client)")
 
 
+#: slurmd's spool directory as slurm.conf spells it (``%n`` unexpanded), per slurm.conf path.
+_spool_templates: dict[str, str] = {}
+
+
+async def spool_template(slurm_conf: str) -> str:
+    """``SlurmdSpoolDir`` (read once; ``node_tracking`` reads it at start), "" if unknown."""
+    if slurm_conf not in _spool_templates:
+        try:
+            text = await scontrol(["show", "config"], slurm_conf)
+        except NotHere:
+            return ""
+        _spool_templates[slurm_conf] = _config(text).get("SlurmdSpoolDir", "")
+    return _spool_templates[slurm_conf]
+
+
+def _config(text: str) -> dict[str, str]:
+    conf = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            conf[key.strip()] = value.strip()
+    return conf
+
+
 def node_tracking(slurm_conf: str) -> str:
     """At start in Slurm mode: how this node's sessions will be tracked, from Slurm's
     configuration (``scontrol show config``, once): "slurm-cgroup" where Slurm gives each job
     an extern step in a cgroup container (``proctrack/cgroup`` with ``PrologFlags=Contain``),
-    else "process-tree" (the starter's own tracking). Each session's log line says what it
-    really got."""
+    else "process-tree" (the starter's own tracking); " via slurmstepd" is added where
+    libslurm loads, so that sessions are adopted by the extern step's slurmstepd (and counted
+    by Slurm's accounting). Each session's log line says what it really got."""
     import subprocess
 
     try:
@@ -375,15 +438,28 @@ def node_tracking(slurm_conf: str) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("scontrol show config: %s; assuming process-tree tracking", exc)
         return "process-tree"
-    conf = {}
-    for line in r.stdout.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            conf[key.strip()] = value.strip()
+    conf = _config(r.stdout)
+    if r.returncode == 0:
+        _spool_templates[slurm_conf] = conf.get("SlurmdSpoolDir", "")
     contain = "contain" in conf.get("PrologFlags", "").lower().split(",")
+    kind = "process-tree"
     if conf.get("ProctrackType") == "proctrack/cgroup" and contain:
-        return "slurm-cgroup"
-    return "process-tree"
+        kind = "slurm-cgroup"
+    if not contain:
+        return kind
+    # Loading libslurm here, once, also keeps cffi's start-up off the first session's path.
+    if _stepd.available():
+        return f"{kind} via slurmstepd"
+    log.warning("sessions are adopted by writing cgroups: %s", _why_stepd())
+    return kind
+
+
+def _why_stepd() -> str:
+    try:
+        _stepd.load()
+    except _stepd.StepdError as exc:
+        return str(exc)
+    return ""
 
 
 async def serve_session(starter: Starter, job: str, session_id: str) -> None:

@@ -19,7 +19,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
+import trio
 from conftest import BIN, ROOT, STJ, Pool, User, new_state_dir, wait_for
 from slurm import Cluster, have_slurm
 
@@ -28,8 +30,9 @@ pytestmark = pytest.mark.skipif(have_slurm() is not None, reason=str(have_slurm(
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """A two-node Slurm cluster (two slurmd on this host: Debian builds multiple-slurmd)."""
-    c = Cluster(new_state_dir() / "slurm", nodes=("n1", "n2"))
+    """A two-node Slurm cluster (two slurmd on this host: Debian builds multiple-slurmd), with
+    Slurm's process accounting (so that adoption by slurmstepd shows in ``sstat``)."""
+    c = Cluster(new_state_dir() / "slurm", nodes=("n1", "n2"), jobacct="jobacct_gather/linux")
     try:
         c.start()
     except BaseException:
@@ -198,6 +201,66 @@ def test_session_is_adopted_into_the_job(
         assert shell in listed, r.stdout
     else:
         pytest.skip("proctrack/linuxproc: Slurm has no container to adopt into")
+
+
+def test_slurmstepd_adopts_the_session_and_accounts_for_it(
+    spool: Pool, cluster: Cluster, users: dict[str, User], job_a: dict[str, Any]
+) -> None:
+    """The session's sshd is adopted by the extern step's slurmstepd (the starter's log says
+    so), its shell is in the extern step's pids, and Slurm's accounting (``sstat`` of
+    ``N.extern``) counts the CPU the session burns, which a bare cgroup write does not give."""
+    jid = str(job_a["job_id"])
+    node = job_a["batch_host"]
+    conf = f"SLURM_CONF={cluster.conf}"
+    r = spool.ssh(
+        users["a"],
+        f"slurm:{jid}",
+        # A busy loop of ~4 s in the background; sstat while it runs (the extern step's
+        # accounting keeps only live tasks' usage).
+        "echo $$; timeout 4 sh -c 'while :; do :; done' & sleep 3; "
+        f"{conf} scontrol listpids {jid}.4294967292 {node}; "
+        f"{conf} sstat -n -P -j {jid}.extern -o AveCPU; wait",
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    shell = int(lines[0])
+    assert shell in {int(ln.split()[0]) for ln in lines[2:-1]}, r.stdout
+    h, m, sec = lines[-1].split("-")[-1].split(":")
+    assert int(h) * 3600 + int(m) * 60 + float(sec) >= 1, r.stdout
+    assert any(
+        f"Slurm job {jid}: sshd " in ln and "adopted by slurmstepd" in ln
+        for ln in spool.log_text().splitlines()
+    ), spool.log_text()
+
+
+async def test_unreachable_slurmstepd_falls_back_to_writing_cgroups(
+    cluster: Cluster, job_a: dict[str, Any]
+) -> None:
+    """Where the extern step's slurmstepd cannot be reached, the session's process is still
+    put into the extern step's cgroups (written by the starter), and it says which way."""
+    from ssh_to_job.starter import _slurm
+
+    jid = job_a["job_id"]
+    with trio.fail_after(30):
+        found = await _slurm.locate(f"slurm:{jid}", job_a["batch_host"], str(cluster.conf))
+    if cluster.proctrack != "proctrack/cgroup":
+        pytest.skip("proctrack/linuxproc: no extern step cgroups to write")
+    assert found.extern
+    assert found.spool
+    assert found.cgroups
+    lost = attrs.evolve(found, spool=str(new_state_dir()))
+    group = _slurm.SlurmGroup(lost)
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        group.adopt(proc.pid)
+        with trio.fail_after(10):
+            await group.settle(proc.pid)
+        assert group.adopted_by.startswith("cgroup write (no extern step socket"), group.adopted_by
+        for d in found.cgroups:
+            assert str(proc.pid) in (d / "cgroup.procs").read_text().split()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_files_scp_sftp_rsync(
@@ -515,8 +578,10 @@ def test_local_and_remote_forwards(
 
 def test_status_shows_how_each_slurm_starter_tracks_sessions(spool: Pool, cluster: Cluster) -> None:
     """`stj status` names each Slurm starter's session tracking, as Slurm's set-up implies:
-    slurm-cgroup with proctrack/cgroup (and PrologFlags=Contain), else process-tree."""
-    want = "slurm-cgroup" if cluster.proctrack == "proctrack/cgroup" else "process-tree"
+    slurm-cgroup with proctrack/cgroup (and PrologFlags=Contain), else process-tree, adopted
+    via slurmstepd (libslurm is installed here)."""
+    kind = "slurm-cgroup" if cluster.proctrack == "proctrack/cgroup" else "process-tree"
+    want = f"{kind} via slurmstepd"
     starters = json.loads(spool.stj(ROOT, "status", "--json").stdout)["starters"]
     got = {s["starter_id"]: s["tracking"] for s in starters if s["connected"]}
     assert got == {node: want for node in cluster.nodes}
