@@ -52,7 +52,6 @@ PREFIX = "slurm:"
 EXTERN, BATCH = "extern", "batch"
 #: Seconds one ``scontrol`` call may take.
 SCONTROL_TIMEOUT = 20.0
-_JOB_RE = re.compile(r"^slurm:([0-9]{1,10})$")
 #: Environment variables a session must not inherit from the batch step: they describe the
 #: batch step's own terminal and process, not the session's.
 _NOT_PASSED = frozenset({"SLURM_TASK_PID", "SLURMD_NODENAME_UNUSED", "TERM", "SHLVL", "_", "PWD"})
@@ -62,12 +61,16 @@ class NotHere(Exception):
     """The Slurm job cannot be entered on this node; the message says why."""
 
 
-def job_number(job: str) -> int:
-    """The numeric Slurm job id in ``slurm:N`` (the broker resolves arrays to it)."""
-    m = _JOB_RE.match(job)
-    if not m:
-        raise NotHere(f"{job!r} is not a Slurm job id the broker would send (slurm:N)")
-    return int(m.group(1))
+def job_number(job: str) -> tuple[int, str | None]:
+    """The numeric Slurm job id and the step in ``slurm:N`` or ``slurm:N.STEP`` (the broker
+    resolves array tasks and nodes before it signs)."""
+    try:
+        t = wire.parse_slurm_id(job)
+    except ValueError:
+        t = None
+    if t is None or not job.startswith(PREFIX) or t.task is not None or t.node:
+        raise NotHere(f"{job!r} is not a Slurm job id the broker would send (slurm:N[.STEP])")
+    return t.job, t.step
 
 
 def parse_show_job(text: str) -> dict[str, str]:
@@ -194,7 +197,7 @@ def _job_cgroups(pid: int, job_id: int) -> tuple[pathlib.Path, ...]:
 
 async def locate(job: str, node: str, slurm_conf: str) -> SlurmJob:
     """The Slurm job ``slurm:N`` on this node, or ``NotHere``."""
-    job_id = job_number(job)
+    job_id, step = job_number(job)
     shown = [
         parse_show_job(line)
         for line in (await scontrol(["show", "job", "-o", str(job_id)], slurm_conf)).splitlines()
@@ -214,9 +217,15 @@ async def locate(job: str, node: str, slurm_conf: str) -> SlurmJob:
     rows = parse_listpids(await scontrol(["listpids", str(job_id), node], slurm_conf))
     if not rows:
         raise NotHere(f"Slurm job {job_id} has no processes on node {node}")
-    extern = [p for p, step, _ in rows if step == EXTERN]
-    batch = [p for p, step, task in rows if step == BATCH and task == "0"]
-    firsts = [p for p, step, task in rows if step not in (EXTERN, BATCH) and task == "0"]
+    extern = [p for p, s, _ in rows if s == EXTERN]
+    if step is not None:
+        # A step: its own first task here, its processes, its directory. The session still
+        # goes into the job's extern step (as pam_slurm_adopt adopts): it outlives the step.
+        rows = [r for r in rows if r[1] == step]
+        if not rows:
+            raise NotHere(f"Slurm job {job_id} has no step {step} running on node {node}")
+    batch = [p for p, s, task in rows if s == BATCH and task == "0"]
+    firsts = [p for p, s, task in rows if s not in (EXTERN, BATCH) and task == "0"]
     source = (batch or firsts or [0])[0]
     env: dict[str, str] = {}
     if source:
@@ -235,6 +244,11 @@ async def locate(job: str, node: str, slurm_conf: str) -> SlurmJob:
     env.setdefault("SLURM_JOB_UID", str(uid))
     env.setdefault("SLURMD_NODENAME", node)
     workdir = info.get("WorkDir", "") or "/"
+    if step is not None and source:
+        try:
+            workdir = os.readlink(f"/proc/{source}/cwd")
+        except OSError:
+            raise NotHere(f"step {job_id}.{step} ended on {node}") from None
     anchor = (extern or [source])[0]
     cgroups = _job_cgroups(extern[0], job_id) if extern else ()
     template = await spool_template(slurm_conf)

@@ -448,6 +448,80 @@ def test_node_selection_in_a_two_node_job(
     cluster.run(["scancel", jid])
 
 
+def test_job_step_environment_cwd_pids_and_node(
+    spool: Pool, cluster: Cluster, users: dict[str, User], workdir: pathlib.Path
+) -> None:
+    """slurm:N.S enters the job with step S's environment, working directory and processes,
+    on a node where S runs (not the batch host here), adopted into the job's extern step; the
+    ssh-config and rsync spellings name steps too; a node outside the step, a step that never
+    ran and a step that has ended are refused in one line."""
+    a = users["a"]
+    stepdir = workdir / "stepdir"
+    stepdir.mkdir(mode=0o777, exist_ok=True)
+    stepdir.chmod(0o777)
+    jid = submit(
+        cluster,
+        a,
+        workdir,
+        "-N",
+        "2",
+        script=f"srun -N1 -w n2 --chdir={stepdir} --export=ALL,STJ_STEP=s0 sleep 300 & sleep 600",
+    )
+    cluster.wait_running(jid)
+
+    def step_pids() -> set[int]:
+        rows = cluster.run(["scontrol", "listpids", jid, "n2"], check=False).stdout
+        return {
+            int(w[0])
+            for ln in rows.splitlines()[1:]
+            if (w := ln.split())[2] == "0" and int(w[0]) > 0
+        }
+
+    pids0 = wait_for("step 0 on n2", step_pids)
+    conf = f"SLURM_CONF={cluster.conf}"
+    r = spool.ssh(
+        a,
+        f"slurm:{jid}.0",
+        "echo $SLURMD_NODENAME $SLURM_JOB_ID $SLURM_STEP_ID $STJ_STEP; pwd; echo $SSH_TO_JOB_PIDS; "
+        f"echo $$; {conf} scontrol listpids {jid}.4294967292 n2",
+    )
+    assert r.returncode == 0, r.stderr + spool.log_text()
+    first, cwd, pids, shell, *extern = r.stdout.splitlines()
+    assert first.split() == ["n2", jid, "0", "s0"]
+    assert cwd == str(stepdir)
+    assert {int(p) for p in pids.split()} == pids0
+    if cluster.proctrack == "proctrack/cgroup":
+        assert int(shell) in {int(ln.split()[0]) for ln in extern[1:]}, r.stdout
+    # The same step through ssh-config's host name and rsync's "slurm-" spelling.
+    cfg = pathlib.Path(a.home) / ".stj-slurm-ssh-config"
+    cfg.write_text(spool.run(a, [STJ, "ssh-config"], check=True).stdout)
+    r = spool.run(a, ["ssh", "-F", str(cfg), f"job-slurm-{jid}.0+n2", "echo $SLURM_STEP_ID"])
+    assert r.stdout.split() == ["0"], r.stderr
+    local = pathlib.Path(new_state_dir()) / "step.txt"
+    local.parent.chmod(0o777)
+    local.write_text("to the step\n")
+    local.chmod(0o644)
+    r = spool.run(a, ["rsync", "-e", "ssh-to-job", str(local), f"slurm-{jid}.0:rsync.txt"])
+    assert r.returncode == 0, r.stderr
+    assert (stepdir / "rsync.txt").read_text() == "to the step\n"
+    shutil.rmtree(local.parent, ignore_errors=True)
+    refused(spool.ssh(a, f"slurm:{jid}.0+n1", "true"), f"step {jid}.0 does not run on n1")
+    refused(spool.ssh(a, f"slurm:{jid}.0+0", "true"), f"step {jid}.0 does not run on n1")
+    refused(
+        spool.ssh(a, f"slurm:{jid}.7", "true"),
+        f"job {jid} has no running step 7 (running: 0, batch)",
+    )
+    cluster.run(["scancel", f"{jid}.0"])
+    wait_for(
+        "step 0 to end",
+        lambda: f"{jid}.0 " not in cluster.run(["squeue", "-h", "-s", "-o", "%i "]).stdout,
+    )
+    r = spool.ssh(a, f"slurm:{jid}.0", "true")
+    refused(r, f"Slurm job {jid} has no running step 0 (running: batch)")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    cluster.run(["scancel", jid])
+
+
 SERVE_ONCE = """
 import socket, sys
 s = socket.socket()
