@@ -663,3 +663,65 @@ def test_status_shows_how_each_slurm_starter_tracks_sessions(spool: Pool, cluste
     for node in cluster.nodes:
         line = next(ln for ln in text.splitlines() if ln.startswith(f"starter {node} "))
         assert f"Slurm sessions tracked by {want}" in line, text
+
+
+def test_linuxproc_falls_back_to_process_tree_tracking(
+    users: dict[str, User], workdir: pathlib.Path
+) -> None:
+    """With ProctrackType=proctrack/linuxproc Slurm has no container for sessions: `stj
+    status` says process-tree, and scancel still ends the session's processes (the starter's
+    pidfd watch of the job)."""
+    a = users["a"]
+    c = Cluster(new_state_dir() / "slurm-linuxproc", nodes=("l1",), proctrack="proctrack/linuxproc")
+    pool: Pool | None = None
+    proc: subprocess.Popen[str] | None = None
+    try:
+        c.start()
+        assert c.proctrack == "proctrack/linuxproc"
+        pool = Pool(
+            new_state_dir(),
+            f'[broker]\nslurm = true\nslurm_conf = "{c.conf}"\n'
+            f'[starter]\nbackend = "slurm"\nname = "l1"\nslurm_conf = "{c.conf}"\n',
+        )
+        pool.start()
+        starters = json.loads(pool.stj(ROOT, "status", "--json").stdout)["starters"]
+        assert [s["tracking"] for s in starters] == ["process-tree via slurmstepd"]
+        assert "Slurm sessions tracked by process-tree" in pool.stj(ROOT, "status").stdout
+        jid = submit(c, a, workdir)
+        c.wait_running(jid)
+        marker = workdir / f"lp-{jid}"
+        proc = subprocess.Popen(
+            [
+                *a.prefix(),
+                f"{BIN}/ssh-to-job",
+                f"slurm:{jid}",
+                f"sleep 1000 & echo $! > {marker}; wait",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=pool.env(a),
+            cwd="/tmp",
+        )
+        text = wait_for("the sleep", lambda: marker.read_text().strip() if marker.exists() else "")
+        pid = int(text)
+        log = pool.log_text().splitlines()
+        assert any(f"Slurm job {jid} (uid {a.uid}), tracked by process-tree" in ln for ln in log)
+        # slurmstepd still takes the sshd among the extern step's tasks (its accounting).
+        assert any(f"Slurm job {jid}: sshd " in ln and "by slurmstepd" in ln for ln in log), log
+        # Slurm does not know the session's processes: ending them is the starter's doing.
+        listed = c.run(["scontrol", "listpids", jid, "l1"]).stdout.splitlines()[1:]
+        assert pid not in {int(ln.split()[0]) for ln in listed}
+        c.run(["scancel", jid])
+        proc.communicate(timeout=30)
+        assert proc.returncode != 0
+        wait_for("the session's sleep to die", lambda: not os.path.exists(f"/proc/{pid}"), 15)
+        assert f"Slurm job {jid} ended on this node: ending its sessions" in pool.log_text()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if pool is not None:
+            pool.stop()
+            shutil.rmtree(pool.state, ignore_errors=True)
+        c.stop()
