@@ -9,7 +9,8 @@ allocation or ``+NODE``), and routes the session to the starter named as that no
 finds the job's processes there and adopts the session into the job (starter/_slurm.py).
 
 Job names: ``slurm:1234`` (or ``slurm-1234``, for rsync, which splits host and path at the
-first colon), an array task ``slurm:1234_7``, a node ``slurm:1234+2`` or ``slurm:1234+node7``.
+first colon), an array task ``slurm:1234_7``, a node ``slurm:1234+2`` or ``slurm:1234+node7``,
+a job step ``slurm:1234.0`` (broker/_slurmstep.py).
 
 Must never: grant a session to anyone but the job's owner, an operator or a superuser; route
 a session to a starter that is not the node named by Slurm.
@@ -32,14 +33,12 @@ from ssh_to_job.transport import FramedStream, PeerGone
 from ._connections import _KEY_PREFIXES, MAX_CLIENT_KEY, Connections
 from ._jobs import _names_uid, user_name
 from ._rendezvous import pass_socket
+from ._slurmstep import step_node
 
 log = logging.getLogger("stj.broker")
 
 #: Seconds one Slurm command may take before the request fails.
 SLURM_TIMEOUT = 20.0
-_TARGET_RE = re.compile(
-    r"^slurm[:-]([0-9]{1,10})(?:_([0-9]{1,10}))?(?:\+([A-Za-z0-9][A-Za-z0-9._-]{0,63}))?$"
-)
 #: Slurm job states in which nothing runs yet, or no longer.
 _WAITING = ("PENDING", "CONFIGURING", "REQUEUED", "RESV_DEL_HOLD", "REQUEUE_HOLD")
 _SUSPENDED = ("SUSPENDED", "STOPPED")
@@ -56,6 +55,8 @@ class Target:
     job: int
     task: int | None = None
     node: str = ""
+    #: A job step (broker/_slurmstep.py): its number, or "batch".
+    step: str | None = None
 
     @property
     def name(self) -> str:
@@ -63,14 +64,8 @@ class Target:
 
 
 def parse_target(text: str) -> Target:
-    m = _TARGET_RE.match(text.strip())
-    if not m:
-        raise ValueError(
-            f"{text!r} is not a Slurm job (slurm:JOB, slurm:JOB_TASK for an array task, "
-            "+INDEX or +NODE for a node of its allocation)"
-        )
-    job, task, node = m.groups()
-    return Target(int(job), None if task is None else int(task), node or "")
+    t = wire.parse_slurm_id(text)
+    return Target(t.job, t.task, t.node, t.step)
 
 
 @attrs.frozen
@@ -273,7 +268,22 @@ async def ssh(
         except SlurmError as exc:
             error = wire.Error("unavailable", f"cannot ask Slurm about {name}: {exc}")
     if error is None and job is not None:
-        chosen = choose_node(target, job)
+        try:
+            chosen = (
+                choose_node(target, job)
+                if target.step is None
+                else await step_node(
+                    job.job_id,
+                    target.name,
+                    target.step,
+                    target.node,
+                    job.batch_host,
+                    job.nodes,
+                    conns.bc.slurm_conf,
+                )
+            )
+        except SlurmError as exc:
+            chosen = wire.Error("unavailable", f"cannot ask Slurm about {name}: {exc}")
         if isinstance(chosen, wire.Error):
             error = chosen
         else:
@@ -292,7 +302,7 @@ async def ssh(
         await stream.send(error)
         return
     # The starter gets the job's own number: array tasks and names end here.
-    resolved = f"slurm:{job.job_id}"
+    resolved = f"slurm:{job.job_id}" + (f".{target.step}" if target.step else "")
     session_id, blob = conns.rendezvous.capability(
         conn, resolved, job.owner_uid, uid, msg.client_key
     )

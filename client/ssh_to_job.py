@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pathlib
 import pwd
-import re
 import shlex
 import shutil
 import signal
@@ -82,12 +81,6 @@ _FLAGS = {
 }
 
 
-#: A Slurm job (docs/slurm.md): slurm:JOB, slurm:JOB_TASK, +INDEX or +NODE; "slurm-" for rsync.
-_SLURM_RE = re.compile(
-    r"^slurm[:-][0-9]{1,10}(?:_[0-9]{1,10})?(?:\+[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$"
-)
-
-
 @attrs.frozen
 class SlurmJobId:
     """A Slurm job named on the command line; the broker resolves it (broker/_slurm.py)."""
@@ -103,10 +96,8 @@ class SlurmJobId:
 def parse_job(text: str) -> wire.JobId | SlurmJobId:
     """A job of this pool's queue (``32.0``) or of its Slurm cluster (``slurm:1234``)."""
     if text.startswith(("slurm:", "slurm-")):
-        if not _SLURM_RE.match(text):
-            raise ValueError(
-                f"{text!r} is not a Slurm job (slurm:JOB, slurm:JOB_TASK, slurm:JOB+NODE)"
-            )
+        # slurm:JOB[_TASK][.STEP][+NODE] (docs/slurm.md); "slurm-" for rsync.
+        wire.parse_slurm_id(text)
         return SlurmJobId(text)
     return wire.parse_job_id(text)
 

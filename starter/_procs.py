@@ -74,6 +74,9 @@ class JobGroup:
         if self.cgroup is None:
             self.leaders.append(pid)
 
+    async def settle(self, pid: int) -> None:
+        """Finish adopting ``pid`` before it runs on (a Slurm job's group asks slurmstepd)."""
+
     def release(self, pid: int) -> None:
         """Forget an adopted process once it is reaped: its pid may be reused by a stranger."""
         if pid in self.leaders and self.cgroup is None:

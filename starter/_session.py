@@ -399,6 +399,7 @@ async def _serve(
             job.group.adopt(proc.pid)
             marks.append(("spawn", time.perf_counter()))
             with parent:
+                await job.group.settle(proc.pid)
                 try:
                     await _shim_handshake(parent, shim_cfg, SHIM_TIMEOUT)
                 except preload.ShimError as exc:
@@ -422,6 +423,7 @@ async def _serve(
             finally:
                 os.close(log_fd)
             job.group.adopt(proc.pid)
+            await job.group.settle(proc.pid)
             marks.append(("spawn", time.perf_counter()))
         if starter.debug:
             steps = ", ".join(

@@ -7,10 +7,12 @@ node, step by step), takes the environment of the batch step's first task from
 ``/proc/PID/environ`` (``SLURM_JOB_ID``, ``SLURM_JOB_NODELIST`` and the rest, as the batch
 script sees them), the working directory and owner from ``scontrol show job -o``, and checks
 that the processes belong to the job's owner. The session's sshd is then **adopted into the
-job** the way ``pam_slurm_adopt`` adopts into the extern step: its pid is written into every
-cgroup the job's extern step process lives in (``PrologFlags=Contain``; with
-``proctrack/cgroup`` that is the container Slurm signals, counts and lists, so the session
-shows in ``scontrol listpids`` and dies with the job). With ``proctrack/linuxproc`` there is
+job** the way ``pam_slurm_adopt`` adopts into the extern step (``PrologFlags=Contain``): the
+extern step's slurmstepd is asked to adopt its pid (starter/_stepd.py), which puts it into the
+step's container and Slurm's accounting; where slurmstepd cannot be asked (no libslurm, no
+answer), the starter writes the pid into every cgroup the extern step process lives in itself.
+With ``proctrack/cgroup`` either way is the container Slurm signals, counts and lists, so the
+session shows in ``scontrol listpids`` and dies with the job. With ``proctrack/linuxproc`` there is
 no container to join: the starter itself watches the job and kills the session's processes
 when it ends. Either way the starter watches the job (a pidfd on its extern or batch process)
 and ends every session into it when the job ends on this node.
@@ -36,7 +38,7 @@ import trio
 
 from ssh_to_job import wire
 
-from . import _procs
+from . import _procs, _stepd
 from ._jobs import Job, JobPlan
 from ._session import run_session
 
@@ -50,7 +52,6 @@ PREFIX = "slurm:"
 EXTERN, BATCH = "extern", "batch"
 #: Seconds one ``scontrol`` call may take.
 SCONTROL_TIMEOUT = 20.0
-_JOB_RE = re.compile(r"^slurm:([0-9]{1,10})$")
 #: Environment variables a session must not inherit from the batch step: they describe the
 #: batch step's own terminal and process, not the session's.
 _NOT_PASSED = frozenset({"SLURM_TASK_PID", "SLURMD_NODENAME_UNUSED", "TERM", "SHLVL", "_", "PWD"})
@@ -60,12 +61,16 @@ class NotHere(Exception):
     """The Slurm job cannot be entered on this node; the message says why."""
 
 
-def job_number(job: str) -> int:
-    """The numeric Slurm job id in ``slurm:N`` (the broker resolves arrays to it)."""
-    m = _JOB_RE.match(job)
-    if not m:
-        raise NotHere(f"{job!r} is not a Slurm job id the broker would send (slurm:N)")
-    return int(m.group(1))
+def job_number(job: str) -> tuple[int, str | None]:
+    """The numeric Slurm job id and the step in ``slurm:N`` or ``slurm:N.STEP`` (the broker
+    resolves array tasks and nodes before it signs)."""
+    try:
+        t = wire.parse_slurm_id(job)
+    except ValueError:
+        t = None
+    if t is None or not job.startswith(PREFIX) or t.task is not None or t.node:
+        raise NotHere(f"{job!r} is not a Slurm job id the broker would send (slurm:N[.STEP])")
+    return t.job, t.step
 
 
 def parse_show_job(text: str) -> dict[str, str]:
@@ -106,6 +111,12 @@ class SlurmJob:
     anchor: int
     #: The cgroup directories (one per hierarchy) of the job's extern step, where sessions go.
     cgroups: tuple[pathlib.Path, ...]
+    #: This node's slurmd spool directory (where the extern step's slurmstepd listens), or "".
+    spool: str = ""
+    #: The node (its Slurm NodeName) this starter serves.
+    node: str = ""
+    #: Whether the job has an extern step on this node (``PrologFlags=Contain``).
+    extern: bool = False
 
 
 def _slurm_env(slurm_conf: str) -> dict[str, str]:
@@ -186,7 +197,7 @@ def _job_cgroups(pid: int, job_id: int) -> tuple[pathlib.Path, ...]:
 
 async def locate(job: str, node: str, slurm_conf: str) -> SlurmJob:
     """The Slurm job ``slurm:N`` on this node, or ``NotHere``."""
-    job_id = job_number(job)
+    job_id, step = job_number(job)
     shown = [
         parse_show_job(line)
         for line in (await scontrol(["show", "job", "-o", str(job_id)], slurm_conf)).splitlines()
@@ -206,9 +217,15 @@ async def locate(job: str, node: str, slurm_conf: str) -> SlurmJob:
     rows = parse_listpids(await scontrol(["listpids", str(job_id), node], slurm_conf))
     if not rows:
         raise NotHere(f"Slurm job {job_id} has no processes on node {node}")
-    extern = [p for p, step, _ in rows if step == EXTERN]
-    batch = [p for p, step, task in rows if step == BATCH and task == "0"]
-    firsts = [p for p, step, task in rows if step not in (EXTERN, BATCH) and task == "0"]
+    extern = [p for p, s, _ in rows if s == EXTERN]
+    if step is not None:
+        # A step: its own first task here, its processes, its directory. The session still
+        # goes into the job's extern step (as pam_slurm_adopt adopts): it outlives the step.
+        rows = [r for r in rows if r[1] == step]
+        if not rows:
+            raise NotHere(f"Slurm job {job_id} has no step {step} running on node {node}")
+    batch = [p for p, s, task in rows if s == BATCH and task == "0"]
+    firsts = [p for p, s, task in rows if s not in (EXTERN, BATCH) and task == "0"]
     source = (batch or firsts or [0])[0]
     env: dict[str, str] = {}
     if source:
@@ -227,8 +244,14 @@ async def locate(job: str, node: str, slurm_conf: str) -> SlurmJob:
     env.setdefault("SLURM_JOB_UID", str(uid))
     env.setdefault("SLURMD_NODENAME", node)
     workdir = info.get("WorkDir", "") or "/"
+    if step is not None and source:
+        try:
+            workdir = os.readlink(f"/proc/{source}/cwd")
+        except OSError:
+            raise NotHere(f"step {job_id}.{step} ended on {node}") from None
     anchor = (extern or [source])[0]
     cgroups = _job_cgroups(extern[0], job_id) if extern else ()
+    template = await spool_template(slurm_conf)
     return SlurmJob(
         job_id=job_id,
         uid=uid,
@@ -238,6 +261,9 @@ async def locate(job: str, node: str, slurm_conf: str) -> SlurmJob:
         pids=tuple(sorted({p for p, _, _ in rows})),
         anchor=anchor,
         cgroups=cgroups,
+        spool=_stepd.spool_dir(template, node) if template else "",
+        node=node,
+        extern=bool(extern),
     )
 
 
@@ -245,17 +271,43 @@ class SlurmGroup(_procs.JobGroup):
     """A Slurm job's sessions on this node: their sshd processes and what those start.
 
     The job's own processes are Slurm's: this group never signals them. Sessions are tracked
-    by descent from their sshd (as without cgroups), and each sshd also joins the job's extern
-    step cgroups, so Slurm counts, lists and kills it with the job.
+    by descent from their sshd (as without cgroups), and each sshd is also adopted into the
+    job's extern step (by its slurmstepd, else by writing its cgroups), so Slurm counts, lists
+    and kills it with the job.
     """
 
     def __init__(self, slurm: SlurmJob) -> None:
         super().__init__(None)
         self.slurm = slurm
         self.uid = slurm.uid
+        #: How the last sshd was adopted, for the session's log line: "slurmstepd",
+        #: "cgroup write (why slurmstepd could not)" or "" (not adopted: no extern step).
+        self.adopted_by = ""
 
-    def adopt(self, pid: int) -> None:
-        super().adopt(pid)
+    async def settle(self, pid: int) -> None:
+        """Adopt the session's sshd into the extern step before it runs on (the shim holds it
+        until then): through slurmstepd where it answers, else by writing its cgroups."""
+        s = self.slurm
+        why = "the job has no extern step here (PrologFlags=Contain)"
+        if s.extern and s.spool:
+            try:
+                await _stepd.adopt(s.spool, s.node, s.job_id, pid)
+            except _stepd.StepdError as exc:
+                why = str(exc)
+            else:
+                self.adopted_by = "slurmstepd"
+                log.info("Slurm job %d: sshd %d adopted by slurmstepd", s.job_id, pid)
+                return
+        elif s.extern:
+            why = "slurmd's spool directory is unknown"
+        self._write_cgroups(pid)
+        if s.cgroups:
+            self.adopted_by = f"cgroup write ({why})"
+            log.info("Slurm job %d: sshd %d adopted by cgroup write (%s)", s.job_id, pid, why)
+        else:
+            log.info("Slurm job %d: sshd %d tracked by the starter alone (%s)", s.job_id, pid, why)
+
+    def _write_cgroups(self, pid: int) -> None:
         for d in self.slurm.cgroups:
             try:
                 fd = os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
@@ -355,12 +407,37 @@ def check_node(slurm_conf: str) -> None:
         raise SystemExit("starter: backend = slurm needs Slurm's scontrol (slurm-client)")
 
 
+#: slurmd's spool directory as slurm.conf spells it (``%n`` unexpanded), per slurm.conf path.
+_spool_templates: dict[str, str] = {}
+
+
+async def spool_template(slurm_conf: str) -> str:
+    """``SlurmdSpoolDir`` (read once; ``node_tracking`` reads it at start), "" if unknown."""
+    if slurm_conf not in _spool_templates:
+        try:
+            text = await scontrol(["show", "config"], slurm_conf)
+        except NotHere:
+            return ""
+        _spool_templates[slurm_conf] = _config(text).get("SlurmdSpoolDir", "")
+    return _spool_templates[slurm_conf]
+
+
+def _config(text: str) -> dict[str, str]:
+    conf = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            conf[key.strip()] = value.strip()
+    return conf
+
+
 def node_tracking(slurm_conf: str) -> str:
     """At start in Slurm mode: how this node's sessions will be tracked, from Slurm's
     configuration (``scontrol show config``, once): "slurm-cgroup" where Slurm gives each job
     an extern step in a cgroup container (``proctrack/cgroup`` with ``PrologFlags=Contain``),
-    else "process-tree" (the starter's own tracking). Each session's log line says what it
-    really got."""
+    else "process-tree" (the starter's own tracking); " via slurmstepd" is added where
+    libslurm loads, so that sessions are adopted by the extern step's slurmstepd (and counted
+    by Slurm's accounting). Each session's log line says what it really got."""
     import subprocess
 
     try:
@@ -375,15 +452,28 @@ def node_tracking(slurm_conf: str) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("scontrol show config: %s; assuming process-tree tracking", exc)
         return "process-tree"
-    conf = {}
-    for line in r.stdout.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            conf[key.strip()] = value.strip()
+    conf = _config(r.stdout)
+    if r.returncode == 0:
+        _spool_templates[slurm_conf] = conf.get("SlurmdSpoolDir", "")
     contain = "contain" in conf.get("PrologFlags", "").lower().split(",")
+    kind = "process-tree"
     if conf.get("ProctrackType") == "proctrack/cgroup" and contain:
-        return "slurm-cgroup"
-    return "process-tree"
+        kind = "slurm-cgroup"
+    if not contain:
+        return kind
+    # Loading libslurm here, once, also keeps cffi's start-up off the first session's path.
+    if _stepd.available():
+        return f"{kind} via slurmstepd"
+    log.warning("sessions are adopted by writing cgroups: %s", _why_stepd())
+    return kind
+
+
+def _why_stepd() -> str:
+    try:
+        _stepd.load()
+    except _stepd.StepdError as exc:
+        return str(exc)
+    return ""
 
 
 async def serve_session(starter: Starter, job: str, session_id: str) -> None:

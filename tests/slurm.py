@@ -6,7 +6,9 @@ private ``munged`` with its own key and socket (clients find it through ``AuthIn
 ``slurmctld -D`` and ``slurmd -D`` as our own children on high loopback ports. Only those pids
 are ever signalled. Process tracking is ``proctrack/cgroup`` where the host's cgroups let Slurm
 use it (cgroup v1 controllers, as on this hybrid-hierarchy container), else
-``proctrack/linuxproc``; ``Cluster.proctrack`` says which one came up.
+``proctrack/linuxproc``; ``Cluster.proctrack`` says which one came up. A test may ask for one
+(``proctrack=``), for Slurm's accounting (``jobacct=``) or for no extern steps
+(``contain=False``).
 """
 
 from __future__ import annotations
@@ -67,8 +69,19 @@ def cgroup_v1_freezer() -> bool:
 class Cluster:
     """One controller and one (or more, with ``nodes``) slurmd on this host."""
 
-    def __init__(self, d: pathlib.Path, nodes: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        d: pathlib.Path,
+        nodes: Sequence[str] = (),
+        proctrack: str = "",
+        jobacct: str = "jobacct_gather/none",
+        contain: bool = True,
+    ) -> None:
         self.d = d
+        #: The ProctrackType asked for ("": cgroup where possible, else linuxproc).
+        self.want_proctrack = proctrack
+        self.jobacct = jobacct
+        self.contain = contain
         self.host = socket.gethostname().split(".")[0]
         self.nodes = list(nodes) or [self.host]
         self.conf = d / "slurm.conf"
@@ -158,8 +171,8 @@ SlurmctldLogFile={self.d}/slurmctld.log
 SlurmdLogFile={self.d}/slurmd-%n.log
 ProctrackType={proctrack}
 TaskPlugin={task}
-PrologFlags=Contain
-JobAcctGatherType=jobacct_gather/none
+{"PrologFlags=Contain" if self.contain else ""}
+JobAcctGatherType={self.jobacct}
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
@@ -187,6 +200,8 @@ PartitionName=test Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE Sta
         tries = ["proctrack/cgroup", "proctrack/linuxproc"]
         if not cgroup_v1_freezer():
             tries = tries[1:]
+        if self.want_proctrack:
+            tries = [self.want_proctrack]
         why = ""
         for proctrack in tries:
             self._write_conf(proctrack, base)

@@ -31,7 +31,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "preload": frozenset({"attrs", "cffi"}),
     "broker": frozenset({"wire", "common", "transport", "trio", "attrs", "cryptography"}),
     "starter": frozenset(
-        {"wire", "common", "transport", "preload", "trio", "attrs", "cryptography"}
+        {"wire", "common", "transport", "preload", "trio", "attrs", "cryptography", "cffi"}
     ),
     # The client: blocking, lean start-up; never a daemon, never the daemons' adapter.
     # (cryptography only for -keygen-options rsa/ecdsa, imported when asked for.)

@@ -19,7 +19,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
+import trio
 from conftest import BIN, ROOT, STJ, Pool, User, new_state_dir, wait_for
 from slurm import Cluster, have_slurm
 
@@ -28,8 +30,9 @@ pytestmark = pytest.mark.skipif(have_slurm() is not None, reason=str(have_slurm(
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """A two-node Slurm cluster (two slurmd on this host: Debian builds multiple-slurmd)."""
-    c = Cluster(new_state_dir() / "slurm", nodes=("n1", "n2"))
+    """A two-node Slurm cluster (two slurmd on this host: Debian builds multiple-slurmd), with
+    Slurm's process accounting (so that adoption by slurmstepd shows in ``sstat``)."""
+    c = Cluster(new_state_dir() / "slurm", nodes=("n1", "n2"), jobacct="jobacct_gather/linux")
     try:
         c.start()
     except BaseException:
@@ -198,6 +201,66 @@ def test_session_is_adopted_into_the_job(
         assert shell in listed, r.stdout
     else:
         pytest.skip("proctrack/linuxproc: Slurm has no container to adopt into")
+
+
+def test_slurmstepd_adopts_the_session_and_accounts_for_it(
+    spool: Pool, cluster: Cluster, users: dict[str, User], job_a: dict[str, Any]
+) -> None:
+    """The session's sshd is adopted by the extern step's slurmstepd (the starter's log says
+    so), its shell is in the extern step's pids, and Slurm's accounting (``sstat`` of
+    ``N.extern``) counts the CPU the session burns, which a bare cgroup write does not give."""
+    jid = str(job_a["job_id"])
+    node = job_a["batch_host"]
+    conf = f"SLURM_CONF={cluster.conf}"
+    r = spool.ssh(
+        users["a"],
+        f"slurm:{jid}",
+        # A busy loop of ~4 s in the background; sstat while it runs (the extern step's
+        # accounting keeps only live tasks' usage).
+        "echo $$; timeout 4 sh -c 'while :; do :; done' & sleep 3; "
+        f"{conf} scontrol listpids {jid}.4294967292 {node}; "
+        f"{conf} sstat -n -P -j {jid}.extern -o AveCPU; wait",
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    shell = int(lines[0])
+    assert shell in {int(ln.split()[0]) for ln in lines[2:-1]}, r.stdout
+    h, m, sec = lines[-1].split("-")[-1].split(":")
+    assert int(h) * 3600 + int(m) * 60 + float(sec) >= 1, r.stdout
+    assert any(
+        f"Slurm job {jid}: sshd " in ln and "adopted by slurmstepd" in ln
+        for ln in spool.log_text().splitlines()
+    ), spool.log_text()
+
+
+async def test_unreachable_slurmstepd_falls_back_to_writing_cgroups(
+    cluster: Cluster, job_a: dict[str, Any]
+) -> None:
+    """Where the extern step's slurmstepd cannot be reached, the session's process is still
+    put into the extern step's cgroups (written by the starter), and it says which way."""
+    from ssh_to_job.starter import _slurm
+
+    jid = job_a["job_id"]
+    with trio.fail_after(30):
+        found = await _slurm.locate(f"slurm:{jid}", job_a["batch_host"], str(cluster.conf))
+    if cluster.proctrack != "proctrack/cgroup":
+        pytest.skip("proctrack/linuxproc: no extern step cgroups to write")
+    assert found.extern
+    assert found.spool
+    assert found.cgroups
+    lost = attrs.evolve(found, spool=str(new_state_dir()))
+    group = _slurm.SlurmGroup(lost)
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        group.adopt(proc.pid)
+        with trio.fail_after(10):
+            await group.settle(proc.pid)
+        assert group.adopted_by.startswith("cgroup write (no extern step socket"), group.adopted_by
+        for d in found.cgroups:
+            assert str(proc.pid) in (d / "cgroup.procs").read_text().split()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_files_scp_sftp_rsync(
@@ -385,6 +448,80 @@ def test_node_selection_in_a_two_node_job(
     cluster.run(["scancel", jid])
 
 
+def test_job_step_environment_cwd_pids_and_node(
+    spool: Pool, cluster: Cluster, users: dict[str, User], workdir: pathlib.Path
+) -> None:
+    """slurm:N.S enters the job with step S's environment, working directory and processes,
+    on a node where S runs (not the batch host here), adopted into the job's extern step; the
+    ssh-config and rsync spellings name steps too; a node outside the step, a step that never
+    ran and a step that has ended are refused in one line."""
+    a = users["a"]
+    stepdir = workdir / "stepdir"
+    stepdir.mkdir(mode=0o777, exist_ok=True)
+    stepdir.chmod(0o777)
+    jid = submit(
+        cluster,
+        a,
+        workdir,
+        "-N",
+        "2",
+        script=f"srun -N1 -w n2 --chdir={stepdir} --export=ALL,STJ_STEP=s0 sleep 300 & sleep 600",
+    )
+    cluster.wait_running(jid)
+
+    def step_pids() -> set[int]:
+        rows = cluster.run(["scontrol", "listpids", jid, "n2"], check=False).stdout
+        return {
+            int(w[0])
+            for ln in rows.splitlines()[1:]
+            if (w := ln.split())[2] == "0" and int(w[0]) > 0
+        }
+
+    pids0 = wait_for("step 0 on n2", step_pids)
+    conf = f"SLURM_CONF={cluster.conf}"
+    r = spool.ssh(
+        a,
+        f"slurm:{jid}.0",
+        "echo $SLURMD_NODENAME $SLURM_JOB_ID $SLURM_STEP_ID $STJ_STEP; pwd; echo $SSH_TO_JOB_PIDS; "
+        f"echo $$; {conf} scontrol listpids {jid}.4294967292 n2",
+    )
+    assert r.returncode == 0, r.stderr + spool.log_text()
+    first, cwd, pids, shell, *extern = r.stdout.splitlines()
+    assert first.split() == ["n2", jid, "0", "s0"]
+    assert cwd == str(stepdir)
+    assert {int(p) for p in pids.split()} == pids0
+    if cluster.proctrack == "proctrack/cgroup":
+        assert int(shell) in {int(ln.split()[0]) for ln in extern[1:]}, r.stdout
+    # The same step through ssh-config's host name and rsync's "slurm-" spelling.
+    cfg = pathlib.Path(a.home) / ".stj-slurm-ssh-config"
+    cfg.write_text(spool.run(a, [STJ, "ssh-config"], check=True).stdout)
+    r = spool.run(a, ["ssh", "-F", str(cfg), f"job-slurm-{jid}.0+n2", "echo $SLURM_STEP_ID"])
+    assert r.stdout.split() == ["0"], r.stderr
+    local = pathlib.Path(new_state_dir()) / "step.txt"
+    local.parent.chmod(0o777)
+    local.write_text("to the step\n")
+    local.chmod(0o644)
+    r = spool.run(a, ["rsync", "-e", "ssh-to-job", str(local), f"slurm-{jid}.0:rsync.txt"])
+    assert r.returncode == 0, r.stderr
+    assert (stepdir / "rsync.txt").read_text() == "to the step\n"
+    shutil.rmtree(local.parent, ignore_errors=True)
+    refused(spool.ssh(a, f"slurm:{jid}.0+n1", "true"), f"step {jid}.0 does not run on n1")
+    refused(spool.ssh(a, f"slurm:{jid}.0+0", "true"), f"step {jid}.0 does not run on n1")
+    refused(
+        spool.ssh(a, f"slurm:{jid}.7", "true"),
+        f"job {jid} has no running step 7 (running: 0, batch)",
+    )
+    cluster.run(["scancel", f"{jid}.0"])
+    wait_for(
+        "step 0 to end",
+        lambda: f"{jid}.0 " not in cluster.run(["squeue", "-h", "-s", "-o", "%i "]).stdout,
+    )
+    r = spool.ssh(a, f"slurm:{jid}.0", "true")
+    refused(r, f"Slurm job {jid} has no running step 0 (running: batch)")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    cluster.run(["scancel", jid])
+
+
 SERVE_ONCE = """
 import socket, sys
 s = socket.socket()
@@ -515,8 +652,10 @@ def test_local_and_remote_forwards(
 
 def test_status_shows_how_each_slurm_starter_tracks_sessions(spool: Pool, cluster: Cluster) -> None:
     """`stj status` names each Slurm starter's session tracking, as Slurm's set-up implies:
-    slurm-cgroup with proctrack/cgroup (and PrologFlags=Contain), else process-tree."""
-    want = "slurm-cgroup" if cluster.proctrack == "proctrack/cgroup" else "process-tree"
+    slurm-cgroup with proctrack/cgroup (and PrologFlags=Contain), else process-tree, adopted
+    via slurmstepd (libslurm is installed here)."""
+    kind = "slurm-cgroup" if cluster.proctrack == "proctrack/cgroup" else "process-tree"
+    want = f"{kind} via slurmstepd"
     starters = json.loads(spool.stj(ROOT, "status", "--json").stdout)["starters"]
     got = {s["starter_id"]: s["tracking"] for s in starters if s["connected"]}
     assert got == {node: want for node in cluster.nodes}
@@ -524,3 +663,65 @@ def test_status_shows_how_each_slurm_starter_tracks_sessions(spool: Pool, cluste
     for node in cluster.nodes:
         line = next(ln for ln in text.splitlines() if ln.startswith(f"starter {node} "))
         assert f"Slurm sessions tracked by {want}" in line, text
+
+
+def test_linuxproc_falls_back_to_process_tree_tracking(
+    users: dict[str, User], workdir: pathlib.Path
+) -> None:
+    """With ProctrackType=proctrack/linuxproc Slurm has no container for sessions: `stj
+    status` says process-tree, and scancel still ends the session's processes (the starter's
+    pidfd watch of the job)."""
+    a = users["a"]
+    c = Cluster(new_state_dir() / "slurm-linuxproc", nodes=("l1",), proctrack="proctrack/linuxproc")
+    pool: Pool | None = None
+    proc: subprocess.Popen[str] | None = None
+    try:
+        c.start()
+        assert c.proctrack == "proctrack/linuxproc"
+        pool = Pool(
+            new_state_dir(),
+            f'[broker]\nslurm = true\nslurm_conf = "{c.conf}"\n'
+            f'[starter]\nbackend = "slurm"\nname = "l1"\nslurm_conf = "{c.conf}"\n',
+        )
+        pool.start()
+        starters = json.loads(pool.stj(ROOT, "status", "--json").stdout)["starters"]
+        assert [s["tracking"] for s in starters] == ["process-tree via slurmstepd"]
+        assert "Slurm sessions tracked by process-tree" in pool.stj(ROOT, "status").stdout
+        jid = submit(c, a, workdir)
+        c.wait_running(jid)
+        marker = workdir / f"lp-{jid}"
+        proc = subprocess.Popen(
+            [
+                *a.prefix(),
+                f"{BIN}/ssh-to-job",
+                f"slurm:{jid}",
+                f"sleep 1000 & echo $! > {marker}; wait",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=pool.env(a),
+            cwd="/tmp",
+        )
+        text = wait_for("the sleep", lambda: marker.read_text().strip() if marker.exists() else "")
+        pid = int(text)
+        log = pool.log_text().splitlines()
+        assert any(f"Slurm job {jid} (uid {a.uid}), tracked by process-tree" in ln for ln in log)
+        # slurmstepd still takes the sshd among the extern step's tasks (its accounting).
+        assert any(f"Slurm job {jid}: sshd " in ln and "by slurmstepd" in ln for ln in log), log
+        # Slurm does not know the session's processes: ending them is the starter's doing.
+        listed = c.run(["scontrol", "listpids", jid, "l1"]).stdout.splitlines()[1:]
+        assert pid not in {int(ln.split()[0]) for ln in listed}
+        c.run(["scancel", jid])
+        proc.communicate(timeout=30)
+        assert proc.returncode != 0
+        wait_for("the session's sleep to die", lambda: not os.path.exists(f"/proc/{pid}"), 15)
+        assert f"Slurm job {jid} ended on this node: ending its sessions" in pool.log_text()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if pool is not None:
+            pool.stop()
+            shutil.rmtree(pool.state, ignore_errors=True)
+        c.stop()

@@ -26,7 +26,7 @@ from ._crypto import (
 from ._errors import CapabilityError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
 from ._frame import HEADER as FRAME_HEADER
-from ._jobid import JobId, parse_job_id
+from ._jobid import JobId, SlurmId, parse_job_id, parse_slurm_id
 from ._messages import (
     JOB_COLUMNS,
     MESSAGE_TYPES,
@@ -212,6 +212,7 @@ __all__ = [
     "SessionQuery",
     "SessionReady",
     "SignalJob",
+    "SlurmId",
     "SshAllow",
     "SshGrant",
     "SshRequest",
@@ -240,6 +241,7 @@ __all__ = [
     "next_state",
     "parse_job_id",
     "parse_peer_uri",
+    "parse_slurm_id",
     "public_key_of",
     "remote_request_statement",
     "same_secret",
