@@ -25,7 +25,7 @@ from conftest import ROOT, SSH_TO_JOB, STJ, User, new_state_dir, wait_for
 from netns import Host, Network, Site, missing_tools
 from slurm import Cluster, cgroup_v1_freezer, have_slurm
 
-pytestmark = pytest.mark.skipif(have_slurm() is not None, reason=str(have_slurm()))
+from ssh_to_job.broker import _slurm
 
 PORT = 9622
 NODE = "r1"
@@ -144,6 +144,8 @@ def site(users: dict[str, User]) -> Iterator[SlurmSite]:
     missing = missing_tools()
     if missing:
         pytest.skip(f"network namespaces need {', '.join(missing)}")
+    if have_slurm() is not None:
+        pytest.skip(str(have_slurm()))
     root = new_state_dir()
     net = Network()
     s = SlurmSite(net, root, users)
@@ -177,7 +179,7 @@ def _one_line(r: subprocess.CompletedProcess[str]) -> str:
 
 def test_laptop_session_is_the_slurm_jobs(site: SlurmSite, job: dict[str, Any]) -> None:
     """From the laptop, ssh-to-job -pool B:P slurm:N runs as the job's uid, in its cwd and its
-    batch step's environment, adopted into the job; scp and rsync fetch its file; the session
+    batch step's environment, adopted into the job; scp, sftp and rsync fetch its file; the session
     is recorded with the laptop's key and address and its bytes went through the splice relay."""
     a = site.users["a"]
     jid = str(job["job_id"])
@@ -206,14 +208,24 @@ def test_laptop_session_is_the_slurm_jobs(site: SlurmSite, job: dict[str, Any]) 
         "a", SSH_TO_JOB, *pool, "-ssh", "scp", f"slurm:{jid}", "remote:data.bin", f"{out}/scp"
     )
     site.on_laptop(
+        "a",
+        SSH_TO_JOB,
+        *pool,
+        "-ssh",
+        "sftp -b -",
+        f"slurm:{jid}",
+        input=f"get data.bin {out}/sftp\n",
+    )
+    site.on_laptop(
         "a", "rsync", "-e", shlex.join([SSH_TO_JOB, *pool]), f"slurm-{jid}:data.bin", f"{out}/rsync"
     )
     original = (site.workdir / "data.bin").read_bytes()
     assert (out / "scp").read_bytes() == original
+    assert (out / "sftp").read_bytes() == original
     assert (out / "rsync").read_bytes() == original
     sessions = json.loads(site.run(site.host, a, STJ, "history", "--sessions", "--json").stdout)
     granted = [s for s in sessions if s["job"] == f"slurm:{jid}" and s["outcome"] == "granted"]
-    assert len(granted) == 3
+    assert len(granted) == 4
     assert {s["client_addr"] for s in granted} == {site.laptop.address}
     assert all(s["client_key"].startswith("SHA256:") for s in granted)
     assert "(spliced, not copied)" in site.log("broker").read_text()
@@ -261,3 +273,20 @@ def test_plain_ssh_job_slurm_n_through_ssh_config(site: SlurmSite, job: dict[str
     out.chmod(0o777)
     site.on_laptop("a", "scp", "-F", str(cfg), f"job-slurm-{jid}:data.bin", f"{out}/scp")
     assert (out / "scp").read_bytes() == (site.workdir / "data.bin").read_bytes()
+
+
+def _job(nodes: tuple[str, ...], batch: str) -> _slurm.SlurmJob:
+    return _slurm.SlurmJob(1235, 1000, "u", "RUNNING", "None", batch, nodes)
+
+
+def test_host_certificate_names_are_the_session_s_job_and_node_only() -> None:
+    """A Slurm session's host certificate names its job as asked and as Slurm numbers it
+    (array task and job id), bare only on the job's default node, and its own node by name
+    and by index (lowercased too, as ssh compares): never another job or another node."""
+    two = _job(("n1", "N2"), "n1")
+    names = _slurm.host_names(_slurm.parse_target("slurm:1234_7"), two, "n1")
+    assert set(names) == {
+        f"job-slurm-{j}{s}" for j in ("1234_7", "1235") for s in ("", "+n1", "+0")
+    }
+    names = _slurm.host_names(_slurm.parse_target("slurm:1235+1"), two, "N2")
+    assert set(names) == {"job-slurm-1235+N2", "job-slurm-1235+1", "job-slurm-1235+n2"}
