@@ -239,10 +239,11 @@ def choose_node(target: Target, job: SlurmJob) -> str | wire.Error:
 
 
 def host_names(target: Target, job: SlurmJob, node: str) -> tuple[str, ...]:
-    """Every name a laptop may give this session's host (``ssh job-slurm-1234``): the job as
-    asked and as Slurm numbers it, plain only on its default node, and ``+NODE``/``+INDEX``
-    for the node entered. The session's host certificate carries them all, nothing else."""
-    bases = dict.fromkeys((f"job-slurm-{target.name}", f"job-slurm-{job.job_id}"))
+    """Every name a laptop may give this session's host (``ssh job-slurm-1234``, or
+    ``job-slurm:1234``): the job as asked and as Slurm numbers it, bare only on its default
+    node, and ``+NODE``/``+INDEX`` for the node entered. The session's host certificate
+    carries them all, and nothing else: no other job's name, no other node's."""
+    bases = dict.fromkeys(f"job-slurm{sep}{j}" for sep in "-:" for j in (target.name, job.job_id))
     suffixes = [""] if node == choose_node(attrs.evolve(target, node=""), job) else []
     suffixes += [f"+{node}"] + [f"+{i}" for i, n in enumerate(job.nodes) if n == node]
     names = [b + s for b in bases for s in suffixes]

@@ -256,15 +256,22 @@ def test_another_user_pending_and_finished_jobs_are_refused(
 
 
 def test_plain_ssh_job_slurm_n_through_ssh_config(site: SlurmSite, job: dict[str, Any]) -> None:
-    """With stj ssh-config -pool on the laptop, plain ssh reaches job-slurm-N (also +NODE and
-    +INDEX): ssh itself checks the session's host certificate against the pool's
-    @cert-authority line, so the certificate names the Slurm job's host, and nothing is pinned."""
+    """With stj ssh-config -pool on the laptop, plain ssh reaches job-slurm-N (also
+    job-slurm:N, +NODE and +INDEX): ssh itself checks the session's host certificate against
+    the pool's @cert-authority line, so the certificate names the Slurm job's host, and
+    nothing is pinned."""
     jid = str(job["job_id"])
     block = site.on_laptop("a", STJ, "ssh-config", "-pool", site.pool).stdout
     cfg = site.laptop_home["a"] / "ssh_config"
     cfg.write_text(block)
     cfg.chmod(0o644)
-    for host in (f"job-slurm-{jid}", f"job-slurm-{jid}+{NODE}", f"job-slurm-{jid}+0"):
+    hosts = (
+        f"job-slurm-{jid}",
+        f"job-slurm:{jid}",
+        f"job-slurm-{jid}+{NODE}",
+        f"job-slurm-{jid}+0",
+    )
+    for host in hosts:
         r = site.on_laptop("a", "ssh", "-F", str(cfg), host, "echo $SLURM_JOB_ID; pwd")
         assert r.stdout.split() == [jid, str(site.workdir)], host
     assert not (site.laptop_home["a"] / "ssh-to-job" / "known_hosts").exists()
@@ -286,7 +293,10 @@ def test_host_certificate_names_are_the_session_s_job_and_node_only() -> None:
     two = _job(("n1", "N2"), "n1")
     names = _slurm.host_names(_slurm.parse_target("slurm:1234_7"), two, "n1")
     assert set(names) == {
-        f"job-slurm-{j}{s}" for j in ("1234_7", "1235") for s in ("", "+n1", "+0")
+        f"job-slurm{sep}{j}{s}"
+        for sep in "-:"
+        for j in ("1234_7", "1235")
+        for s in ("", "+n1", "+0")
     }
-    names = _slurm.host_names(_slurm.parse_target("slurm:1235+1"), two, "N2")
-    assert set(names) == {"job-slurm-1235+N2", "job-slurm-1235+1", "job-slurm-1235+n2"}
+    names = _slurm.host_names(_slurm.parse_target("slurm-1235+1"), two, "N2")
+    assert set(names) == {f"job-slurm{sep}1235+{n}" for sep in "-:" for n in ("N2", "1", "n2")}
