@@ -164,12 +164,10 @@ async def authorise_and_open(
 
 def granted(conns: Connections, opened: Opened, caller: Caller) -> None:
     """The grant went out: audit and record it."""
-    how = (
-        f"remote session {opened.session_id} to {caller.addr}"
-        if caller.remote
-        else (f"session {opened.session_id}")
-    )
-    conns.queue.audit(caller.uid, "ssh", opened.route.job, f"granted {how}{opened.route.where}")
+    what = f"session {opened.session_id}{opened.route.where}"
+    if caller.remote:
+        what = f"remote {what} to {caller.addr}"
+    conns.queue.audit(caller.uid, "ssh", opened.route.job, f"granted {what}")
     _record(conns, caller, opened.session_id, opened.route, "granted", "", opened.starter.name)
 
 
