@@ -234,8 +234,9 @@ def test_laptop_session_is_the_slurm_jobs(site: SlurmSite, job: dict[str, Any]) 
 def test_another_user_pending_and_finished_jobs_are_refused(
     site: SlurmSite, job: dict[str, Any]
 ) -> None:
-    """A registered user who does not own the job is refused in one line naming its owner; a
-    pending job and a finished one say so, from the laptop as on the cluster."""
+    """From the laptop as on the cluster: a registered user who does not own the job is
+    refused in one line naming its owner; a pending job says so and -auto-retry waits until
+    Slurm starts it; a finished job says so."""
     jid = str(job["job_id"])
     line = _one_line(
         site.on_laptop("b", SSH_TO_JOB, "-pool", site.pool, f"slurm:{jid}", "true", check=False)
@@ -247,6 +248,30 @@ def test_another_user_pending_and_finished_jobs_are_refused(
     )
     assert f"Slurm job {held} is pending" in line
     assert "-auto-retry" in line
+    a = site.users["a"]
+    env = site.env(a, XDG_CONFIG_HOME=str(site.laptop_home["a"]), SSH_TO_JOB_MUX="0")
+    waiting = site.laptop.popen(
+        [
+            *a.prefix(),
+            SSH_TO_JOB,
+            "-pool",
+            site.pool,
+            "-auto-retry",
+            f"slurm:{held}",
+            "echo $SLURM_JOB_ID",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd="/tmp",
+    )
+    assert waiting.stderr is not None
+    assert "is idle; waited" in waiting.stderr.readline()
+    site.slurm.run(["scontrol", "release", held])
+    out, err = waiting.communicate(timeout=60)
+    assert (waiting.returncode, out.strip()) == (0, held), err
     site.slurm.run(["scancel", held])
     site.slurm.wait_gone(held)
     line = _one_line(
