@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import pwd
-import secrets
 import socket
 import ssl
 import struct
@@ -186,6 +185,8 @@ class Connections:
         self.keys = KeyBook(queue.db)
         #: Connections without a certificate not yet authenticated, per address and in all.
         self.anon_gate = Gate(config.max_connections, config.max_connections_per_uid)
+        #: Session id -> the host names its host certificate is for, while it opens (_grant).
+        self.cert_names: dict[str, tuple[str, ...]] = {}
 
     async def accept_loop(
         self,
@@ -535,76 +536,22 @@ class Connections:
     async def _ssh(
         self, stream: FramedStream, sock: trio.socket.SocketType, msg: wire.SshRequest, uid: int
     ) -> None:
-        if msg.job.startswith(("slurm:", "slurm-")):
-            from . import _slurm
+        """A local client's session: authorised and opened by ``_grant`` (as a remote one's),
+        then its socket passed over the unix socket."""
+        from ._grant import Caller, authorise_and_open, granted
 
-            await _slurm.ssh(self, stream, sock, msg, uid)
-            return
-        refusal, row = self._ssh_refusal(msg, uid)
-        conn = None
-        if refusal is None and row is not None:
-            # A starter that is reconnecting (a dropped channel) is waited for briefly.
-            conn = await self.jobs.wait_for_starter(row.starter, self.bc.starter_wait)
-            if conn is None:
-                refusal = wire.Error(
-                    "unavailable",
-                    f"the starter running job {row.id} ({row.starter}) "
-                    "is not connected; try again shortly",
-                )
-        job = row.id if row is not None else msg.job
-        if refusal is not None or row is None or conn is None:
-            assert refusal is not None
-            self.queue.audit(uid, "ssh", job, f"refused: {refusal.code}")
-            self._record(secrets.token_hex(16), job, uid, row, "refused", refusal.message)
-            await stream.send(refusal)
-            return
-        session_id, blob = self.rendezvous.capability(
-            conn, row.id, row.owner_uid, uid, msg.client_key
-        )
-        session, why = await self.rendezvous.open(conn, row.id, session_id)
-        if session is None:
-            self.queue.audit(uid, "ssh", row.id, f"failed: {why}")
-            self._record(session_id, row.id, uid, row, "failed", why, conn.name)
-            await stream.send(wire.Error("session_failed", f"job {row.id}: {why}"))
+        caller = Caller(uid)
+        opened = await authorise_and_open(self, msg, caller)
+        if isinstance(opened, wire.Error):
+            await stream.send(opened)
             return
         try:
-            grant = wire.SshGrant(
-                session_id=session_id,
-                job=row.id,
-                capability=blob,
-                starter_id=conn.name,
-                starter_key=conn.key,
-            )
-            await pass_socket(stream, sock, grant, session.fileno())
-            self.queue.audit(uid, "ssh", row.id, f"granted session {session_id}")
-            self._record(session_id, row.id, uid, row, "granted", "", conn.name)
+            await pass_socket(stream, sock, opened.grant(), opened.session.fileno())
+            granted(self, opened, caller)
         except PeerGone as exc:
-            log.info("ssh %s for uid %d: %s", row.id, uid, exc)
+            log.info("ssh %s for uid %d: %s", opened.route.job, uid, exc)
         finally:
-            session.close()
-
-    def _record(
-        self,
-        session_id: str,
-        job: str,
-        uid: int,
-        row: _queue.Row | None,
-        outcome: str,
-        reason: str,
-        starter: str = "",
-    ) -> None:
-        """One durable session record (stj history --sessions), whatever the outcome."""
-        self.queue.record_session(
-            session_id,
-            job,
-            uid,
-            user_name(uid),
-            row.owner_uid if row is not None else -1,
-            outcome,
-            reason,
-            starter,
-            self.bc.session_record_days,
-        )
+            opened.session.close()
 
     # ------------------------------------------------------------------ starters
 
@@ -822,16 +769,16 @@ class Connections:
 
     def _session_cert(self, msg: wire.SessionAttach) -> bytes:
         """The ``session_cert`` frame for an attach: the session's host key certified by the
-        pool's OpenSSH host CA for host names ``job-<id>`` (``job-<cluster>`` for proc 0), so
-        that plain ssh with a ``@cert-authority`` line checks it (``stj ssh-config -pool``)."""
+        pool's OpenSSH host CA for the host names the request was authorised under
+        (``job-32.0``, ``job-slurm-1234``...: ``_grant``), so that plain ssh with a
+        ``@cert-authority job-*`` line checks it (``stj ssh-config -pool``)."""
         conn = wire.Connection(wire.Channel.ATTACH, wire.Role.BROKER, wire.Role.STARTER)
         conn.receive_data(wire.encode_frame(wire.encode_message(msg)))
         conn.next_event()
         pending = self.rendezvous.sessions.get(msg.session_id)
+        names = list(self.cert_names.get(msg.session_id, ()))
         cert = ""
-        if msg.host_key and self.pki is not None and pending is not None:
-            cluster, _, proc = pending.job.partition(".")
-            names = [f"job-{pending.job}"] + ([f"job-{cluster}"] if proc == "0" else [])
+        if msg.host_key and self.pki is not None and pending is not None and names:
             from ssh_to_job.common import PkiError
 
             try:

@@ -36,7 +36,7 @@ import trio
 from ssh_to_job import wire
 from ssh_to_job.transport import FramedStream, PeerGone
 
-from ._jobs import user_name
+from ._grant import Caller, authorise_and_open, granted
 
 if TYPE_CHECKING:
     from ._connections import Connections
@@ -249,63 +249,18 @@ async def _session(
     fingerprint: str,
     addr: str,
 ) -> None:
-    """Authorise as for a local client, get the starter's session socket, grant, relay."""
-    queue = conns.queue
-
-    def record(session_id: str, row: Any, outcome: str, reason: str, starter: str = "") -> None:
-        queue.record_session(
-            session_id,
-            row.id if row is not None else msg.job[:64],
-            uid,
-            user_name(uid),
-            row.owner_uid if row is not None else -1,
-            outcome,
-            reason,
-            starter,
-            conns.bc.session_record_days,
-            client_key=fingerprint,
-            client_addr=addr,
-        )
-
+    """Authorise and open as for a local client (``_grant``: our queue's jobs and Slurm's
+    alike), grant inside TLS, leave TLS, relay."""
+    caller = Caller(uid, fingerprint, addr)
     request = wire.SshRequest(job=msg.job, client_key=msg.client_key)
-    refusal, row = conns._ssh_refusal(request, uid)
-    if refusal is None and row is not None:
-        refusal = source_refusal(row, addr)
-    starter = None
-    if refusal is None and row is not None:
-        starter = await conns.jobs.wait_for_starter(row.starter, conns.bc.starter_wait)
-        if starter is None:
-            refusal = wire.Error(
-                "unavailable",
-                f"the starter running job {row.id} is not connected; try again shortly",
-            )
-    if refusal is not None or row is None or starter is None:
-        assert refusal is not None
-        queue.audit(uid, "ssh", row.id if row else msg.job[:64], f"refused: {refusal.code}")
-        record(secrets.token_hex(16), row, "refused", refusal.message)
-        await fs.send(refusal)
+    opened = await authorise_and_open(conns, request, caller)
+    if isinstance(opened, wire.Error):
+        await fs.send(opened)
         return
-    session_id, blob = conns.rendezvous.capability(
-        starter, row.id, row.owner_uid, uid, msg.client_key
-    )
-    session, why = await conns.rendezvous.open(starter, row.id, session_id)
-    if session is None:
-        queue.audit(uid, "ssh", row.id, f"failed: {why}")
-        record(session_id, row, "failed", why, starter.name)
-        await fs.send(wire.Error("session_failed", f"job {row.id}: {why}"))
-        return
+    session, session_id = opened.session, opened.session_id
     try:
-        await fs.send(
-            wire.SshGrant(
-                session_id=session_id,
-                job=row.id,
-                capability=blob,
-                starter_id=starter.name,
-                starter_key=starter.key,
-            )
-        )
-        queue.audit(uid, "ssh", row.id, f"granted remote session {session_id} to {addr}")
-        record(session_id, row, "granted", "", starter.name)
+        await fs.send(opened.grant())
+        granted(conns, opened, caller)
         try:
             with trio.fail_after(conns.bc.frame_timeout):
                 raw, left = await stream.unwrap()
@@ -331,7 +286,7 @@ async def _session(
                 log.info("remote session %s: starter gone: %s", session_id[:8], exc)
                 return
             stats.to_starter += len(left)
-        log.info("remote session %s: relaying %s <-> %s", session_id[:8], addr, starter.name)
+        log.info("remote session %s: relaying %s <-> %s", session_id[:8], addr, opened.starter.name)
         await relay(raw.socket, session, stats)
         log.info(
             "remote session %s ended: relayed %d bytes to the starter, %d to the client "

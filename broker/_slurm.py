@@ -21,18 +21,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
 
 import attrs
 import trio
 
 from ssh_to_job import wire
-from ssh_to_job.transport import FramedStream, PeerGone
 
-# _connections imports this module only when a Slurm request arrives: no cycle at load time.
+# _grant imports this module only when a Slurm request arrives: no cycle at load time.
 from ._connections import _KEY_PREFIXES, MAX_CLIENT_KEY, Connections
+from ._grant import Refused, Route
 from ._jobs import _names_uid, user_name
-from ._rendezvous import pass_socket
 from ._slurmstep import step_node
 
 log = logging.getLogger("stj.broker")
@@ -235,23 +233,32 @@ def choose_node(target: Target, job: SlurmJob) -> str | wire.Error:
     return target.node
 
 
-async def ssh(
-    conns: Connections,
-    stream: FramedStream,
-    sock: trio.socket.SocketType,
-    msg: wire.SshRequest,
-    uid: int,
-) -> None:
-    """Answer one ``SshRequest`` for a Slurm job: an error, or a grant with the session socket."""
-    session_id = secrets.token_hex(16)
+def host_names(target: Target, job: SlurmJob, node: str) -> tuple[str, ...]:
+    """Every name a laptop may give this session's host (``ssh job-slurm-1234``, or
+    ``job-slurm:1234``, with ``.STEP`` for a job step): the job as asked and as Slurm numbers
+    it, bare only on its default node, and ``+NODE``/``+INDEX`` for the node entered. The session's host certificate
+    carries them all, and nothing else: no other job's name, no other node's."""
+    step = f".{target.step}" if target.step else ""
+    bases = dict.fromkeys(
+        f"job-slurm{sep}{j}{step}" for sep in "-:" for j in (target.name, job.job_id)
+    )
+    # Bare: asked with no node (this session is on the default node by definition: for a
+    # step, the one its node choice made), or on the node the bare name would choose.
+    bare = not target.node or node == choose_node(attrs.evolve(target, node=""), job)
+    suffixes = [""] if bare else []
+    suffixes += [f"+{node}"] + [f"+{i}" for i, n in enumerate(job.nodes) if n == node]
+    names = [b + s for b in bases for s in suffixes]
+    # ssh lowercases the host name it checks a certificate against (node names may not be).
+    return tuple(dict.fromkeys([*names, *(n.lower() for n in names)]))
+
+
+async def route(conns: Connections, msg: wire.SshRequest, uid: int) -> Route | Refused:
+    """Where an ``SshRequest`` for a Slurm job goes (the node's starter), or why it may not."""
     job: SlurmJob | None = None
-    node = ""
-    conn = None
     try:
         target = parse_target(msg.job)
     except ValueError as exc:
-        await stream.send(wire.Error("bad_request", str(exc)))
-        return
+        return Refused(wire.Error("bad_request", str(exc)), msg.job[:64])
     name = f"slurm:{target.name}"
     error: wire.Error | None = None
     key = msg.client_key
@@ -287,66 +294,14 @@ async def ssh(
         if isinstance(chosen, wire.Error):
             error = chosen
         else:
-            node = chosen
-            conn = await conns.jobs.wait_for_starter(node, conns.bc.starter_wait)
-            if conn is None:
-                error = wire.Error(
-                    "unavailable",
-                    f"{name} runs on {node}, where no ssh-to-job starter is connected",
-                )
-    owner = job.owner_uid if job is not None else -1
-    if error is not None or job is None or conn is None:
-        assert error is not None
-        conns.queue.audit(uid, "ssh", name, f"refused: {error.code}")
-        _record(conns, session_id, name, uid, owner, "refused", error.message, node)
-        await stream.send(error)
-        return
-    # The starter gets the job's own number: array tasks and names end here.
-    resolved = f"slurm:{job.job_id}" + (f".{target.step}" if target.step else "")
-    session_id, blob = conns.rendezvous.capability(
-        conn, resolved, job.owner_uid, uid, msg.client_key
-    )
-    session, why = await conns.rendezvous.open(conn, resolved, session_id)
-    if session is None:
-        conns.queue.audit(uid, "ssh", resolved, f"failed: {why}")
-        _record(conns, session_id, resolved, uid, owner, "failed", why, conn.name)
-        await stream.send(wire.Error("session_failed", f"{name}: {why}"))
-        return
-    try:
-        grant = wire.SshGrant(
-            session_id=session_id,
-            job=resolved,
-            capability=blob,
-            starter_id=conn.name,
-            starter_key=conn.key,
-        )
-        await pass_socket(stream, sock, grant, session.fileno())
-        conns.queue.audit(uid, "ssh", resolved, f"granted session {session_id} on {node}")
-        _record(conns, session_id, resolved, uid, owner, "granted", "", conn.name)
-    except PeerGone as exc:
-        log.info("ssh %s for uid %d: %s", resolved, uid, exc)
-    finally:
-        session.close()
-
-
-def _record(
-    conns: Connections,
-    session_id: str,
-    job: str,
-    uid: int,
-    owner_uid: int,
-    outcome: str,
-    reason: str,
-    starter: str,
-) -> None:
-    conns.queue.record_session(
-        session_id,
-        job,
-        uid,
-        user_name(uid),
-        owner_uid,
-        outcome,
-        reason,
-        starter,
-        conns.bc.session_record_days,
-    )
+            # The starter gets the job's own number: array tasks and names end here.
+            return Route(
+                job=f"slurm:{job.job_id}" + (f".{target.step}" if target.step else ""),
+                owner_uid=job.owner_uid,
+                starter=chosen,
+                host_names=host_names(target, job, chosen),
+                missing=f"{name} runs on {chosen}, where no ssh-to-job starter is connected",
+                where=f" on {chosen}",
+            )
+    assert error is not None
+    return Refused(error, name, job.owner_uid if job is not None else -1)

@@ -24,8 +24,11 @@ Usage in a test module::
         broker, execute, submit = net.standard_pool()[0], ...
         proc = execute.popen([...])
 
-Requires root, ``ip`` (iproute2), ``nft`` (nftables) and ``unshare`` (util-linux); the
-fixture skips otherwise. Every wait here is bounded in count and time.
+``Site`` is what the pool tests on top share: config files and state dirs under one root,
+daemons started in hosts with their logs, commands run in a host as a test user.
+
+Requires root, ``ip`` (iproute2), ``nft`` (nftables), ``unshare`` and ``nsenter``
+(util-linux); the fixture skips otherwise. Every wait here is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -33,14 +36,17 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import pathlib
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+from conftest import BIN, ROOT, User
 
 #: RFC 2544's benchmarking range: never routed on the internet, used only inside our namespaces.
 RANGE = ipaddress.ip_network("198.18.0.0/15")
@@ -79,7 +85,7 @@ def _run(argv: Sequence[str], *, input: str | None = None, timeout: float = 20) 
 
 def missing_tools() -> list[str]:
     """What this machine lacks to build test networks (empty: all there)."""
-    out = [t for t in ("ip", "nft", "unshare") if shutil.which(t) is None]
+    out = [t for t in ("ip", "nft", "unshare", "nsenter") if shutil.which(t) is None]
     if os.geteuid() != 0:
         out.append("root")
     return out
@@ -124,6 +130,13 @@ class Host:
         proc: subprocess.Popen[Any] = subprocess.Popen(self.argv(argv), **kw)
         self.net.procs.append(proc)
         return proc
+
+    def enter(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` in this host's network namespace only. Unlike ``ip netns exec`` (``argv``),
+        which remounts /sys for the namespace and so hides the cgroup hierarchies under
+        /sys/fs/cgroup, this keeps the machine's mounts: for Slurm's daemons and a Slurm-mode
+        starter, which track jobs in cgroups. The host name stays the machine's as well."""
+        return ["nsenter", f"--net=/run/netns/{self.ns}", *argv]
 
     def link_down(self) -> None:
         """Pull this host's cable: its packets stop, its address and routes stay."""
@@ -249,3 +262,97 @@ def net_fixture() -> Iterator[Network]:
         yield net
     finally:
         net.close()
+
+
+class Site:
+    """Pool daemons in test hosts: a config file and state dir each under ``root``, a log
+    each, and commands run in a host as a test user (``broker_cfg`` is their default config).
+    ``close`` stops the daemons, the last started first (starters before their broker)."""
+
+    def __init__(self, net: Network, root: pathlib.Path) -> None:
+        self.net = net
+        self.root = root
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.broker_cfg = root / "broker.toml"
+
+    def _config(self, name: str, body: str) -> pathlib.Path:
+        state = self.root / name
+        state.mkdir(mode=0o755, exist_ok=True)
+        cfg = self.root / f"{name}.toml"
+        cfg.write_text(f'[pool]\nstate_dir = "{state}"\n\n{body}')
+        cfg.chmod(0o644)
+        return cfg
+
+    def env(self, user: User, config: pathlib.Path | None = None, **extra: str) -> dict[str, str]:
+        env = {
+            "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
+            "STJ_CONFIG": str(config or self.broker_cfg),
+            "HOME": user.home,
+            "USER": user.name or "",
+            "LOGNAME": user.name or "",
+            "LANG": "C.UTF-8",
+            "SHELL": "/bin/bash",
+            "TMPDIR": "/tmp",
+        }
+        env.update(extra)
+        return env
+
+    def log(self, name: str) -> pathlib.Path:
+        return self.root / f"{name}.log"
+
+    def start(
+        self, name: str, host: Host, argv: list[str], config: pathlib.Path, *, mounts: bool = False
+    ) -> None:
+        """Start daemon ``name`` as root in ``host`` (``mounts``: keep the machine's mounts,
+        see ``Host.enter``)."""
+        with open(self.log(name), "ab") as out:
+            kw: dict[str, Any] = dict(
+                stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=self.env(ROOT, config)
+            )
+            if mounts:
+                proc: subprocess.Popen[bytes] = subprocess.Popen(host.enter(argv), **kw)
+                self.net.procs.append(proc)
+            else:
+                proc = host.popen(argv, **kw)
+            self.procs[name] = proc
+
+    def run(
+        self,
+        host: Host,
+        user: User,
+        *argv: str,
+        check: bool = True,
+        timeout: float = 60,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        r = host.run(
+            [*user.prefix(), *argv],
+            env=env or self.env(user),
+            check=False,
+            timeout=timeout,
+            cwd="/tmp",
+            input=input,
+        )
+        if check and r.returncode != 0:
+            raise AssertionError(
+                f"{argv} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}\n{self.logs()}"
+            )
+        return r
+
+    def logs(self) -> str:
+        out = []
+        for name in sorted(self.procs):
+            text = self.log(name).read_text(errors="replace") if self.log(name).exists() else ""
+            out.append(f"--- {name} ---\n{text[-3000:]}")
+        return "\n".join(out)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs.values()):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()

@@ -17,8 +17,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import netns
 import pytest
-from conftest import BIN, ROOT, SSH_TO_JOB, STJ, User, new_state_dir, wait_for
+from conftest import ROOT, SSH_TO_JOB, STJ, User, new_state_dir, wait_for
 from netns import Host, Network, net_fixture  # noqa: F401
 
 from ssh_to_job import common, wire
@@ -26,15 +27,13 @@ from ssh_to_job import common, wire
 PORT = common.DEFAULT_PORT
 
 
-class Site:
+class Site(netns.Site):
     """The guide's set-up in a test: config files, state dirs and daemons of each host."""
 
     def __init__(self, net: Network, root: pathlib.Path, su: str) -> None:
-        self.net = net
-        self.root = root
+        super().__init__(net, root)
         self.broker, self.exec1, self.exec2, self.submit = net.standard_pool()
         self.su = su
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.broker_cfg = self._config(
             "broker",
             f'[broker]\nlisten = "0.0.0.0:{PORT}"\n'
@@ -42,52 +41,11 @@ class Site:
             f'superusers = ["{su}"]\n',
         )
 
-    def _config(self, name: str, body: str) -> pathlib.Path:
-        state = self.root / name
-        state.mkdir(mode=0o755, exist_ok=True)
-        cfg = self.root / f"{name}.toml"
-        cfg.write_text(f'[pool]\nstate_dir = "{state}"\n\n{body}')
-        cfg.chmod(0o644)
-        return cfg
-
-    def env(self, user: User, config: pathlib.Path | None = None) -> dict[str, str]:
-        return {
-            "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
-            "STJ_CONFIG": str(config or self.broker_cfg),
-            "HOME": user.home,
-            "USER": user.name or "",
-            "LOGNAME": user.name or "",
-            "LANG": "C.UTF-8",
-            "SHELL": "/bin/bash",
-            "TMPDIR": "/tmp",
-        }
-
-    def log(self, name: str) -> pathlib.Path:
-        return self.root / f"{name}.log"
-
-    def start(self, name: str, host: Host, argv: list[str], config: pathlib.Path) -> None:
-        with open(self.log(name), "ab") as out:
-            self.procs[name] = host.popen(
-                argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=self.env(ROOT, config)
-            )
-
     def start_broker(self, *args: str) -> None:
         self.start("broker", self.broker, [STJ, "broker", *args], self.broker_cfg)
         wait_for(
             "the broker's TLS port", lambda: self.submit.can_connect(self.broker.address, PORT)
         )
-
-    def run(
-        self, host: Host, user: User, *argv: str, check: bool = True, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        r = host.run(
-            [*user.prefix(), *argv], env=self.env(user), check=False, timeout=timeout, cwd="/tmp"
-        )
-        if check and r.returncode != 0:
-            raise AssertionError(
-                f"{argv} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}\n{self.logs()}"
-            )
-        return r
 
     def token(self, *args: str) -> str:
         return self.run(self.broker, ROOT, STJ, "token", "create", *args).stdout.strip()
@@ -130,24 +88,6 @@ class Site:
             lambda: (j := self.job(job_id)).get("state") == "running" and bool(j.get("pids")),
             timeout,
         )
-
-    def logs(self) -> str:
-        out = []
-        for name in sorted(self.procs):
-            text = self.log(name).read_text(errors="replace") if self.log(name).exists() else ""
-            out.append(f"--- {name} ---\n{text[-3000:]}")
-        return "\n".join(out)
-
-    def close(self) -> None:
-        for name in ("exec1", "exec2", "broker"):
-            proc = self.procs.get(name)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
 
 
 @pytest.fixture

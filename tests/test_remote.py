@@ -15,32 +15,29 @@ import pathlib
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
-from conftest import BIN, ROOT, SSH_TO_JOB, STJ, User, new_state_dir, wait_for
-from netns import Host, Network, missing_tools
+from conftest import ROOT, SSH_TO_JOB, STJ, User, new_state_dir, wait_for
+from netns import Network, Site, missing_tools
 
 PORT = 9620
 OTHER_PORT = 9621
 
 
-class RemoteSite:
+class RemoteSite(Site):
     """A pool (broker + one firewalled execute host), a second pool's broker, a laptop."""
 
     def __init__(self, net: Network, root: pathlib.Path, users: dict[str, User]) -> None:
-        self.net = net
-        self.root = root
+        super().__init__(net, root)
         self.users = users
         self.broker = net.add_host("broker", "198.18.0.1", hostname="broker.stj.test")
         self.exec1 = net.add_host(
             "exec1", "198.18.0.2", hostname="exec1.stj.test", drop_inbound=True
         )
         self.laptop = net.add_host("laptop", "198.18.0.5", hostname="laptop.stj.test")
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pool = f"{self.broker.address}:{PORT}"
         self.other = f"{self.broker.address}:{OTHER_PORT}"
         self.broker_cfg = self._config("broker", f'[broker]\nlisten = "0.0.0.0:{PORT}"\n')
@@ -53,61 +50,6 @@ class RemoteSite:
             d.mkdir(mode=0o700)
             os.chown(d, u.uid, u.gid)
             self.laptop_home[name] = d
-
-    def _config(self, name: str, body: str) -> pathlib.Path:
-        state = self.root / name
-        state.mkdir(mode=0o755, exist_ok=True)
-        cfg = self.root / f"{name}.toml"
-        cfg.write_text(f'[pool]\nstate_dir = "{state}"\n\n{body}')
-        cfg.chmod(0o644)
-        return cfg
-
-    def env(self, user: User, config: pathlib.Path | None = None, **extra: str) -> dict[str, str]:
-        env = {
-            "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
-            "STJ_CONFIG": str(config or self.broker_cfg),
-            "HOME": user.home,
-            "USER": user.name or "",
-            "LOGNAME": user.name or "",
-            "LANG": "C.UTF-8",
-            "SHELL": "/bin/bash",
-            "TMPDIR": "/tmp",
-        }
-        env.update(extra)
-        return env
-
-    def log(self, name: str) -> pathlib.Path:
-        return self.root / f"{name}.log"
-
-    def start(self, name: str, host: Host, argv: list[str], config: pathlib.Path) -> None:
-        with open(self.log(name), "ab") as out:
-            self.procs[name] = host.popen(
-                argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=self.env(ROOT, config)
-            )
-
-    def run(
-        self,
-        host: Host,
-        user: User,
-        *argv: str,
-        check: bool = True,
-        timeout: float = 60,
-        input: str | None = None,
-        env: dict[str, str] | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        r = host.run(
-            [*user.prefix(), *argv],
-            env=env or self.env(user),
-            check=False,
-            timeout=timeout,
-            cwd="/tmp",
-            input=input,
-        )
-        if check and r.returncode != 0:
-            raise AssertionError(
-                f"{argv} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}\n{self.logs()}"
-            )
-        return r
 
     def on_laptop(
         self,
@@ -166,23 +108,6 @@ class RemoteSite:
 
         wait_for(f"job {job} running", running, 30)
         return job
-
-    def logs(self) -> str:
-        out = []
-        for name in sorted(self.procs):
-            text = self.log(name).read_text(errors="replace") if self.log(name).exists() else ""
-            out.append(f"--- {name} ---\n{text[-3000:]}")
-        return "\n".join(out)
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
 
 
 def _register(site: RemoteSite, who: str) -> str:
