@@ -236,8 +236,9 @@ def choose_node(target: Target, job: SlurmJob) -> str | wire.Error:
 def host_names(target: Target, job: SlurmJob, node: str) -> tuple[str, ...]:
     """Every name a laptop may give this session's host (``ssh job-slurm-1234``, or
     ``job-slurm:1234``, with ``.STEP`` for a job step): the job as asked and as Slurm numbers
-    it, bare only on its default node, and ``+NODE``/``+INDEX`` for the node entered. The session's host certificate
-    carries them all, and nothing else: no other job's name, no other node's."""
+    it, bare only on its default node, and ``+NODE``/``+INDEX`` for the node entered. The
+    session's host certificate carries them all, and nothing else: no other job's name, no
+    other node's."""
     step = f".{target.step}" if target.step else ""
     bases = dict.fromkeys(
         f"job-slurm{sep}{j}{step}" for sep in "-:" for j in (target.name, job.job_id)

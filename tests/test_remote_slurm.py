@@ -313,8 +313,9 @@ def _job(nodes: tuple[str, ...], batch: str) -> _slurm.SlurmJob:
 
 def test_host_certificate_names_are_the_session_s_job_and_node_only() -> None:
     """A Slurm session's host certificate names its job as asked and as Slurm numbers it
-    (array task and job id, a step with its number), bare only on the default node, and its own node by name
-    and by index (lowercased too, as ssh compares): never another job or another node."""
+    (array task and job id, a step with its number), bare only on the default node, and its
+    own node by name and by index (lowercased too, as ssh compares): never another job or
+    another node."""
     two = _job(("n1", "N2"), "n1")
     names = _slurm.host_names(_slurm.parse_target("slurm:1234_7"), two, "n1")
     assert set(names) == {
