@@ -3,15 +3,15 @@
  * fast path of client/_mux.py (`repeat_argv`): when the user's ControlMaster for the job is
  * alive, exec `ssh -F <the master's client config> ... ssh-to-job CMD` (or scp, sftp). For
  * everything else it execs the Python client, `ssh-to-job-py` beside it, with the original
- * argv unchanged; so is it whenever it is unsure (a config file to read, a non-ASCII byte, a
- * -ssh value that needs shell-like quoting, any error): the Python client decides again with
- * the same rules and does the full work. It exists only because Python's start-up (~14 ms)
+ * argv unchanged; so does it whenever it is unsure (a config file beyond a plain subset of
+ * TOML, a non-ASCII byte, a -ssh value that needs shell-like quoting, any error): the Python
+ * client decides again with the same rules and does the full work. It exists only because Python's start-up (~14 ms)
  * was half of a repeat command's time (docs/performance.md).
  *
  * Never: a decision Python's repeat_argv would not make (tests/test_mux.py runs both on a
  * table of argv and compares), a socket outside the user's own 0700 runtime directory, or
  * a secret on a command line (there is none: the argv holds a config file's path). It reads
- * no file but the directory entries it checks, and writes none.
+ * no file but the pool's config file, and writes none.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -237,7 +237,187 @@ static int usable(char **words, int n)
     return 1;
 }
 
-/* _mux.broker_socket without a config file: 0 where one would be read (Python reads it). */
+/* ------------------------------------------------- the config file's [pool] state_dir */
+
+/* A strict subset of TOML: blank and comment lines, `[table]` headers, and one-line
+ * `key = value` pairs inside a table whose value is a string without escapes, a boolean, a
+ * decimal number, or a one-line array of those. Every file it accepts, tomllib reads to the
+ * same [pool] state_dir; anything else (escapes, dotted or quoted keys, multi-line values,
+ * dates, a duplicate key or table, non-ASCII, CR) returns -1: Python reads it. */
+
+#define MAX_KEYS 512
+
+static const char *skip_ws(const char *p)
+{
+    while (*p == ' ' || *p == '\t')
+        p++;
+    return p;
+}
+
+static const char *bare_key(const char *p)
+{
+    while ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+           *p == '_' || *p == '-')
+        p++;
+    return p;
+}
+
+static int digits(const char **p)
+{
+    const char *start = *p;
+    while (**p >= '0' && **p <= '9')
+        (*p)++;
+    return *p > start;
+}
+
+/* One scalar: its end, or NULL. A string's text (quotes excluded) goes to *text, *len. */
+static const char *scalar(const char *p, const char **text, size_t *len)
+{
+    *text = NULL;
+    if (*p == '"' || *p == '\'') {
+        char quote = *p++;
+        if (*p == quote && p[1] == quote)
+            return NULL; /* a multi-line string */
+        const char *start = p;
+        while (*p && *p != quote) {
+            if (*p == '\\' || ((unsigned char)*p < 0x20 && *p != '\t'))
+                return NULL;
+            p++;
+        }
+        if (*p != quote)
+            return NULL;
+        *text = start;
+        *len = (size_t)(p - start);
+        return p + 1;
+    }
+    if (!strncmp(p, "true", 4))
+        return p + 4;
+    if (!strncmp(p, "false", 5))
+        return p + 5;
+    if (*p == '+' || *p == '-')
+        p++;
+    if (*p == '0')
+        p++;
+    else if (!digits(&p))
+        return NULL;
+    if (*p == '.') {
+        p++;
+        if (!digits(&p))
+            return NULL;
+    }
+    if (*p == 'e' || *p == 'E') {
+        p++;
+        if (*p == '+' || *p == '-')
+            p++;
+        if (!digits(&p))
+            return NULL;
+    }
+    return p;
+}
+
+/* The end of a value (a scalar or a one-line array of scalars), or NULL. */
+static const char *value(const char *p, const char **text, size_t *len)
+{
+    if (*p != '[')
+        return scalar(p, text, len);
+    p = skip_ws(p + 1);
+    while (*p != ']') {
+        const char *ignored;
+        size_t n;
+        p = scalar(p, &ignored, &n);
+        if (p == NULL)
+            return NULL;
+        p = skip_ws(p);
+        if (*p == ',')
+            p = skip_ws(p + 1);
+        else if (*p != ']')
+            return NULL;
+    }
+    *text = NULL;
+    return p + 1;
+}
+
+/* The end of a line after its content: optional blanks and comment; NULL for anything else. */
+static const char *line_end(const char *p)
+{
+    p = skip_ws(p);
+    if (*p == '#')
+        p += strcspn(p, "\n");
+    return *p == '\n' || *p == '\0' ? p : NULL;
+}
+
+/* 1 and the state_dir (possibly "") in out; -1 where Python must read the file. */
+static int config_state_dir(const char *path, char *out, size_t size)
+{
+    static char buf[65536];
+    FILE *f = fopen(path, "re");
+    if (f == NULL)
+        return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    int big = !feof(f);
+    fclose(f);
+    if (big)
+        return -1;
+    buf[n] = '\0';
+    for (size_t k = 0; k < n; k++)
+        if ((unsigned char)buf[k] > 0x7e || ((unsigned char)buf[k] < 0x20 && buf[k] != '\t' &&
+                                              buf[k] != '\n'))
+            return -1;
+    /* Tables and keys seen, as "table" and "table.key": TOML forbids defining either twice. */
+    static char seen[MAX_KEYS][128];
+    int nseen = 0;
+    char table[64] = "";
+    out[0] = '\0';
+    for (const char *p = buf; *p;) {
+        p = skip_ws(p);
+        const char *end;
+        char name[128];
+        if (*p == '#' || *p == '\n' || *p == '\0') {
+            end = line_end(p);
+        } else if (*p == '[') {
+            const char *k = skip_ws(p + 1);
+            const char *ke = bare_key(k);
+            const char *close = skip_ws(ke);
+            if (ke == k || (size_t)(ke - k) >= sizeof table || *close != ']')
+                return -1;
+            snprintf(table, sizeof table, "%.*s", (int)(ke - k), k);
+            snprintf(name, sizeof name, "%s", table);
+            end = line_end(close + 1);
+        } else {
+            const char *ke = bare_key(p);
+            const char *eq = skip_ws(ke);
+            if (ke == p || !table[0] || *eq != '=' || (size_t)(ke - p) > 60)
+                return -1;
+            const char *text;
+            size_t len;
+            const char *ve = value(skip_ws(eq + 1), &text, &len);
+            if (ve == NULL)
+                return -1;
+            snprintf(name, sizeof name, "%s.%.*s", table, (int)(ke - p), p);
+            if (!strcmp(name, "pool.state_dir")) {
+                if (text == NULL || len >= size)
+                    return -1; /* not a string: Python's full path says what is wrong */
+                memcpy(out, text, len);
+                out[len] = '\0';
+            }
+            end = line_end(ve);
+        }
+        if (end == NULL)
+            return -1;
+        if (*p != '#' && *p != '\n' && *p != '\0') {
+            for (int k = 0; k < nseen; k++)
+                if (!strcmp(seen[k], name))
+                    return -1;
+            if (nseen == MAX_KEYS)
+                return -1;
+            snprintf(seen[nseen++], sizeof seen[0], "%s", name);
+        }
+        p = *end ? end + 1 : end;
+    }
+    return 1;
+}
+
+/* _mux.broker_socket: 0 where Python must decide (a config file outside the subset above). */
 static int broker_socket(const char *name, char *out, size_t size)
 {
     struct stat st;
@@ -249,8 +429,15 @@ static int broker_socket(const char *name, char *out, size_t size)
     const char *state = env("STJ_STATE_DIR");
     if (state != NULL)
         return join(out, size, state, "broker.sock");
-    if (env("STJ_CONFIG") != NULL || exists("/etc/ssh-to-job/config.toml"))
-        return 0;
+    const char *config = env("STJ_CONFIG");
+    if (config != NULL || exists("/etc/ssh-to-job/config.toml")) {
+        char state_dir[PATH_MAX];
+        if (config_state_dir(config ? config : "/etc/ssh-to-job/config.toml", state_dir,
+                             sizeof state_dir) < 0)
+            return 0;
+        if (state_dir[0])
+            return join(out, size, state_dir, "broker.sock");
+    }
     static const char system_sock[] = "/var/lib/ssh-to-job/broker.sock";
     if (getuid() == 0)
         return snprintf(out, size, "%s", system_sock) < (int)size;

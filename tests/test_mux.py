@@ -268,11 +268,11 @@ AGREE: list[tuple[list[str], dict[str, str | None], str]] = [
     (["32", "true"], {"TMPDIR": "{front}"}, "py"),
     (["\u0663\u0662", "true"], {}, "py"),
     (["32", "echo", "\u00e9t\u00e9"], {}, "exec"),
-    # Left to Python: shell-like quoting, what str.strip() takes away, a config file to read.
+    # Left to Python: shell-like quoting, what str.strip() takes away.
     (["-ssh", "ssh '-q'", "32", "true"], {}, "left"),
     (["\u00a032 ", "true"], {}, "left"),
     ([" 32", "true"], {}, "left"),
-    (["32", "true"], {"STJ_STATE_DIR": None, "STJ_CONFIG": "{front}/config.toml"}, "left"),
+    (["32", "true"], {"STJ_STATE_DIR": None, "STJ_CONFIG": "{front}/nonexistent"}, "py"),
 ]
 
 
@@ -283,6 +283,7 @@ def _run_both(
     env = {
         "PATH": f"{front}/bin:/usr/bin:/bin",
         "STJ_STATE_DIR": str(front / "state"),
+        "STJ_CONFIG": str(front / "config.toml"),
         "TMPDIR": str(front / "rt"),
         "SHELL": "/bin/bash",
         "HOME": str(front),
@@ -321,7 +322,7 @@ def test_the_compiled_front_agrees_with_repeat_argv(
         "32.0",
         ("/bin/bash",),
     )
-    (front / "config.toml").write_text(f'[pool]\nstate_dir = "{front / "state"}"\n')
+    (front / "config.toml").write_text("")
     with _listen(sock):
         expected, got = _run_both(front, argv, changes, monkeypatch)
     sock.unlink()
@@ -332,6 +333,67 @@ def test_the_compiled_front_agrees_with_repeat_argv(
         assert expected is not None
         prog = expected[0] if "/" in expected[0] else str(front / "bin" / expected[0])
         assert got == ["EXEC", prog, *expected[1:]]
+
+
+#: (the config file, outcome) with STJ_STATE_DIR unset and a master for the pool whose
+#: state_dir is {state}: the front reads a plain subset of TOML and leaves the rest to Python.
+CONFIGS: list[tuple[str, str]] = [
+    ('[pool]\nstate_dir = "{state}"\n', "exec"),
+    (
+        "# a pool\n\n[broker]\nport = 0\nsuperusers = [\"a\", 'b', ]\nx = -1.5e3\ny = true\n"
+        "z = []\n\t[ pool ]  # p\n  state_dir='{state}'  # s\n[starter]\nmux_persist = 10",
+        "exec",
+    ),
+    ('[pool]\nstate_dir = "{state}/../state"\n', "exec"),
+    # The example configs shipped in dist/, pointed at this pool.
+    ("@broker.toml", "exec"),
+    ("@starter.toml", "exec"),
+    ('[pool]\nstate_dir = "{escaped}"\n', "left"),
+    ('[pool]\nstate_dir = "{state}"\n[broker]\nsuperusers = [\n  "a",\n]\n', "left"),
+    ('pool.state_dir = "{state}"\n', "left"),
+    ('[pool]\r\nstate_dir = "{state}"\r\n', "left"),
+    ('[pool]\nstate_dir = """{state}"""\n', "left"),
+    ('[pool]\nstate_dir = "{state}"\n[pool]\n', "py"),
+    ('[pool]\nstate_dir = "{state}"\nstate_dir = "{state}"\n', "py"),
+    ('[pool]\nstate_dir = "{state}"\n[broker]\nport = 012\n', "py"),
+    ('[pool]\nstate_dir = "{state}" x\n', "py"),
+    ('[pool]\nstate_dir = "{state}"\n[broker]\nport = \n', "py"),
+    ("[pool]\nstate_dir = 3\n", "py"),
+    ('[pool]\nstate_dir = ""\n', "py"),
+    ("[broker]\nport = 0\n", "py"),
+    ('[pool]\nstate_dir = "{state}"\n\xff\n', "py"),
+]
+
+
+@pytest.mark.parametrize(("config", "outcome"), CONFIGS)
+def test_the_front_reads_the_config_file_as_tomllib_does(
+    front: pathlib.Path, config: str, outcome: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without STJ_STATE_DIR the pool comes from the config file: the front finds the same
+    [pool] state_dir as the Python client, or leaves the file to it."""
+    state = front / "state"
+    sock = _mux.socket_path(
+        front / "rt" / f"ssh-to-job-{os.getuid()}",
+        str(state / "broker.sock"),
+        "32.0",
+        ("/bin/bash",),
+    )
+    escaped = str(state).replace("/", "\\u002f", 1)
+    if config.startswith("@"):
+        shipped = (pathlib.Path(__file__).resolve().parent.parent / "dist" / "config").joinpath
+        config = shipped(config[1:]).read_text().replace('"/var/lib/ssh-to-job"', '"{state}"')
+        assert '"{state}"' in config
+    (front / "config.toml").write_bytes(
+        config.format(state=state, escaped=escaped).encode("latin-1")
+    )
+    with _listen(sock):
+        expected, got = _run_both(front, ["32", "true"], {"STJ_STATE_DIR": None}, monkeypatch)
+    sock.unlink()
+    assert (expected is None) == (outcome == "py")
+    if outcome == "exec":
+        assert got == ["EXEC", str(front / "bin" / "ssh"), *(expected or [])[1:]]
+    else:
+        assert got == ["PY", str(front / "ssh-to-job-py"), "32", "true"]
 
 
 def argv_of(front: pathlib.Path, argv: list[str]) -> list[str]:
