@@ -424,3 +424,59 @@ def test_the_front_leaves_dead_and_foreign_sockets_to_python(
         sock.with_name(sock.name + ".cfg").unlink()
         assert _run_both(front, ["32", "true"], {}, monkeypatch) == (None, py)
     sock.unlink()
+
+
+@pytest.mark.parametrize("where", ["home", "xdg_state_home"])
+def test_the_front_finds_a_users_personal_pool_as_python_does(
+    users: dict[str, User], where: str
+) -> None:
+    """As a user without STJ_STATE_DIR or a config file, the pool is their personal one
+    (~/.local/state or $XDG_STATE_HOME): the front and _mux.repeat_argv, both run as that
+    user, exec the same command through the master."""
+    a = users["a"]
+    top = pathlib.Path(f"/tmp/stj-front-personal-{os.getpid()}")
+    top.mkdir(mode=0o755)
+    try:
+        home = top / "home"
+        state = home / ".local" / "state" if where == "home" else top / "xdg"
+        home.mkdir()
+        (state / "ssh-to-job").mkdir(parents=True, exist_ok=True)
+        (state / "ssh-to-job" / "broker.sock").touch()
+        rt = top / "rt" / f"ssh-to-job-{a.uid}"
+        rt.mkdir(parents=True, mode=0o700)
+        shutil.copy2(BIN / "ssh-to-job", top / "ssh-to-job")
+        (top / "ssh-to-job-py").write_text("#!/bin/sh\nexit 97\n")
+        (top / "bin").mkdir()
+        (top / "bin" / "ssh").write_text('#!/bin/sh\nprintf \'%s\\0\' "$0" "$@"\n')
+        for f in (top / "ssh-to-job-py", top / "bin" / "ssh"):
+            f.chmod(0o755)
+        for d in (home, state, rt):
+            for p in [d, *d.rglob("*")]:
+                os.chown(p, a.uid, a.gid)
+        sock = _mux.socket_path(rt, str(state / "ssh-to-job" / "broker.sock"), "7.0", ("/bin/sh",))
+        env = {"PATH": f"{top}/bin:/usr/bin:/bin", "HOME": str(home), "SHELL": "/bin/sh"}
+        env["TMPDIR"] = str(top / "rt")
+        if where == "xdg_state_home":
+            env["XDG_STATE_HOME"] = str(state)
+        with _listen(sock):
+            os.chown(sock, a.uid, a.gid)
+            py = "import json,sys; from ssh_to_job.client import _mux; "
+            py += "print(json.dumps(_mux.repeat_argv(sys.argv[1:])))"
+            argv = ["7", "echo", "hi"]
+            expected = subprocess.run(
+                [*a.prefix(), sys.executable, "-c", py, *argv],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            ).stdout
+            r = subprocess.run(
+                [*a.prefix(), str(top / "ssh-to-job"), *argv], capture_output=True, env=env
+            )
+        assert r.returncode == 0, r.stderr
+        want = json.loads(expected)
+        assert want is not None
+        got = os.fsdecode(r.stdout).split("\0")[:-1]
+        assert got == [str(top / "bin" / "ssh"), *want[1:]]
+    finally:
+        shutil.rmtree(top)
