@@ -5,8 +5,8 @@
  * everything else it execs the Python client, `ssh-to-job-py` beside it, with the original
  * argv unchanged; so does it whenever it is unsure (a config file beyond a plain subset of
  * TOML, a non-ASCII byte, a -ssh value that needs shell-like quoting, any error): the Python
- * client decides again with the same rules and does the full work. It exists only because Python's start-up (~14 ms)
- * was half of a repeat command's time (docs/performance.md).
+ * client decides again with the same rules and does the full work. It exists only because
+ * Python's start-up (~14 ms) was half of a repeat command's time (docs/performance.md).
  *
  * Never: a decision Python's repeat_argv would not make (tests/test_mux.py runs both on a
  * table of argv and compares), a socket outside the user's own 0700 runtime directory, or
