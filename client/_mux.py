@@ -313,6 +313,9 @@ def repeat_argv(argv: list[str]) -> list[str] | None:
 
 def main() -> int:
     """``ssh-to-job``: a repeat command through a live master, else the full session."""
+    if sys.argv[0].endswith("ssh-to-job-py"):
+        # The entry point the compiled front execs: messages name the command the user typed.
+        sys.argv[0] = sys.argv[0][: -len("-py")]
     argv = sys.argv[1:]
     again = repeat_argv(argv)
     if again is not None:
