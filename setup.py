@@ -1,6 +1,7 @@
 """Build hook: compile the LD_PRELOAD shim (preload/stjshim.c) into preload/libstjshim.so,
-the ProxyCommand helper (client/stj-fdpass.c) into client/stj-fdpass, and the jobs' reaper
-(starter/stj-reaper.c) into starter/stj-reaper.
+the ProxyCommand helper (client/stj-fdpass.c) into client/stj-fdpass, the jobs' reaper
+(starter/stj-reaper.c) into starter/stj-reaper, and the ``ssh-to-job`` command itself
+(client/stj-front.c, installed as a script beside the Python client ``ssh-to-job-py``).
 
 All metadata lives in pyproject.toml. The shim is a plain C shared object that depends only on
 libc (it is preloaded into sshd, so it must not be a Python extension); it is built with the
@@ -134,11 +135,60 @@ class BuildPyWithShim(build_py):
         return outputs
 
 
+FRONT_SOURCE = HERE / "client" / "stj-front.c"
+FRONT = "ssh-to-job"
+
+
+# setuptools re-exports no build_scripts of its own: take the command class it would run.
+build_scripts = Distribution().get_command_class("build_scripts")
+
+
+class BuildScriptsWithFront(build_scripts):  # type: ignore[misc,valid-type]
+    """The ``ssh-to-job`` on PATH is the compiled front (client/stj-front.c): a repeat command
+    through a live master never starts Python; everything else execs ``ssh-to-job-py`` (the
+    ``[project.scripts]`` entry point) found beside it. install_scripts copies the build
+    directory as it is, so pip installs the binary like any script, in venvs and elsewhere."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.scripts = self.scripts or []
+
+    def run(self) -> None:
+        super().run()
+        out = Path(self.build_dir) / FRONT
+        compile_program(FRONT_SOURCE, out, "the ssh-to-job front")
+
+
+install_scripts = Distribution().get_command_class("install_scripts")
+
+
+class InstallScriptsWithFront(install_scripts):  # type: ignore[misc,valid-type]
+    """setuptools' install_scripts copies built scripts only when ``scripts`` lists some: copy
+    the front too (into the wheel's scripts, which pip installs beside the entry points)."""
+
+    def run(self) -> None:
+        super().run()
+        if not self.distribution.scripts:
+            self.outfiles = [*self.outfiles, *self.copy_tree(self.build_dir, self.install_dir)]
+
+
 class BinaryDistribution(Distribution):
     """The wheel carries a native library: tag it for this platform, not py3-none-any."""
 
     def has_ext_modules(self) -> bool:
         return True
 
+    def has_scripts(self) -> bool:
+        # The front is built, not listed in ``scripts``: build_scripts and install_scripts
+        # must run anyway.
+        return True
 
-setup(cmdclass={"build_py": BuildPyWithShim}, distclass=BinaryDistribution)
+
+setup(
+    cmdclass={
+        "build_py": BuildPyWithShim,
+        "build_scripts": BuildScriptsWithFront,
+        "install_scripts": InstallScriptsWithFront,
+    },
+    distclass=BinaryDistribution,
+)

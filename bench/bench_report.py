@@ -437,6 +437,16 @@ def render(r: Json) -> str:
                 f"next nine {spread(mux['repeat'], 1000, '{:.1f}')} ms "
                 f"(client CPU {med(mux['repeat_cpu'], 1000, '{:.1f}')} ms)."
             )
+        fr = rp.get("front", {})
+        if fr.get("front"):
+            w(
+                "\nRepeats through one master, interleaved (ms): the compiled front "
+                f"`ssh-to-job` {spread(fr['front']['wall'], 1000, '{:.1f}')}, the Python client "
+                f"`ssh-to-job-py` {spread(fr['python client']['wall'], 1000, '{:.1f}')} "
+                f"(front / Python, paired: {ratio(fr['front'].get('ratio_to_python'))}), "
+                "`ssh -F <master's config>` alone "
+                f"{spread(fr['ssh alone']['wall'], 1000, '{:.1f}')}."
+            )
         w("")
 
     tp = ph.get("throughput")

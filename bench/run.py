@@ -724,6 +724,45 @@ Host *
             while sock.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
 
+    def _repeat_front(self, mux: dict[str, str]) -> Json:
+        """Repeat commands through one live master, interleaved A B C A B C: the compiled
+        front (``ssh-to-job``, as shipped), the Python client alone (``ssh-to-job-py``, what
+        ran before the front), and the bare ``ssh -F <master's config>`` both of them exec."""
+        from ssh_to_job.client import _mux
+
+        base = pathlib.Path("/tmp") / f"ssh-to-job-{self.user.pw_uid}"
+        sock = _mux.socket_path(base, str(self.state / "broker.sock"), self.job, ("/bin/bash",))
+        made = self.run_user(self.ssh_to_job(self.job, "true"), env=mux)
+        if made.returncode != 0 or not sock.exists():
+            return {"error": "no master: " + made.stderr[-300:]}
+        cmds = {
+            "front": {"argv": self.ssh_to_job(self.job, "true"), "env": mux},
+            "python client": {
+                "argv": [str(self.bin / "ssh-to-job-py"), self.job, "true"],
+                "env": mux,
+            },
+            "ssh alone": {"argv": ["ssh", "-F", _mux.config_path(sock), "ssh-to-job", "true"]},
+        }
+        res = self.worker("times", {"cmds": cmds, "reps": 10 if self.quick else 20})["runs"]
+        out: Json = {}
+        for name, runs in res.items():
+            walls = [r["wall"] for r in runs if r["rc"] == 0]
+            out[name] = {
+                "wall": summary(walls),
+                "raw": [round(w, 5) for w in walls],
+                "cpu": summary([r["cpu"] for r in runs]),
+                "failed": sum(1 for r in runs if r["rc"] != 0),
+            }
+        out["front"]["ratio_to_python"] = paired_ratio(
+            out["front"]["raw"], out["python client"]["raw"]
+        )
+        self.log(
+            f"  repeat through one master: front {out['front']['wall'].get('median', 0) * 1000:.1f}"
+            f" ms, Python client {out['python client']['wall'].get('median', 0) * 1000:.1f} ms, "
+            f"ssh alone {out['ssh alone']['wall'].get('median', 0) * 1000:.1f} ms"
+        )
+        return out
+
     def phase_repeat(self) -> None:
         """Ten commands in a row into one job: the product as shipped (the first a full
         session, the next nine through its ControlMaster), the product with the master off
@@ -754,8 +793,9 @@ Host *
                 first.append(ok[0]["wall"])
                 repeats.extend(r["wall"] for r in ok[1:])
                 repeat_cpu.extend(r["cpu"] for r in ok[1:])
-        self._end_master()
         out = self._times_result(merged)
+        out["front"] = self._repeat_front(mux)
+        self._end_master()
         for k in totals:
             out[k]["ten_in_a_row"] = summary(totals[k])
         out["ssh-to-job"]["first"] = summary(first)

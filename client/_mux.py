@@ -11,6 +11,11 @@ Never: a socket anywhere but the user's own 0700 runtime directory (OpenSSH's ma
 the peer uid too), a master shared between pools, jobs or shell choices (they are in the
 socket's name), or a master for a session whose ssh options this module cannot vouch for
 (agent or X11 forwarding, a custom -ssh program): those always get a full session.
+
+``repeat_argv`` is the reference for ``client/stj-front.c``, the compiled ``ssh-to-job`` on
+PATH, which makes the same decision without starting Python and execs this module's ``main``
+(the ``ssh-to-job-py`` entry point) for everything else: a change to the rules here needs the
+same change there (tests/test_mux.py runs both on a table of command lines and compares).
 """
 
 from __future__ import annotations
@@ -308,6 +313,9 @@ def repeat_argv(argv: list[str]) -> list[str] | None:
 
 def main() -> int:
     """``ssh-to-job``: a repeat command through a live master, else the full session."""
+    if sys.argv[0].endswith("ssh-to-job-py"):
+        # The entry point the compiled front execs: messages name the command the user typed.
+        sys.argv[0] = sys.argv[0][: -len("-py")]
     argv = sys.argv[1:]
     again = repeat_argv(argv)
     if again is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from conftest import SSH_TO_JOB, Pool, User
+from conftest import BIN, Pool, User
 
 #: Our modules a whole local session loads, no more (the daemons, trio and the channel cipher
 #: are not among them).
@@ -58,13 +58,16 @@ STARTUP = {
 
 
 def test_session_path_imports_only_what_it_uses(pool: Pool, users: dict[str, User]) -> None:
-    """A real session through the installed entry point (ssh-to-job JOB true) loads exactly
+    """A real session through the installed entry point (ssh-to-job-py JOB true) loads exactly
     OURS of ours, only THIRD_PARTY distributions, and none of the NEVER modules."""
     a = users["a"]
     (job,) = pool.submit(a, "/bin/sleep", "300")
     pool.wait_state(job, "running")
     try:
-        r = pool.run(a, [sys.executable, "-X", "importtime", SSH_TO_JOB, job, "true"])
+        # ssh-to-job-py: the Python client, which the compiled `ssh-to-job` front execs for a
+        # full session.
+        argv = [sys.executable, "-X", "importtime", str(BIN / "ssh-to-job-py"), job, "true"]
+        r = pool.run(a, argv)
     finally:
         pool.stj(a, "rm", job)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -8,12 +8,16 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import shutil
+import socket
 import stat
+import subprocess
 import sys
 import time
 from typing import Any
 
-from conftest import Pool, User, wait_for
+import pytest
+from conftest import BIN, Pool, User, wait_for
 
 from ssh_to_job.client import _mux
 
@@ -75,6 +79,22 @@ def test_repeat_commands_skip_the_broker_and_files_still_copy(
     finally:
         dest.unlink(missing_ok=True)
     assert len(_granted(pool, a, job)) == 1
+    # The installed ssh-to-job is the compiled front; copied beside a "Python client" that
+    # only exits 97, it still runs a repeat command (so no Python ran), and hands a -debug
+    # one, which it never takes, to that client.
+    assert (BIN / "ssh-to-job").read_bytes()[:4] == b"\x7fELF"
+    lone = pathlib.Path(f"/tmp/stj-front-{os.getpid()}")
+    lone.mkdir(mode=0o755)
+    try:
+        shutil.copy2(BIN / "ssh-to-job", lone / "ssh-to-job")
+        (lone / "ssh-to-job-py").write_text("#!/bin/sh\nexit 97\n")
+        (lone / "ssh-to-job-py").chmod(0o755)
+        r = pool.run(a, [str(lone / "ssh-to-job"), job, "echo $SSH_TO_JOB_SESSION"], env=MUX)
+        assert (r.returncode, r.stdout.strip()) == (0, first), r.stderr
+        r = pool.run(a, [str(lone / "ssh-to-job"), "-debug", job, "true"], env=MUX)
+        assert r.returncode == 97
+    finally:
+        shutil.rmtree(lone)
     pool.stj(a, "rm", job)
     wait_for("the master to end with the job", lambda: not sock.exists(), timeout=20)
     r = pool.ssh(a, job, "true", env=MUX)
@@ -161,3 +181,302 @@ def test_pool_turns_it_off_and_an_idle_master_does_not_hold_up_completion(
     # mux_persist (2 s) plus the starter's own rounds; far below the default session_grace.
     assert time.monotonic() - t0 < 15
     assert not _master(short, a, job).exists()
+
+
+# ------------------------------------------------ the compiled front against _mux.repeat_argv
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The installed front, copied beside a fake Python client and fake ssh/scp/sftp that
+    print their argv, NUL-separated, so the front's decision is visible without running."""
+    d = tmp_path_factory.mktemp("front")
+    shutil.copy2(BIN / "ssh-to-job", d / "ssh-to-job")
+    report = '#!/bin/sh\nprintf \'%s\\0\' {tag} "$0" "$@"\n'
+    (d / "ssh-to-job-py").write_text(report.format(tag="PY"))
+    (d / "bin").mkdir()
+    for prog in ("ssh", "scp", "sftp", "rsh"):
+        (d / "bin" / prog).write_text(report.format(tag="EXEC"))
+    for f in [d / "ssh-to-job-py", *(d / "bin").iterdir()]:
+        f.chmod(0o755)
+    (d / "state").mkdir()
+    (d / "state" / "broker.sock").touch()
+    (d / "rt" / f"ssh-to-job-{os.getuid()}").mkdir(parents=True, mode=0o700)
+    return d
+
+
+def _listen(path: pathlib.Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.listen(64)
+    path.with_name(path.name + ".cfg").write_text("# the master's client config\n")
+    return s
+
+
+#: (argv, environment changes, outcome) with a live master for job 32.0 and $SHELL /bin/bash:
+#: "exec", both run the same command through it; "py", repeat_argv says no and the front execs
+#: the Python client with the argv unchanged; "left", repeat_argv says yes but the front, unsure,
+#: leaves it to the Python client (which then decides the same).
+AGREE: list[tuple[list[str], dict[str, str | None], str]] = [
+    (["32", "true"], {}, "exec"),
+    (["32.0", "echo", "a b", ""], {}, "exec"),
+    (["32.0.0", "true"], {}, "exec"),
+    (["0032.000", "true"], {}, "exec"),
+    (["u@32.0", "rsync", "--server", "."], {}, "exec"),
+    (["-l", "u", "-p", "22", "-o", "BatchMode=yes", "32", "true"], {}, "exec"),
+    (["--o=X=y", "---l=u", "32", "true"], {}, "exec"),
+    (["--", "32", "true"], {}, "exec"),
+    (["-name", "{state}", "32", "true"], {"STJ_STATE_DIR": None}, "exec"),
+    (["-name={state}/broker.sock", "32", "true"], {"STJ_STATE_DIR": None}, "exec"),
+    (["-name", "state", "32", "true"], {"STJ_STATE_DIR": "/nonexistent"}, "exec"),
+    (["-name=", "32", "true"], {}, "exec"),
+    (["-shells", "/bin/bash", "32", "true"], {"SHELL": None}, "exec"),
+    (["-shells=,/bin/bash,,", "32", "true"], {"SHELL": "/bin/sh"}, "exec"),
+    (["-shells", "/bin/sh", "32", "true"], {}, "py"),
+    (["32", "true"], {"SHELL": None}, "py"),
+    (["-ssh", "scp", "32", "remote:f", "."], {}, "exec"),
+    (["-ssh", "sftp -q", "32"], {}, "exec"),
+    (["-ssh", "ssh -q -o LogLevel=ERROR", "32", "true"], {}, "exec"),
+    (["-ssh", "{front}/bin/ssh -T", "32", "true"], {}, "exec"),
+    (["-ssh=", "32", "true"], {}, "exec"),
+    (["32", "true"], {"XDG_RUNTIME_DIR": "/"}, "py"),
+    (["32", "true"], {"XDG_RUNTIME_DIR": "{front}/rt", "TMPDIR": "/nonexistent"}, "exec"),
+    (["32", "true"], {"SSH_TO_JOB_MUX": "0"}, "py"),
+    (["32", "true"], {"SSH_TO_JOB_MUX": "off"}, "py"),
+    (["32", "true"], {"SSH_TO_JOB_MUX": "yes"}, "exec"),
+    (["32"], {}, "py"),
+    (["-ssh", "sftp", "32"], {}, "exec"),
+    (["-ssh", "scp", "32"], {}, "exec"),
+    (["-debug", "32", "true"], {}, "py"),
+    (["-X", "32", "true"], {}, "py"),
+    (["-pool", "h:1", "32", "true"], {}, "py"),
+    (["-name"], {}, "py"),
+    ([], {}, "py"),
+    (["-", "true"], {}, "py"),
+    (["32.1.1", "true"], {}, "py"),
+    (["1234567890123", "true"], {}, "py"),
+    (["32.", "true"], {}, "py"),
+    (["x@", "true"], {}, "py"),
+    (["-ssh", "ssh -A", "32", "true"], {}, "py"),
+    (["-ssh", "ssh -qX", "32", "true"], {}, "py"),
+    (["-ssh", "ssh -o", "32", "true"], {}, "exec"),
+    (["-ssh", "ssh -o forwardAgent=yes", "32", "true"], {}, "py"),
+    (["-ssh", "ssh -oControlPath=x", "32", "true"], {}, "py"),
+    (["-ssh", "ssh -o ProxyJump=h", "32", "true"], {}, "py"),
+    (["-ssh", "rsh", "32", "true"], {}, "py"),
+    (["33", "true"], {}, "py"),
+    (["32", "true"], {"TMPDIR": "{front}"}, "py"),
+    (["\u0663\u0662", "true"], {}, "py"),
+    (["32", "echo", "\u00e9t\u00e9"], {}, "exec"),
+    # Left to Python: shell-like quoting, what str.strip() takes away.
+    (["-ssh", "ssh '-q'", "32", "true"], {}, "left"),
+    (["\u00a032 ", "true"], {}, "left"),
+    ([" 32", "true"], {}, "left"),
+    (["32", "true"], {"STJ_STATE_DIR": None, "STJ_CONFIG": "{front}/nonexistent"}, "py"),
+]
+
+
+def _run_both(
+    front: pathlib.Path, argv: list[str], changes: dict[str, str | None], mp: pytest.MonkeyPatch
+) -> tuple[list[str] | None, list[str]]:
+    """_mux.repeat_argv in this process and the front in a child, with one environment."""
+    env = {
+        "PATH": f"{front}/bin:/usr/bin:/bin",
+        "STJ_STATE_DIR": str(front / "state"),
+        "STJ_CONFIG": str(front / "config.toml"),
+        "TMPDIR": str(front / "rt"),
+        "SHELL": "/bin/bash",
+        "HOME": str(front),
+    }
+    for k, v in changes.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v.format(front=front)
+    argv = [w.format(front=front, state=front / "state") for w in argv]
+    for k in list(os.environ):
+        mp.delenv(k)
+    for k, v in env.items():
+        mp.setenv(k, v)
+    mp.chdir(front)
+    expected = _mux.repeat_argv(argv)
+    r = subprocess.run([str(front / "ssh-to-job"), *argv], capture_output=True, env=env)
+    assert r.returncode == 0, r.stderr
+    return expected, os.fsdecode(r.stdout).split("\0")[:-1]
+
+
+@pytest.mark.parametrize(("argv", "changes", "outcome"), AGREE)
+def test_the_compiled_front_agrees_with_repeat_argv(
+    front: pathlib.Path,
+    argv: list[str],
+    changes: dict[str, str | None],
+    outcome: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """For each argv and environment the front execs exactly the command _mux.repeat_argv
+    returns, or the Python client beside it with the argv unchanged (where repeat_argv
+    returns None, and in the few cases the front leaves to Python)."""
+    sock = _mux.socket_path(
+        front / "rt" / f"ssh-to-job-{os.getuid()}",
+        str(front / "state" / "broker.sock"),
+        "32.0",
+        ("/bin/bash",),
+    )
+    (front / "config.toml").write_text("")
+    with _listen(sock):
+        expected, got = _run_both(front, argv, changes, monkeypatch)
+    sock.unlink()
+    assert (expected is None) == (outcome == "py")
+    if outcome != "exec":
+        assert got == ["PY", str(front / "ssh-to-job-py"), *argv_of(front, argv)]
+    else:
+        assert expected is not None
+        prog = expected[0] if "/" in expected[0] else str(front / "bin" / expected[0])
+        assert got == ["EXEC", prog, *expected[1:]]
+
+
+#: (the config file, outcome) with STJ_STATE_DIR unset and a master for the pool whose
+#: state_dir is {state}: the front reads a plain subset of TOML and leaves the rest to Python.
+CONFIGS: list[tuple[str, str]] = [
+    ('[pool]\nstate_dir = "{state}"\n', "exec"),
+    (
+        "# a pool\n\n[broker]\nport = 0\nsuperusers = [\"a\", 'b', ]\nx = -1.5e3\ny = true\n"
+        "z = []\n\t[ pool ]  # p\n  state_dir='{state}'  # s\n[starter]\nmux_persist = 10",
+        "exec",
+    ),
+    ('[pool]\nstate_dir = "{state}/../state"\n', "exec"),
+    # The example configs shipped in dist/, pointed at this pool.
+    ("@broker.toml", "exec"),
+    ("@starter.toml", "exec"),
+    ('[pool]\nstate_dir = "{escaped}"\n', "left"),
+    ('[pool]\nstate_dir = "{state}"\n[broker]\nsuperusers = [\n  "a",\n]\n', "left"),
+    ('pool.state_dir = "{state}"\n', "left"),
+    ('[pool]\r\nstate_dir = "{state}"\r\n', "left"),
+    ('[pool]\nstate_dir = """{state}"""\n', "left"),
+    ('[pool]\nstate_dir = "{state}"\n[pool]\n', "py"),
+    ('[pool]\nstate_dir = "{state}"\nstate_dir = "{state}"\n', "py"),
+    ('[pool]\nstate_dir = "{state}"\n[broker]\nport = 012\n', "py"),
+    ('[pool]\nstate_dir = "{state}" x\n', "py"),
+    ('[pool]\nstate_dir = "{state}"\n[broker]\nport = \n', "py"),
+    ("[pool]\nstate_dir = 3\n", "py"),
+    ('[pool]\nstate_dir = ""\n', "py"),
+    ("[broker]\nport = 0\n", "py"),
+    ('[pool]\nstate_dir = "{state}"\n\xff\n', "py"),
+]
+
+
+@pytest.mark.parametrize(("config", "outcome"), CONFIGS)
+def test_the_front_reads_the_config_file_as_tomllib_does(
+    front: pathlib.Path, config: str, outcome: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without STJ_STATE_DIR the pool comes from the config file: the front finds the same
+    [pool] state_dir as the Python client, or leaves the file to it."""
+    state = front / "state"
+    sock = _mux.socket_path(
+        front / "rt" / f"ssh-to-job-{os.getuid()}",
+        str(state / "broker.sock"),
+        "32.0",
+        ("/bin/bash",),
+    )
+    escaped = str(state).replace("/", "\\u002f", 1)
+    if config.startswith("@"):
+        shipped = (pathlib.Path(__file__).resolve().parent.parent / "dist" / "config").joinpath
+        config = shipped(config[1:]).read_text().replace('"/var/lib/ssh-to-job"', '"{state}"')
+        assert '"{state}"' in config
+    (front / "config.toml").write_bytes(
+        config.format(state=state, escaped=escaped).encode("latin-1")
+    )
+    with _listen(sock):
+        expected, got = _run_both(front, ["32", "true"], {"STJ_STATE_DIR": None}, monkeypatch)
+    sock.unlink()
+    assert (expected is None) == (outcome == "py")
+    if outcome == "exec":
+        assert got == ["EXEC", str(front / "bin" / "ssh"), *(expected or [])[1:]]
+    else:
+        assert got == ["PY", str(front / "ssh-to-job-py"), "32", "true"]
+
+
+def argv_of(front: pathlib.Path, argv: list[str]) -> list[str]:
+    return [w.format(front=front, state=front / "state") for w in argv]
+
+
+def test_the_front_leaves_dead_and_foreign_sockets_to_python(
+    front: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket nobody listens on, a runtime directory others may enter, and a missing client
+    config all send the front to the Python client (which removes the dead socket)."""
+    base = front / "rt" / f"ssh-to-job-{os.getuid()}"
+    sock = _mux.socket_path(base, str(front / "state" / "broker.sock"), "32.0", ("/bin/bash",))
+    py = ["PY", str(front / "ssh-to-job-py"), "32", "true"]
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(sock))
+    dead.close()
+    sock.with_name(sock.name + ".cfg").write_text("#\n")
+    expected, got = _run_both(front, ["32", "true"], {}, monkeypatch)
+    assert (expected, got) == (None, py)
+    assert not sock.exists()
+    with _listen(sock):
+        base.chmod(0o750)
+        try:
+            assert _run_both(front, ["32", "true"], {}, monkeypatch) == (None, py)
+        finally:
+            base.chmod(0o700)
+        sock.with_name(sock.name + ".cfg").unlink()
+        assert _run_both(front, ["32", "true"], {}, monkeypatch) == (None, py)
+    sock.unlink()
+
+
+@pytest.mark.parametrize("where", ["home", "xdg_state_home"])
+def test_the_front_finds_a_users_personal_pool_as_python_does(
+    users: dict[str, User], where: str
+) -> None:
+    """As a user without STJ_STATE_DIR or a config file, the pool is their personal one
+    (~/.local/state or $XDG_STATE_HOME): the front and _mux.repeat_argv, both run as that
+    user, exec the same command through the master."""
+    a = users["a"]
+    top = pathlib.Path(f"/tmp/stj-front-personal-{os.getpid()}")
+    top.mkdir(mode=0o755)
+    try:
+        home = top / "home"
+        state = home / ".local" / "state" if where == "home" else top / "xdg"
+        home.mkdir()
+        (state / "ssh-to-job").mkdir(parents=True, exist_ok=True)
+        (state / "ssh-to-job" / "broker.sock").touch()
+        rt = top / "rt" / f"ssh-to-job-{a.uid}"
+        rt.mkdir(parents=True, mode=0o700)
+        shutil.copy2(BIN / "ssh-to-job", top / "ssh-to-job")
+        (top / "ssh-to-job-py").write_text("#!/bin/sh\nexit 97\n")
+        (top / "bin").mkdir()
+        (top / "bin" / "ssh").write_text('#!/bin/sh\nprintf \'%s\\0\' "$0" "$@"\n')
+        for f in (top / "ssh-to-job-py", top / "bin" / "ssh"):
+            f.chmod(0o755)
+        for d in (home, state, rt):
+            for p in [d, *d.rglob("*")]:
+                os.chown(p, a.uid, a.gid)
+        sock = _mux.socket_path(rt, str(state / "ssh-to-job" / "broker.sock"), "7.0", ("/bin/sh",))
+        env = {"PATH": f"{top}/bin:/usr/bin:/bin", "HOME": str(home), "SHELL": "/bin/sh"}
+        env["TMPDIR"] = str(top / "rt")
+        if where == "xdg_state_home":
+            env["XDG_STATE_HOME"] = str(state)
+        with _listen(sock):
+            os.chown(sock, a.uid, a.gid)
+            py = "import json,sys; from ssh_to_job.client import _mux; "
+            py += "print(json.dumps(_mux.repeat_argv(sys.argv[1:])))"
+            argv = ["7", "echo", "hi"]
+            expected = subprocess.run(
+                [*a.prefix(), sys.executable, "-c", py, *argv],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            ).stdout
+            r = subprocess.run(
+                [*a.prefix(), str(top / "ssh-to-job"), *argv], capture_output=True, env=env
+            )
+        assert r.returncode == 0, r.stderr
+        want = json.loads(expected)
+        assert want is not None
+        got = os.fsdecode(r.stdout).split("\0")[:-1]
+        assert got == [str(top / "bin" / "ssh"), *want[1:]]
+    finally:
+        shutil.rmtree(top)

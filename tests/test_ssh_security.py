@@ -670,7 +670,8 @@ def test_nothing_listens_during_a_session(
     try:
         execute, client = session_pids(pool, job, live)
         assert {"sshd", "sleep"} <= {comm(p) for p in execute}
-        assert {"ssh", "ssh-to-job"} <= {comm(p) for p in client}
+        # ssh-to-job-py: the Python client the compiled ssh-to-job front execs (same pid).
+        assert {"ssh", "ssh-to-job-py"} <= {comm(p) for p in client}
         (broker,) = pool.pids("broker")
         for found in (listeners_by_ss(), listeners_by_proc()):
             assert broker in found, "the check sees no listener even in the broker"
