@@ -799,7 +799,7 @@ def test_no_key_material_in_argv_or_environment(
                 leaked = [s for s in secrets_ if s in blob]
                 assert not leaked, f"pid {proc.name} ({comm(int(proc.name))}) carries key material"
         names = {comm(p) for p in scanned & (execute | client)}
-        assert {"ssh-to-job", "ssh", "sshd", "sleep"} <= names, names
+        assert {"ssh-to-job-py", "ssh", "sshd", "sleep"} <= names, names
         # The proxy has come and gone: its argv is the ProxyCommand line of the client config.
         proxy = next(
             line
