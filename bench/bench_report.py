@@ -551,6 +551,17 @@ def slurm_section(sl: Json) -> list[str]:
             f"| {spread(rec['ten_in_a_row'], 1, '{:.2f}')} s | {spread(rec['stream_mib_s'])} "
             f"| {rec['failed']} + {rec['stream_failed']} | {where} |"
         )
+    alone = sl.get("master_alone") or {}
+    if _get(alone, "repeat", "n"):
+        out.append(
+            "\nssh-to-job's repeats above go through its ControlMaster, but behind the whole "
+            "Python client: `client/_mux.py`'s fast path takes only native job ids. The same "
+            "ten `true` through the master alone (`ssh -F <master's config> ssh-to-job true`, "
+            f"what that path runs): {spread(alone['repeat'], 1000, '{:.1f}')} ms each, "
+            f"{spread(alone['ten_in_a_row'], 1, '{:.2f}')} s for ten"
+            + (f", {alone['failed']} failed" if alone.get("failed") else "")
+            + "."
+        )
     errors = [e for rec in methods.values() for e in rec["errors"] + rec["stream_errors"]]
     if errors:
         out.append("\nErrors: " + "; ".join(f"`{e}`" for e in errors[:4]))

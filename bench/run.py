@@ -998,7 +998,7 @@ Host *
             result: Json = json.loads(r.stdout)
             return result
 
-        rounds = 2 if self.quick else 3
+        rounds = self.a.rounds or (2 if self.quick else 3)
         out.update(bench_slurm.measure(self.slurm, work, rounds, rounds, bench_slurm.GIB))
 
     # ------------------------------------------------------------------ driver
@@ -1049,7 +1049,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="concurrency levels (default 50,100,200; quick: 50,200)",
     )
-    ap.add_argument("--rounds", type=int, default=0, help="throughput rounds (default 4; quick: 2)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="throughput rounds (default 4; quick: 2), and the Slurm phase's (default 3; quick: 2)",
+    )
     ap.add_argument(
         "--starter-option",
         action="append",
