@@ -450,6 +450,7 @@ def measure(rig: SlurmRig, worker: Worker, rounds: int, stream_reps: int, size: 
         adoption[m] = rec
     out["adoption"] = adoption
 
+    rig.log("  adoption: " + ", ".join(f"{m} {a.get('step') or '-'}" for m, a in adoption.items()))
     per: dict[str, Json] = {
         m: {"first": [], "repeat": [], "ten": [], "fail": []} for m in (*METHODS, MASTER)
     }
@@ -477,6 +478,7 @@ def measure(rig: SlurmRig, worker: Worker, rounds: int, stream_reps: int, size: 
                 per[MASTER]["repeat"].extend(ok)
                 if len(ok) == len(runs):
                     per[MASTER]["ten"].append(sum(ok))
+        rig.log(f"  round {rnd + 1}/{rounds} of cold + ten repeats done")
     rig.end_master()
     streams: dict[str, list[float]] = {m: [] for m in METHODS}
     stream_fail: dict[str, list[str]] = {m: [] for m in METHODS}
@@ -491,6 +493,7 @@ def measure(rig: SlurmRig, worker: Worker, rounds: int, stream_reps: int, size: 
                 streams[m].append(size / (1 << 20) / r["wall"])
             else:
                 stream_fail[m].append(r["stderr"].strip()[-200:])
+        rig.log(f"  stream {rep + 1}/{stream_reps} done")
     out["master_alone"] = {
         "repeat": _summary(per[MASTER]["repeat"]),
         "ten_in_a_row": _summary(per[MASTER]["ten"]),
