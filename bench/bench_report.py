@@ -551,13 +551,17 @@ def slurm_section(sl: Json) -> list[str]:
             f"| {spread(rec['ten_in_a_row'], 1, '{:.2f}')} s | {spread(rec['stream_mib_s'])} "
             f"| {rec['failed']} + {rec['stream_failed']} | {where} |"
         )
+    if sl.get("pam_unavailable"):
+        out.append(f"\nssh + pam_slurm_adopt not measured: {sl['pam_unavailable']}")
     alone = sl.get("master_alone") or {}
     if _get(alone, "repeat", "n"):
         out.append(
-            "\nssh-to-job's repeats above go through its ControlMaster, but behind the whole "
-            "Python client: `client/_mux.py`'s fast path takes only native job ids. The same "
-            "ten `true` through the master alone (`ssh -F <master's config> ssh-to-job true`, "
-            f"what that path runs): {spread(alone['repeat'], 1000, '{:.1f}')} ms each, "
+            "\nssh-to-job's repeats above go through its ControlMaster. The same ten `true` "
+            "through the master alone (`ssh -F <master's config> ssh-to-job true`, what "
+            "`client/_mux.py`'s fast path runs for a repeat; where the row above is far slower, "
+            "the repeats started the whole Python client first, as they do while that path "
+            "takes only the pool's own ids, `cluster.proc`): "
+            f"{spread(alone['repeat'], 1000, '{:.1f}')} ms each, "
             f"{spread(alone['ten_in_a_row'], 1, '{:.2f}')} s for ten"
             + (f", {alone['failed']} failed" if alone.get("failed") else "")
             + "."
