@@ -530,7 +530,9 @@ def slurm_section(sl: Json) -> list[str]:
         f"this host, job {sl.get('job')}; {sl.get('rounds')} interleaved rounds of one cold "
         "command and ten repeats each, and one "
         f"{size_s} stream (`head -c` from /dev/zero to the client's /dev/null) per method and "
-        f"round; the pam path's {sl.get('pam_sshd', 'sshd')}. ms: median [p25–p75].\n"
+        "round"
+        + (f"; the pam path's {sl['pam_sshd']}" if sl.get("pam_sshd") else "")
+        + ". ms: median [p25–p75].\n"
     )
     out.append(
         f"| | cold `true` | repeat `true` | ten repeats | {size_s} out, MiB/s | failed "

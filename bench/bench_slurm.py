@@ -434,7 +434,9 @@ def measure(rig: SlurmRig, worker: Worker, rounds: int, stream_reps: int, size: 
         "job": rig.job,
         "rounds": rounds,
         "stream_bytes": size,
-        "pam_sshd": f"sshd on 127.0.0.1:{rig.port} in network namespace {rig.netns}",
+        "pam_sshd": ""
+        if rig.pam_unavailable
+        else f"sshd on 127.0.0.1:{rig.port} in network namespace {rig.netns}",
         "pam_unavailable": rig.pam_unavailable,
     }
     methods = rig.methods
