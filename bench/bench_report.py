@@ -607,21 +607,7 @@ def render(r: Json) -> str:
 
     sl = ph.get("slurm")
     if sl:
-        w("## 7. Slurm\n")
-        if sl.get("unavailable"):
-            w(f"Not measured: {sl['unavailable']}\n")
-        else:
-            w(f"{sl.get('version', '')}, one node on localhost.\n")
-            w("| command | wall (ms) | failed |")
-            w("|---|---|---|")
-            for k, rec in sl.get("times", {}).items():
-                w(f"| {k} | {spread(rec['wall'], 1000)} | {rec['failed']} |")
-            w(f"\nStreaming {sl.get('stream_bytes', 0) >> 20} MiB to stdout:\n")
-            w("| command | MiB/s | failed |")
-            w("|---|---|---|")
-            for k, rec in sl.get("stream", {}).items():
-                w(f"| {k} | {spread(rec['mib_s'])} | {rec['failed']} |")
-            w("")
+        out.extend(slurm_section(sl))
     errs = r.get("errors")
     if errs:
         w("## Errors\n")
@@ -629,6 +615,66 @@ def render(r: Json) -> str:
             w(f"- {k}: `{str(e)[-500:]}`")
         w("")
     return "\n".join(out) + "\n"
+
+
+def slurm_section(sl: Json) -> list[str]:
+    """Section 7: ssh-to-job slurm:N beside srun --overlap and ssh through pam_slurm_adopt."""
+    out = ["## 7. Slurm: ssh-to-job against srun --overlap and pam_slurm_adopt\n"]
+    if sl.get("unavailable"):
+        return [*out, f"Not measured: {sl['unavailable']}\n"]
+    methods: Json = sl.get("methods", {})
+    if not methods:
+        return [*out, "No figures (the phase failed: see Errors).\n"]
+    size = sl.get("stream_bytes", 0)
+    size_s = f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB"
+    out.append(
+        f"{sl.get('version', '')}, {sl.get('proctrack', '')}, one node ({sl.get('node')}) on "
+        f"this host, job {sl.get('job')}; {sl.get('rounds')} interleaved rounds of one cold "
+        "command and ten repeats each, and one "
+        f"{size_s} stream (`head -c` from /dev/zero to the client's /dev/null) per method and "
+        "round"
+        + (f"; the pam path's {sl['pam_sshd']}" if sl.get("pam_sshd") else "")
+        + ". ms: median [p25–p75].\n"
+    )
+    out.append(
+        f"| | cold `true` | repeat `true` | ten repeats | {size_s} out, MiB/s | failed "
+        "| session in the job |"
+    )
+    out.append("|---|---|---|---|---|---|---|")
+    adoption: Json = sl.get("adoption", {})
+    for name, rec in methods.items():
+        a = adoption.get(name, {})
+        if a.get("extern"):
+            where = f"extern step (pid {a['pid']} in listpids; `{a['cgroup']}`)"
+        elif a.get("in_job"):
+            where = f"step {a['step']} (`{a['cgroup']}`)"
+        else:
+            where = "**not in the job**" + (f": {a['error']}" if a.get("error") else "")
+        out.append(
+            f"| {name} | {spread(rec['first'], 1000)} | {spread(rec['repeat'], 1000, '{:.1f}')} "
+            f"| {spread(rec['ten_in_a_row'], 1, '{:.2f}')} s | {spread(rec['stream_mib_s'])} "
+            f"| {rec['failed']} + {rec['stream_failed']} | {where} |"
+        )
+    if sl.get("pam_unavailable"):
+        out.append(f"\nssh + pam_slurm_adopt not measured: {sl['pam_unavailable']}")
+    alone = sl.get("master_alone") or {}
+    if _get(alone, "repeat", "n"):
+        out.append(
+            "\nssh-to-job's repeats above go through its ControlMaster. The same ten `true` "
+            "through the master alone (`ssh -F <master's config> ssh-to-job true`, what "
+            "`client/_mux.py`'s fast path runs for a repeat; where the row above is far slower, "
+            "the repeats started the whole Python client first, as they do while that path "
+            "takes only the pool's own ids, `cluster.proc`): "
+            f"{spread(alone['repeat'], 1000, '{:.1f}')} ms each, "
+            f"{spread(alone['ten_in_a_row'], 1, '{:.2f}')} s for ten"
+            + (f", {alone['failed']} failed" if alone.get("failed") else "")
+            + "."
+        )
+    errors = [e for rec in methods.values() for e in rec["errors"] + rec["stream_errors"]]
+    if errors:
+        out.append("\nErrors: " + "; ".join(f"`{e}`" for e in errors[:4]))
+    out.append("")
+    return out
 
 
 def write_report(results: Json) -> str:

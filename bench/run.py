@@ -1057,64 +1057,39 @@ Host *
         out["single_inprocess"] = rec
 
     def phase_slurm(self) -> None:
-        from bench_slurm import Slurm
+        """ssh-to-job slurm:N, srun --overlap and ssh through pam_slurm_adopt (bench_slurm.py)."""
+        import bench_slurm
 
-        self.slurm = Slurm(self.state / "slurm", self.user, self.log)
         out: Json = {}
         self.results["phases"]["slurm"] = out
+        self.slurm = bench_slurm.SlurmRig(
+            self.state / "slurm",
+            self.user,
+            self.tok,
+            self.bin,
+            self._product_client_options(),
+            self.log,
+        )
         why = self.slurm.start()
         if why:
             out["unavailable"] = why
             return
-        out["version"] = self.slurm.version
-        try:
-            jobid = self.slurm.submit_sleep()
-        except RuntimeError as exc:
-            out["unavailable"] = str(exc)
-            return
-        env = self.slurm.env()
-        srun = ["srun", f"--jobid={jobid}", "--overlap"]
-        cmds: Json = {
-            "srun --overlap true": {"argv": [*srun, "true"]},
-            "ssh-to-job true": {"argv": self.ssh_to_job(self.job, "true")},
-            # As shipped: after the first, every command goes through the job's master.
-            "ssh-to-job true, master": {
-                "argv": self.ssh_to_job(self.job, "true"),
-                "env": {"SSH_TO_JOB_MUX": "1"},
-            },
-        }
-        res = self.worker("times", {"cmds": cmds, "reps": 10 if self.quick else 20}, env=env)[
-            "runs"
-        ]
-        out["times"] = {
-            k: {
-                "wall": summary([r["wall"] for r in v if r["rc"] == 0]),
-                "failed": sum(1 for r in v if r["rc"] != 0),
-                "errors": sorted({r["stderr"][-200:] for r in v if r["rc"]})[:2],
-            }
-            for k, v in res.items()
-        }
-        size = min(self.size, 256 * MIB)
-        cmds = {
-            "srun --overlap cat": {
-                "argv": [*srun, "head", "-c", str(size), str(self.src)],
-                "timeout": 300,
-            },
-            "ssh-to-job cat": {
-                "argv": self.ssh_to_job(self.job, f"head -c {size} {self.src}"),
-                "timeout": 300,
-            },
-        }
-        res = self.worker("times", {"cmds": cmds, "reps": 2 if self.quick else 3}, env=env)["runs"]
-        out["stream"] = {
-            k: {
-                "mib_s": summary([size / MIB / r["wall"] for r in v if r["rc"] == 0]),
-                "failed": sum(1 for r in v if r["rc"] != 0),
-                "errors": sorted({r["stderr"][-200:] for r in v if r["rc"]})[:2],
-            }
-            for k, v in res.items()
-        }
-        out["stream_bytes"] = size
+
+        def work(args: Json, env: dict[str, str], prefix: list[str]) -> Json:
+            worker = [str(self.bin / "python"), str(self.state / "bench_worker.py")]
+            r = sh(
+                [*prefix, *self.as_user([*worker, "times", json.dumps(args)])],
+                env={**self.env(), **env},
+                cwd="/tmp",
+                timeout=1800,
+            )
+            if r.returncode != 0:
+                raise BenchError(f"worker times failed ({r.returncode}):\n{r.stderr[-3000:]}")
+            result: Json = json.loads(r.stdout)
+            return result
+
+        rounds = self.a.rounds or (2 if self.quick else 3)
+        out.update(bench_slurm.measure(self.slurm, work, rounds, rounds, bench_slurm.GIB))
 
     # ------------------------------------------------------------------ driver
 
@@ -1147,8 +1122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--slurm",
         action="store_true",
-        help="also install Slurm (slurm-wlm, munge), run a one-node cluster, and "
-        "measure srun --overlap",
+        help="also run a one-node Slurm cluster and compare ssh-to-job slurm:N with "
+        "srun --overlap and ssh through pam_slurm_adopt",
     )
     ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
     ap.add_argument(
@@ -1164,7 +1139,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="concurrency levels (default 50,100,200; quick: 50,200)",
     )
-    ap.add_argument("--rounds", type=int, default=0, help="throughput rounds (default 4; quick: 2)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="throughput rounds (default 4; quick: 2), and the Slurm phase's (default 3; quick: 2)",
+    )
     ap.add_argument(
         "--starter-option",
         action="append",
