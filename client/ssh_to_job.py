@@ -601,7 +601,8 @@ class Child:
     ``os.posix_spawnp`` (importing subprocess costs every session a few ms of CPU).
 
     As Popen's ``close_fds``, no descriptor but 0, 1 and 2 reaches the child: ours are
-    close-on-exec already, and any inherited from our own parent is closed in the child.
+    close-on-exec already, and any inherited from our own parent is closed in the child; as
+    its ``restore_signals``, the signals Python ignores are the default again in the child.
     """
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
@@ -615,7 +616,15 @@ class Child:
             except OSError:
                 pass  # listdir's own descriptor, closed by now
         self.args = argv
-        self.pid = os.posix_spawnp(argv[0], argv, env, file_actions=closes)
+        # As Popen's restore_signals: Python ignores SIGPIPE and SIGXFSZ, and an ignored
+        # signal stays ignored across exec; ssh must die of a closed pipe as from a shell.
+        self.pid = os.posix_spawnp(
+            argv[0],
+            argv,
+            env,
+            file_actions=closes,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        )
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
