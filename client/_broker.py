@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import array
 import os
-import pathlib
 import socket
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 from ssh_to_job import common, wire
+from ssh_to_job.wire import lean
 
-SYSTEM_SOCKET = common.SYSTEM_STATE_DIR / "broker.sock"
+# Not typing.TYPE_CHECKING: typing, pathlib and the wire's message classes stay off the
+# session path (``request_grant``); ``wire`` and ``common`` load their names on first use.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import pathlib
+    from collections.abc import Callable
+    from typing import Any, TypeVar
+
+    _R = TypeVar("_R", bound=wire.Message)
 
 
 class BrokerUnavailable(ConnectionError):
@@ -36,37 +42,92 @@ class RequestTooLarge(ValueError):
     """The request does not fit in one frame (e.g. a submit with a huge environment)."""
 
 
-_R = TypeVar("_R", bound=wire.Message)
-
-
 def find_socket(name: str | None = None, config_path: str | None = None) -> pathlib.Path:
-    """Where the broker listens: -name, $STJ_STATE_DIR, the config, your pool, the system's."""
-    if name:
-        p = pathlib.Path(name)
-        return p / "broker.sock" if p.is_dir() else p
-    config = common.load_config(config_path)
-    explicit = os.environ.get(common.ENV_STATE_DIR) or config.state_dir
-    if explicit:
-        return pathlib.Path(explicit) / "broker.sock"
-    personal = common.default_state_dir() / "broker.sock"
-    if personal.exists() or not SYSTEM_SOCKET.exists():
-        return personal
-    return SYSTEM_SOCKET
+    """Where the broker listens: -name, $STJ_STATE_DIR, the config, your pool, the system's
+    (the whole config file is checked, as every ``stj`` command does)."""
+    import pathlib
+
+    if not name:
+        common.load_config(config_path)
+    return pathlib.Path(socket_path(name, config_path))
+
+
+def socket_path(name: str | None = None, config_path: str | None = None) -> str:
+    """``find_socket`` for a session's start-up: of the config, only ``[pool]`` is read."""
+    return common.broker_socket(name, config_path)
+
+
+def _connect(path: str | os.PathLike[str], timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(os.fspath(path))
+    except OSError as exc:
+        sock.close()
+        raise BrokerUnavailable(
+            f"cannot reach the broker at {path}: {exc.strerror or exc}. Is a pool running "
+            "('stj pool'), or does -name/STJ_STATE_DIR point at it?"
+        ) from None
+    return sock
+
+
+def _receive_fds(ancdata: list[tuple[int, int, bytes]], into: list[int]) -> None:
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            into.extend(fds)
+
+
+def request_grant(
+    path: str | os.PathLike[str], job: str, client_key: str, timeout: float = 60.0
+) -> tuple[lean.SshGrant | lean.Error, int | None]:
+    """``BrokerClient(path).ssh(wire.SshRequest(job, client_key))`` on ``wire.lean``: the
+    reply and, with a grant, the session socket's file descriptor (the caller's to close)."""
+    try:
+        data = lean.ssh_request_frame(job, client_key)
+    except wire.LocalProtocolError as exc:
+        raise RequestTooLarge(f"the request is too large to send: {exc}") from None
+    fds: list[int] = []
+    with _connect(path, timeout) as sock:
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            raise BrokerUnavailable(f"lost the broker: {exc.strerror or exc}") from None
+        decoder = wire.FrameDecoder()
+        try:
+            try:
+                while True:
+                    payload = decoder.next_frame()
+                    if isinstance(payload, bytes):
+                        reply = lean.decode_reply(payload, lean.GRANT_REPLIES)
+                        break
+                    if payload is wire.CLOSED:
+                        raise BrokerUnavailable("the broker closed the connection")
+                    try:
+                        chunk, ancdata, _flags, _addr = sock.recvmsg(
+                            65536, socket.CMSG_SPACE(4 * 4)
+                        )
+                    except OSError as exc:
+                        raise BrokerUnavailable(f"lost the broker: {exc}") from None
+                    _receive_fds(ancdata, fds)
+                    decoder.receive_data(chunk)
+            except wire.RemoteProtocolError as exc:
+                raise BrokerUnavailable(f"the broker sent something unreadable: {exc}") from None
+            fd = fds.pop(0) if fds else None
+            if isinstance(reply, lean.SshGrant) and fd is None:
+                raise BrokerUnavailable("the broker granted a session but passed no socket")
+            assert isinstance(reply, lean.SshGrant | lean.Error)
+            return reply, fd
+        finally:
+            for extra in fds:
+                os.close(extra)
 
 
 class BrokerClient:
     def __init__(self, path: pathlib.Path, timeout: float = 60.0) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(path))
-        except OSError as exc:
-            self.sock.close()
-            raise BrokerUnavailable(
-                f"cannot reach the broker at {path}: {exc.strerror or exc}. Is a pool running "
-                "('stj pool'), or does -name/STJ_STATE_DIR point at it?"
-            ) from None
+        self.sock = _connect(path, timeout)
         self.conn = wire.Connection(wire.Channel.CONTROL, wire.Role.CLIENT, wire.Role.BROKER)
         self.fds: list[int] = []
 
@@ -93,11 +154,7 @@ class BrokerClient:
                 data, ancdata, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
             except OSError as exc:
                 raise BrokerUnavailable(f"lost the broker: {exc}") from None
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                    self.fds.extend(fds)
+            _receive_fds(ancdata, self.fds)
             self.conn.receive_data(data)
 
     def _receive(self) -> wire.Message:

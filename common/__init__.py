@@ -7,25 +7,29 @@ the pool CA and join tokens (``_pki``, ``_token``, which need ``cryptography``) 
 use of one of their names.
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
-from ._config import (
-    DEFAULT_PORT,
-    ENV_CONFIG,
-    ENV_STATE_DIR,
-    SYSTEM_STATE_DIR,
-    BrokerConfig,
-    ConfigError,
-    PoolConfig,
-    StarterConfig,
-    default_state_dir,
-    load_config,
-    parse_config,
-    state_dir_for,
-)
+# Not typing.TYPE_CHECKING: importing typing costs more than ssh-to-job's use of this package.
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._cli import add_pool_flags, config_and_state
+    from ._config import (
+        DEFAULT_PORT,
+        ENV_CONFIG,
+        ENV_STATE_DIR,
+        SYSTEM_STATE_DIR,
+        BrokerConfig,
+        ConfigError,
+        PoolConfig,
+        StarterConfig,
+        default_state_dir,
+        load_config,
+        parse_config,
+        state_dir_for,
+    )
     from ._files import (
         load_or_create_key,
         private_dir,
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
         write_public,
     )
     from ._logging import setup_logging
+    from ._where import broker_socket, config_state_dir
 
 if TYPE_CHECKING:
     from ._pki import (
@@ -99,8 +104,23 @@ if TYPE_CHECKING:
     )
 
 _LAZY = {
-    # ssh-to-job's session path needs only the config: argparse and logging load on first use
+    # ssh-to-job's session path needs none of these (it reads [pool] through ``_where``):
+    # the config objects (attrs), argparse and logging load on first use
     # (tests/test_client_imports.py pins what it imports).
+    "DEFAULT_PORT": "_config",
+    "ENV_CONFIG": "_config",
+    "ENV_STATE_DIR": "_config",
+    "SYSTEM_STATE_DIR": "_config",
+    "BrokerConfig": "_config",
+    "ConfigError": "_config",
+    "PoolConfig": "_config",
+    "StarterConfig": "_config",
+    "default_state_dir": "_config",
+    "load_config": "_config",
+    "parse_config": "_config",
+    "state_dir_for": "_config",
+    "broker_socket": "_where",
+    "config_state_dir": "_where",
     "add_pool_flags": "_cli",
     "config_and_state": "_cli",
     "load_or_create_key": "_files",
@@ -174,9 +194,9 @@ def __getattr__(name: str) -> Any:
     # (the daemons, `stj token`, enrolment) pays for it.
     module = _LAZY.get(name)
     if module is not None:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        # __import__, not importlib.import_module: the interpreter's own import, which
+        # ``-X importtime`` reports (tests/test_client_imports.py reads it).
+        return getattr(__import__(f"{__name__}.{module}", fromlist=["_"]), name)
     raise AttributeError(f"module 'ssh_to_job.common' has no attribute {name!r}")
 
 
@@ -226,8 +246,10 @@ __all__ = [
     "TokenError",
     "TokenRecord",
     "add_pool_flags",
+    "broker_socket",
     "cert_pem",
     "config_and_state",
+    "config_state_dir",
     "decode_enroll",
     "default_state_dir",
     "encode_enroll",

@@ -13,10 +13,12 @@ from typing import Any
 
 import attrs
 
-ENV_STATE_DIR = "STJ_STATE_DIR"
-ENV_CONFIG = "STJ_CONFIG"
-SYSTEM_CONFIG = pathlib.Path("/etc/ssh-to-job/config.toml")
-SYSTEM_STATE_DIR = pathlib.Path("/var/lib/ssh-to-job")
+from . import _where
+from ._where import ENV_CONFIG as ENV_CONFIG
+from ._where import ENV_STATE_DIR as ENV_STATE_DIR
+
+SYSTEM_CONFIG = pathlib.Path(_where.SYSTEM_CONFIG)
+SYSTEM_STATE_DIR = pathlib.Path(_where.SYSTEM_STATE_DIR)
 
 
 class ConfigError(ValueError):

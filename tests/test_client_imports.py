@@ -7,8 +7,9 @@ import sys
 
 from conftest import BIN, Pool, User
 
-#: Our modules a whole local session loads, no more (the daemons, trio and the channel cipher
-#: are not among them).
+#: Our modules a whole local session loads, no more: the wire's attrs-free session codec
+#: (``lean``) and framing, never its message classes, connection or capability code; of
+#: ``common`` only where the pool is (``_where``), never the config objects.
 OURS = {
     "ssh_to_job",
     "ssh_to_job.client",
@@ -17,22 +18,41 @@ OURS = {
     "ssh_to_job.client._persist",
     "ssh_to_job.client.ssh_to_job",
     "ssh_to_job.common",
-    "ssh_to_job.common._config",
+    "ssh_to_job.common._where",
     "ssh_to_job.wire",
-    "ssh_to_job.wire._connection",
-    "ssh_to_job.wire._crypto",
+    "ssh_to_job.wire._canonical",
     "ssh_to_job.wire._errors",
     "ssh_to_job.wire._frame",
-    "ssh_to_job.wire._jobid",
-    "ssh_to_job.wire._messages",
+    "ssh_to_job.wire.lean",
     "ssh_to_job.wire._sshkey",
-    "ssh_to_job.wire._state",
 }
-#: Third-party distributions it may load (by top-level name).
-THIRD_PARTY = {"attr", "attrs", "nacl", "_cffi_backend"}
-#: Standard-library modules that cost start-up time and that the session path does not need
-#: (tomllib is needed: the pool here has a config file).
-NEVER = {"argparse", "logging", "asyncio", "tempfile", "ssl", "concurrent", "hmac"}
+#: Third-party distributions it may load (by top-level name): pynacl's libsodium binding.
+THIRD_PARTY = {"nacl", "_cffi_backend"}
+#: Modules that cost start-up time and that the session path does not need. attrs and
+#: inspect came with the wire's message classes, nacl.signing and nacl.bindings load every
+#: libsodium primitive. (tomllib, and the typing it imports, are needed: the pool here has a
+#: config file, read for its [pool] section.)
+NEVER = {
+    "argparse",
+    "logging",
+    "asyncio",
+    "tempfile",
+    "ssl",
+    "concurrent",
+    "hmac",
+    "attr",
+    "attrs",
+    "inspect",
+    "dataclasses",
+    "pathlib",
+    "fnmatch",
+    "subprocess",
+    "shutil",
+    "hashlib",
+    "nacl.signing",
+    "nacl.bindings",
+    "cryptography",
+}
 
 
 def _imported(stderr: str) -> set[str]:

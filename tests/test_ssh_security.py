@@ -46,6 +46,7 @@ from ssh_to_job.client.ssh_to_job import (
 from ssh_to_job.starter import Starter
 from ssh_to_job.starter._jobs import Job, JobPlan
 from ssh_to_job.starter._session import _check_capability
+from ssh_to_job.wire import lean
 
 #: Hard limit for any one test (SIGALRM): pytest-timeout is not installed.
 TEST_DEADLINE = 60
@@ -180,7 +181,7 @@ def wait_no_session_dirs(pool: Pool, timeout: float = 10) -> None:
 
 def run_ssh(
     sock: socket.socket,
-    ready: wire.SessionReady,
+    ready: wire.SessionReady | lean.SessionReady,
     private: bytes,
     d: pathlib.Path,
     command: str,

@@ -5,101 +5,36 @@ one transition table, and the Ed25519-signed capability. This package contains n
 code at all and must never import trio or open a socket: it is tested byte by byte.
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
-from ._connection import Connection
-from ._crypto import (
-    CLOCK_SKEW,
-    MAX_CAP_LIFETIME,
-    Capability,
-    ReplayCache,
-    host_key_statement,
-    new_signing_key,
-    public_key_of,
-    remote_request_statement,
-    same_secret,
-    sign,
-    sign_capability,
-    verify,
-    verify_capability,
-)
-from ._errors import CapabilityError, LocalProtocolError, ProtocolError, RemoteProtocolError
-from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
-from ._frame import HEADER as FRAME_HEADER
-from ._jobid import JobId, SlurmId, parse_job_id, parse_slurm_id
-from ._messages import (
-    JOB_COLUMNS,
-    MESSAGE_TYPES,
-    Ack,
-    Act,
-    ActReply,
-    ActResult,
-    CertRenew,
-    CertRenewed,
-    ClientKeyInfo,
-    ClusterInfo,
-    ClusterList,
-    ClusterQuery,
-    Error,
-    FetchOutput,
-    JobInfo,
-    JobList,
-    JobReport,
-    JobRun,
-    JobSpec,
-    JobTable,
-    JobUpdate,
-    KeyAdd,
-    KeyAdded,
-    KeyList,
-    KeyListReply,
-    KeyRemove,
-    KeyRemoved,
-    Message,
-    OpenSession,
-    Output,
-    OutputData,
-    OutputReply,
-    Ping,
-    PoolCa,
-    PoolCaReply,
-    Query,
-    RemoteChallenge,
-    RemoteHello,
-    RemoteSsh,
-    RunJob,
-    SessionAttach,
-    SessionCert,
-    SessionEnded,
-    SessionFailed,
-    SessionInfo,
-    SessionList,
-    SessionOpen,
-    SessionQuery,
-    SessionReady,
-    SignalJob,
-    SshAllow,
-    SshGrant,
-    SshRequest,
-    StarterHello,
-    StarterInfo,
-    StarterRevoke,
-    StarterRevoked,
-    StarterSync,
-    Status,
-    StatusReply,
-    Submit,
-    SubmitReply,
-    TokenCreate,
-    TokenCreated,
-    Welcome,
-    decode_message,
-    encode_message,
-)
-from ._sshkey import ed25519_keypair, ed25519_line, ed25519_public_of, ed25519_seed, ssh_fingerprint
-from ._state import Channel, Role, next_state
+# Not typing.TYPE_CHECKING: importing typing costs more than the session path's wire modules.
+TYPE_CHECKING = False
 
+# Every name loads its module on first use (PEP 562): ssh-to-job's session path needs only the
+# attrs-free ``lean``, ``_frame`` and ``_errors``, and must not pay for building the attrs
+# classes of every message (tests/test_client_imports.py pins what it imports).
 if TYPE_CHECKING:
+    from typing import Any
+
+    from ._canonical import host_key_statement
+    from ._connection import Connection
+    from ._crypto import (
+        CLOCK_SKEW,
+        MAX_CAP_LIFETIME,
+        Capability,
+        ReplayCache,
+        new_signing_key,
+        public_key_of,
+        remote_request_statement,
+        same_secret,
+        sign,
+        sign_capability,
+        verify,
+        verify_capability,
+    )
+    from ._errors import CapabilityError, LocalProtocolError, ProtocolError, RemoteProtocolError
+    from ._frame import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, FrameDecoder, Sentinel, encode_frame
+    from ._frame import HEADER as FRAME_HEADER
     from ._identity import (
         PEER_NAME_RE,
         POOL_ID_RE,
@@ -111,29 +46,215 @@ if TYPE_CHECKING:
         check_pool_id,
         parse_peer_uri,
     )
+    from ._jobid import JobId, SlurmId, parse_job_id, parse_slurm_id
+    from ._messages import (
+        JOB_COLUMNS,
+        MESSAGE_TYPES,
+        Ack,
+        Act,
+        ActReply,
+        ActResult,
+        CertRenew,
+        CertRenewed,
+        ClientKeyInfo,
+        ClusterInfo,
+        ClusterList,
+        ClusterQuery,
+        Error,
+        FetchOutput,
+        JobInfo,
+        JobList,
+        JobReport,
+        JobRun,
+        JobSpec,
+        JobTable,
+        JobUpdate,
+        KeyAdd,
+        KeyAdded,
+        KeyList,
+        KeyListReply,
+        KeyRemove,
+        KeyRemoved,
+        Message,
+        OpenSession,
+        Output,
+        OutputData,
+        OutputReply,
+        Ping,
+        PoolCa,
+        PoolCaReply,
+        Query,
+        RemoteChallenge,
+        RemoteHello,
+        RemoteSsh,
+        RunJob,
+        SessionAttach,
+        SessionCert,
+        SessionEnded,
+        SessionFailed,
+        SessionInfo,
+        SessionList,
+        SessionOpen,
+        SessionQuery,
+        SessionReady,
+        SignalJob,
+        SshAllow,
+        SshGrant,
+        SshRequest,
+        StarterHello,
+        StarterInfo,
+        StarterRevoke,
+        StarterRevoked,
+        StarterSync,
+        Status,
+        StatusReply,
+        Submit,
+        SubmitReply,
+        TokenCreate,
+        TokenCreated,
+        Welcome,
+        decode_message,
+        encode_message,
+    )
+    from ._sshkey import (
+        ed25519_keypair,
+        ed25519_line,
+        ed25519_public_of,
+        ed25519_seed,
+        ssh_fingerprint,
+    )
+    from ._state import Channel, Role, next_state
 
-_LAZY = {
-    "PEER_NAME_RE": "_identity",
-    "POOL_ID_RE": "_identity",
-    "ROLE_BROKER": "_identity",
-    "ROLE_CLIENT": "_identity",
-    "ROLE_STARTER": "_identity",
-    "ROLES": "_identity",
-    "PeerName": "_identity",
-    "check_pool_id": "_identity",
-    "parse_peer_uri": "_identity",
+_LAZY: dict[str, tuple[str, str]] = {
+    "Ack": ("_messages", "Ack"),
+    "Act": ("_messages", "Act"),
+    "ActReply": ("_messages", "ActReply"),
+    "ActResult": ("_messages", "ActResult"),
+    "CLOCK_SKEW": ("_crypto", "CLOCK_SKEW"),
+    "CLOSED": ("_frame", "CLOSED"),
+    "Capability": ("_crypto", "Capability"),
+    "CapabilityError": ("_errors", "CapabilityError"),
+    "CertRenew": ("_messages", "CertRenew"),
+    "CertRenewed": ("_messages", "CertRenewed"),
+    "Channel": ("_state", "Channel"),
+    "ClientKeyInfo": ("_messages", "ClientKeyInfo"),
+    "ClusterInfo": ("_messages", "ClusterInfo"),
+    "ClusterList": ("_messages", "ClusterList"),
+    "ClusterQuery": ("_messages", "ClusterQuery"),
+    "Connection": ("_connection", "Connection"),
+    "DEFAULT_MAX_FRAME": ("_frame", "DEFAULT_MAX_FRAME"),
+    "Error": ("_messages", "Error"),
+    "FRAME_HEADER": ("_frame", "HEADER"),
+    "FetchOutput": ("_messages", "FetchOutput"),
+    "FrameDecoder": ("_frame", "FrameDecoder"),
+    "JOB_COLUMNS": ("_messages", "JOB_COLUMNS"),
+    "JobId": ("_jobid", "JobId"),
+    "SlurmId": ("_jobid", "SlurmId"),
+    "parse_slurm_id": ("_jobid", "parse_slurm_id"),
+    "JobInfo": ("_messages", "JobInfo"),
+    "JobList": ("_messages", "JobList"),
+    "JobReport": ("_messages", "JobReport"),
+    "JobRun": ("_messages", "JobRun"),
+    "JobSpec": ("_messages", "JobSpec"),
+    "JobTable": ("_messages", "JobTable"),
+    "JobUpdate": ("_messages", "JobUpdate"),
+    "KeyAdd": ("_messages", "KeyAdd"),
+    "KeyAdded": ("_messages", "KeyAdded"),
+    "KeyList": ("_messages", "KeyList"),
+    "KeyListReply": ("_messages", "KeyListReply"),
+    "KeyRemove": ("_messages", "KeyRemove"),
+    "KeyRemoved": ("_messages", "KeyRemoved"),
+    "LocalProtocolError": ("_errors", "LocalProtocolError"),
+    "MAX_CAP_LIFETIME": ("_crypto", "MAX_CAP_LIFETIME"),
+    "MESSAGE_TYPES": ("_messages", "MESSAGE_TYPES"),
+    "Message": ("_messages", "Message"),
+    "NEED_DATA": ("_frame", "NEED_DATA"),
+    "OpenSession": ("_messages", "OpenSession"),
+    "Output": ("_messages", "Output"),
+    "OutputData": ("_messages", "OutputData"),
+    "OutputReply": ("_messages", "OutputReply"),
+    "PEER_NAME_RE": ("_identity", "PEER_NAME_RE"),
+    "POOL_ID_RE": ("_identity", "POOL_ID_RE"),
+    "PeerName": ("_identity", "PeerName"),
+    "Ping": ("_messages", "Ping"),
+    "PoolCa": ("_messages", "PoolCa"),
+    "PoolCaReply": ("_messages", "PoolCaReply"),
+    "ProtocolError": ("_errors", "ProtocolError"),
+    "Query": ("_messages", "Query"),
+    "ROLES": ("_identity", "ROLES"),
+    "ROLE_BROKER": ("_identity", "ROLE_BROKER"),
+    "ROLE_CLIENT": ("_identity", "ROLE_CLIENT"),
+    "ROLE_STARTER": ("_identity", "ROLE_STARTER"),
+    "RemoteChallenge": ("_messages", "RemoteChallenge"),
+    "RemoteHello": ("_messages", "RemoteHello"),
+    "RemoteProtocolError": ("_errors", "RemoteProtocolError"),
+    "RemoteSsh": ("_messages", "RemoteSsh"),
+    "ReplayCache": ("_crypto", "ReplayCache"),
+    "Role": ("_state", "Role"),
+    "RunJob": ("_messages", "RunJob"),
+    "Sentinel": ("_frame", "Sentinel"),
+    "SessionAttach": ("_messages", "SessionAttach"),
+    "SessionCert": ("_messages", "SessionCert"),
+    "SessionEnded": ("_messages", "SessionEnded"),
+    "SessionFailed": ("_messages", "SessionFailed"),
+    "SessionInfo": ("_messages", "SessionInfo"),
+    "SessionList": ("_messages", "SessionList"),
+    "SessionOpen": ("_messages", "SessionOpen"),
+    "SessionQuery": ("_messages", "SessionQuery"),
+    "SessionReady": ("_messages", "SessionReady"),
+    "SignalJob": ("_messages", "SignalJob"),
+    "SshAllow": ("_messages", "SshAllow"),
+    "SshGrant": ("_messages", "SshGrant"),
+    "SshRequest": ("_messages", "SshRequest"),
+    "StarterHello": ("_messages", "StarterHello"),
+    "StarterInfo": ("_messages", "StarterInfo"),
+    "StarterRevoke": ("_messages", "StarterRevoke"),
+    "StarterRevoked": ("_messages", "StarterRevoked"),
+    "StarterSync": ("_messages", "StarterSync"),
+    "Status": ("_messages", "Status"),
+    "StatusReply": ("_messages", "StatusReply"),
+    "Submit": ("_messages", "Submit"),
+    "SubmitReply": ("_messages", "SubmitReply"),
+    "TokenCreate": ("_messages", "TokenCreate"),
+    "TokenCreated": ("_messages", "TokenCreated"),
+    "Welcome": ("_messages", "Welcome"),
+    "check_pool_id": ("_identity", "check_pool_id"),
+    "decode_message": ("_messages", "decode_message"),
+    "ed25519_keypair": ("_sshkey", "ed25519_keypair"),
+    "ed25519_line": ("_sshkey", "ed25519_line"),
+    "ed25519_public_of": ("_sshkey", "ed25519_public_of"),
+    "ed25519_seed": ("_sshkey", "ed25519_seed"),
+    "encode_frame": ("_frame", "encode_frame"),
+    "encode_message": ("_messages", "encode_message"),
+    "host_key_statement": ("_canonical", "host_key_statement"),
+    "new_signing_key": ("_crypto", "new_signing_key"),
+    "next_state": ("_state", "next_state"),
+    "parse_job_id": ("_jobid", "parse_job_id"),
+    "parse_peer_uri": ("_identity", "parse_peer_uri"),
+    "public_key_of": ("_crypto", "public_key_of"),
+    "remote_request_statement": ("_crypto", "remote_request_statement"),
+    "same_secret": ("_crypto", "same_secret"),
+    "sign": ("_crypto", "sign"),
+    "sign_capability": ("_crypto", "sign_capability"),
+    "ssh_fingerprint": ("_sshkey", "ssh_fingerprint"),
+    "verify": ("_crypto", "verify"),
+    "verify_capability": ("_crypto", "verify_capability"),
 }
 
 
 def __getattr__(name: str) -> Any:
-    # Certificate identities are for the daemons and `stj token`: loaded on first use, so
-    # that ssh-to-job's start-up does not pay for them.
-    module = _LAZY.get(name)
-    if module is not None:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    where = _LAZY.get(name)
+    if where is not None:
+        # __import__, not importlib.import_module: the interpreter's own import, which
+        # ``-X importtime`` reports (tests/test_client_imports.py reads it).
+        value = getattr(__import__(f"{__name__}.{where[0]}", fromlist=["_"]), where[1])
+        globals()[name] = value  # once: later lookups are plain attribute reads
+        return value
     raise AttributeError(f"module 'ssh_to_job.wire' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

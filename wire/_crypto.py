@@ -11,39 +11,24 @@ from the caller, so expiry is testable without sleeping; single use is ``ReplayC
 
 from __future__ import annotations
 
-import struct
-
 import attrs
 import nacl.exceptions
 import nacl.signing
 
+from ._canonical import (
+    _LEN,
+    CAP_DOMAIN,
+    KEY_LEN,
+    REMOTE_DOMAIN,
+    SIG_LEN,
+    canonical,
+)
 from ._errors import CapabilityError
 
-CAP_DOMAIN = b"ssh-to-job capability v1\0"
-HOSTKEY_DOMAIN = b"ssh-to-job host key v1\0"
-REMOTE_DOMAIN = b"ssh-to-job remote request v1\0"
-
-SIG_LEN = 64
-KEY_LEN = 32
 #: Longest lifetime the broker may give a capability.
 MAX_CAP_LIFETIME = 60
 #: Clock difference between broker and starter we tolerate.
 CLOCK_SKEW = 5
-
-_LEN = struct.Struct(">I")
-
-
-def canonical(domain: bytes, *fields: bytes | str | int) -> bytes:
-    out = bytearray(domain)
-    for f in fields:
-        if isinstance(f, int):
-            b = str(f).encode("ascii")
-        elif isinstance(f, str):
-            b = f.encode("utf-8")
-        else:
-            b = f
-        out += _LEN.pack(len(b)) + b
-    return bytes(out)
 
 
 def _split(data: bytes, domain: bytes) -> list[bytes]:
@@ -177,10 +162,6 @@ class ReplayCache:
 
     def __len__(self) -> int:
         return len(self._seen)
-
-
-def host_key_statement(session_id: str, login: str, host_key: str) -> bytes:
-    return canonical(HOSTKEY_DOMAIN, session_id, login, host_key)
 
 
 def remote_request_statement(

@@ -1,19 +1,20 @@
-"""An ed25519 key pair in OpenSSH's own file format, made with pynacl.
+"""An ed25519 key pair in OpenSSH's own file format, made with libsodium (through pynacl).
 
 Every session has two fresh keys: the client's user key and the starter's host key. pynacl is
 loaded anyway for the signature checks, so writing the ``openssh-key-v1`` format here spares
-the client the ~30 ms of importing ``cryptography`` (tested against ``ssh-keygen -y``).
+the client the ~30 ms of importing ``cryptography`` (tested against ``ssh-keygen -y``). The
+key comes from ``lean`` (a seed from the OS, libsodium's seed-to-key), so that making one does
+not import ``nacl.signing`` either.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import os
 import struct
 
-import nacl.signing
+from .lean import ed25519_seed_keypair
 
 _MAGIC = b"openssh-key-v1\0"
 _KEYTYPE = b"ssh-ed25519"
@@ -25,8 +26,9 @@ def _string(b: bytes) -> bytes:
 
 def ed25519_keypair(comment: str = "") -> tuple[bytes, str]:
     """(private key file contents, ``ssh-ed25519 AAAA...`` public line)."""
-    sk = nacl.signing.SigningKey.generate()
-    seed, pk = bytes(sk), bytes(sk.verify_key)
+    # As nacl.signing.SigningKey.generate(): 32 random bytes are the key's seed.
+    seed = os.urandom(32)
+    pk = ed25519_seed_keypair(seed)
     public_blob = _string(_KEYTYPE) + _string(pk)
     check = os.urandom(4)
     private = (
@@ -77,6 +79,8 @@ def ed25519_line(public: bytes) -> str:
 
 def ssh_fingerprint(line: str) -> str:
     """OpenSSH's ``SHA256:...`` fingerprint of a public key line (as ``ssh-keygen -l``)."""
+    import hashlib  # not on a session's path: only listings and the daemons print these
+
     blob = base64.b64decode(line.strip().split()[1].encode("ascii"))
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 

@@ -1,0 +1,86 @@
+"""Where a command finds its pool, with nothing but ``os`` and (given a file) ``tomllib``.
+
+``ssh-to-job``'s session path needs one setting of the config file, ``[pool] state_dir``, to
+find the broker's socket; building the daemons' frozen config objects for it would load attrs
+into every session (~30 ms of CPU). So the client reads ``[pool]`` here, with the checks of
+``_config.parse_config`` for that section and the file's shape, and leaves the ``[broker]`` and
+``[starter]`` keys to the daemons that use them (and to ``stj``, which checks the whole file),
+as the repeat-command front (``client/_mux.py``) does.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV_STATE_DIR = "STJ_STATE_DIR"
+ENV_CONFIG = "STJ_CONFIG"
+SYSTEM_CONFIG = "/etc/ssh-to-job/config.toml"
+SYSTEM_STATE_DIR = "/var/lib/ssh-to-job"
+
+
+def _error(message: str) -> Exception:
+    from ._config import ConfigError  # only on this path: it loads attrs
+
+    return ConfigError(message)
+
+
+def config_state_dir(path: str | None = None) -> str:
+    """``[pool] state_dir`` of the config file (``path``, else ``$STJ_CONFIG``, else /etc's if
+    it exists), "" when unset or there is no file; ``ConfigError`` as ``load_config`` raises
+    it for an unreadable file, bad TOML, an unknown section or a bad ``[pool]``."""
+    if path is None:
+        path = os.environ.get(ENV_CONFIG) or None
+        if path is None:
+            if not os.path.exists(SYSTEM_CONFIG):
+                return ""
+            path = SYSTEM_CONFIG
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise _error(f"cannot read config {path}: {exc.strerror}") from None
+    import tomllib
+
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _error(f"config is not valid TOML: {exc}") from None
+    unknown = set(raw) - {"pool", "broker", "starter"}
+    if unknown:
+        raise _error(f"unknown section(s) {sorted(unknown)} (known: pool, broker, starter)")
+    pool = raw.get("pool", {})
+    if not isinstance(pool, dict) or set(pool) - {"state_dir"}:
+        raise _error("[pool] knows only state_dir")
+    for where in ("broker", "starter"):
+        if not isinstance(raw.get(where, {}), dict):
+            raise _error(f"[{where}] must be a table")
+    state_dir = pool.get("state_dir", "")
+    if not isinstance(state_dir, str):
+        raise _error("pool.state_dir must be a string")
+    return state_dir
+
+
+def default_state_dir() -> str:
+    """``_config.default_state_dir()`` as a string."""
+    if os.getuid() == 0:
+        return SYSTEM_STATE_DIR
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "ssh-to-job")
+
+
+def broker_socket(name: str | None = None, config_path: str | None = None) -> str:
+    """Where the broker listens: ``-name`` (a state directory or the socket itself), then
+    ``$STJ_STATE_DIR``, the config's ``[pool] state_dir``, your own pool's, the system's."""
+    if name:
+        return os.path.join(name, "broker.sock") if os.path.isdir(name) else name
+    # The file is read (and its shape checked) even when $STJ_STATE_DIR decides, as
+    # ``_config.load_config`` always was on this path.
+    configured = config_state_dir(config_path)
+    explicit = os.environ.get(ENV_STATE_DIR) or configured
+    if explicit:
+        return os.path.join(explicit, "broker.sock")
+    personal = os.path.join(default_state_dir(), "broker.sock")
+    system = os.path.join(SYSTEM_STATE_DIR, "broker.sock")
+    if os.path.exists(personal) or not os.path.exists(system):
+        return personal
+    return system
