@@ -48,10 +48,12 @@ def _name(base: str, broker: str, job: str, shells: tuple[str, ...]) -> str:
 
 def socket_path(base: pathlib.Path, broker: str, job: str, shells: tuple[str, ...]) -> pathlib.Path:
     """The master's socket: in ``base`` (the user's 0700 runtime directory), named by the pool
-    (its broker's socket), the job and the shells asked for; short enough for ``sun_path``."""
+    (its broker's socket), the job and the shells asked for; short enough for ``sun_path``.
+    ``job`` is the client's ``jid.one``; a Slurm job is named as ``job_one`` spells it, so that
+    a repeat command, which has only ``job_one``, finds the master of any spelling of it."""
     import pathlib
 
-    return pathlib.Path(_name(str(base), broker, job, shells))
+    return pathlib.Path(_name(str(base), broker, job_one(job) or job, shells))
 
 
 def usable(ssh_words: list[str], x11: bool | None) -> bool:
@@ -238,15 +240,51 @@ def _private_base() -> str | None:
     return d
 
 
+def _digits(text: str, most: int) -> bool:
+    # ASCII digits only: int() and str.isdigit() would take other scripts' digits too.
+    return 0 < len(text) <= most and text.isascii() and text.isdigit()
+
+
+def _slurm_one(text: str) -> str | None:
+    """``str(wire.parse_slurm_id(text))`` (``slurm:JOB[_TASK][.STEP][+NODE]``, ``slurm-`` as
+    ``slurm:``, numbers without leading zeros, the node as written); None where it raises."""
+    text = text.strip()
+    head, plus, node = text[6:].partition("+")
+    if plus and not (
+        0 < len(node) <= 64
+        and node.isascii()
+        and node[0].isalnum()
+        and all(c.isalnum() or c in "._-" for c in node)
+    ):
+        return None
+    head, dot, step = head.partition(".")
+    job, under, task = head.partition("_")
+    if not _digits(job, 10) or (under and not _digits(task, 10)):
+        return None
+    if dot and step != "batch":
+        if not _digits(step, 9):
+            return None
+        step = str(int(step))
+    one = f"slurm:{int(job)}"
+    if under:
+        one += f"_{int(task)}"
+    if dot:
+        one += f".{step}"
+    return one + (f"+{node}" if plus else "")
+
+
 def job_one(text: str) -> str | None:
-    """``cluster[.proc[.0]]`` as ``wire.parse_job_id(text).one`` spells it; None otherwise."""
+    """The job ``ssh_to_job.parse_job(text)`` names, as one string: ``cluster.proc`` as
+    ``wire.parse_job_id(text).one`` spells it, a Slurm job as ``str(wire.parse_slurm_id(text))``
+    does (one name for every spelling of it); None where parse_job raises."""
+    if text.startswith(("slurm:", "slurm-")):
+        return _slurm_one(text)
     parts = text.strip().split(".")
     if not 1 <= len(parts) <= 3 or (len(parts) == 3 and parts[2] != "0"):
         return None
     limits = (12, 9, 1)
     for part, most in zip(parts, limits, strict=False):
-        # ASCII digits only: int() would take other scripts' digits too.
-        if not part or len(part) > most or not (part.isascii() and part.isdigit()):
+        if not _digits(part, most):
             return None
     return f"{int(parts[0])}.{int(parts[1]) if len(parts) > 1 else 0}"
 

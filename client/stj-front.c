@@ -154,9 +154,73 @@ static int exists(const char *path)
     return stat(path, &st) == 0;
 }
 
-/* _mux.job_one, restricted to ASCII digits and dots (anything else: Python decides). */
+/* 1 to `most` ASCII digits, and their value. */
+static int ascii_number(const char *p, size_t len, size_t most, unsigned long long *v)
+{
+    if (len == 0 || len > most)
+        return 0;
+    *v = 0;
+    for (size_t j = 0; j < len; j++) {
+        if (p[j] < '0' || p[j] > '9')
+            return 0;
+        *v = *v * 10 + (unsigned long long)(p[j] - '0');
+    }
+    return 1;
+}
+
+static int alnum(char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+/* _mux._slurm_one, slurm:JOB[_TASK][.STEP][+NODE] as str(wire.parse_slurm_id) spells it;
+ * without str.strip() (any whitespace: Python decides). */
+static int slurm_one(const char *text, char *out, size_t size)
+{
+    const char *p = text + 6, *plus = strchr(p, '+');
+    const char *end = plus ? plus : p + strlen(p);
+    if (plus) {
+        const char *node = plus + 1;
+        size_t ln = strlen(node);
+        if (ln == 0 || ln > 64 || !alnum(node[0]))
+            return 0;
+        for (size_t j = 0; j < ln; j++)
+            if (!alnum(node[j]) && node[j] != '.' && node[j] != '_' && node[j] != '-')
+                return 0;
+    }
+    const char *dot = memchr(p, '.', (size_t)(end - p));
+    const char *head_end = dot ? dot : end;
+    const char *under = memchr(p, '_', (size_t)(head_end - p));
+    unsigned long long job, task = 0, step = 0;
+    if (!ascii_number(p, (size_t)((under ? under : head_end) - p), 10, &job))
+        return 0;
+    if (under && !ascii_number(under + 1, (size_t)(head_end - under - 1), 10, &task))
+        return 0;
+    int batch = 0;
+    if (dot) {
+        size_t ls = (size_t)(end - dot - 1);
+        batch = ls == 5 && !memcmp(dot + 1, "batch", 5);
+        if (!batch && !ascii_number(dot + 1, ls, 9, &step))
+            return 0;
+    }
+    char t[24] = "", s[24] = "";
+    if (under)
+        snprintf(t, sizeof t, "_%llu", task);
+    if (dot && batch)
+        snprintf(s, sizeof s, ".batch");
+    else if (dot)
+        snprintf(s, sizeof s, ".%llu", step);
+    int m = snprintf(out, size, "slurm:%llu%s%s%s%s", job, t, s, plus ? "+" : "",
+                     plus ? plus + 1 : "");
+    return m > 0 && (size_t)m < size;
+}
+
+/* _mux.job_one, restricted to ASCII digits and dots or a Slurm job (anything else: Python
+ * decides). */
 static int job_one(const char *text, char *out, size_t size)
 {
+    if (!strncmp(text, "slurm:", 6) || !strncmp(text, "slurm-", 6))
+        return slurm_one(text, out, size);
     const char *parts[3];
     size_t lens[3];
     int n = 0;
@@ -545,7 +609,7 @@ int main(int argc, char **argv)
     }
     if (i >= argc)
         full();
-    char job[48];
+    char job[128];
     char *host = strrchr(argv[i], '@');
     if (!job_one(host ? host + 1 : argv[i], job, sizeof job))
         full();

@@ -5,6 +5,7 @@ ends with the job, and the pool can turn it off."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import pathlib
@@ -480,3 +481,148 @@ def test_the_front_finds_a_users_personal_pool_as_python_does(
         assert got == [str(top / "bin" / "ssh"), *want[1:]]
     finally:
         shutil.rmtree(top)
+
+
+# ------------------------------------------------------------------------------ Slurm jobs
+
+#: (a job word, the job it names for the master, or None where the full client refuses it):
+#: every spelling of a Slurm job (docs/slurm.md) names one master, the node as written.
+SLURM_ONE: list[tuple[str, str | None]] = [
+    ("slurm:77", "slurm:77"),
+    ("slurm-77", "slurm:77"),
+    ("slurm:0077", "slurm:77"),
+    ("slurm:77 ", "slurm:77"),
+    ("slurm:77\n", "slurm:77"),
+    ("slurm:77_3", "slurm:77_3"),
+    ("slurm-77_003", "slurm:77_3"),
+    ("slurm:77.0", "slurm:77.0"),
+    ("slurm:77.007", "slurm:77.7"),
+    ("slurm:77.batch", "slurm:77.batch"),
+    ("slurm:77_3.7+n1", "slurm:77_3.7+n1"),
+    ("slurm-077_03.0007+n1", "slurm:77_3.7+n1"),
+    ("slurm:77+0", "slurm:77+0"),
+    ("slurm:77+00", "slurm:77+00"),
+    ("slurm:77+N1", "slurm:77+N1"),
+    ("slurm:77+n1.cluster_x-2", "slurm:77+n1.cluster_x-2"),
+    ("slurm:77+" + "n" * 64, "slurm:77+" + "n" * 64),
+    ("slurm:1234567890", "slurm:1234567890"),
+    ("slurm:77.123456789", "slurm:77.123456789"),
+    ("slurm:", None),
+    ("slurm-", None),
+    ("slurm:77+", None),
+    ("slurm:77++n1", None),
+    ("slurm:77+n1+n2", None),
+    ("slurm:77+-n1", None),
+    ("slurm:77+.n1", None),
+    ("slurm:77+n 1", None),
+    ("slurm:77+n\u00e9", None),
+    ("slurm:77+" + "n" * 65, None),
+    ("slurm:77.Batch", None),
+    ("slurm:77.batch0", None),
+    ("slurm:77.", None),
+    ("slurm:77.1.2", None),
+    ("slurm:77.1234567890", None),
+    ("slurm:77_", None),
+    ("slurm:_3", None),
+    ("slurm:77_3_4", None),
+    ("slurm:77.1_3", None),
+    ("slurm:12345678901", None),
+    ("slurm:\u0663\u0662", None),
+    ("slurm:77_\u0663", None),
+    ("slurm:-77", None),
+    ("slurm:+1", None),
+    ("slurm=77", None),
+    ("Slurm:77", None),
+    (" slurm:77", None),
+    ("slurm:77:x", None),
+]
+
+
+@pytest.mark.parametrize(("text", "one"), SLURM_ONE)
+def test_job_one_names_a_slurm_job_as_the_full_client_does(text: str, one: str | None) -> None:
+    """_mux.job_one accepts exactly the Slurm words the full client's parse_job accepts, as
+    wire.parse_slurm_id reads them, and the repeat path's socket for it is the one the full
+    client's session makes its master at (``socket_path`` of the client's ``jid.one``)."""
+    from ssh_to_job import wire
+    from ssh_to_job.client.ssh_to_job import parse_job
+
+    assert _mux.job_one(text) == one
+    if one is None:
+        with pytest.raises(ValueError, match="is not a"):
+            parse_job(text)
+        return
+    assert one == str(wire.parse_slurm_id(text))
+    base, broker, shells = pathlib.Path("/r"), "/s/broker.sock", ("/bin/bash",)
+    made = _mux.socket_path(base, broker, parse_job(text).one, shells)
+    assert made == pathlib.Path(_mux._name(str(base), broker, one, shells))
+
+
+#: The masters of SLURM_AGREE, as the full client names them.
+SLURM_MASTERS = ("slurm:77", "slurm:78_3.7+n1", "slurm:79.batch")
+
+#: As AGREE, with live masters for the SLURM_MASTERS jobs: any spelling of one of them goes
+#: through it, a job, task, step or node that differs in anything never does.
+SLURM_AGREE: list[tuple[list[str], str]] = [
+    (["slurm:77", "true"], "exec"),
+    (["slurm-77", "true"], "exec"),
+    (["slurm:0077", "echo", "a b"], "exec"),
+    (["u@slurm-77", "rsync", "--server", "."], "exec"),
+    (["-ssh", "scp", "slurm-77", "remote:f", "."], "exec"),
+    (["-ssh", "sftp", "slurm:77"], "exec"),
+    (["-l", "u", "--", "slurm:77", "true"], "exec"),
+    (["slurm:78_3.7+n1", "true"], "exec"),
+    (["slurm-078_03.007+n1", "true"], "exec"),
+    (["slurm:79.batch", "true"], "exec"),
+    (["slurm:77"], "py"),
+    (["slurm:7", "true"], "py"),
+    (["slurm:770", "true"], "py"),
+    (["slurm:77_0", "true"], "py"),
+    (["slurm:77.0", "true"], "py"),
+    (["slurm:77+0", "true"], "py"),
+    (["slurm:77+n1", "true"], "py"),
+    (["slurm:78_3.7", "true"], "py"),
+    (["slurm:78_3.7+n2", "true"], "py"),
+    (["slurm:78_3.7+N1", "true"], "py"),
+    (["slurm:78_3+n1", "true"], "py"),
+    (["slurm:78.7+n1", "true"], "py"),
+    (["slurm:78_4.7+n1", "true"], "py"),
+    (["slurm:79", "true"], "py"),
+    (["slurm:79.0", "true"], "py"),
+    (["slurm:77+", "true"], "py"),
+    (["slurm:77.Batch", "true"], "py"),
+    (["slurm:", "true"], "py"),
+    (["slurm:\u0663\u0667", "true"], "py"),
+    (["-debug", "slurm:77", "true"], "py"),
+    (["-pool", "h:1", "slurm:77", "true"], "py"),
+    (["77", "true"], "py"),
+    (["slurm:77", "true"], "exec"),
+    # Left to Python: what str.strip() takes away.
+    (["slurm:77 ", "true"], "left"),
+    (["slurm:77\n", "true"], "left"),
+]
+
+
+@pytest.mark.parametrize(("argv", "outcome"), SLURM_AGREE)
+def test_the_compiled_front_agrees_with_repeat_argv_for_slurm_jobs(
+    front: pathlib.Path, argv: list[str], outcome: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For Slurm job words too the front execs exactly the command _mux.repeat_argv returns
+    (through the master of the job the word names), or the Python client with the argv
+    unchanged."""
+    base = front / "rt" / f"ssh-to-job-{os.getuid()}"
+    broker = str(front / "state" / "broker.sock")
+    (front / "config.toml").write_text("")
+    socks = [_mux.socket_path(base, broker, job, ("/bin/bash",)) for job in SLURM_MASTERS]
+    with contextlib.ExitStack() as stack:
+        for sock in socks:
+            stack.enter_context(_listen(sock))
+        expected, got = _run_both(front, argv, {}, monkeypatch)
+    for sock in socks:
+        sock.unlink()
+    assert (expected is None) == (outcome == "py")
+    if outcome != "exec":
+        assert got == ["PY", str(front / "ssh-to-job-py"), *argv]
+    else:
+        assert expected is not None
+        assert got == ["EXEC", str(front / "bin" / expected[0]), *expected[1:]]
+        assert expected[2] in {s.with_name(s.name + ".cfg").as_posix() for s in socks}

@@ -725,3 +725,69 @@ def test_linuxproc_falls_back_to_process_tree_tracking(
             pool.stop()
             shutil.rmtree(pool.state, ignore_errors=True)
         c.stop()
+
+
+def test_repeat_commands_go_through_the_first_sessions_master(
+    spool: Pool, cluster: Cluster, users: dict[str, User], workdir: pathlib.Path
+) -> None:
+    """The first command into a Slurm job makes the master; repeats, in any spelling of the
+    job, run in its session with no new session record, while another node's spelling gets a
+    session of its own; another user cannot reach the master; scancel ends it and the next
+    command is refused as finished."""
+    from ssh_to_job.client import _mux
+
+    a, b = users["a"], users["b"]
+    mux = {"SSH_TO_JOB_MUX": "1"}
+    jid = submit(cluster, a, workdir)
+    cluster.wait_running(jid)
+    sock = _mux.socket_path(
+        pathlib.Path("/tmp") / f"ssh-to-job-{a.uid}",
+        str(spool.state / "broker.sock"),
+        f"slurm:{jid}",
+        ("/bin/bash",),
+    )
+
+    def session(spec: str) -> str:
+        r = spool.ssh(a, spec, "echo $SSH_TO_JOB_SESSION", env=mux)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip()
+        return r.stdout.strip()
+
+    def granted() -> int:
+        rows = json.loads(spool.stj(a, "history", "--sessions", "--json").stdout)
+        return sum(r["job"] == f"slurm:{jid}" and r["outcome"] == "granted" for r in rows)
+
+    try:
+        first = session(f"slurm:{jid}")
+        assert sock.is_socket()
+        n = granted()
+        assert n >= 1
+        for spec in (f"slurm:{jid}", f"slurm-{jid}", f"slurm:0{jid}", f"x@slurm-{jid}"):
+            assert session(spec) == first
+        assert granted() == n
+        # The compiled front alone, beside a "Python client" that only exits 97, runs them.
+        lone = pathlib.Path(f"/tmp/stj-front-slurm-{os.getpid()}")
+        lone.mkdir(mode=0o755)
+        try:
+            shutil.copy2(BIN / "ssh-to-job", lone / "ssh-to-job")
+            (lone / "ssh-to-job-py").write_text("#!/bin/sh\nexit 97\n")
+            (lone / "ssh-to-job-py").chmod(0o755)
+            for spec in (f"slurm-{jid}", f"slurm:{jid}"):
+                argv = [str(lone / "ssh-to-job"), spec, "echo $SSH_TO_JOB_SESSION"]
+                r = spool.run(a, argv, env=mux)
+                assert (r.returncode, r.stdout.strip()) == (0, first), r.stderr
+        finally:
+            shutil.rmtree(lone)
+        # +0 is the same node, but a spelling of its own: its own session (and master).
+        assert session(f"slurm:{jid}+0") != first
+        probe = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])"
+        r = spool.run(b, [sys.executable, "-c", probe, str(sock)])
+        assert "PermissionError" in r.stderr, r.stderr
+        refused(spool.ssh(b, f"slurm:{jid}", "true", env=mux), "belongs to")
+    finally:
+        cluster.run(["scancel", jid])
+    wait_for("the master to end with the job", lambda: not sock.exists(), timeout=30)
+    r = spool.ssh(a, f"slurm:{jid}", "true", env=mux)
+    assert r.returncode == 1, r.stdout + r.stderr
+    # Slurm says "completing" until the job is gone, then "cancelled".
+    assert "is completing;" in r.stderr or "cancelled" in r.stderr, r.stderr
