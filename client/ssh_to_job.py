@@ -766,8 +766,9 @@ def _session(
         return die(str(exc))
     mux_path: str | None = None
     # A --persist session needs its tmux session made ready by the starter: always a full one.
-    # -debug shows a whole set-up and -remove-on-interrupt acts on this session: full ones.
-    full = opts.persist or opts.debug or opts.remove_on_interrupt
+    # -debug shows a whole set-up and -remove-on-interrupt acts on this session: full ones;
+    # so does -keygen-options, which asks for a session key of its own kind.
+    full = opts.persist or opts.debug or opts.remove_on_interrupt or bool(opts.keygen)
     if mux_dir is not None and not full and _mux.usable(shlex.split(opts.ssh), opts.x11):
         # _mux.socket_path's name without its pathlib (not on the session path otherwise).
         mux_path = _mux._name(mux_dir, opts.pool or str(sockpath), jid.one, shells)

@@ -49,8 +49,8 @@ def test_repeat_commands_skip_the_broker_and_files_still_copy(
     pool: Pool, users: dict[str, User]
 ) -> None:
     """The second and later commands (ssh, scp, sftp, rsync) run in the first command's session:
-    one granted session record, one sshd; the socket is the user's, in a 0700 directory; and
-    `stj rm` ends the master."""
+    one granted session record, one sshd; the socket is the user's, in a 0700 directory; a
+    command with -keygen-options gets a full session; and `stj rm` ends the master."""
     a = users["a"]
     (job,) = pool.submit(a, "/bin/sleep", "300")
     pool.wait_state(job, "running")
@@ -80,6 +80,11 @@ def test_repeat_commands_skip_the_broker_and_files_still_copy(
     finally:
         dest.unlink(missing_ok=True)
     assert len(_granted(pool, a, job)) == 1
+    # -keygen-options asks for a session key of its own: a full session, not the master's.
+    r = pool.ssh(a, "-keygen-options", "-t ecdsa", job, "echo $SSH_TO_JOB_SESSION", env=MUX)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() not in ("", first)
+    assert len(_granted(pool, a, job)) == 2
     # The installed ssh-to-job is the compiled front; copied beside a "Python client" that
     # only exits 97, it still runs a repeat command (so no Python ran), and hands a -debug
     # one, which it never takes, to that client.
@@ -100,7 +105,7 @@ def test_repeat_commands_skip_the_broker_and_files_still_copy(
     wait_for("the master to end with the job", lambda: not sock.exists(), timeout=20)
     r = pool.ssh(a, job, "true", env=MUX)
     assert r.returncode == 1
-    assert len(_granted(pool, a, job)) == 1
+    assert len(_granted(pool, a, job)) == 2
 
 
 def test_another_uid_cannot_use_the_master_and_hold_ends_it(
