@@ -300,6 +300,16 @@ def perf_table(name: str, rec: Json) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _same_but_certificate(alg: Json) -> bool:
+    """Whether the product and the floor differ only in the product's host certificate
+    (``ssh-ed25519-cert-v01@openssh.com`` against ``ssh-ed25519``)."""
+    a, b = alg.get("ssh-to-job") or {}, alg.get("floor") or {}
+    key = "host key algorithm"
+    if not a or not b or a.get(key, "").replace("-cert-v01@openssh.com", "") != b.get(key):
+        return False
+    return all(a.get(k) == b.get(k) for k in set(a) | set(b) if k not in (key, "rc"))
+
+
 def render(r: Json) -> str:
     m = r.get("machine", {})
     v = r.get("versions", {})
@@ -337,7 +347,13 @@ def render(r: Json) -> str:
                 f"{a.get('host key algorithm', '?')}, cipher {a.get('server->client cipher', '?')} "
                 f"/ {a.get('client->server cipher', '?')}"
             )
-    if alg and not alg.get("same"):
+    if alg and not alg.get("same") and _same_but_certificate(alg):
+        w(
+            "- the product's host key is the same ed25519 key type, presented with an OpenSSH "
+            "host certificate (signed by the pool's host CA, so that `stj ssh-config` hosts "
+            "check it); key exchange and ciphers are the same as the floor's"
+        )
+    elif alg and not alg.get("same"):
         w("- **WARNING: the product and the floor negotiated different algorithms**")
     w(
         "- floor: `ssh -F <cfg> -o ProxyCommand='/usr/sbin/sshd -i -e -f <cfg>'` as the same "
