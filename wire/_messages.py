@@ -21,6 +21,9 @@ import attrs
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 
+# The strict JSON hooks are shared with the attrs-free session codec (one reading of a frame).
+from .lean import _no_constant, _no_duplicates
+
 _INT_LIMIT = 1 << 63
 #: Longest list we accept; everything else (strings, environments, output) is bounded by the frame.
 _MAX_LIST = 100_000
@@ -1109,20 +1112,6 @@ def _decode_attrs(cls: type, value: Any, path: str, skip: frozenset[str] = froze
     if dec is None:
         dec = _decode_fns[cls] = _make_decoder(cls)
     return dec(value, path, skip)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json keeps the last of repeated keys silently; a strict decoder has one reading only.
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"duplicate key {dup!r}")
-    return obj
 
 
 def decode_message(payload: bytes) -> Message:

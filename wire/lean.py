@@ -165,6 +165,7 @@ def _no_constant(name: str) -> object:
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json keeps the last of repeated keys silently; a strict decoder has one reading only.
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
