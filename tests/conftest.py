@@ -308,3 +308,38 @@ def pool(users: dict[str, User]) -> Iterator[Pool]:
     yield p
     p.stop()
     shutil.rmtree(p.state, ignore_errors=True)
+
+
+#: Forwarding tests: a one-shot TCP server on 127.0.0.1:argv[1] that sends argv[2].
+SERVE_ONCE = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+c.sendall(sys.argv[2].encode())
+c.close()
+"""
+
+#: ... and its client: what 127.0.0.1:argv[1] sends (through a SOCKS5 proxy to argv[2]).
+READ_FROM = """
+import socket, sys, time
+for _ in range(100):
+    try:
+        c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+        break
+    except OSError:
+        time.sleep(0.1)
+if len(sys.argv) > 2:  # through a SOCKS5 proxy to 127.0.0.1:argv[2]
+    c.sendall(b"\\x05\\x01\\x00")
+    assert c.recv(2) == b"\\x05\\x00"
+    to = socket.inet_aton("127.0.0.1") + int(sys.argv[2]).to_bytes(2, "big")
+    c.sendall(b"\\x05\\x01\\x00\\x01" + to)
+    assert c.recv(10)[:2] == b"\\x05\\x00"
+data = b""
+while chunk := c.recv(100):
+    data += chunk
+print(data.decode())
+"""

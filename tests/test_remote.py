@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from conftest import ROOT, SSH_TO_JOB, STJ, User, new_state_dir, wait_for
+from conftest import READ_FROM, ROOT, SERVE_ONCE, SSH_TO_JOB, STJ, User, new_state_dir, wait_for
 from netns import Network, Site, missing_tools
 
 PORT = 9620
@@ -319,39 +319,6 @@ def test_local_clients_are_unchanged(site: RemoteSite, job: str) -> None:
     """On the broker host the unix socket path still works as before, beside remote clients."""
     r = site.on_broker("a", SSH_TO_JOB, job, "hostname")
     assert r.stdout.strip() == "exec1.stj.test"
-
-
-SERVE_ONCE = """
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen(1)
-print("ready", flush=True)
-c, _ = s.accept()
-c.sendall(sys.argv[2].encode())
-c.close()
-"""
-
-READ_FROM = """
-import socket, sys, time
-for _ in range(100):
-    try:
-        c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
-        break
-    except OSError:
-        time.sleep(0.1)
-if len(sys.argv) > 2:  # through a SOCKS5 proxy to 127.0.0.1:argv[2]
-    c.sendall(b"\\x05\\x01\\x00")
-    assert c.recv(2) == b"\\x05\\x00"
-    to = socket.inet_aton("127.0.0.1") + int(sys.argv[2]).to_bytes(2, "big")
-    c.sendall(b"\\x05\\x01\\x00\\x01" + to)
-    assert c.recv(10)[:2] == b"\\x05\\x00"
-data = b""
-while chunk := c.recv(100):
-    data += chunk
-print(data.decode())
-"""
 
 
 def _py(script: str, *args: str) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from conftest import BIN, ROOT, STJ, Pool, User, new_state_dir, wait_for
+from conftest import BIN, READ_FROM, ROOT, SERVE_ONCE, STJ, Pool, User, new_state_dir, wait_for
 from slurm import Cluster, have_slurm
 
 pytestmark = pytest.mark.skipif(have_slurm() is not None, reason=str(have_slurm()))
@@ -343,6 +343,26 @@ def test_auto_retry_waits_for_a_pending_job(
     cluster.run(["scancel", jid])
 
 
+def _session_with_sleep(
+    pool: Pool, user: User, jid: str, marker: pathlib.Path
+) -> subprocess.Popen[str]:
+    """An open session into Slurm job ``jid`` whose background ``sleep`` writes its pid to
+    ``marker``; the session waits for it."""
+    return subprocess.Popen(
+        [
+            *user.prefix(),
+            f"{BIN}/ssh-to-job",
+            f"slurm:{jid}",
+            f"sleep 1000 & echo $! > {marker}; wait",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=pool.env(user),
+        cwd="/tmp",
+    )
+
+
 def test_scancel_ends_an_open_session(
     spool: Pool, cluster: Cluster, users: dict[str, User], workdir: pathlib.Path
 ) -> None:
@@ -351,19 +371,7 @@ def test_scancel_ends_an_open_session(
     jid = submit(cluster, a, workdir)
     cluster.wait_running(jid)
     marker = workdir / f"pid-{jid}"
-    proc = subprocess.Popen(
-        [
-            *a.prefix(),
-            f"{BIN}/ssh-to-job",
-            f"slurm:{jid}",
-            f"sleep 1000 & echo $! > {marker}; wait",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=spool.env(a),
-        cwd="/tmp",
-    )
+    proc = _session_with_sleep(spool, a, jid, marker)
     pid = wait_for("the session's sleep", lambda: marker.exists() and marker.read_text().strip())
     assert os.path.exists(f"/proc/{pid}")
     cluster.run(["scancel", jid])
@@ -522,38 +530,6 @@ def test_job_step_environment_cwd_pids_and_node(
     cluster.run(["scancel", jid])
 
 
-SERVE_ONCE = """
-import socket, sys
-s = socket.socket()
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen(1)
-print("ready", flush=True)
-c, _ = s.accept()
-c.sendall(sys.argv[2].encode())
-c.close()
-"""
-
-READ_FROM = """
-import socket, sys, time
-for _ in range(100):
-    try:
-        c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
-        break
-    except OSError:
-        time.sleep(0.1)
-if len(sys.argv) > 2:  # through a SOCKS5 proxy to 127.0.0.1:argv[2]
-    c.sendall(b"\\x05\\x01\\x00")
-    assert c.recv(2) == b"\\x05\\x00"
-    to = socket.inet_aton("127.0.0.1") + int(sys.argv[2]).to_bytes(2, "big")
-    c.sendall(b"\\x05\\x01\\x00\\x01" + to)
-    assert c.recv(10)[:2] == b"\\x05\\x00"
-data = b""
-while chunk := c.recv(100):
-    data += chunk
-print(data.decode())
-"""
-
-
 def free_ports(n: int) -> list[int]:
     """``n`` loopback ports that are free now."""
     socks = [socket.socket() for _ in range(n)]
@@ -690,19 +666,7 @@ def test_linuxproc_falls_back_to_process_tree_tracking(
         jid = submit(c, a, workdir)
         c.wait_running(jid)
         marker = workdir / f"lp-{jid}"
-        proc = subprocess.Popen(
-            [
-                *a.prefix(),
-                f"{BIN}/ssh-to-job",
-                f"slurm:{jid}",
-                f"sleep 1000 & echo $! > {marker}; wait",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=pool.env(a),
-            cwd="/tmp",
-        )
+        proc = _session_with_sleep(pool, a, jid, marker)
         text = wait_for("the sleep", lambda: marker.read_text().strip() if marker.exists() else "")
         pid = int(text)
         log = pool.log_text().splitlines()
