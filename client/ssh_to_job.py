@@ -618,22 +618,40 @@ class Child:
             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
         )
         self.returncode: int | None = None
+        #: Reaped by a wait() that a signal handler's poll() interrupted before it could
+        #: store the status: the pid is no longer ours to signal.
+        self._reaped = False
 
+    # A signal handler (_Signals) polls the child while wait() blocks in waitpid, so each of
+    # the two may find the child already reaped by the other (ECHILD), as Popen allows for.
     def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if self.returncode is None and not self._reaped:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self._reaped = True
+                return None
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
     def wait(self) -> int:
         while self.returncode is None:
-            _pid, status = os.waitpid(self.pid, 0)
+            try:
+                _pid, status = os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                stored = self._stored()  # by the handler's poll(), during our waitpid
+                if stored is None:
+                    raise
+                return stored
             self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
+    def _stored(self) -> int | None:
+        return self.returncode
+
     def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
+        if self.poll() is None and not self._reaped:
             os.kill(self.pid, sig)
 
 

@@ -9,6 +9,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -96,3 +97,31 @@ def test_exit_now_flushes_and_exits_with_the_code() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert (r.returncode, r.stdout, r.stderr) == (3, "out", "err")
+
+
+def test_wait_survives_a_signal_handler_that_reaped_the_child() -> None:
+    """A signal handler that polls the child (as -remove-on-interrupt's Ctrl-C does, to pass the
+    signal on) can reap it while wait() blocks in waitpid; wait() then returns the status the
+    handler read instead of failing with "No child processes", and no signal is sent to the
+    reaped pid."""
+    child: Child | None = None
+    sent: list[int] = []
+
+    def handler(_sig: int, _frame: object) -> None:
+        assert child is not None
+        # Until the child is a zombie, so that this poll reaps it, not the retried waitpid.
+        for _ in range(2000):
+            with open(f"/proc/{child.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.001)
+        child.send_signal(signal.SIGTERM)
+        sent.append(child.returncode if child.returncode is not None else -999)
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        child = Child(["sh", "-c", 'kill -USR1 "$PPID"; exit 3'])
+        assert child.wait() == 3
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert sent == [3]
