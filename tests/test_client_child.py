@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import FrameType
 
 import pytest
 
@@ -99,16 +100,20 @@ def test_exit_now_flushes_and_exits_with_the_code() -> None:
     assert (r.returncode, r.stdout, r.stderr) == (3, "out", "err")
 
 
-def test_wait_survives_a_signal_handler_that_reaped_the_child() -> None:
+def test_wait_survives_a_signal_handler_that_reaped_the_child(tmp_path: pathlib.Path) -> None:
     """A signal handler that polls the child (as -remove-on-interrupt's Ctrl-C does, to pass the
     signal on) can reap it while wait() blocks in waitpid; wait() then returns the status the
     handler read instead of failing with "No child processes", and no signal is sent to the
     reaped pid."""
     child: Child | None = None
     sent: list[int] = []
+    frames: list[str] = []
+    go = tmp_path / "go"
 
-    def handler(_sig: int, _frame: object) -> None:
+    def handler(_sig: int, frame: FrameType | None) -> None:
         assert child is not None
+        frames.append(frame.f_code.co_name if frame is not None else "")
+        go.touch()  # lets the child exit, now that wait() is blocked
         # Until the child is a zombie, so that this poll reaps it, not the retried waitpid.
         for _ in range(2000):
             with open(f"/proc/{child.pid}/stat") as f:
@@ -118,10 +123,18 @@ def test_wait_survives_a_signal_handler_that_reaped_the_child() -> None:
         child.send_signal(signal.SIGTERM)
         sent.append(child.returncode if child.returncode is not None else -999)
 
+    # The child signals only once its parent sleeps in waitpid (wchan do_wait), and exits only
+    # after the handler began, so the handler always runs inside wait() with the child alive.
+    script = (
+        'i=0; while [ $i -lt 2000 ] && [ "$(cat /proc/$PPID/wchan)" != do_wait ]; do'
+        ' i=$((i+1)); sleep 0.005; done; kill -USR1 "$PPID"; i=0;'
+        ' while [ $i -lt 2000 ] && [ ! -e "$1" ]; do i=$((i+1)); sleep 0.005; done; exit 3'
+    )
     old = signal.signal(signal.SIGUSR1, handler)
     try:
-        child = Child(["sh", "-c", 'kill -USR1 "$PPID"; exit 3'])
+        child = Child(["sh", "-c", script, "sh", str(go)])
         assert child.wait() == 3
     finally:
         signal.signal(signal.SIGUSR1, old)
+    assert frames == ["wait"]
     assert sent == [3]
