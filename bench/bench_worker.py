@@ -59,13 +59,17 @@ def _run_timed(
 
 
 def mode_times(a: dict[str, Any]) -> dict[str, Any]:
-    """Run named commands ``reps`` times, interleaved (A B A B ...) or in blocks (A A ... B B)."""
+    """Run named commands ``reps`` times, interleaved (A B A B ...), alternating (A B B A ...) or
+    in blocks (A A ... B B)."""
     cmds: dict[str, dict[str, Any]] = a["cmds"]
     reps: int = a["reps"]
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in cmds}
     order = [(r, name) for r in range(reps) for name in cmds]
     if a.get("order") == "block":
         order = [(r, name) for name in cmds for r in range(reps)]
+    elif a.get("order") == "alternate":  # A B C, then C B A, ...
+        names = list(cmds)
+        order = [(r, name) for r in range(reps) for name in (names[::-1] if r % 2 else names)]
     for _r, name in order:
         c = cmds[name]
         if c.get("before"):

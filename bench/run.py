@@ -250,6 +250,12 @@ class Bench:
     def floor_ssh(self, *args: str, prog: str = "ssh") -> list[str]:
         return [prog, "-F", str(self.floor / "ssh_config"), *args]
 
+    def floor_tcp(self, *command: str) -> list[str]:
+        """``command`` (which reads ssh_config_tcp) with the floor's sshd over loopback TCP."""
+        f = self.floor
+        wrapper = [str(self.bin / "python"), "-I", str(self.state / "tcp_floor.py")]
+        return [*wrapper, str(f / "sshd_config"), str(f / "sshd.log"), "--", *command]
+
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
@@ -266,8 +272,9 @@ class Bench:
         pathlib.Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.state.mkdir(mode=0o755)
         self.state.chmod(0o755)
-        shutil.copy(HERE / "bench_worker.py", self.state / "bench_worker.py")
-        (self.state / "bench_worker.py").chmod(0o644)
+        for script in ("bench_worker.py", "tcp_floor.py"):
+            shutil.copy(HERE / script, self.state / script)
+            (self.state / script).chmod(0o644)
         self._snapshot_venv()
         self._make_data()
         self._make_floor()
@@ -384,11 +391,29 @@ Host *
   ServerAliveInterval 30
   LogLevel ERROR
 {extra}""")
+        # The same, but over a loopback TCP connection (tcp_floor.py): ssh-to-job's transport.
+        from ssh_to_job.client import ssh_to_job as product
+
+        fdpass = pathlib.Path(product.__file__).parent / "stj-fdpass"
+        tcp = (
+            (f / "ssh_config")
+            .read_text()
+            .replace(
+                f'  ProxyCommand {SSHD} -i -e -f "{f}/sshd_config" 2>>"{f}/sshd.log"\n',
+                f'  ProxyCommand {fdpass} "$STJB_TCP_NAME"\n  ProxyUseFdpass yes\n',
+            )
+        )
+        if "ProxyUseFdpass" not in tcp:
+            raise BenchError("could not derive the TCP floor's ssh_config from the floor's")
+        (f / "ssh_config_tcp").write_text(tcp)
         for p in f.iterdir():
             os.chown(p, self.user.pw_uid, self.user.pw_gid)
         r = self.run_user(self.floor_ssh("floor", "true"), timeout=30)
         if r.returncode != 0:
             raise BenchError(f"the floor does not work: {r.stderr.strip()}")
+        r = self.run_user(self.floor_tcp("ssh", "-F", str(f / "ssh_config_tcp"), "floor", "true"))
+        if r.returncode != 0:
+            raise BenchError(f"the floor over TCP does not work: {r.stderr.strip()}")
 
     def _start_pool(self) -> None:
         slots = 21
@@ -813,61 +838,85 @@ Host *
         src, dst, empty, j = str(self.src), str(self.dst), str(self.empty), self.job
         rm = ["rm", "-f", dst]
         fcfg = str(self.floor / "ssh_config")
+        tcfg = str(self.floor / "ssh_config_tcp")
+        CFG = "@CFG@"  # where each floor's ssh_config goes
         floor_env = {"SHELL": "/bin/sh"}
-        cases: dict[str, tuple[Json, Json]] = {}
+        cases: dict[str, tuple[Json, Json, Json]] = {}
+
+        # Each run that writes the data file starts on memory freed a moment ago (see
+        # _memory_probe): without it, the first of a pair writes into long-freed memory and
+        # the second into what the first just freed, which on a VM is up to 4x faster.
+        warm = self.data / "warm"
+        warm_first = [
+            "sh",
+            "-c",
+            f"rm -f {shlex.quote(dst)}; dd if=/dev/zero of={shlex.quote(str(warm))} bs=1M "
+            f"count={self.size // MIB + 64} status=none; rm -f {shlex.quote(str(warm))}",
+        ]
 
         def case(name: str, prod: list[str], floor: list[str], stdin: str | None = None) -> None:
+            """``floor``: the floor's command, with CFG where its ssh_config goes."""
+            writes = name.endswith(" data") and not name.startswith("cat ")
+            before = warm_first if writes else rm
+            common: Json = {"stdin": stdin, "before": before, "timeout": 300}
+            pipes = [a.replace(CFG, fcfg) for a in floor]
+            tcp = [a.replace(CFG, tcfg) for a in floor]
             cases[name] = (
-                {"argv": prod, "stdin": stdin, "before": rm, "timeout": 300},
-                {"argv": floor, "stdin": stdin, "before": rm, "timeout": 300, "env": floor_env},
+                {"argv": prod, **common},
+                {"argv": pipes, **common, "env": floor_env},
+                {"argv": self.floor_tcp(*tcp), **common, "env": floor_env},
             )
 
         for size_name, path in (("data", src), ("empty", empty)):
             case(
                 f"cat down {size_name}",
                 self.ssh_to_job(j, f"cat {path}"),
-                self.floor_ssh("floor", f"cat {path}"),
+                ["ssh", "-F", CFG, "floor", f"cat {path}"],
             )
             case(
                 f"cat up {size_name}",
                 self.ssh_to_job(j, "cat > /dev/null"),
-                self.floor_ssh("floor", "cat > /dev/null"),
+                ["ssh", "-F", CFG, "floor", "cat > /dev/null"],
                 stdin=path,
             )
             case(
                 f"scp down {size_name}",
                 self.ssh_to_job("-ssh", "scp", j, f"remote:{path}", dst),
-                self.floor_ssh(f"floor:{path}", dst, prog="scp"),
+                ["scp", "-F", CFG, f"floor:{path}", dst],
             )
             case(
                 f"scp up {size_name}",
                 self.ssh_to_job("-ssh", "scp", j, path, f"remote:{dst}"),
-                self.floor_ssh(path, f"floor:{dst}", prog="scp"),
+                ["scp", "-F", CFG, path, f"floor:{dst}"],
             )
             case(
                 f"rsync down {size_name}",
                 ["rsync", "-e", "ssh-to-job", f"{j}:{path}", dst],
-                ["rsync", "-e", f"ssh -F {shlex.quote(fcfg)}", f"floor:{path}", dst],
+                ["rsync", "-e", f"ssh -F {CFG}", f"floor:{path}", dst],
             )
             case(
                 f"rsync up {size_name}",
                 ["rsync", "-e", "ssh-to-job", path, f"{j}:{dst}"],
-                ["rsync", "-e", f"ssh -F {shlex.quote(fcfg)}", path, f"floor:{dst}"],
+                ["rsync", "-e", f"ssh -F {CFG}", path, f"floor:{dst}"],
             )
         cmds: Json = {}
-        for name, (p, f) in cases.items():
+        for name, (p, f, t) in cases.items():
             cmds[f"ssh-to-job {name}"] = p
             cmds[f"floor {name}"] = f
+            cmds[f"floor-tcp {name}"] = t
         # Warm the page cache (both sides read the same tmpfs file anyway).
         subprocess.run(["cat", src], stdout=subprocess.DEVNULL, check=False)
-        res = self.worker("times", {"cmds": cmds, "reps": reps}, timeout=1800)["runs"]
+        # Each round reverses the order of the last, so that no path always goes first.
+        res = self.worker(
+            "times", {"cmds": cmds, "reps": reps, "order": "alternate"}, timeout=2700
+        )["runs"]
         out: Json = {"bytes": self.size, "cases": {}}
         for name in cases:
             if not name.endswith(" data"):
                 continue
             base = name[: -len(" data")]
             row: Json = {}
-            for who in ("ssh-to-job", "floor"):
+            for who in ("ssh-to-job", "floor", "floor-tcp"):
                 runs = [r for r in res[f"{who} {name}"] if r["rc"] == 0]
                 empties = [r["wall"] for r in res[f"{who} {base} empty"] if r["rc"] == 0]
                 setup = statistics.median(empties) if empties else 0.0
@@ -887,11 +936,43 @@ Host *
                     "errors": bad[:2],
                 }
             row["ratio"] = paired_ratio(row["ssh-to-job"]["raw"], row["floor"]["raw"])
-            sp, sf = (row[w]["stream_mib_s"].get("median") for w in ("ssh-to-job", "floor"))
+            row["ratio_tcp"] = paired_ratio(row["ssh-to-job"]["raw"], row["floor-tcp"]["raw"])
+            row["tcp_to_pipes"] = paired_ratio(row["floor-tcp"]["raw"], row["floor"]["raw"])
+            sp, sf, st = (
+                row[w]["stream_mib_s"].get("median") for w in ("ssh-to-job", "floor", "floor-tcp")
+            )
             row["stream_ratio"] = sp / sf if sp and sf else None
+            row["stream_ratio_tcp"] = sp / st if sp and st else None
             out["cases"][base] = row
+        out["memory"] = self._memory_probe()
         self.results["phases"]["throughput"] = out
         sh(["rm", "-f", dst])
+
+    def _memory_probe(self, rounds: int = 2, idle: float = 10.0) -> Json:
+        """Writing the data file's size into tmpfs: on memory freed ``idle`` seconds ago and
+        on memory freed just before. On a VM whose balloon reports free pages to the host
+        (virtio_balloon free page reporting, a few seconds after a free), the first costs a
+        host fault per page; on bare metal the two are alike. The throughput phase's cases
+        that write the data file all start on just-freed memory."""
+        scratch = self.data / "probe"
+        count = str(self.size // MIB)
+        write = ["dd", "if=/dev/zero", f"of={scratch}", "bs=1M", f"count={count}", "status=none"]
+        cold: list[float] = []
+        hot: list[float] = []
+        for _ in range(rounds):
+            for into in (cold, hot):
+                if into is cold:
+                    time.sleep(idle)
+                t0 = time.perf_counter()
+                sh(write, timeout=120)
+                into.append(time.perf_counter() - t0)
+                scratch.unlink(missing_ok=True)
+        return {
+            "idle_s": idle,
+            "long_freed_s": summary(cold),
+            "just_freed_s": summary(hot),
+            "reporting": pathlib.Path("/sys/module/page_reporting").exists(),
+        }
 
     def phase_concurrency(self) -> None:
         levels = self.a.sessions or ([50, 200] if self.quick else [50, 100, 200])
