@@ -166,3 +166,41 @@ def test_json_listing_is_one_object_per_line_whatever_the_text(tmp_path: pathlib
         assert list(q.table_pages(wire.parse_job_id("99"), objects=True)) == ["[]"]
     finally:
         q.close()
+
+
+def test_job_table_reads_a_page_at_a_time_in_job_order(tmp_path: pathlib.Path) -> None:
+    """The listing's rows are looked up a page at a time (only the keys are sorted up front),
+    in (cluster, proc) order across states and owners; a job that finishes while earlier pages
+    are out is left out of the later ones, and one that changes between live states is listed
+    as it is now."""
+    q = _queue.JobQueue(tmp_path / "queue.db")
+    try:
+        for owner, uid in (("stjta", 1001), ("stjtb", 1002), ("stjta", 1001)):
+            q.submit(wire.JobSpec(executable="/bin/true"), 4, owner, uid, uid)
+        # Procs of a cluster in other states, so that no one state index gives the order.
+        q.set_state("1.2", "held", hold_reason="h")
+        q.set_state("2.1", "running", pid=5)
+        q.set_state("3.0", "held", hold_reason="h")
+        pages = q.table_pages(page=5)
+        first = json.loads(next(pages))
+        q.set_state("2.3", "completed", exit_code=0)  # on a later page: not listed
+        q.set_state("3.1", "held", hold_reason="now")  # listed as held
+        q.set_state("1.0", "completed", exit_code=0)  # already out: stays listed
+        rest = [r for p in pages for r in json.loads(p)]
+        rows = first + rest
+        col = wire.JOB_COLUMNS.index
+        ids = [r[col("id")] for r in rows]
+        want = [f"{c}.{p}" for c in (1, 2, 3) for p in range(4) if f"{c}.{p}" != "2.3"]
+        assert ids == want
+        assert len(first) == 5
+        assert rows[0][col("state")] == "idle"
+        by_id = {r[col("id")]: r for r in rows}
+        assert by_id["3.1"][col("state")] == "held"
+        assert by_id["3.1"][col("hold_reason")] == "now"
+        # An owner's jobs and one cluster's keep the same order.
+        mine = [r for p in q.table_pages(owner_uid=1001, page=2) for r in json.loads(p)]
+        assert [r[col("id")] for r in mine] == [i for i in want if i[0] in "13" and i != "1.0"]
+        one = [r for p in q.table_pages(wire.parse_job_id("3"), page=3) for r in json.loads(p)]
+        assert [r[col("id")] for r in one] == ["3.0", "3.1", "3.2", "3.3"]
+    finally:
+        q.close()
