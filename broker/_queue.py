@@ -719,8 +719,9 @@ class JobQueue:
         A single ``ORDER BY`` query over the state index sorts every matching row, with all
         its columns computed, before it yields the first (0.6 s for 100,000 jobs): the
         listing's first page waited for its last. Here only the keys are sorted (75 ms), and
-        each page's rows are looked up by rowid in that order; a job that left ``states``
-        since is left out, as if it had been in the first query.
+        each page's rows are looked up by rowid in that order (job rows are never deleted, so
+        a rowid always names the same job); a job that has left ``states`` since the keys
+        were read is left out, and one that moved between ``states`` is shown as it is now.
         """
         where, args = self._where(ids, states, owner_uid)
         keys = [
