@@ -352,6 +352,17 @@ def render(r: Json) -> str:
         "shared the machine and every figure is noisier; our own concurrency runs raise the "
         "1-minute average for the phases after them)"
     )
+    settled = r.get("settle_at_phase_start", {})
+    if settled:
+        w(
+            "- each phase starts once the machine is quiet (two 1-second windows under 15% "
+            "busy, at most 90 s): waited "
+            + ", ".join(
+                f"{k} {v['waited_s']:.0f} s"
+                + (f" (still {v['busy']:.0%} busy)" if v["busy"] >= 0.15 else "")
+                for k, v in settled.items()
+            )
+        )
     alg = ph.get("algorithms", {})
     for who in ("ssh-to-job", "floor"):
         a = alg.get(who)

@@ -87,6 +87,34 @@ def paired_ratio(a: Sequence[float], b: Sequence[float]) -> Json:
     return summary([x / y for x, y in zip(a, b, strict=False) if y > 0])
 
 
+def cpu_busy(window: float = 1.0) -> float:
+    """The machine's busy share of all cores over ``window`` seconds, from /proc/stat."""
+
+    def sample() -> tuple[int, int]:
+        f = [int(x) for x in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = f[3] + (f[4] if len(f) > 4 else 0)  # idle + iowait
+        return sum(f), idle
+
+    t0, i0 = sample()
+    time.sleep(window)
+    t1, i1 = sample()
+    return 1.0 - (i1 - i0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def settle(limit: float = 90.0, quiet: float = 0.15) -> tuple[float, float]:
+    """Wait (up to ``limit`` s) until two 1-second windows in a row are under ``quiet`` busy;
+    (seconds waited, the busy share of the last window)."""
+    t0 = time.monotonic()
+    calm = 0
+    busy = cpu_busy()
+    while time.monotonic() - t0 < limit:
+        calm = calm + 1 if busy < quiet else 0
+        if calm >= 2:
+            break
+        busy = cpu_busy()
+    return time.monotonic() - t0, busy
+
+
 def proc_cpu(pid: int) -> tuple[float, float]:
     """(own utime+stime, reaped children's cutime+cstime) in seconds, from /proc/<pid>/stat."""
     try:
@@ -589,6 +617,13 @@ Host *
         if self.a.only and name not in self.a.only:
             return
         self.log(f"phase {name}")
+        # What the phase before left running (200 sessions ending, the starter removing their
+        # directories and cgroups) must not land in this one's figures.
+        waited, busy = settle()
+        self.results.setdefault("settle_at_phase_start", {})[name] = {
+            "waited_s": round(waited, 1),
+            "busy": round(busy, 3),
+        }
         # Other people's work on a shared machine shows here first.
         self.results.setdefault("loadavg_at_phase_start", {})[name] = os.getloadavg()[0]
         t0 = time.monotonic()
