@@ -193,21 +193,8 @@ def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
 
 
 def parse_config(text: str) -> PoolConfig:
-    import tomllib  # only when there is a file: keeps every command's start-up lean
-
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config is not valid TOML: {exc}") from None
-    unknown = set(raw) - {"pool", "broker", "starter"}
-    if unknown:
-        raise ConfigError(f"unknown section(s) {sorted(unknown)} (known: pool, broker, starter)")
-    pool = raw.get("pool", {})
-    if not isinstance(pool, dict) or set(pool) - {"state_dir"}:
-        raise ConfigError("[pool] knows only state_dir")
-    state_dir = pool.get("state_dir", "")
-    if not isinstance(state_dir, str):
-        raise ConfigError("pool.state_dir must be a string")
+    sections, state_dir = _where.parse_pool(text)
+    raw: dict[str, Any] = sections
     broker: BrokerConfig = _build(BrokerConfig, raw.get("broker", {}), "broker")
     starter: StarterConfig = _build(StarterConfig, raw.get("starter", {}), "starter")
     return PoolConfig(state_dir=state_dir, broker=broker, starter=starter)

@@ -39,7 +39,17 @@ def config_state_dir(path: str | None = None) -> str:
             text = f.read()
     except OSError as exc:
         raise _error(f"cannot read config {path}: {exc.strerror}") from None
-    import tomllib
+    raw, state_dir = parse_pool(text)
+    for where in ("broker", "starter"):
+        if not isinstance(raw.get(where, {}), dict):
+            raise _error(f"[{where}] must be a table")
+    return state_dir
+
+
+def parse_pool(text: str) -> tuple[dict[str, object], str]:
+    """A config file's TOML (its sections checked) and its ``[pool] state_dir``: the part of
+    ``_config.parse_config`` that needs neither attrs nor the daemons' config classes."""
+    import tomllib  # only when there is a file: keeps every command's start-up lean
 
     try:
         raw = tomllib.loads(text)
@@ -51,13 +61,10 @@ def config_state_dir(path: str | None = None) -> str:
     pool = raw.get("pool", {})
     if not isinstance(pool, dict) or set(pool) - {"state_dir"}:
         raise _error("[pool] knows only state_dir")
-    for where in ("broker", "starter"):
-        if not isinstance(raw.get(where, {}), dict):
-            raise _error(f"[{where}] must be a table")
     state_dir = pool.get("state_dir", "")
     if not isinstance(state_dir, str):
         raise _error("pool.state_dir must be a string")
-    return state_dir
+    return raw, state_dir
 
 
 def default_state_dir() -> str:
