@@ -9,8 +9,8 @@ transport and nothing else of it. Usage, as the bench user::
 
 ``ssh_config_tcp`` says ``ProxyCommand <stj-fdpass> "$STJB_TCP_NAME"`` and
 ``ProxyUseFdpass yes``; we set the variable to an abstract socket name of our own, hand the
-connection's other end to the first (and only) helper that connects, and exit with the
-command's status once it and sshd are done.
+connection's other end to the helper with ssh-to-job's own ``client.ssh_to_job.hand_over``,
+and exit with the command's status once it and sshd are done.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ def main(argv: list[str]) -> int:
     rendezvous = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     rendezvous.bind("\0" + name)
     rendezvous.listen(1)
-    rendezvous.settimeout(60)
     with open(log, "ab") as err:
         sshd = subprocess.Popen(
             [SSHD, "-i", "-e", "-f", sshd_config],
@@ -49,12 +48,13 @@ def main(argv: list[str]) -> int:
         )
     theirs.close()
     child = subprocess.Popen(command, env={**os.environ, "STJB_TCP_NAME": name})
+    # Imported while ssh starts, so that it adds nothing to the floor's set-up.
+    from ssh_to_job.client.ssh_to_job import hand_over
+
     try:
-        helper, _ = rendezvous.accept()
-        with helper:
-            socket.send_fds(helper, [b"\0"], [ours.fileno()])
-    except OSError as exc:
-        print(f"tcp_floor: no ssh came for the connection: {exc}", file=sys.stderr)
+        # The product's own hand-over: to our uid only, and over as soon as ssh is gone.
+        if not hand_over(rendezvous, ours, child):
+            print("tcp_floor: no ssh came for the connection", file=sys.stderr)
     finally:
         rendezvous.close()
         ours.close()
