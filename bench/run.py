@@ -87,6 +87,11 @@ def paired_ratio(a: Sequence[float], b: Sequence[float]) -> Json:
     return summary([x / y for x, y in zip(a, b, strict=False) if y > 0])
 
 
+def zeros(path: pathlib.Path, mib: int) -> list[str]:
+    """A command that writes ``mib`` MiB of zeros to ``path``."""
+    return ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}", "status=none"]
+
+
 def cpu_busy(window: float = 1.0) -> float:
     """The machine's busy share of all cores over ``window`` seconds, from /proc/stat."""
 
@@ -885,8 +890,8 @@ Host *
         warm_first = [
             "sh",
             "-c",
-            f"rm -f {shlex.quote(dst)}; dd if=/dev/zero of={shlex.quote(str(warm))} bs=1M "
-            f"count={self.size // MIB + 64} status=none; rm -f {shlex.quote(str(warm))}",
+            f"rm -f {shlex.quote(dst)}; {shlex.join(zeros(warm, self.size // MIB + 64))}; "
+            f"rm -f {shlex.quote(str(warm))}",
         ]
 
         def case(name: str, prod: list[str], floor: list[str], stdin: str | None = None) -> None:
@@ -990,8 +995,7 @@ Host *
         host fault per page; on bare metal the two are alike. The throughput phase's cases
         that write the data file all start on just-freed memory."""
         scratch = self.data / "probe"
-        count = str(self.size // MIB)
-        write = ["dd", "if=/dev/zero", f"of={scratch}", "bs=1M", f"count={count}", "status=none"]
+        write = zeros(scratch, self.size // MIB)
         cold: list[float] = []
         hot: list[float] = []
         for _ in range(rounds):
