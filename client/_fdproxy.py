@@ -9,8 +9,17 @@ starts in a few milliseconds, and it must never read or write a byte of the sess
 """
 
 import os
+import select
 import socket
 import sys
+
+
+def _ssh_gone() -> bool:
+    """Whether the ssh that ran us is gone (its end of our stdout closed): ssh-to-job stops
+    an ssh it started ahead of a session that then failed, and nobody is left to tell."""
+    p = select.poll()
+    p.register(1, select.POLLOUT)
+    return any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _fd, ev in p.poll(0))
 
 
 def main() -> int:
@@ -23,10 +32,12 @@ def main() -> int:
         s.connect("\0" + sys.argv[1])
         _msg, fds, _flags, _addr = socket.recv_fds(s, 1, 1)
     except OSError as exc:
-        sys.stderr.write(f"ssh-to-job proxy: could not get the session socket: {exc}\n")
+        if not _ssh_gone():
+            sys.stderr.write(f"ssh-to-job proxy: could not get the session socket: {exc}\n")
         return 1
     if not fds:
-        sys.stderr.write("ssh-to-job proxy: ssh-to-job sent no socket\n")
+        if not _ssh_gone():
+            sys.stderr.write("ssh-to-job proxy: ssh-to-job sent no socket\n")
         return 1
     out = socket.socket(fileno=os.dup(1))
     socket.send_fds(out, [b"\0"], fds)

@@ -839,42 +839,48 @@ def _session(
         assert fd is not None
         break
     session = socket.socket(fileno=fd)
+    launch: _Launch | None = None
     try:
         _debug(
             opts,
             f"session {reply.session_id[:8]} granted by the broker; starter {reply.starter_id}",
         )
+        asks_agent = wants_agent(shlex.split(opts.ssh)[1:])
+        alias = f"ssh-to-job-{reply.job}-{reply.session_id[:8]}"
+        # The first command of a burst makes this job's master (_mux); -debug and
+        # -remove-on-interrupt act on a session of their own. (_mux.usable already said no
+        # to agent forwarding, whose socket would be the master's.)
+        master = (
+            mux_path is not None
+            and not (opts.debug or opts.remove_on_interrupt)
+            and _mux.claim(mux_path)
+        )
+        # ssh starts now, while the starter sets the session up, on a guess of what its
+        # session_ready will say (the login, the agent, the master's idle time): ssh's own
+        # start-up (~12 ms here) leaves the session's path. A wrong guess costs a restart.
+        guess: _Plan = (_own_login(), asks_agent, _GUESS_PERSIST if master else 0.0)
+        try:
+            launch = _Launch.start(opts, d, alias, guess, mux_path, 1)
+        except OSError as exc:
+            return die(f"cannot run {exc.filename or 'ssh'}: {exc.strerror}")
         try:
             ready = open_session(session, reply, shells, persist=opts.persist)
         except (SessionError, OSError, ConnectionError, wire.ProtocolError) as exc:
             return die(f"job {reply.job}: {exc}")
         _debug(opts, f"starter host key verified; logging in as {ready.login}")
-        forward_agent = ready.agent_forwarding and wants_agent(shlex.split(opts.ssh)[1:])
-        alias = f"ssh-to-job-{reply.job}-{reply.session_id[:8]}"
+        forward_agent = ready.agent_forwarding and asks_agent
         _write(os.path.join(d, "known_hosts"), f"{alias} {ready.host_key}\n".encode())
-        proxy_name = f"ssh-to-job-{os.getuid()}-{os.urandom(16).hex()}"
-        cfg = os.path.join(d, "config")
-        _write(
-            cfg,
-            ssh_config(
-                d, ready.login, alias, proxy_name, opts.x11, opts.debug, agent=forward_agent
-            ).encode(),
-        )
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind("\0" + proxy_name)
-        listener.listen(1)
-        argv = build_argv(opts, cfg)
-        if (
-            mux_path is not None
-            and ready.mux_persist > 0
-            and not (forward_agent or opts.debug or opts.remove_on_interrupt)
-            and _mux.claim(mux_path)
-        ):
-            # The first command of a burst: its ssh stays as this job's master (_mux).
-            argv[1:1] = _mux.master_options(mux_path, ready.mux_persist)
-        if ready.banner and not opts.command and os.path.basename(argv[0]) == "ssh":
+        plan: _Plan = (ready.login, forward_agent, ready.mux_persist if master else 0.0)
+        if plan != launch.plan:
+            _debug(opts, "the starter's session_ready differs from the guess: restarting ssh")
+            launch.abandon()
+            try:
+                launch = _Launch.start(opts, d, alias, plan, mux_path, launch.n + 1)
+            except OSError as exc:
+                return die(f"cannot run {exc.filename or 'ssh'}: {exc.strerror}")
+        if ready.banner and not opts.command and os.path.basename(launch.argv[0]) == "ssh":
             print(ready.banner, file=sys.stderr, flush=True)
-        if not ready.agent_forwarding and wants_agent(shlex.split(opts.ssh)[1:]):
+        if not ready.agent_forwarding and asks_agent:
             # sshd would refuse the agent channel without a word: say it, once.
             print(
                 "ssh-to-job: agent forwarding is off in this pool "
@@ -882,16 +888,12 @@ def _session(
                 file=sys.stderr,
                 flush=True,
             )
-        _debug(opts, "running " + shlex.join(argv))
-        env = dict(os.environ)
-        env["SHELL"] = "/bin/sh"  # ssh runs the ProxyCommand with $SHELL: keep it plain
-        try:
-            child = Child(argv, env)
-        except OSError as exc:
-            return die(f"cannot run {argv[0]}: {exc.strerror}")
-        signals.child = child
-        with listener:
-            handed = hand_over(listener, session, child)
+        # Until now a signal ended the set-up (KeyboardInterrupt, and ssh abandoned below);
+        # from here on it is passed on to ssh.
+        child = signals.child = launch.child
+        with launch.listener:
+            handed = hand_over(launch.listener, session, child)
+        launch = None  # from here on ssh is the session's, to wait for
         session.close()
         rc = child.wait()
         if not handed and rc == 0:
@@ -900,7 +902,91 @@ def _session(
             _remove_job(opts, jid)
         return rc if rc >= 0 else 128 - rc
     finally:
+        if launch is not None:
+            # Set-up failed or was interrupted before ssh got the socket: ssh (waiting for
+            # its ProxyCommand) goes without a word.
+            launch.abandon()
         session.close()
+
+
+#: ``[starter] mux_persist``'s default: the guess for a master's idle time (_Launch).
+_GUESS_PERSIST = 10.0
+
+
+def _own_login() -> str:
+    """The login the starter names for a job of ours (``starter._session.login_name``)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"u{os.getuid()}"
+
+
+#: What ssh's command line and config take from ``session_ready``: the login, agent
+#: forwarding, and the master's idle time (0: no master).
+_Plan = tuple[str, bool, float]
+
+
+class _Launch:
+    """ssh started ahead of the session socket: its ProxyCommand waits on ``listener``."""
+
+    def __init__(
+        self, child: Child, listener: socket.socket, argv: list[str], plan: _Plan, n: int
+    ) -> None:
+        self.child = child
+        self.listener = listener
+        self.argv = argv
+        self.plan = plan
+        self.n = n
+
+    @classmethod
+    def start(
+        cls,
+        opts: Options,
+        d: str,
+        alias: str,
+        plan: _Plan,
+        mux_path: str | None,
+        n: int,
+    ) -> _Launch:
+        login, agent, persist = plan
+        # A fresh name each time: a helper of an abandoned ssh may still be connecting.
+        proxy_name = f"ssh-to-job-{os.getuid()}-{os.urandom(16).hex()}"
+        cfg = os.path.join(d, "config" if n == 1 else f"config.{n}")
+        _write(cfg, ssh_config(d, login, alias, proxy_name, opts.x11, opts.debug, agent).encode())
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind("\0" + proxy_name)
+            listener.listen(1)
+            argv = build_argv(opts, cfg)
+            if persist > 0 and mux_path is not None:
+                # The first command of a burst: its ssh stays as this job's master (_mux).
+                argv[1:1] = _mux.master_options(mux_path, persist)
+            _debug(opts, "running " + shlex.join(argv))
+            env = dict(os.environ)
+            env["SHELL"] = "/bin/sh"  # ssh runs the ProxyCommand with $SHELL: keep it plain
+            try:
+                child = Child(argv, env)
+            except OSError as exc:
+                exc.filename = argv[0]
+                raise
+        except BaseException:
+            listener.close()
+            raise
+        return cls(child, listener, argv, plan, n)
+
+    def abandon(self) -> None:
+        """Stop this ssh before it had the socket (SIGKILL: not a word on the terminal; its
+        ProxyCommand helper, finding ssh gone, exits quietly too). ssh goes first: were the
+        listener closed while ssh lived, its helper would report the refusal."""
+        try:
+            self.child.send_signal(signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            self.child.wait()
+        except ChildProcessError:
+            pass
+        self.listener.close()
 
 
 def _remote_grant(

@@ -11,6 +11,7 @@
  * is missing.
  */
 #include <errno.h>
+#include <poll.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
@@ -19,9 +20,19 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+/* Whether the ssh that ran us is gone (its end of our stdout closed): ssh-to-job stops an ssh
+ * it started ahead of a session that then failed, and nobody is left to tell. */
+static int ssh_gone(void)
+{
+    struct pollfd p = {.fd = STDOUT_FILENO, .events = POLLOUT};
+    return poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLERR | POLLNVAL));
+}
+
 static int fail(const char *what)
 {
-    fprintf(stderr, "ssh-to-job proxy: %s: %s\n", what, strerror(errno));
+    int saved = errno;
+    if (!ssh_gone())
+        fprintf(stderr, "ssh-to-job proxy: %s: %s\n", what, strerror(saved));
     return 1;
 }
 
@@ -68,7 +79,8 @@ int main(int argc, char **argv)
     struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
     if (c == NULL || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS ||
         c->cmsg_len != CMSG_LEN(sizeof(int))) {
-        fputs("ssh-to-job proxy: ssh-to-job sent no socket\n", stderr);
+        if (!ssh_gone())
+            fputs("ssh-to-job proxy: ssh-to-job sent no socket\n", stderr);
         return 1;
     }
     int fd;
