@@ -100,6 +100,20 @@ def test_exit_now_flushes_and_exits_with_the_code() -> None:
     assert (r.returncode, r.stdout, r.stderr) == (3, "out", "err")
 
 
+def test_the_entry_point_ends_without_the_interpreters_teardown() -> None:
+    """ssh-to-job-py's main (client._mux.main) leaves through exit_now: its output and status
+    arrive, and the teardown (here an atexit hook standing for it) never runs."""
+    code = (
+        "import atexit, sys; atexit.register(print, 'teardown ran'); "
+        "from ssh_to_job.client._mux import main; "
+        "sys.argv = ['ssh-to-job-py', '-version']; sys.exit(main())"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r
+    assert r.stdout.startswith("ssh-to-job "), r
+    assert "teardown ran" not in r.stdout + r.stderr
+
+
 def test_wait_survives_a_signal_handler_that_reaped_the_child(tmp_path: pathlib.Path) -> None:
     """A signal handler that polls the child (as -remove-on-interrupt's Ctrl-C does, to pass the
     signal on) can reap it while wait() blocks in waitpid; wait() then returns the status the
