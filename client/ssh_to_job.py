@@ -28,6 +28,7 @@ import time
 # wire's attrs-free ``lean`` codec instead of the attrs message classes, os.path instead of
 # pathlib, posix_spawn instead of subprocess. ``wire`` itself loads its names on first use.
 from ssh_to_job import wire
+from ssh_to_job.common._where import CONFIG_MEMO, runtime_base
 from ssh_to_job.wire import lean
 
 from . import _mux, _persist
@@ -346,10 +347,8 @@ def runtime_dir() -> tuple[pathlib.Path, bool]:
 
 
 def _runtime_dir() -> tuple[str, bool]:
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if not base or not os.path.isdir(base) or os.stat(base).st_uid != os.getuid():
-        base = os.environ.get("TMPDIR") or "/tmp"
-    d = os.path.join(base, f"ssh-to-job-{os.getuid()}")
+    d = runtime_base()
+    base = os.path.dirname(d)
     try:
         os.mkdir(d, 0o700)
     except FileExistsError:
@@ -413,6 +412,15 @@ def sweep_stale(base: str | os.PathLike[str]) -> None:
                     os.unlink(entry)
                 except FileNotFoundError:
                     pass
+            continue
+        if name.startswith(CONFIG_MEMO):
+            # common._where's memo of the config file stays; a writer's temp file left by a
+            # killed command goes.
+            try:
+                if name != CONFIG_MEMO and time.time() - os.lstat(entry).st_mtime > 60:
+                    os.unlink(entry)
+            except FileNotFoundError:
+                pass
             continue
         pid = _read_pid(entry)
         if pid:
