@@ -27,8 +27,7 @@ import time
 # The session path imports only what it uses (tests/test_client_imports.py pins the set): the
 # wire's attrs-free ``lean`` codec instead of the attrs message classes, os.path instead of
 # pathlib, posix_spawn instead of subprocess. ``wire`` itself loads its names on first use.
-from ssh_to_job import wire
-from ssh_to_job.common._where import CONFIG_MEMO, runtime_base
+from ssh_to_job import common, wire
 from ssh_to_job.wire import lean
 
 from . import _mux, _persist
@@ -347,7 +346,7 @@ def runtime_dir() -> tuple[pathlib.Path, bool]:
 
 
 def _runtime_dir() -> tuple[str, bool]:
-    d = runtime_base()
+    d = common.runtime_base()
     base = os.path.dirname(d)
     try:
         os.mkdir(d, 0o700)
@@ -413,11 +412,11 @@ def sweep_stale(base: str | os.PathLike[str]) -> None:
                 except FileNotFoundError:
                     pass
             continue
-        if name.startswith(CONFIG_MEMO):
+        if name.startswith(common.CONFIG_MEMO):
             # common._where's memo of the config file stays; a writer's temp file left by a
             # killed command goes.
             try:
-                if name != CONFIG_MEMO and time.time() - os.lstat(entry).st_mtime > 60:
+                if name != common.CONFIG_MEMO and time.time() - os.lstat(entry).st_mtime > 60:
                     os.unlink(entry)
             except FileNotFoundError:
                 pass
@@ -853,7 +852,8 @@ def _session(
             opts,
             f"session {reply.session_id[:8]} granted by the broker; starter {reply.starter_id}",
         )
-        asks_agent = wants_agent(shlex.split(opts.ssh)[1:])
+        words = shlex.split(opts.ssh)
+        asks_agent = wants_agent(words[1:])
         alias = f"ssh-to-job-{reply.job}-{reply.session_id[:8]}"
         # The first command of a burst makes this job's master (_mux); -debug and
         # -remove-on-interrupt act on a session of their own. (_mux.usable already said no
@@ -863,14 +863,18 @@ def _session(
             and not (opts.debug or opts.remove_on_interrupt)
             and _mux.claim(mux_path)
         )
+        # ssh reads its config at start, and its key and known_hosts only once connected: so
         # ssh starts now, while the starter sets the session up, on a guess of what its
-        # session_ready will say (the login, the agent, the master's idle time): ssh's own
+        # session_ready will say (the login, the agent, the master's idle time), and ssh's own
         # start-up (~12 ms here) leaves the session's path. A wrong guess costs a restart.
-        guess: _Plan = (_own_login(), asks_agent, _GUESS_PERSIST if master else 0.0)
-        try:
-            launch = _Launch.start(opts, d, alias, guess, mux_path, 1)
-        except OSError as exc:
-            return die(f"cannot run {exc.filename or 'ssh'}: {exc.strerror}")
+        # Only plain ssh: scp and sftp run ssh as their own child, which a SIGKILL of them
+        # (a wrong guess, a failed set-up) would leave behind.
+        if os.path.basename(words[0]) == "ssh":
+            guess: _Plan = (_own_login(), asks_agent, _GUESS_PERSIST if master else 0.0)
+            try:
+                launch = _Launch.start(opts, d, alias, guess, mux_path, 1)
+            except _CannotRun as exc:
+                return die(str(exc))
         try:
             ready = open_session(session, reply, shells, persist=opts.persist)
         except (SessionError, OSError, ConnectionError, wire.ProtocolError) as exc:
@@ -879,13 +883,17 @@ def _session(
         forward_agent = ready.agent_forwarding and asks_agent
         _write(os.path.join(d, "known_hosts"), f"{alias} {ready.host_key}\n".encode())
         plan: _Plan = (ready.login, forward_agent, ready.mux_persist if master else 0.0)
-        if plan != launch.plan:
-            _debug(opts, "the starter's session_ready differs from the guess: restarting ssh")
-            launch.abandon()
+        if launch is None or plan != launch.plan:
+            n = 1
+            if launch is not None:
+                _debug(opts, "the starter's session_ready differs from the guess: restarting ssh")
+                launch.abandon()
+                n = launch.n + 1
+                launch = None
             try:
-                launch = _Launch.start(opts, d, alias, plan, mux_path, launch.n + 1)
-            except OSError as exc:
-                return die(f"cannot run {exc.filename or 'ssh'}: {exc.strerror}")
+                launch = _Launch.start(opts, d, alias, plan, mux_path, n)
+            except _CannotRun as exc:
+                return die(str(exc))
         if ready.banner and not opts.command and os.path.basename(launch.argv[0]) == "ssh":
             print(ready.banner, file=sys.stderr, flush=True)
         if not ready.agent_forwarding and asks_agent:
@@ -934,6 +942,10 @@ def _own_login() -> str:
 _Plan = tuple[str, bool, float]
 
 
+class _CannotRun(OSError):
+    """ssh (scp, sftp) could not be started: the message names it."""
+
+
 class _Launch:
     """ssh started ahead of the session socket: its ProxyCommand waits on ``listener``."""
 
@@ -975,8 +987,7 @@ class _Launch:
             try:
                 child = Child(argv, env)
             except OSError as exc:
-                exc.filename = argv[0]
-                raise
+                raise _CannotRun(f"cannot run {argv[0]}: {exc.strerror}") from None
         except BaseException:
             listener.close()
             raise

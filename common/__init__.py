@@ -39,7 +39,7 @@ if TYPE_CHECKING:
         write_public,
     )
     from ._logging import setup_logging
-    from ._where import broker_socket, config_state_dir
+    from ._where import CONFIG_MEMO, broker_socket, config_state_dir, runtime_base
 
 if TYPE_CHECKING:
     from ._pki import (
@@ -121,6 +121,8 @@ _LAZY = {
     "state_dir_for": "_config",
     "broker_socket": "_where",
     "config_state_dir": "_where",
+    "CONFIG_MEMO": "_where",
+    "runtime_base": "_where",
     "add_pool_flags": "_cli",
     "config_and_state": "_cli",
     "load_or_create_key": "_files",
@@ -206,6 +208,7 @@ __all__ = [
     "BROKER_KEY",
     "CA_CERT",
     "CA_KEY",
+    "CONFIG_MEMO",
     "DEFAULT_CA_DAYS",
     "DEFAULT_LEAF_DAYS",
     "DEFAULT_PORT",
@@ -273,6 +276,7 @@ __all__ = [
     "public_hex",
     "public_key_pem",
     "read_public_key",
+    "runtime_base",
     "setup_logging",
     "split_hosts",
     "state_dir_for",

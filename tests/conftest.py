@@ -268,6 +268,12 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 15) -> T
         time.sleep(0.05)
 
 
+def session_entries(runtime: pathlib.Path) -> list[pathlib.Path]:
+    """What a client's runtime directory holds besides the config memo
+    (``common._where.CONFIG_MEMO``, kept across sessions on purpose)."""
+    return sorted(p for p in runtime.iterdir() if p.name != "config-state-dir")
+
+
 def new_state_dir() -> pathlib.Path:
     d = pathlib.Path("/tmp") / f"stjt-{secrets.token_hex(4)}"
     d.mkdir(mode=0o755)

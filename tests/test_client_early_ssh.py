@@ -5,6 +5,9 @@ ssh, and a set-up that fails stops it without a word from ssh or its ProxyComman
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -94,3 +97,42 @@ def test_a_failed_set_up_stops_the_early_ssh_quietly(
         time.sleep(0.05)
     assert left == [], left
     pool.stj(a, "rm", job)
+
+
+def test_a_refusal_before_the_grant_stops_the_early_ssh_quietly(
+    pool: Pool, users: dict[str, User]
+) -> None:
+    """A job the broker refuses: one line, the broker's, and no ssh or helper left behind."""
+    b = users["b"]
+    r = pool.ssh(b, "987654.0", "true")
+    assert r.returncode == 1, r
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("ssh-to-job: "), r.stderr
+    assert "987654" in r.stderr
+    deadline = time.monotonic() + 5
+    while (left := _ssh_processes(b.uid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == [], left
+
+
+def test_scp_starts_only_once_the_starter_has_answered(pool: Pool, users: dict[str, User]) -> None:
+    """scp runs ssh as its own child, which a kill of scp would orphan: so it is never started
+    on a guess, even where the guess would be wrong (a superuser copying from a user's job)."""
+    a, su = users["a"], users["su"]
+    job = _running(pool, a)
+    here = pathlib.Path(tempfile.mkdtemp(prefix="stjt-scp-", dir="/tmp"))
+    os.chown(here, su.uid, su.gid)
+    dest = here / "got"
+    try:
+        r = pool.ssh(su, "-debug", "-ssh", "scp", job, "remote:/etc/hostname", str(dest))
+        assert r.returncode == 0, r.stderr
+        assert dest.read_text() == pathlib.Path("/etc/hostname").read_text()
+        ours = _lines_from(r.stderr, "ssh-to-job: ")
+        running = [i for i, line in enumerate(ours) if line.startswith("ssh-to-job: running ")]
+        verified = [i for i, line in enumerate(ours) if "starter host key verified" in line]
+        assert (len(running), len(verified)) == (1, 1), ours
+        assert verified[0] < running[0], ours
+        assert "restarting" not in r.stderr
+    finally:
+        pool.stj(a, "rm", job)
+        shutil.rmtree(here, ignore_errors=True)

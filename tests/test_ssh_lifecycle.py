@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import Pool, User, new_state_dir
+from conftest import Pool, User, new_state_dir, session_entries
 from test_ssh_security import (
     IO_TIMEOUT,
     Live,
@@ -121,7 +121,7 @@ def test_no_key_file_outlives_its_session(
             # The next ssh-to-job run sweeps what a killed one left behind.
             r = pool.ssh(a, job, "true", env={"TMPDIR": str(tmp)}, timeout=IO_TIMEOUT)
             assert r.returncode == 0, r.stderr
-        assert list(base.iterdir()) == []
+        assert session_entries(base) == []
     finally:
         live.stop()
         if ending == "SIGKILL" and alive(ssh):

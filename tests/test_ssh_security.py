@@ -29,7 +29,7 @@ from typing import Any, cast
 import attrs
 import pytest
 import trio
-from conftest import ROOT, SSH_TO_JOB, Pool, User, new_state_dir
+from conftest import ROOT, SSH_TO_JOB, Pool, User, new_state_dir, session_entries
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -260,7 +260,7 @@ class Live:
                     raise AssertionError(f"ssh-to-job ended ({self.proc.returncode}): {err!r}")
                 line += chunk
         assert line == b"ready\n", line
-        (self.client_dir,) = (tmp / f"ssh-to-job-{user.uid}").iterdir()
+        (self.client_dir,) = session_entries(tmp / f"ssh-to-job-{user.uid}")
         self.alias = (self.client_dir / "known_hosts").read_text().split()[0]
         prefix = self.alias.rsplit("-", 1)[1]
         (self.starter_dir,) = [p for p in sessions_dir(pool).iterdir() if p.name.startswith(prefix)]
