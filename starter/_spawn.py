@@ -64,18 +64,23 @@ class Unavailable(Exception):
 
 _ffi: Any = None
 _lib: Any = None
-_fallback_logged = False
+_load_error = ""
+#: Why sessions' sshd went the fork path, each said once in the log.
+_fallbacks_logged: set[str] = set()
 
 
 def _load() -> tuple[Any, Any]:
-    global _ffi, _lib
+    global _ffi, _lib, _load_error
+    if _load_error:
+        raise Unavailable(_load_error)
     if _lib is None:
         ffi = cffi.FFI()
         ffi.cdef(_CDEF)
         try:
             lib = ffi.dlopen(os.fsdecode(LIBRARY), ffi.RTLD_NOW | ffi.RTLD_LOCAL)
         except OSError as exc:
-            raise Unavailable(f"the spawner {LIBRARY} cannot be loaded ({exc})") from None
+            _load_error = f"the spawner {LIBRARY} cannot be loaded ({exc})"
+            raise Unavailable(_load_error) from None
         _ffi, _lib = ffi, lib
     return _ffi, _lib
 
@@ -229,8 +234,11 @@ async def start(
 ) -> Process | trio.Process:
     """A session's sshd, with :func:`spawn` where it can be used, else as subprocess does it
     (fork, ``preexec`` joins the cgroup and drops privileges, exec)."""
-    global _fallback_logged
-    if mode == "clone3" and cgroup is not None:
+    if mode != "clone3":
+        _fall_back(f'[starter] spawn = "{mode}"')
+    elif cgroup is None:
+        _fall_back("no session cgroup (cgroups off or not writable here, or a Slurm job)")
+    else:
         try:
             return spawn(
                 argv,
@@ -245,9 +253,7 @@ async def start(
                 pass_fds=pass_fds,
             )
         except Unavailable as exc:
-            if not _fallback_logged:
-                _fallback_logged = True
-                log.info("%s: sessions' sshd start by fork and a cgroup write", exc)
+            _fall_back(str(exc))
     return await trio.lowlevel.open_process(
         list(argv),
         stdin=stdin,
@@ -258,3 +264,17 @@ async def start(
         preexec_fn=preexec,
         pass_fds=tuple(pass_fds),
     )
+
+
+def _fall_back(why: str) -> None:
+    if why not in _fallbacks_logged:
+        _fallbacks_logged.add(why)
+        log.info("sessions' sshd start by fork, not clone3: %s", why)
+
+
+# The first session should not pay for cffi's parsing and the dlopen: load it with the starter.
+# A failure is only remembered here; spawn() raises Unavailable and start() falls back.
+try:
+    _load()
+except Unavailable:
+    pass

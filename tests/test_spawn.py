@@ -182,6 +182,42 @@ async def test_exec_failure_raises_and_leaves_no_child(
     assert zombies(os.getpid()) == []
 
 
+@needs_cgroups
+async def test_start_falls_back_to_fork_and_says_so_once(
+    cgroup: pathlib.Path,
+    users: dict[str, User],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without the library (or clone3), start() forks with the preexec as before, and logs why
+    once however many sessions follow."""
+    a = users["a"]
+    why = "the spawner /nowhere/libstjspawn.so cannot be loaded (gone)"
+    monkeypatch.setattr(_spawn, "_load_error", why)
+    monkeypatch.setattr(_spawn, "_fallbacks_logged", set())
+    caplog.set_level("INFO", logger="stj.starter")
+    for _ in range(2):
+        proc = await _spawn.start(
+            ["sleep", "60"],
+            stdin=0,
+            stdout=1,
+            stderr=2,
+            env={"PATH": "/usr/bin:/bin"},
+            cgroup=cgroup,
+            uid=a.uid,
+            gid=a.gid,
+            groups=[a.gid],
+            preexec=_procs.make_preexec(a.uid, a.gid, [a.gid], cgroup),
+        )
+        assert isinstance(proc, trio.Process)
+        assert _procs.cgroup_pids(cgroup) == {proc.pid}
+        proc.kill()
+        with trio.fail_after(IO_TIMEOUT):
+            await proc.wait()
+    said = [r.getMessage() for r in caplog.records if "start by fork" in r.getMessage()]
+    assert said == [f"sessions' sshd start by fork, not clone3: {why}"]
+
+
 def children(parent: int) -> list[tuple[int, str, str]]:
     """(pid, comm, state) of each child of ``parent``."""
     out = []
@@ -305,8 +341,11 @@ def test_session_sshd_runs_in_its_session_cgroup_as_the_job_owner(
             if comm(pid) == "sleep"
         ]
         assert sorted(fd_targets(cmd)) == [0, 1, 2]
+        said = "sessions' sshd start by fork, not clone3"
         if spawn == "clone3":
-            assert "start by fork" not in pool.log_text()
+            assert said not in pool.log.read_text()
+        else:
+            assert f'{said}: [starter] spawn = "fork"' in pool.log.read_text()
     finally:
         live.stop()
         pool.stj(ROOT, "rm", job, check=False)
