@@ -19,6 +19,7 @@ signal or reap a pid other than the child's own (everything goes through its pid
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import pathlib
@@ -239,19 +240,25 @@ async def start(
     elif cgroup is None:
         _fall_back("no session cgroup (cgroups off or not writable here, or a Slurm job)")
     else:
+        # In a worker thread, as trio runs Popen: the spawner returns only once the child has
+        # exec'ed, and once it runs as the job's uid the job's processes may signal it (a
+        # SIGSTOP before its exec). That holds up this session, not the starter's event loop,
+        # until the job's cgroup is killed.
+        call = functools.partial(
+            spawn,
+            argv,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            cgroup=cgroup,
+            uid=uid,
+            gid=gid,
+            groups=groups,
+            pass_fds=pass_fds,
+        )
         try:
-            return spawn(
-                argv,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-                env=env,
-                cgroup=cgroup,
-                uid=uid,
-                gid=gid,
-                groups=groups,
-                pass_fds=pass_fds,
-            )
+            return await trio.to_thread.run_sync(call)
         except Unavailable as exc:
             _fall_back(str(exc))
     return await trio.lowlevel.open_process(
