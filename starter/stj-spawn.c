@@ -32,6 +32,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -284,12 +285,17 @@ STJ_EXPORT int stj_spawn(const char *path, char *const argv[], char *const envp[
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
 #ifdef STJ_CLONE_VM
+    /* The child's id switch marks the memory it shares with us non-dumpable (that is what
+     * keeps the job's processes out of it until the exec): give the starter its own back. */
+    int dumpable = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
     /* Returns once the child has exec'ed or exited (CLONE_VFORK). */
     pid = clone3_run(&args, child_main, &plan);
     if (pid < 0) {
         clone_errno = (int)-pid;
         pid = -1;
     }
+    if (dumpable > 0 && prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != dumpable)
+        prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0);
     munmap(stack, STACK_SIZE);
 #else
     pid = syscall(SYS_clone3, &args, sizeof args);

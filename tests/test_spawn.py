@@ -8,6 +8,7 @@ checked without I/O.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import pathlib
@@ -180,6 +181,18 @@ async def test_exec_failure_raises_and_leaves_no_child(
     assert info.value.filename == "/nonexistent/sshd"
     assert _procs.cgroup_pids(cgroup) == set()
     assert zombies(os.getpid()) == []
+
+
+@needs_cgroups
+async def test_the_starter_stays_dumpable(cgroup: pathlib.Path, users: dict[str, User]) -> None:
+    """The child's uid switch, in memory it may share with the starter until its exec, does not
+    leave the starter non-dumpable (no core dumps, no ptrace by root tools without the cap)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    get_dumpable = 3  # PR_GET_DUMPABLE
+    assert prctl(get_dumpable, 0, 0, 0, 0) == 1
+    code, _out, _err = await run_spawned(["true"], cgroup, users["a"])
+    assert code == 0
+    assert prctl(get_dumpable, 0, 0, 0, 0) == 1
 
 
 @needs_cgroups
