@@ -1,6 +1,7 @@
 """Build hook: compile the LD_PRELOAD shim (preload/stjshim.c) into preload/libstjshim.so,
 the ProxyCommand helper (client/stj-fdpass.c) into client/stj-fdpass, the jobs' reaper
-(starter/stj-reaper.c) into starter/stj-reaper, and the ``ssh-to-job`` command itself
+(starter/stj-reaper.c) into starter/stj-reaper, the sshd spawner (starter/stj-spawn.c) into
+starter/libstjspawn.so, and the ``ssh-to-job`` command itself
 (client/stj-front.c, installed as a script beside the Python client ``ssh-to-job-py``).
 
 All metadata lives in pyproject.toml. The shim is a plain C shared object that depends only on
@@ -55,6 +56,8 @@ FDPASS_SOURCE = HERE / "client" / "stj-fdpass.c"
 FDPASS = "stj-fdpass"
 REAPER_SOURCE = HERE / "starter" / "stj-reaper.c"
 REAPER = "stj-reaper"
+SPAWN_SOURCE = HERE / "starter" / "stj-spawn.c"
+SPAWN = "libstjspawn.so"
 
 
 def compile_program(source: Path, out: Path, what: str) -> None:
@@ -81,6 +84,22 @@ def compile_fdpass(out: Path) -> None:
 def compile_reaper(out: Path) -> None:
     """The first process of every job: keeps its exit status for a restarted starter."""
     compile_program(REAPER_SOURCE, out, "the job reaper")
+
+
+def compile_spawn(out: Path) -> None:
+    """The starter's clone3 spawner for sshd, loaded with cffi in ABI mode (libc only)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    argv = [*compiler(), *CFLAGS, *LDFLAGS, "-o", str(tmp), str(SPAWN_SOURCE)]
+    print("building the sshd spawner:", shlex.join(argv))
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise CompileError(
+            f"ssh-to-job: compiling {SPAWN_SOURCE.name} failed:\n{proc.stdout}{proc.stderr}"
+        )
+    tmp.chmod(0o755)
+    tmp.replace(out)
 
 
 def compile_shim(out: Path) -> None:
@@ -121,10 +140,12 @@ class BuildPyWithShim(build_py):
             compile_shim(HERE / "preload" / LIBRARY)
             compile_fdpass(HERE / "client" / FDPASS)
             compile_reaper(HERE / "starter" / REAPER)
+            compile_spawn(HERE / "starter" / SPAWN)
         else:
             compile_shim(Path(self.build_lib) / "ssh_to_job" / "preload" / LIBRARY)
             compile_fdpass(Path(self.build_lib) / "ssh_to_job" / "client" / FDPASS)
             compile_reaper(Path(self.build_lib) / "ssh_to_job" / "starter" / REAPER)
+            compile_spawn(Path(self.build_lib) / "ssh_to_job" / "starter" / SPAWN)
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
         outputs: list[str] = list(super().get_outputs(include_bytecode))
@@ -132,6 +153,7 @@ class BuildPyWithShim(build_py):
             outputs.append(str(Path(self.build_lib) / "ssh_to_job" / "preload" / LIBRARY))
             outputs.append(str(Path(self.build_lib) / "ssh_to_job" / "client" / FDPASS))
             outputs.append(str(Path(self.build_lib) / "ssh_to_job" / "starter" / REAPER))
+            outputs.append(str(Path(self.build_lib) / "ssh_to_job" / "starter" / SPAWN))
         return outputs
 
 

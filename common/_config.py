@@ -117,6 +117,9 @@ class StarterConfig:
     sftp_server: str = "/usr/lib/openssh/sftp-server"
     use_shim: bool = True
     use_cgroups: bool = True
+    #: How a session's sshd starts: "clone3" straight into its session cgroup where it can
+    #: (starter/stj-spawn.c), else "fork" and a cgroup write in the child (subprocess).
+    spawn: str = attrs.field(default="clone3", validator=attrs.validators.in_(("clone3", "fork")))
     #: After the job's main process exits, open sessions may go on this long (seconds).
     session_grace: float = attrs.field(default=3600.0, validator=_between(0, 86400 * 365))
     #: A failed job submitted with hold_on_failure stays this long for debugging (seconds).

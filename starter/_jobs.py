@@ -31,7 +31,7 @@ import trio
 
 from ssh_to_job import common, wire
 
-from . import _procs
+from . import _procs, _spawn
 
 log = logging.getLogger("stj.starter")
 
@@ -146,7 +146,7 @@ class Job:
     pid: int = 0
     reaper_pid: int = 0
     started: float = 0.0
-    sessions: dict[str, trio.Process] = attrs.field(factory=dict)
+    sessions: dict[str, trio.Process | _spawn.Process] = attrs.field(factory=dict)
     main_exited: bool = False
     killed: str = ""
     suspended: bool = False

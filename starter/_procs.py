@@ -12,7 +12,8 @@ so.
 
 Processes are started as the job's uid with the ``preexec_fn`` that :func:`make_preexec` makes:
 the child joins the cgroup while still root, then drops to the job's gid, groups and uid, then
-execs. Nothing of the starter's own privilege survives the exec.
+execs. Nothing of the starter's own privilege survives the exec. A session's sshd is started by
+:mod:`._spawn` instead where it can be: ``clone3`` creates it already in the session's cgroup.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ import trio
 from ssh_to_job import common, preload, wire
 from ssh_to_job.transport import PeerClosed, PeerGone, receive_one_frame_exact
 
-from . import _persist, _procs, _sshdlog
+from . import _persist, _procs, _spawn, _sshdlog
 
 if TYPE_CHECKING:
     from ._daemon import Starter
@@ -302,7 +302,7 @@ async def _serve(
     shell = choose_shell(msg.shells, pw)
     d = starter.sessions_dir / session_id[:16]
     cgroup: pathlib.Path | None = None
-    proc: trio.Process | None = None
+    proc: trio.Process | _spawn.Process | None = None
     meter: socket.socket | None = None
     # From here on the socket is a plain blocking one: sshd gets it as stdin/stdout.
     ours = socket.socket(fileno=sock.detach())
@@ -383,15 +383,19 @@ async def _serve(
             sshd_env["LD_PRELOAD"] = str(starter.shim)
             sshd_env[preload.ENV_FD] = str(child.fileno())
             try:
-                proc = await trio.lowlevel.open_process(
+                proc = await _spawn.start(
                     argv,
                     stdin=ours.fileno(),
                     stdout=ours.fileno(),
                     stderr=log_fd,
                     env=sshd_env,
-                    cwd="/",
-                    preexec_fn=preexec,
+                    cgroup=cgroup,
+                    uid=uid,
+                    gid=gid,
+                    groups=job.plan.groups,
+                    preexec=preexec,
                     pass_fds=(child.fileno(),),
+                    mode=cfg.spawn,
                 )
             finally:
                 child.close()
@@ -411,14 +415,18 @@ async def _serve(
         else:
             ours.sendall(conn.send(ready))
             try:
-                proc = await trio.lowlevel.open_process(
+                proc = await _spawn.start(
                     argv,
                     stdin=ours.fileno(),
                     stdout=ours.fileno(),
                     stderr=log_fd,
                     env=sshd_env,
-                    cwd="/",
-                    preexec_fn=preexec,
+                    cgroup=cgroup,
+                    uid=uid,
+                    gid=gid,
+                    groups=job.plan.groups,
+                    preexec=preexec,
+                    mode=cfg.spawn,
                 )
             finally:
                 os.close(log_fd)
