@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 import pexpect
-from conftest import SSH_TO_JOB, STJ, Pool, User, wait_for
+from conftest import BIN, SSH_TO_JOB, STJ, Pool, User, wait_for
 
 from ssh_to_job import __version__
 
@@ -237,3 +237,29 @@ def test_submit_interactive_gives_a_shell_in_a_pty(pool: Pool, users: dict[str, 
     finally:
         child.close(force=True)
     assert pool.wait_state(job, "removed")["state"] == "removed"
+
+
+def test_the_front_starts_python_isolated_and_without_site(tmp_path: pathlib.Path) -> None:
+    """The compiled front runs the Python client with -I -S: no site module, no sitecustomize
+    and no PYTHONPATH (3-5 ms of every cold session, and nothing from the environment); the
+    client script run directly still gets them (the control that the probe works)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    marker = tmp_path / "site-ran"
+    (probe / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'a').write('x')\n")
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "PYTHONPATH": str(probe), "HOME": str(tmp_path)}
+    r = subprocess.run(
+        [SSH_TO_JOB, "-version"], capture_output=True, text=True, env=env, check=False
+    )
+    assert (r.returncode, r.stderr) == (0, ""), r
+    assert r.stdout.startswith("ssh-to-job "), r
+    assert not marker.exists()
+    r = subprocess.run(
+        [str(BIN / "ssh-to-job-py"), "-version"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert r.returncode == 0, r
+    assert marker.exists()
