@@ -8,6 +8,7 @@ import json
 import pathlib
 import re
 import time
+from typing import Any
 
 from conftest import Pool, User, wait_for
 
@@ -133,6 +134,39 @@ def test_job_table_rows_equal_the_job_infos(tmp_path: pathlib.Path) -> None:
         assert rows == [[list(v) if isinstance(v, tuple) else v for v in i] for i in infos]
         assert rows[1][wire.JOB_COLUMNS.index("started")] == 0.1 + 0.2
         assert list(q.table_pages(wire.parse_job_id("99"))) == ["[]"]
+    finally:
+        q.close()
+
+
+def test_job_table_rows_of_many_submit_times_and_nondefault_columns(tmp_path: pathlib.Path) -> None:
+    """Jobs of 700 clusters (700 submit times on one page) and jobs whose columns leave their
+    defaults one at a time read back as exactly JobInfo's values, as arrays and as objects."""
+    q = _queue.JobQueue(tmp_path / "queue.db")
+    try:
+        for _ in range(700):
+            q.submit(wire.JobSpec(executable="/bin/true"), 1, "stjta", 1001, 1001)
+        q.submit(wire.JobSpec(executable="/bin/true", initialdir="/x"), 9, "stjtb", 1002, 1002)
+        changes: list[dict[str, Any]] = [
+            {"started": 0.0},
+            {"finished": -0.0},
+            {"exit_code": 0},
+            {"exit_signal": 0},
+            {"hold_reason": "h"},
+            {"starter": "s"},
+            {"pid": 1},
+            {"scratch": "/s"},
+            {"debug_until": 1e-7},
+        ]
+        for proc, change in enumerate(changes):
+            q.set_state(f"701.{proc}", "held", **change)
+        q.db.execute("UPDATE jobs SET sessions = 2 WHERE cluster = 700")
+        infos = [[getattr(i, c) for c in wire.JOB_COLUMNS] for i in q.infos()]
+        want = [[list(v) if isinstance(v, tuple) else v for v in i] for i in infos]
+        assert len(want) == 709
+        rows = [r for p in q.table_pages(page=1000) for r in json.loads(p)]
+        assert rows == want
+        objects = [r for p in q.table_pages(page=1000, objects=True) for r in json.loads(p)]
+        assert objects == [dict(zip(wire.JOB_COLUMNS, r, strict=True)) for r in want]
     finally:
         q.close()
 
