@@ -550,18 +550,21 @@ class _JobPrinter:
                 f"{'SSH':<4} CMD\n"
             )
 
-    def page(self, rows: list[Any], text: str) -> None:
+    def page(self, rows: list[Any] | None, text: str, n: int) -> None:
+        """One page of ``n`` rows; ``rows`` is None for a page of objects that the reader
+        checked without parsing it (then its text is ASCII)."""
         if not self.started:
             self._start()
         if self.as_json:
             # The broker's text, checked by the reader, is written as it is: one object per
             # line. Only ASCII goes out unescaped, so no control character of a job's text
             # (C1 codes included) reaches the terminal raw.
-            if rows:
-                body = text[1:-1] if text.isascii() else _json_lines(rows)
+            if n:
+                body = text[1:-1] if rows is None or text.isascii() else _json_lines(rows)
                 self.out.write((",\n" if self.n else "") + body)
-            self.n += len(rows)
+            self.n += n
             return
+        assert rows is not None  # arrays are always parsed
         self._rows([_JobRow._make(r) for r in rows])
 
     def _rows(self, jobs: list[Any]) -> None:
