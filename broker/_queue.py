@@ -630,10 +630,20 @@ class JobQueue:
         one parsed copy per cluster: half the time of building lists for ``json.dumps``.
         Times are printed with 17 significant digits (``%!.17g``), so that they read back as
         exactly the stored floats (SQLite's own JSON numbers keep 15).
+
+        Most of a big queue is idle jobs whose columns after ``submitted`` all hold their
+        defaults, and whose ``submitted`` is their cluster's: SQLite only tests for that
+        (``rest`` is NULL), and Python splices in the text that SQLite wrote once for those
+        defaults and once per distinct time. Writing every row's JSON and printing its times
+        took SQLite 0.4 s of a listing of 100,000 idle jobs; the output is the same bytes.
         """
 
         def num(col: str) -> str:
-            return f"CASE WHEN {col} IS NULL THEN 'null' ELSE printf('%!.17g', {col}) END"
+            # printf of a double is SQLite's dearest step; 0 is common (debug_until).
+            return (
+                f"CASE WHEN {col} IS NULL THEN 'null' WHEN {col} = 0 THEN '0.0'"
+                f" ELSE printf('%!.17g', {col}) END"
+            )
 
         def key(name: str) -> str:
             return f"'\"{name}\":' || " if objects else ""
@@ -656,8 +666,7 @@ class JobQueue:
         )
         pids = "CASE WHEN j.pid THEN json_array(j.pid) ELSE json_array() END"
         mid = (
-            f"{open_} || {key('submitted')}{num('j.submitted')} || ',' || "
-            f"{key('started')}{num('j.started')} || ',' || "
+            f"{open_} || {key('started')}{num('j.started')} || ',' || "
             f"{key('finished')}{num('j.finished')} || ',' || substr({pack}("
             + pairs(
                 ("exit_code", "j.exit_code"),
@@ -673,38 +682,76 @@ class JobQueue:
             f"{open_} || {key('sessions')}j.sessions || ',' || "
             f"{key('debug_until')}{num('j.debug_until')} || {'}' if objects else ']'!r}"
         )
-        cols = f"j.spec_id, {head}, {mid}, {tail}"
+        # JSON text never holds a raw NUL (json_quote writes \u0000), so it splits mid | tail.
+        rest = f"{mid} || char(0) || {tail}"
+        idle = (
+            "j.started IS NULL AND j.finished IS NULL AND j.exit_code IS NULL"
+            " AND j.exit_signal IS NULL AND j.hold_reason = '' AND j.starter = ''"
+            " AND j.pid = 0 AND j.scratch = '' AND j.sessions = 0 AND j.debug_until = 0"
+        )
+        cols = f"j.spec_id, {head}, j.submitted, CASE WHEN {idle} THEN NULL ELSE {rest} END"
+        # The same expressions over the defaults that ``idle`` tests for: the same bytes.
+        ((idle_rest,),) = self.db.execute(
+            f"SELECT {rest} FROM (SELECT NULL AS started, NULL AS finished,"  # noqa: S608
+            " NULL AS exit_code, NULL AS exit_signal, '' AS hold_reason, '' AS starter,"
+            " 0 AS pid, '' AS scratch, 0 AS sessions, 0.0 AS debug_until) j"
+        )
+        idle_mid, idle_tail = idle_rest.split("\0")
+        idle_mid, idle_tail = idle_mid[1:-1], idle_tail[1:]
         sep = ",\n" if objects else ","
+        sub_key = '"submitted":' if objects else ""
         # A cluster's procs share one spec: its JSON parts are made once per listing.
         frags: dict[int, tuple[str, str]] = {}
+        times: dict[float, str] = {}
         rows: list[str] = []
-        for spec_id, a, b, c in self._select_by_pages(cols, ids, states, owner_uid, page):
-            f = frags.get(spec_id)
-            if f is None:
-                ((text,),) = self.db.execute("SELECT spec FROM specs WHERE id = ?", (spec_id,))
-                d = _spec_dict(text)
-                spec: Any = [d["executable"], d["args"]]
-                where: Any = d["initialdir"]
-                if objects:
-                    spec = {"executable": spec[0], "args": spec[1]}
-                    where = {"initialdir": where}
-                    f = frags[spec_id] = (
-                        json.dumps(spec, separators=(",", ":"))[1:-1],
-                        json.dumps(where, separators=(",", ":"))[1:-1],
+        for got in self._select_by_pages(cols, ids, states, owner_uid, page):
+            new = {r[2] for r in got}.difference(times)
+            if new:
+                # One query per page for the times not printed yet (a cluster's jobs share
+                # their submit time), by SQLite as before.
+                vals = list(new)
+                for at in range(0, len(vals), 500):
+                    part = vals[at : at + 500]
+                    texts = self.db.execute(
+                        "SELECT printf('%!.17g', column1) FROM (VALUES "  # noqa: S608
+                        + ", ".join(["(?)"] * len(part))
+                        + ")",
+                        part,
                     )
+                    times.update(zip(part, [sub_key + t for (t,) in texts], strict=True))
+            for spec_id, a, sub, more in got:
+                f = frags.get(spec_id)
+                if f is None:
+                    f = frags[spec_id] = self._spec_frags(spec_id, objects)
+                # a = [id,owner,uid,state]; mid = [started,finished,exit...,scratch];
+                # tail = [sessions,debug_until]: spliced in JobInfo's order with the spec's
+                # parts and the submit time (with ``objects``, the same as "key":value pairs
+                # in braces).
+                if more is None:
+                    rows.append(f"{a[:-1]},{f[0]},{times[sub]},{idle_mid},{f[1]},{idle_tail}")
                 else:
-                    f = frags[spec_id] = (
-                        json.dumps(spec, separators=(",", ":"))[1:-1],
-                        json.dumps(where),
-                    )
-            # a = [id,owner,uid,state]; b = [submitted,started,finished,exit...,scratch];
-            # c = [sessions,debug_until]: spliced in JobInfo's order with the spec's parts
-            # (with ``objects``, the same as "key":value pairs in braces).
-            rows.append(f"{a[:-1]},{f[0]},{b[1:-1]},{f[1]},{c[1:]}")
-            if len(rows) == page:
-                yield "[" + sep.join(rows) + "]"
-                rows = []
+                    m, t = more.split("\0")
+                    rows.append(f"{a[:-1]},{f[0]},{times[sub]},{m[1:-1]},{f[1]},{t[1:]}")
+                if len(rows) == page:
+                    yield "[" + sep.join(rows) + "]"
+                    rows = []
         yield "[" + sep.join(rows) + "]"
+
+    def _spec_frags(self, spec_id: int, objects: bool) -> tuple[str, str]:
+        """A spec's parts of a ``job_table`` row: its executable and args, and its
+        initialdir (with ``objects``, as "key":value pairs)."""
+        ((text,),) = self.db.execute("SELECT spec FROM specs WHERE id = ?", (spec_id,))
+        d = _spec_dict(text)
+        spec: Any = [d["executable"], d["args"]]
+        where: Any = d["initialdir"]
+        if objects:
+            spec = {"executable": spec[0], "args": spec[1]}
+            where = {"initialdir": where}
+            return (
+                json.dumps(spec, separators=(",", ":"))[1:-1],
+                json.dumps(where, separators=(",", ":"))[1:-1],
+            )
+        return json.dumps(spec, separators=(",", ":"))[1:-1], json.dumps(where)
 
     def _select_by_pages(
         self,
@@ -713,8 +760,8 @@ class JobQueue:
         states: tuple[str, ...],
         owner_uid: int | None,
         page: int,
-    ) -> Iterator[tuple[Any, ...]]:
-        """``_select``'s rows (of ``jobs j`` alone), one page of SQLite's work at a time.
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """``_select``'s rows (of ``jobs j`` alone), a page (a list) at a time.
 
         A single ``ORDER BY`` query over the state index sorts every matching row, with all
         its columns computed, before it yields the first (0.6 s for 100,000 jobs): the
@@ -737,7 +784,7 @@ class JobQueue:
             f" WHERE j.state IN ({marks}) ORDER BY k.id"
         )
         for start in range(0, len(keys), page):
-            yield from self.db.execute(sql, (json.dumps(keys[start : start + page]), *states))
+            yield self.db.execute(sql, (json.dumps(keys[start : start + page]), *states)).fetchall()
 
     def _where(
         self, ids: wire.JobId | None, states: tuple[str, ...], owner_uid: int | None

@@ -198,19 +198,31 @@ class BrokerClient:
             reply = self._receive()
 
     def job_table(
-        self, query: wire.Query, on_page: Callable[[list[Any], str], None]
+        self, query: wire.Query, on_page: Callable[[list[Any] | None, str, int], None]
     ) -> wire.Error | None:
         """The rows of a ``query`` with ``table`` (``wire.JOB_COLUMNS`` values each, or with
-        ``objects`` objects keyed by them), handed to ``on_page`` with the page's text a page
-        at a time as they arrive, so that the caller's work overlaps the broker's; each row's
-        shape is checked, its values are the caller's to check."""
+        ``objects`` objects keyed by them), handed to ``on_page`` with the page's text and
+        its number of rows a page at a time as they arrive, so that the caller's work
+        overlaps the broker's. Each row's shape is checked (an array as long as the columns,
+        or an object of exactly the columns in order, none twice); its values are the
+        caller's to check. A page of objects that ``_object_page`` matches (ASCII text, each
+        value also of its column's JSON type) is not parsed: its rows are None."""
         import json  # only listings need it, not a session's start-up
 
         import attrs
 
         reply = self.request(attrs.evolve(query, table=True))
         width = len(wire.JOB_COLUMNS)
-        keys = dict.fromkeys(wire.JOB_COLUMNS).keys()
+        columns = list(wire.JOB_COLUMNS)
+
+        def row(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            # Every object of a page of objects is a row (no value is an object): exactly
+            # the columns, in order, none twice.
+            if [k for k, _ in pairs] != columns:
+                raise ValueError("not a job row")
+            return dict(pairs)
+
+        fast = _object_page().fullmatch if query.objects else None
         while True:
             if isinstance(reply, wire.Error):
                 return reply
@@ -218,17 +230,22 @@ class BrokerClient:
                 raise BrokerUnavailable(f"the broker answered {reply.TYPE!r} to a query")
             if reply.columns != wire.JOB_COLUMNS:
                 raise BrokerUnavailable("the broker's job rows have other columns than ours")
-            try:
-                rows = json.loads(reply.rows)
-            except ValueError:
-                rows = None
-            if type(rows) is not list or not (
-                all(type(r) is dict and r.keys() == keys for r in rows)
-                if query.objects
-                else all(type(r) is list and len(r) == width for r in rows)
-            ):
-                raise BrokerUnavailable("the broker sent malformed job rows")
-            on_page(rows, reply.rows)
+            text = reply.rows
+            if fast is not None and fast(text):
+                # Rows are separated by ",\n" and a matched page holds no other line feed.
+                on_page(None, text, text.count("\n") + 1 if len(text) > 2 else 0)
+            else:
+                try:
+                    rows = json.loads(text, object_pairs_hook=row) if fast else json.loads(text)
+                except (ValueError, RecursionError):
+                    rows = None
+                if type(rows) is not list or not (
+                    set(map(type, rows)) <= {dict}
+                    if query.objects
+                    else set(map(type, rows)) <= {list} and set(map(len, rows)) <= {width}
+                ):
+                    raise BrokerUnavailable("the broker sent malformed job rows")
+                on_page(rows, text, len(rows))
             if reply.last:
                 return None
             reply = self._receive()
@@ -253,6 +270,39 @@ class BrokerClient:
         if isinstance(reply, wire.SshGrant) and fd is None:
             raise BrokerUnavailable("the broker granted a session but passed no socket")
         return reply, fd
+
+
+def _object_page() -> Any:
+    """The compiled pattern of a ``job_table`` page of objects as the broker writes it: rows
+    separated by ``,`` and a line feed, each exactly ``wire.JOB_COLUMNS`` in order with no
+    whitespace, each value of its ``JobInfo`` field's JSON type, all text printable ASCII
+    (anything else is for ``json.loads``). What it matches is JSON, and a stricter check
+    than a parse: 0.13 s for 100,000 rows against 0.38 s for ``json.loads`` and the keys."""
+    import re
+    import typing
+
+    text = r'"(?:[ !#-\[\]-~]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+"'
+    integer = r"-?+(?:0|[1-9][0-9]{0,18})"
+    number = integer + r"(?:\.[0-9]{1,40})?+(?:[eE][-+]?+[0-9]{1,3})?+"
+
+    def value(tp: Any) -> str:
+        if tp is str:
+            return text
+        if tp is int:
+            return integer
+        if tp is float:
+            return number
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
+            item = value(args[0])
+            return rf"\[(?:{item}(?:,{item})*+)?+\]"
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return rf"(?:{value(args[0])}|null)"
+        return "(?!)"  # a type this pattern does not know: every page goes to json.loads
+
+    hints = typing.get_type_hints(wire.JobInfo)
+    row = r"\{" + ",".join(f'"{c}":{value(hints[c])}' for c in wire.JOB_COLUMNS) + r"\}"
+    return re.compile(rf"\[(?:{row}(?:,\n{row})*+)?+\]")
 
 
 def printable(text: str) -> str:

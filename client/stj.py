@@ -7,10 +7,10 @@ commands are small blocking clients of the broker's unix socket.
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import gc
 import json
+import operator
 import os
 import pathlib
 import shutil
@@ -439,11 +439,11 @@ def _fmt_time(t: float | None) -> str:
     return _fmt_second(int(t)) if t else "-"
 
 
-def _fmt_dur(j: wire.JobInfo) -> str:
-    if not j.started:
+def _dur(started: float | None, finished: float | None) -> str:
+    if not started:
         return "0+00:00:00"
-    end = j.finished or time.time()
-    s = int(max(0, end - j.started))
+    end = finished or time.time()
+    s = int(max(0, end - started))
     return f"{s // 86400}+{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
@@ -519,8 +519,27 @@ def _json_lines(rows: list[dict[str, Any]]) -> str:
     return ",\n".join([encode(o) for o in rows])
 
 
-#: A row of a ``job_table``: read by field name like ``wire.JobInfo``, without building one.
-_JobRow = collections.namedtuple("_JobRow", wire.JOB_COLUMNS)  # type: ignore[misc]
+#: The columns of a ``job_table`` row that a listing shows, picked by name in one C call.
+_pick = operator.itemgetter(
+    *(
+        wire.JOB_COLUMNS.index(c)
+        for c in (
+            "id",
+            "owner",
+            "state",
+            "executable",
+            "args",
+            "submitted",
+            "started",
+            "finished",
+            "exit_code",
+            "exit_signal",
+            "hold_reason",
+            "sessions",
+            "debug_until",
+        )
+    )
+)
 
 
 class _JobPrinter:
@@ -550,48 +569,81 @@ class _JobPrinter:
                 f"{'SSH':<4} CMD\n"
             )
 
-    def page(self, rows: list[Any], text: str) -> None:
+    def page(self, rows: list[Any] | None, text: str, n: int) -> None:
+        """One page of ``n`` rows; ``rows`` is None for a page of objects that the reader
+        checked without parsing it (then its text is ASCII)."""
         if not self.started:
             self._start()
         if self.as_json:
             # The broker's text, checked by the reader, is written as it is: one object per
             # line. Only ASCII goes out unescaped, so no control character of a job's text
             # (C1 codes included) reaches the terminal raw.
-            if rows:
-                body = text[1:-1] if text.isascii() else _json_lines(rows)
+            if n:
+                body = text[1:-1] if rows is None or text.isascii() else _json_lines(rows)
                 self.out.write((",\n" if self.n else "") + body)
-            self.n += len(rows)
+            self.n += n
             return
-        self._rows([_JobRow._make(r) for r in rows])
+        assert rows is not None  # arrays are always parsed
+        self._rows(rows)
 
-    def _rows(self, jobs: list[Any]) -> None:
-        out, history, now = self.out, self.history, self.now
-        for j in jobs:
-            cmd = printable(" ".join((os.path.basename(j.executable), *j.args))[:60])
+    def _rows(self, rows: list[list[Any]]) -> None:
+        history, now, counts = self.history, self.now, self.counts
+        lines: list[str] = []
+        # A cluster's jobs share their command, owner and submit time: each is formatted
+        # when it differs from the row before's (a third of the listing's time).
+        exe_args: Any = None
+        sub: Any = None
+        cmd = when = ""
+        owners: dict[str, str] = {}
+        for r in rows:
+            (
+                id_,
+                owner,
+                state,
+                exe,
+                args,
+                submitted,
+                started,
+                finished,
+                exit_code,
+                exit_signal,
+                hold_reason,
+                sessions,
+                debug_until,
+            ) = _pick(r)
+            if exe_args is None or exe_args[0] != exe or exe_args[1] != args:
+                cmd = printable(" ".join((os.path.basename(exe), *args))[:60])
+                exe_args = (exe, args)
+            if sub is None or submitted != sub:
+                when = _fmt_time(submitted)
+                sub = submitted
+            shown = owners.get(owner)
+            if shown is None:
+                shown = owners[owner] = printable(owner)
             if history:
                 ex = (
-                    f"sig {j.exit_signal}"
-                    if j.exit_signal is not None
-                    else str(j.exit_code)
-                    if j.exit_code is not None
+                    f"sig {exit_signal}"
+                    if exit_signal is not None
+                    else str(exit_code)
+                    if exit_code is not None
                     else "-"
                 )
                 extra = f"{ex:<9}"
             else:
-                extra = f"{j.sessions:<4}"
-                self.counts[j.state] = self.counts.get(j.state, 0) + 1
-            owner = printable(j.owner)
-            out.write(
-                f"{j.id:<10} {owner:<10} {j.state:<10} {_fmt_time(j.submitted):<15} "
-                f"{_fmt_dur(j):<11} {extra} {cmd}\n"
+                extra = f"{sessions:<4}"
+                counts[state] = counts.get(state, 0) + 1
+            lines.append(
+                f"{id_:<10} {shown:<10} {state:<10} {when:<15} "
+                f"{_dur(started, finished):<11} {extra} {cmd}\n"
             )
-            if j.hold_reason and j.state == "held":
+            if hold_reason and state == "held":
                 # Under its row, so that a long reason cannot push the columns apart.
-                out.write(f"{'':<10} hold reason: {printable(j.hold_reason)}\n")
-                if j.debug_until > now:
-                    left = _left(j.debug_until - now)
-                    out.write(f"{'':<10} debug hold: {left} left; connect: ssh-to-job {j.id}\n")
-        self.n += len(jobs)
+                lines.append(f"{'':<10} hold reason: {printable(hold_reason)}\n")
+                if debug_until > now:
+                    left = _left(debug_until - now)
+                    lines.append(f"{'':<10} debug hold: {left} left; connect: ssh-to-job {id_}\n")
+        self.out.write("".join(lines))
+        self.n += len(rows)
 
     def close(self) -> None:
         if not self.started:
