@@ -140,6 +140,7 @@ class Spares:
                 retry = min(retry * 2, _RETRY_MAX)
                 continue
             self._ready.append(spare)
+            born = trio.current_time()
             with spare.scope:
                 spare.scope.deadline = trio.current_time() + self.refresh
                 try:
@@ -156,6 +157,18 @@ class Spares:
                 retry = _RETRY_MIN
                 continue
             # Nothing is ever due on a waiting spare: the broker closed or refused it.
-            log.info("the broker closed a spare attach connection; redialling in %g s", retry)
+            lived = trio.current_time() - born
+            if lived >= _RETRY_MAX:
+                # Not a refusal: it was held, then closed (a broker restart, or a broker
+                # standby_lifetime shorter than our spare_refresh).
+                log.warning(
+                    "the broker closed a spare attach connection after %.0f s; is [starter] "
+                    "spare_refresh (%g s) under the broker's standby_lifetime?",
+                    lived,
+                    self.refresh,
+                )
+                retry = _RETRY_MIN
+            else:
+                log.info("the broker closed a spare attach connection; redialling in %g s", retry)
             await trio.sleep(retry)
             retry = min(retry * 2, _RETRY_MAX)

@@ -261,6 +261,24 @@ async def test_a_spare_lost_under_the_session_falls_back_to_dialling(
         assert broker.on_standby == [True, False]
 
 
+async def test_a_spare_the_broker_times_out_is_redialled_with_a_warning(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker whose standby lifetime (40 s) is under the starter's spare_refresh (100 s)
+    closes each spare first: the starter says its setting may be wrong and dials a new one."""
+    state = new_state_dir()
+    config = starter_config(spare_attach=1, spare_refresh=100.0)
+    async with running_starter(state, config) as (_starter, broker):
+        broker.standby_lifetime = 40.0
+        await broker.next(wire.StarterSync)
+        with trio.fail_after(100):
+            while broker.standbys < 3:
+                await trio.sleep(1)
+    warned = [r for r in caplog.records if "spare_refresh (100 s)" in r.getMessage()]
+    assert len(warned) >= 2
+    assert "after 40 s" in warned[0].getMessage()
+
+
 async def test_spare_attach_0_keeps_no_spare(users: dict[str, User]) -> None:
     """With spare_attach 0 the starter opens no standby: each session dials its own."""
     state = new_state_dir()
