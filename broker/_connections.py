@@ -707,7 +707,8 @@ class Connections:
             await conn.stream.farewell(why)
             await conn.stream.aclose()
         cut += self.rendezvous.drop_starter(msg.name)
-        cut += self.drop_standbys(msg.name)
+        # Not counted in ``cut``: a standby carries no session (and one starter always has some).
+        self.drop_standbys(msg.name)
         return wire.StarterRevoked(serials=tuple(f"{s:x}" for s in serials), cut=cut)
 
     async def _serve_tls(self, stream: TlsStream, ident: PeerIdentity) -> None:

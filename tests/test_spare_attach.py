@@ -189,8 +189,8 @@ async def test_a_half_sent_attach_on_a_standby_has_frame_timeout(
 async def test_revoking_a_starter_drops_its_standbys(
     served: tuple[Broker, FakeStarter], autojump_clock: trio.testing.MockClock
 ) -> None:
-    """stj starter revoke closes the starter's standbys at once, with its control channel,
-    and counts them among the connections it cut."""
+    """stj starter revoke closes the starter's standbys at once, with its control channel
+    (the one connection it reports cut: a standby carries no session)."""
     b, st = served
     await st.connect(b)
     a, _ = await standby(b, st)
@@ -199,7 +199,7 @@ async def test_revoking_a_starter_drops_its_standbys(
     start = trio.current_time()
     reply, _fds = await request(b, wire.StarterRevoke(name="st1"))
     assert isinstance(reply, wire.StarterRevoked)
-    assert reply.cut == 3
+    assert reply.cut == 1
     for tls in (a, c):
         assert await until_closed(tls) == []
     assert trio.current_time() - start < 1
