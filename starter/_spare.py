@@ -5,7 +5,8 @@ TLS 1.3 handshake with certificates both ways; dialled when the session is grant
 the client's path. The starter keeps ``[starter] spare_attach`` of them ready instead. Each is
 dialled exactly as a session connection is, says ``attach_standby`` (the broker then holds it,
 see ``broker/_connections.py``) and waits; the next session takes one and sends its
-``session_attach`` on it, while a replacement is dialled in the background.
+``session_attach`` on it; a replacement is dialled in the background ``REPLACE_AFTER`` later,
+once that session is (most likely) past the starter's and the broker's part of its set-up.
 
 The broker sends nothing on a waiting spare (its TLS sends no session tickets): a byte or the
 end of the stream on one means the broker closed it (restart, ``standby_lifetime``, refusal),
@@ -36,6 +37,11 @@ log = logging.getLogger("stj.starter")
 
 TlsStream = trio.SSLStream[trio.SocketStream]
 
+#: Seconds between a spare's use and its replacement's dial. A TLS handshake costs the starter
+#: and the broker a few ms of CPU each, on their one thread: dialled at once it would compete
+#: with the very session that took the spare (the broker passing its socket on, the starter
+#: setting up sshd); measured on 2 cores, it gave back most of what the spare saved.
+REPLACE_AFTER = 0.1
 #: Seconds before the first redial of a spare the broker closed; doubles up to ``_RETRY_MAX``.
 _RETRY_MIN = 0.5
 _RETRY_MAX = 30.0
@@ -149,6 +155,7 @@ class Spares:
                     pass
             if spare.taken:
                 retry = _RETRY_MIN
+                await trio.sleep(REPLACE_AFTER)
                 continue
             self._ready.remove(spare)
             spare.close()
