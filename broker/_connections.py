@@ -187,6 +187,8 @@ class Connections:
         self.anon_gate = Gate(config.max_connections, config.max_connections_per_uid)
         #: Session id -> the host names its host certificate is for, while it opens (_grant).
         self.cert_names: dict[str, tuple[str, ...]] = {}
+        #: Starter name -> its standby (spare attach) connections waiting for a session.
+        self.standbys: dict[str, set[trio.CancelScope]] = {}
 
     async def accept_loop(
         self,
@@ -705,6 +707,8 @@ class Connections:
             await conn.stream.farewell(why)
             await conn.stream.aclose()
         cut += self.rendezvous.drop_starter(msg.name)
+        # Not counted in ``cut``: a standby carries no session (and one starter always has some).
+        self.drop_standbys(msg.name)
         return wire.StarterRevoked(serials=tuple(f"{s:x}" for s in serials), cut=cut)
 
     async def _serve_tls(self, stream: TlsStream, ident: PeerIdentity) -> None:
@@ -718,6 +722,9 @@ class Connections:
             return
         if isinstance(first, wire.SessionAttach):
             await self._attach(stream, ident, first, extra)
+            return
+        if isinstance(first, wire.AttachStandby):
+            await self._standby(stream, ident, first, frame, extra)
             return
         conn = wire.Connection(
             wire.Channel.STARTER, wire.Role.BROKER, wire.Role.STARTER, self.bc.max_frame
@@ -766,6 +773,120 @@ class Connections:
         # serve_tls closes the connection's stream when we return: the rendezvous gets its own.
         dup = socket.socket(fileno=os.dup(raw.socket.fileno()))
         self.rendezvous.attach(trio.socket.from_stdlib_socket(dup), msg, ident.name)
+
+    async def _standby(
+        self,
+        stream: TlsStream,
+        ident: PeerIdentity,
+        msg: wire.AttachStandby,
+        frame: bytes,
+        extra: bytes,
+    ) -> None:
+        """A spare attach connection (``starter/_spare.py``): held, with no session, until the
+        starter's next ``session_attach`` arrives on it, then exactly ``_attach``.
+
+        It gives the starter nothing a fresh dial would not: the same certificate checks have
+        passed, and the attach that follows is judged as any other. What it costs the broker is
+        bounded: ``standby_per_starter`` per certified name, ``standby_lifetime`` each.
+        """
+        name = ident.name
+        if msg.starter_id != name:
+            log.warning("%s announced a standby as %r; refused", ident, msg.starter_id)
+            await _refuse_tls(
+                stream,
+                wire.Error(
+                    "bad_name", f"this certificate is for starter {name!r}, not {msg.starter_id!r}"
+                ),
+            )
+            return
+        held = self.standbys.setdefault(name, set())
+        if len(held) >= self.bc.standby_per_starter:
+            if not held:
+                self.standbys.pop(name, None)
+            log.warning(
+                "refusing a standby connection of starter %s: it holds %d "
+                "(broker.standby_per_starter)",
+                name,
+                len(held),
+            )
+            await _refuse_tls(
+                stream,
+                wire.Error(
+                    "busy",
+                    f"starter {name} holds {len(held)} standby connections "
+                    "(the broker's standby_per_starter)",
+                ),
+            )
+            return
+        scope = trio.CancelScope()
+        held.add(scope)
+        try:
+            with scope:
+                got = await self._standby_attach(stream, frame, extra)
+        finally:
+            held.discard(scope)
+            if not held:
+                self.standbys.pop(name, None)
+        if scope.cancelled_caught:
+            log.info("dropped a standby connection of starter %s (revoked)", name)
+            return
+        if isinstance(got, str):
+            log.debug("standby connection of starter %s closed: %s", name, got)
+            return
+        attach, rest = got
+        # The certificate was checked when this connection was made, maybe minutes ago.
+        if self.is_revoked(ident.serial):
+            log.warning(
+                "session attach for %r on a standby of revoked %s", attach.session_id, ident
+            )
+            return
+        await self._attach(stream, ident, attach, rest)
+
+    async def _standby_attach(
+        self, stream: TlsStream, frame: bytes, extra: bytes
+    ) -> tuple[wire.SessionAttach, bytes] | str:
+        """The ``session_attach`` on a standby connection and what came after it; or why there
+        is none. Its first byte may take ``standby_lifetime`` s, the rest of the frame
+        ``frame_timeout`` s more."""
+        conn = wire.Connection(
+            wire.Channel.ATTACH, wire.Role.BROKER, wire.Role.STARTER, self.bc.max_frame
+        )
+        conn.receive_data(wire.encode_frame(frame, self.bc.max_frame) + extra)
+        lifetime, frame_timeout = self.bc.standby_lifetime, self.bc.frame_timeout
+        frame_deadline: float | None = None
+        try:
+            conn.next_event()  # the attach_standby itself
+            while not isinstance(event := conn.next_event(), wire.Message):
+                if event is wire.CLOSED:
+                    return "closed by the starter"
+                if frame_deadline is None and conn.trailing_data:
+                    frame_deadline = trio.current_time() + frame_timeout
+                if frame_deadline is None:
+                    with trio.move_on_after(lifetime) as idle:
+                        data = await stream.receive_some(65536)
+                    if idle.cancelled_caught:
+                        return f"unused for {lifetime:g} s (broker.standby_lifetime)"
+                    frame_deadline = trio.current_time() + frame_timeout
+                else:
+                    with trio.fail_at(frame_deadline):
+                        data = await stream.receive_some(65536)
+                conn.receive_data(bytes(data))
+        except trio.TooSlowError:
+            return f"no complete frame within {frame_timeout:g} s"
+        except wire.RemoteProtocolError as exc:
+            log.info("a standby connection sent garbage: %s", exc)
+            return f"protocol error: {exc}"
+        except _TLS_ERRORS as exc:
+            return f"connection broken: {exc}"
+        assert isinstance(event, wire.SessionAttach)  # the table allows nothing else
+        return event, conn.trailing_data
+
+    def drop_standbys(self, starter: str) -> int:
+        """Close every standby connection of ``starter`` (revoked); how many there were."""
+        held = self.standbys.get(starter, set())
+        for scope in held:
+            scope.cancel()
+        return len(held)
 
     def _session_cert(self, msg: wire.SessionAttach) -> bytes:
         """The ``session_cert`` frame for an attach: the session's host key certified by the

@@ -104,6 +104,14 @@ class BrokerConfig:
     slurm_conf: str = ""
     #: Slurm operators besides root and SlurmUser (names or uids): they may enter any job.
     slurm_operators: tuple[str, ...] = ()
+    # -- spare attach connections (starter/_spare.py; docs/security.md, "Standby connections") --
+    #: Seconds a starter's spare attach connection (``attach_standby``) may wait for its
+    #: session; past it the broker closes it. Starters must replace theirs sooner
+    #: (``[starter] spare_refresh``).
+    standby_lifetime: float = attrs.field(default=300.0, validator=_between(1, 3600))
+    #: Spare attach connections one starter may hold open at once; past it the newest is
+    #: refused. 0: refuse every spare (starters then dial per session).
+    standby_per_starter: int = attrs.field(default=4, validator=_between(0, 64))
 
 
 @attrs.frozen
@@ -161,6 +169,13 @@ class StarterConfig:
     backend: str = attrs.field(default="queue", validator=attrs.validators.in_(("queue", "slurm")))
     #: The slurm.conf Slurm's commands read ("": $SLURM_CONF, else Slurm's default).
     slurm_conf: str = ""
+    # -- spare attach connections (starter/_spare.py) --
+    #: Attach connections kept dialled and authenticated (TLS) ahead of sessions, so that a
+    #: session skips the dial and the handshake. 0: dial one per session.
+    spare_attach: int = attrs.field(default=1, validator=_between(0, 16))
+    #: Seconds after which a spare is replaced by a fresh one; must stay under the broker's
+    #: ``standby_lifetime`` (default 300), or spares die unused.
+    spare_refresh: float = attrs.field(default=120.0, validator=_between(1, 3600))
 
 
 @attrs.frozen

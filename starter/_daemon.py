@@ -55,6 +55,7 @@ from ._jobs import (
     status_word,
 )
 from ._session import cleanup_session_dirs, remove_owned_tree, run_session, wait_gone
+from ._spare import Spares
 
 log = logging.getLogger("stj.starter")
 
@@ -154,6 +155,8 @@ class Starter:
         #: Slurm mode: how sessions are tracked here, for ``stj status`` (docs/slurm.md).
         self.tracking = ""
         self._lock_fd = -1
+        #: Attach connections dialled ahead of sessions (``[starter] spare_attach``).
+        self.spares = Spares(self)
 
     # ------------------------------------------------------------------ set-up
 
@@ -449,6 +452,8 @@ class Starter:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(outbox.run)
                 nursery.start_soon(self._pinger)
+                if self.spares.size:
+                    nursery.start_soon(self.spares.run)
                 while True:
                     msg = await stream.receive(within=SILENCE)
                     if isinstance(msg, wire.Error):

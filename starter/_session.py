@@ -22,6 +22,7 @@ import pathlib
 import pwd
 import shutil
 import socket
+import ssl
 import stat
 import struct
 import subprocess
@@ -178,39 +179,37 @@ async def run_session(starter: Starter, job: Job, session_id: str) -> None:
     t0 = time.perf_counter()
     # The host key is made before dialling so that the broker can certify it (session_cert).
     host_key = make_host_key()
-    certificate = ""
     try:
         with trio.fail_after(cfg.session_timeout):
-            tls = await starter.connect_broker()
-            try:
-                attach = wire.Connection(wire.Channel.ATTACH, wire.Role.STARTER, wire.Role.BROKER)
-                await tls.send_all(
-                    attach.send(
-                        wire.SessionAttach(
-                            session_id=session_id, starter_id=starter.name, host_key=host_key[1]
-                        )
+            spare = starter.spares.take()
+            how = "spare" if spare is not None else "dial, TLS"
+            attached = None
+            if spare is not None:
+                try:
+                    attached = await _attach(starter, session_id, host_key, spare.tls, spare.conn)
+                except _SPARE_LOST as exc:
+                    # Closed by the broker after take() looked: this session dials its own,
+                    # as it would have without spares (the broker had not attached it).
+                    log.info(
+                        "session %s: the spare connection failed (%s); dialling",
+                        session_id[:8],
+                        exc,
                     )
-                )
-                while not isinstance(reply := attach.next_event(), wire.Message):
-                    if reply is wire.CLOSED:
-                        raise PeerClosed("the broker closed the session connection")
-                    attach.receive_data(bytes(await tls.receive_some(65536)))
-                assert isinstance(reply, wire.SessionCert)
-                if attach.trailing_data:
-                    raise wire.RemoteProtocolError("bytes after the broker's session_cert")
-                certificate = reply.certificate
-                raw, extra = await tls.unwrap()
-            except BaseException:
-                await trio.aclose_forcefully(tls)
-                raise
+                    how = "dial, TLS (the spare failed)"
+            if attached is None:
+                tls = await starter.connect_broker()
+                conn = wire.Connection(wire.Channel.ATTACH, wire.Role.STARTER, wire.Role.BROKER)
+                attached = await _attach(starter, session_id, host_key, tls, conn)
+            raw, extra, certificate = attached
         assert isinstance(raw, trio.SocketStream)
         sock = raw.socket
         t1 = time.perf_counter()
         frame = await _frame_after(sock, bytes(extra), cfg.session_timeout)
         if starter.debug:
             log.debug(
-                "session %s: host key, dial, TLS and attach %.1f ms; the capability %.1f ms later",
+                "session %s: host key, %s and attach %.1f ms; the capability %.1f ms later",
                 session_id[:8],
+                how,
                 (t1 - t0) * 1000,
                 (time.perf_counter() - t1) * 1000,
             )
@@ -226,6 +225,11 @@ async def run_session(starter: Starter, job: Job, session_id: str) -> None:
         if sock is not None:
             sock.close()
         return
+    except BaseException:
+        # Cancelled (the starter stopping) while waiting for the capability.
+        if sock is not None:
+            sock.close()
+        raise
     conn = wire.Connection(wire.Channel.SESSION, wire.Role.STARTER, wire.Role.CLIENT)
     try:
         conn.receive_data(frame)
@@ -242,6 +246,51 @@ async def run_session(starter: Starter, job: Job, session_id: str) -> None:
         sock.close()
         return
     await _serve(starter, job, session_id, cap, msg, sock, conn, host_key, certificate)
+
+
+#: How a spare connection that the broker has closed fails when the session uses it. Until
+#: the starter's own close_notify (in unwrap) the broker cannot have attached the session, so
+#: dialling afresh is safe; after it, the broker refuses a second attach for the session.
+_SPARE_LOST = (
+    OSError,
+    PeerGone,
+    ssl.SSLError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    # An error frame (a refused standby) where session_cert was due.
+    wire.ProtocolError,
+)
+
+
+async def _attach(
+    starter: Starter,
+    session_id: str,
+    host_key: tuple[bytes, str],
+    tls: trio.SSLStream[trio.SocketStream],
+    attach: wire.Connection,
+) -> tuple[trio.abc.Stream, bytes, str]:
+    """``session_attach`` on ``tls``, the broker's ``session_cert``, then out of TLS: the bare
+    stream, what came after the close_notify, and the session's host certificate."""
+    try:
+        await tls.send_all(
+            attach.send(
+                wire.SessionAttach(
+                    session_id=session_id, starter_id=starter.name, host_key=host_key[1]
+                )
+            )
+        )
+        while not isinstance(reply := attach.next_event(), wire.Message):
+            if reply is wire.CLOSED:
+                raise PeerClosed("the broker closed the session connection")
+            attach.receive_data(bytes(await tls.receive_some(65536)))
+        assert isinstance(reply, wire.SessionCert)
+        if attach.trailing_data:
+            raise wire.RemoteProtocolError("bytes after the broker's session_cert")
+        raw, extra = await tls.unwrap()
+    except BaseException:
+        await trio.aclose_forcefully(tls)
+        raise
+    return raw, bytes(extra), reply.certificate
 
 
 async def _frame_after(sock: trio.socket.SocketType, head: bytes, within: float) -> bytes:

@@ -50,6 +50,13 @@ class TinyBroker:
         self.refuse = 0
         self.close_after_sync = False
         self.pong = True
+        #: Spare attach connections (attach_standby) received, and how long each may wait.
+        self.standbys = 0
+        self.standby_lifetime = 300.0
+        #: For each session_attach received: whether it came on a spare (standby) connection.
+        self.on_standby: list[bool] = []
+        #: Close a spare when its session_attach arrives, without an answer.
+        self.drop_standby_attach = False
         self.stream: FramedStream | None = None
         self._msgs_send, self.msgs = trio.open_memory_channel[Got](1000)
         self._attach_send, self.attaches = trio.open_memory_channel[
@@ -89,6 +96,20 @@ class TinyBroker:
                     return
                 decoder.receive_data(bytes(await stream.receive_some(65536)))
         first = wire.decode_message(payload)
+        if isinstance(first, wire.AttachStandby):
+            # A spare attach connection (starter/_spare.py): its session_attach comes later.
+            self.standbys += 1
+            with trio.fail_after(self.standby_lifetime):
+                while not isinstance(payload := decoder.next_frame(), bytes):
+                    if payload is wire.CLOSED:
+                        return
+                    decoder.receive_data(bytes(await stream.receive_some(65536)))
+            first = wire.decode_message(payload)
+            self.on_standby.append(True)
+            if self.drop_standby_attach:
+                return  # as a broker that had just closed this spare
+        elif isinstance(first, wire.SessionAttach):
+            self.on_standby.append(False)
         if isinstance(first, wire.SessionAttach):
             # Out of TLS, as the real broker does; the test owns the bare socket from here (it
             # plays the client). serve_tls closes the stream afterwards: hand on a duplicate.
@@ -171,6 +192,9 @@ class TinyBroker:
 
 
 def starter_config(**changes: Any) -> common.PoolConfig:
+    # No spare attach connections unless a test asks: on the autojump clock a spare's refresh
+    # deadline is always the next one, and virtual time would redial it over and over.
+    changes.setdefault("spare_attach", 0)
     starter = attrs.evolve(common.StarterConfig(name="inproc", use_shim=False), **changes)
     return common.PoolConfig(starter=starter)
 

@@ -13,7 +13,7 @@ SETUP = re.compile(
     r"\(files ([0-9.]+) ms, spawn ([0-9.]+) ms, shim ([0-9.]+) ms\)"
 )
 DIAL = re.compile(
-    r"session ([0-9a-f]{8}): host key, dial, TLS and attach ([0-9.]+) ms; "
+    r"session ([0-9a-f]{8}): host key, (?:dial, TLS|spare) and attach ([0-9.]+) ms; "
     r"the capability ([0-9.]+) ms later"
 )
 

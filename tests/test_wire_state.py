@@ -95,6 +95,7 @@ SAMPLES: dict[str, Message] = {
         wire.RemoteSsh(
             job="32.0", client_key="ssh-ed25519 AAAA", key="ssh-ed25519 BBBB", signature=b"s" * 64
         ),
+        wire.AttachStandby(starter_id="st1"),
     ]
 }
 
@@ -184,6 +185,8 @@ SPEC: dict[Channel, dict[tuple[str, Role, str], str]] = {
     Channel.ATTACH: {
         ("start", S, "session_attach"): "attached",
         ("attached", B, "session_cert"): "raw",
+        ("start", S, "attach_standby"): "standby",
+        ("standby", S, "session_attach"): "attached",
     },
     Channel.SESSION: {
         ("start", C, "session_open"): "opening",

@@ -295,7 +295,9 @@ async def connect_tls(
         if ident is None:
             raise TlsRefused("server presented no certificate")
         _check_peer(ident, (role,), lambda _serial: False, False)
-    except TlsRefused:
+    except BaseException:
+        # Refused, or cancelled mid-handshake (a spare attach connection dialled as its
+        # starter's control channel goes down): the socket is closed either way.
         await trio.aclose_forcefully(ssl_stream)
         raise
     return ssl_stream, ident

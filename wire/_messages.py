@@ -747,6 +747,16 @@ class RemoteSsh(Message):
     signature: bytes
 
 
+@attrs.frozen
+class AttachStandby(Message):
+    """A starter's first frame on a spare attach connection, dialled ahead of any session: the
+    connection then waits (at most the broker's ``standby_lifetime``) for the ``session_attach``
+    of the starter's next session, which goes on as on a freshly dialled one."""
+
+    TYPE: ClassVar[str] = "attach_standby"
+    starter_id: str
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -803,6 +813,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ClusterQuery,
         ClusterList,
         JobTable,
+        AttachStandby,
     )
 }
 

@@ -13,7 +13,8 @@ STARTER  a starter and the broker over mutually authenticated TLS 1.3: ``starter
          ``welcome``, then free traffic both ways.
 ATTACH   a starter's session connection to the broker: ``session_attach`` over TLS, the
          broker's ``session_cert`` (the session's host certificate), then both sides leave TLS
-         and the socket is handed on untouched (RAW).
+         and the socket is handed on untouched (RAW). A spare connection opens with
+         ``attach_standby`` and carries its ``session_attach`` later.
 SESSION  a client and a starter on that handed-on socket: ``session_open`` with the capability,
          ``session_ready`` with the signed host key, then raw SSH.
 REMOTE   a remote client and the broker over TLS (no client certificate): ``remote_hello``,
@@ -101,6 +102,10 @@ _STARTER[("ready", S, "error")] = CLOSED_STATE
 _ATTACH: _Table = {
     (START, S, "session_attach"): "attached",
     ("attached", B, "session_cert"): RAW,
+    # A spare connection, dialled before its session exists (starter/_spare.py): it says so,
+    # then waits for the session_attach of the starter's next session.
+    (START, S, "attach_standby"): "standby",
+    ("standby", S, "session_attach"): "attached",
 }
 
 _SESSION: _Table = {
