@@ -14,6 +14,7 @@
  * no file but the pool's config file, and writes none.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdint.h>
@@ -31,24 +32,12 @@
 
 static char **orig_argv;
 
-/* What `python -I -S -c` runs in place of the client script: the venv's site-packages (beside
- * the interpreter) on sys.path, then the script's entry point. Where the package is not there
- * (not a venv), the script runs as usual. argv: [-c, script, the user's arguments...]. */
-static const char BOOT[] =
-    "import os,sys\n"
-    "sys.argv=sys.argv[1:]\n"
-    "d=os.path.join(os.path.dirname(os.path.dirname(sys.executable)),'lib',"
-    "'python%d.%d'%sys.version_info[:2],'site-packages')\n"
-    "if not os.path.isfile(os.path.join(d,'ssh_to_job','client','_mux.py')):\n"
-    " os.execv(sys.executable,[sys.executable,*sys.argv])\n"
-    "sys.path.append(d)\n"
-    "from ssh_to_job.client._mux import main\n"
-    "sys.exit(main())\n";
-
-/* Run `script` (a console script whose first line is `#!/abs/path/python`) with that Python
- * in isolated mode without the site module (-I -S): site and the system's sitecustomize cost
- * every session 3-5 ms, and the client needs neither (nor PYTHONPATH and friends). Returns
- * only if the script's first line is not that simple form (then it runs as a script). */
+/* The Python client's interpreter in isolated mode without the site module: `python -I -S
+ * <site-packages>/ssh_to_job/client/_boot.py SCRIPT ARGS...`, where python is the one on
+ * `script`'s first line (`#!/abs/path/python`, as pip writes it into a venv) and site-packages
+ * its venv's. site and the system's sitecustomize cost every cold session 3-5 ms, and the
+ * client needs neither (nor PYTHONPATH and friends). Returns if any of that does not hold:
+ * the script then runs as usual. */
 static void exec_isolated(const char *script)
 {
     char line[PATH_MAX + 3];
@@ -68,18 +57,44 @@ static void exec_isolated(const char *script)
     if (strpbrk(interp, " \t\r") != NULL || strncmp(base, "python", 6) != 0 ||
         access(interp, X_OK) != 0)
         return; /* not a plain Python: an interpreter with arguments, pip's /bin/sh trampoline */
+    /* <venv>/bin/python3 -> <venv>/lib/python3.N/site-packages/ssh_to_job/client/_boot.py */
+    char root[PATH_MAX];
+    size_t rlen = (size_t)(base - 1 - interp);
+    if (rlen == 0 || rlen >= sizeof root)
+        return;
+    memcpy(root, interp, rlen);
+    root[rlen] = '\0';
+    char *up = strrchr(root, '/');
+    if (up == NULL)
+        return;
+    strcpy(up, "/lib");
+    DIR *lib = opendir(root);
+    if (lib == NULL)
+        return;
+    char boot[PATH_MAX];
+    int found = 0;
+    struct dirent *e;
+    while (!found && (e = readdir(lib)) != NULL) {
+        if (strncmp(e->d_name, "python3.", 8) != 0)
+            continue;
+        int n = snprintf(boot, sizeof boot, "%s/%s/site-packages/ssh_to_job/client/_boot.py", root,
+                         e->d_name);
+        found = n > 0 && (size_t)n < sizeof boot && access(boot, R_OK) == 0;
+    }
+    closedir(lib);
+    if (!found)
+        return;
     int argc = 0;
     while (orig_argv[argc] != NULL)
         argc++;
-    char **argv = calloc((size_t)argc + 6, sizeof *argv);
+    char **argv = calloc((size_t)argc + 5, sizeof *argv);
     if (argv == NULL)
         return;
     int i = 0;
     argv[i++] = (char *)interp;
     argv[i++] = "-I";
     argv[i++] = "-S";
-    argv[i++] = "-c";
-    argv[i++] = (char *)BOOT;
+    argv[i++] = boot;
     argv[i++] = (char *)script;
     for (int k = 1; k < argc; k++)
         argv[i++] = orig_argv[k];
