@@ -532,8 +532,27 @@ def open_session(
     The frames are ``wire.SessionOpen`` and ``wire.SessionReady`` (or ``wire.Error``), byte
     for byte, checked as strictly, by ``wire.lean``.
     """
+    send_open(sock, grant, shells, timeout, persist)
+    return read_ready(sock, grant, timeout)
+
+
+def send_open(
+    sock: socket.socket,
+    grant: wire.SshGrant | lean.SshGrant,
+    shells: tuple[str, ...],
+    timeout: float = 30.0,
+    persist: str = "",
+) -> None:
+    """``open_session``'s first half: present the capability (the starter starts work)."""
     sock.settimeout(timeout)
     sock.sendall(lean.session_open_frame(grant.capability, shells, persist))
+
+
+def read_ready(
+    sock: socket.socket, grant: wire.SshGrant | lean.SshGrant, timeout: float = 30.0
+) -> lean.SessionReady:
+    """``open_session``'s second half: the starter's answer, its host key checked."""
+    sock.settimeout(timeout)
     header = _recv_exact(sock, wire.FRAME_HEADER.size)
     (length,) = wire.FRAME_HEADER.unpack(header)
     if length > wire.DEFAULT_MAX_FRAME:
@@ -863,6 +882,11 @@ def _session(
             and not (opts.debug or opts.remove_on_interrupt)
             and _mux.claim(mux_path)
         )
+        # The capability first, so that the starter sets the session up while ssh starts.
+        try:
+            send_open(session, reply, shells, persist=opts.persist)
+        except OSError as exc:
+            return die(f"job {reply.job}: {exc}")
         # ssh reads its config at start, and its key and known_hosts only once connected: so
         # ssh starts now, while the starter sets the session up, on a guess of what its
         # session_ready will say (the login, the agent, the master's idle time), and ssh's own
@@ -876,7 +900,7 @@ def _session(
             except _CannotRun as exc:
                 return die(str(exc))
         try:
-            ready = open_session(session, reply, shells, persist=opts.persist)
+            ready = read_ready(session, reply)
         except (SessionError, OSError, ConnectionError, wire.ProtocolError) as exc:
             return die(f"job {reply.job}: {exc}")
         _debug(opts, f"starter host key verified; logging in as {ready.login}")
