@@ -8,17 +8,17 @@ or losing the connection, leaves the terminal running in the job until the job e
 
 from __future__ import annotations
 
-import re
-
 #: The default session name of a bare ``--persist``.
 DEFAULT = "main"
 #: tmux target names: no '.', ':' or '=' (tmux's target syntax), nothing a shell expands.
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
+#: A name's characters ([A-Za-z0-9_-], 1 to 32 of them): a set, not a regex, since re costs
+#: every session's start-up ~3 ms and this module is on its path.
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
 def check(name: str, command: list[str], ssh_prog: str) -> str:
     """Why these options cannot go together ("" if they can)."""
-    if not _NAME.match(name):
+    if not (1 <= len(name) <= 32 and all(c in _NAME_CHARS for c in name)):
         return f"--persist-name {name!r}: use 1 to 32 letters, digits, '_' or '-'"
     if command:
         return "--persist attaches to a terminal: it takes no remote command"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shlex
 import signal
 import socket
 import stat
@@ -130,6 +129,28 @@ def _parse_job(text: str) -> lean.LocalJobId | SlurmJobId:
     return lean.parse_job_id(text)
 
 
+def split_words(text: str) -> list[str]:
+    """``shlex.split(text)``, without importing shlex (and re, ~4 ms of a session's start-up)
+    for text that has nothing for it to interpret: printable ASCII with no quote or backslash,
+    where it splits at spaces, as the default ``-ssh ssh`` and ``-keygen-options`` are."""
+    if text.isascii() and text.isprintable() and not any(c in "'\"\\" for c in text):
+        return [w for w in text.split(" ") if w]
+    import shlex
+
+    return shlex.split(text)
+
+
+#: What shlex.quote leaves unquoted.
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-")
+
+
+def _quote(word: str) -> str:
+    """``shlex.quote(word)`` without importing re."""
+    if word and all(c in _SAFE for c in word):
+        return word
+    return "'" + word.replace("'", "'\"'\"'") + "'"
+
+
 class UsageError(ValueError):
     pass
 
@@ -205,7 +226,7 @@ def parse_args(argv: list[str]) -> Options:
             elif key == "pool":
                 opts.pool = value
             elif key == "ssh":
-                if not shlex.split(value):
+                if not split_words(value):
                     raise UsageError("-ssh needs a command")
                 opts.ssh = value
             elif key == "keygen-options":
@@ -250,7 +271,7 @@ def parse_args(argv: list[str]) -> Options:
     if jid.node:
         # Jobs of this queue have one node, node 0: never quietly enter another than asked.
         raise UsageError(f"job {jid.one} has no node {jid.node} (its only node is 0)")
-    if os.path.basename(shlex.split(opts.ssh)[0]) == "rsync":
+    if os.path.basename(split_words(opts.ssh)[0]) == "rsync":
         raise UsageError(
             "rsync runs ssh-to-job, not the other way round: "
             f"rsync -av -e ssh-to-job {jid.one}:remote/path ./local/"
@@ -258,7 +279,7 @@ def parse_args(argv: list[str]) -> Options:
     opts.job = job
     opts.command = argv[i + 1 :]
     if opts.persist:
-        why = _persist.check(opts.persist, opts.command, os.path.basename(shlex.split(opts.ssh)[0]))
+        why = _persist.check(opts.persist, opts.command, os.path.basename(split_words(opts.ssh)[0]))
         if why:
             raise UsageError(why)
     return opts
@@ -269,7 +290,7 @@ def parse_args(argv: list[str]) -> Options:
 
 def generate_key(options: str) -> tuple[bytes, str]:
     """An ephemeral user key in OpenSSH format, made in-process: (private, public line)."""
-    words = shlex.split(options)
+    words = split_words(options)
     kind, bits = "ed25519", 0
     j = 0
     while j < len(words):
@@ -466,7 +487,7 @@ def ssh_config(
         argv = [helper, proxy_name]
     else:
         argv = [sys.executable, "-I", "-S", os.path.join(here, "_fdproxy.py"), proxy_name]
-    proxy = " ".join(shlex.quote(p) for p in argv)
+    proxy = " ".join(_quote(p) for p in argv)
     lines = [
         "# ssh-to-job session: generated; nothing from ~/.ssh/config applies.",
         "Host *",
@@ -594,7 +615,7 @@ def wants_agent(words: list[str]) -> bool:
 
 
 def build_argv(opts: Options, cfg: str | os.PathLike[str]) -> list[str]:
-    words = shlex.split(opts.ssh)
+    words = split_words(opts.ssh)
     prog = os.path.basename(words[0])
     cfg = os.fspath(cfg)
     if prog == "scp":
@@ -738,7 +759,7 @@ def run(opts: Options) -> int:
         jid = _parse_job(opts.job)
     except ValueError as exc:
         return die(str(exc), 2)
-    if os.path.basename(shlex.split(opts.ssh)[0]) in ("ssh", "scp", "sftp"):
+    if os.path.basename(split_words(opts.ssh)[0]) in ("ssh", "scp", "sftp"):
         # The OpenSSH client exits ("No user exists for uid N") without a passwd entry for the
         # uid running it: say so before the broker and the starter set a session up for nothing.
         try:
@@ -813,11 +834,11 @@ def _session(
     # -debug shows a whole set-up and -remove-on-interrupt acts on this session: full ones;
     # so does -keygen-options, which asks for a session key of its own kind.
     full = opts.persist or opts.debug or opts.remove_on_interrupt or bool(opts.keygen)
-    if mux_dir is not None and not full and _mux.usable(shlex.split(opts.ssh), opts.x11):
+    if mux_dir is not None and not full and _mux.usable(split_words(opts.ssh), opts.x11):
         # _mux.socket_path's name without its pathlib (not on the session path otherwise).
         mux_path = _mux._name(mux_dir, opts.pool or str(sockpath), jid.one, shells)
         # An interactive login takes a session of its own (and its welcome line): see _mux.
-        login = not opts.command and os.path.basename(shlex.split(opts.ssh)[0]) == "ssh"
+        login = not opts.command and os.path.basename(split_words(opts.ssh)[0]) == "ssh"
         if not login and _mux.alive(mux_path):
             return _through_master(opts, d, mux_path, signals)
     try:
@@ -871,7 +892,7 @@ def _session(
             opts,
             f"session {reply.session_id[:8]} granted by the broker; starter {reply.starter_id}",
         )
-        words = shlex.split(opts.ssh)
+        words = split_words(opts.ssh)
         asks_agent = wants_agent(words[1:])
         alias = f"ssh-to-job-{reply.job}-{reply.session_id[:8]}"
         # The first command of a burst makes this job's master (_mux); -debug and
@@ -1005,7 +1026,10 @@ class _Launch:
             if persist > 0 and mux_path is not None:
                 # The first command of a burst: its ssh stays as this job's master (_mux).
                 argv[1:1] = _mux.master_options(mux_path, persist)
-            _debug(opts, "running " + shlex.join(argv))
+            if opts.debug:
+                import shlex  # only to show the command line
+
+                _debug(opts, "running " + shlex.join(argv))
             env = dict(os.environ)
             env["SHELL"] = "/bin/sh"  # ssh runs the ProxyCommand with $SHELL: keep it plain
             try:

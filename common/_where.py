@@ -67,6 +67,7 @@ def config_state_dir(path: str | None = None) -> str:
 #: config file, for an answer that changes only when the file does.
 CONFIG_MEMO = "config-state-dir"
 _MEMO_MAX = 1 << 14
+_MEMO_TAG = "ssh-to-job config memo 1"
 
 
 def runtime_base() -> str:
@@ -94,7 +95,6 @@ def _private_dir() -> str | None:
 
 
 def _remembered(key: list[object]) -> str | None:
-    import json
     import stat
 
     d = _private_dir()
@@ -108,22 +108,22 @@ def _remembered(key: list[object]) -> str | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size > _MEMO_MAX:
             return None
-        memo = json.loads(os.read(fd, _MEMO_MAX + 1))
-    except (OSError, ValueError):
+        fields = os.read(fd, _MEMO_MAX + 1).decode("utf-8", "surrogateescape").split("\0")
+    except OSError:
         return None
     finally:
         os.close(fd)
-    if type(memo) is not dict or memo.get("key") != key or type(memo.get("state_dir")) is not str:
+    if fields[:1] != [_MEMO_TAG] or fields[1:-1] != [str(k) for k in key]:
         return None
-    return str(memo["state_dir"])
+    return fields[-1]
 
 
 def _remember(key: list[object], state_dir: str) -> None:
-    """Best effort: a memo that cannot be written only means the next command parses again."""
-    import json
-
+    """Best effort: a memo that cannot be written only means the next command parses again.
+    Its fields are separated by NUL, which no path holds (nor a usable state_dir)."""
     d = _private_dir()
-    if d is None:
+    fields = [_MEMO_TAG, *(str(k) for k in key), state_dir]
+    if d is None or any("\0" in f for f in fields):
         return
     tmp = os.path.join(d, f"{CONFIG_MEMO}.{os.getpid()}")
     try:
@@ -131,7 +131,7 @@ def _remember(key: list[object], state_dir: str) -> None:
             tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         try:
-            os.write(fd, json.dumps({"key": key, "state_dir": state_dir}).encode())
+            os.write(fd, "\0".join(fields).encode("utf-8", "surrogateescape"))
         finally:
             os.close(fd)
         os.replace(tmp, os.path.join(d, CONFIG_MEMO))

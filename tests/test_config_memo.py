@@ -4,7 +4,6 @@ any change to the file, and any memo that is not ours and private, means a fresh
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
@@ -92,12 +91,12 @@ def test_a_forged_or_unsafe_memo_is_not_believed(
     _memo(runtime).write_text("{not json")
     assert _probe(cfg, runtime)[:2] == (0, ["/srv/pool-a", "True"])
     # A memo naming this very file but another state dir, in a directory open to others.
-    memo = json.loads(_memo(runtime).read_text())
-    memo["state_dir"] = "/elsewhere"
-    _memo(runtime).write_text(json.dumps(memo))
+    fields = _memo(runtime).read_text().split("\0")
+    assert fields[-1] == "/srv/pool-a", fields
+    _memo(runtime).write_text("\0".join([*fields[:-1], "/elsewhere"]))
     _memo(runtime).parent.chmod(0o777)
     assert _probe(cfg, runtime)[:2] == (0, ["/srv/pool-a", "True"])
-    assert json.loads(_memo(runtime).read_text())["state_dir"] == "/elsewhere"
+    assert _memo(runtime).read_text().split("\0")[-1] == "/elsewhere"
     # Back to private: the (forged) memo matches the file's key, and it is ours: believed,
     # as a user may always point their own commands anywhere (STJ_STATE_DIR does as much).
     _memo(runtime).parent.chmod(0o700)

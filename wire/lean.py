@@ -16,9 +16,8 @@ uses the full codec.
 
 from __future__ import annotations
 
-import base64
+import _json  # json's C half, without json's (and re's) import
 import binascii
-import json
 import math
 
 from ._canonical import KEY_LEN, SIG_LEN
@@ -124,9 +123,52 @@ READY_REPLIES: _Expect = (
 # --------------------------------------------------------------------------- requests
 
 
+def _not_json(o: object) -> object:
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+
+#: ``json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)``: the same
+#: C encoder json.dumps builds for those arguments, made here without importing json (which
+#: imports re: ~4 ms of every session's start-up).
+_encode = _json.make_encoder(
+    {}, _not_json, _json.encode_basestring, None, ":", ",", False, False, False
+)
+
+
+class _Strict:
+    """The settings ``json.loads(text, parse_constant=_no_constant,
+    object_pairs_hook=_no_duplicates)`` gives its C scanner."""
+
+    strict = True
+    object_hook = None
+    parse_float = float
+    parse_int = int
+
+    def __init__(self) -> None:
+        self.parse_constant = _no_constant
+        self.object_pairs_hook = _no_duplicates
+
+
+def _loads(text: str) -> object:
+    """``json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)`` on
+    json's C scanner directly; anything it does not take whole goes to json.loads itself, so
+    that every refusal is json's own, word for word."""
+    ws = " \t\n\r"
+    start = len(text) - len(text.lstrip(ws))
+    try:
+        obj, end = _scan(text, start)
+    except (StopIteration, ValueError, RecursionError):
+        obj, end = None, -1
+    if end != len(text.rstrip(ws)) or end < start:
+        import json  # only for a frame that will be refused: for json's exact message
+
+        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+    return obj
+
+
 def _frame(body: dict[str, object], name: str) -> bytes:
     try:
-        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = "".join(_encode(body, 0))
         payload = text.encode("utf-8")
     except (ValueError, UnicodeEncodeError) as exc:
         raise LocalProtocolError(f"cannot encode {name!r}: {exc}") from None
@@ -145,7 +187,7 @@ def ssh_request_frame(job: str, client_key: str) -> bytes:
 def session_open_frame(capability: bytes, shells: tuple[str, ...], persist: str) -> bytes:
     """The frame of ``wire.SessionOpen(capability=..., shells=..., persist=...)``."""
     body: dict[str, object] = {
-        "capability": base64.b64encode(capability).decode("ascii"),
+        "capability": binascii.b2a_base64(capability, newline=False).decode("ascii"),
         "shells": list(shells),
         "persist": persist,
         "type": "session_open",
@@ -174,6 +216,9 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return obj
 
 
+_scan = _json.make_scanner(_Strict())  # type: ignore[arg-type]
+
+
 def _value(kind: int, v: object, path: str) -> object:
     if kind == _STR:
         if type(v) is not str:
@@ -188,7 +233,7 @@ def _value(kind: int, v: object, path: str) -> object:
         if type(v) is not str:
             raise _fail(path, "expected base64 text")
         try:
-            return base64.b64decode(v.encode("ascii"), validate=True)
+            return binascii.a2b_base64(v.encode("ascii"), strict_mode=True)
         except (binascii.Error, UnicodeEncodeError):
             raise _fail(path, "invalid base64") from None
     if kind == _BOOL:
@@ -206,9 +251,7 @@ def decode_reply(payload: bytes, expect: _Expect) -> Reply:
     """One frame's payload as one of ``replies`` (``GRANT_REPLIES`` or ``READY_REPLIES``);
     ``RemoteProtocolError`` for anything ``decode_message`` or the table would refuse."""
     try:
-        body = json.loads(
-            payload.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_duplicates
-        )
+        body = _loads(payload.decode("utf-8"))
     except ValueError as exc:
         raise RemoteProtocolError(f"frame is not valid UTF-8 JSON: {exc}") from None
     except RecursionError:
