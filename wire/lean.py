@@ -129,9 +129,11 @@ def _not_json(o: object) -> object:
 
 #: ``json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)``: the same
 #: C encoder json.dumps builds for those arguments, made here without importing json (which
-#: imports re: ~4 ms of every session's start-up).
+#: imports re: ~4 ms of every session's start-up). No circular-reference markers: this one
+#: encoder serves every call, the bodies here are flat, and a marker left by a failed call
+#: would haunt the next.
 _encode = _json.make_encoder(
-    {}, _not_json, _json.encode_basestring, None, ":", ",", False, False, False
+    None, _not_json, _json.encode_basestring, None, ":", ",", False, False, False
 )
 
 
