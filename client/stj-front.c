@@ -65,7 +65,7 @@ static void exec_isolated(const char *script)
     memcpy(root, interp, rlen);
     root[rlen] = '\0';
     char *up = strrchr(root, '/');
-    if (up == NULL)
+    if (up == NULL || (size_t)(up - root) + sizeof "/lib" > sizeof root)
         return;
     strcpy(up, "/lib");
     DIR *lib = opendir(root);
