@@ -223,23 +223,6 @@ def broker_socket(name: str | None) -> str | None:
     return personal if os.path.exists(personal) or not os.path.exists(system) else system
 
 
-def _private_base() -> str | None:
-    """The per-uid runtime directory ``ssh_to_job.runtime_dir`` uses, if it is ours and
-    private; never made here (the first, full session makes it)."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if not base or not os.path.isdir(base) or os.stat(base).st_uid != os.getuid():
-        base = os.environ.get("TMPDIR") or "/tmp"
-    d = os.path.join(base, f"ssh-to-job-{os.getuid()}")
-    try:
-        st = os.lstat(d)
-    except OSError:
-        return None
-    # S_ISDIR without importing stat: the file type bits of a directory are 0o040000.
-    if st.st_mode & 0o170000 != 0o040000 or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        return None
-    return d
-
-
 def _digits(text: str, most: int) -> bool:
     # ASCII digits only: int() and str.isdigit() would take other scripts' digits too.
     return 0 < len(text) <= most and text.isascii() and text.isdigit()
@@ -339,7 +322,9 @@ def repeat_argv(argv: list[str]) -> list[str] | None:
     if not wanted and os.environ.get("SHELL"):
         wanted = (os.environ["SHELL"],)
     broker = broker_socket(name)
-    base = _private_base()
+    from ssh_to_job import common  # os and stat only (the runtime directory's checks)
+
+    base = common.private_runtime_dir()
     if broker is None or base is None:
         return None
     path = _name(base, broker, job, wanted)

@@ -39,7 +39,13 @@ if TYPE_CHECKING:
         write_public,
     )
     from ._logging import setup_logging
-    from ._where import CONFIG_MEMO, broker_socket, config_state_dir, runtime_base
+    from ._where import (
+        CONFIG_MEMO,
+        broker_socket,
+        config_state_dir,
+        private_runtime_dir,
+        runtime_base,
+    )
 
 if TYPE_CHECKING:
     from ._pki import (
@@ -123,6 +129,7 @@ _LAZY = {
     "config_state_dir": "_where",
     "CONFIG_MEMO": "_where",
     "runtime_base": "_where",
+    "private_runtime_dir": "_where",
     "add_pool_flags": "_cli",
     "config_and_state": "_cli",
     "load_or_create_key": "_files",
@@ -273,6 +280,7 @@ __all__ = [
     "pool_id_of_ca",
     "private_dir",
     "private_key_pem",
+    "private_runtime_dir",
     "public_hex",
     "public_key_pem",
     "read_public_key",

@@ -79,7 +79,7 @@ def runtime_base() -> str:
     return os.path.join(base, f"ssh-to-job-{os.getuid()}")
 
 
-def _private_dir() -> str | None:
+def private_runtime_dir() -> str | None:
     """The runtime directory if it exists, is a real directory, ours and 0700; else None
     (someone else may have made that predictable /tmp name first)."""
     import stat
@@ -97,7 +97,7 @@ def _private_dir() -> str | None:
 def _remembered(key: list[object]) -> str | None:
     import stat
 
-    d = _private_dir()
+    d = private_runtime_dir()
     if d is None:
         return None
     try:
@@ -121,7 +121,7 @@ def _remembered(key: list[object]) -> str | None:
 def _remember(key: list[object], state_dir: str) -> None:
     """Best effort: a memo that cannot be written only means the next command parses again.
     Its fields are separated by NUL, which no path holds (nor a usable state_dir)."""
-    d = _private_dir()
+    d = private_runtime_dir()
     fields = [_MEMO_TAG, *(str(k) for k in key), state_dir]
     if d is None or any("\0" in f for f in fields):
         return

@@ -24,6 +24,16 @@ def _lines_from(stderr: str, prefix: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(prefix)]
 
 
+def _started_and_verified(stderr: str) -> tuple[int, int]:
+    """Where, among -debug's own lines, the client started its one ssh (scp) and where it
+    verified the starter's host key; each must happen exactly once."""
+    ours = _lines_from(stderr, "ssh-to-job: ")
+    running = [i for i, line in enumerate(ours) if line.startswith("ssh-to-job: running ")]
+    verified = [i for i, line in enumerate(ours) if "starter host key verified" in line]
+    assert (len(running), len(verified)) == (1, 1), ours
+    return running[0], verified[0]
+
+
 def test_ssh_starts_before_the_starter_answers(pool: Pool, users: dict[str, User]) -> None:
     """For the job's owner the guess holds: ssh is started before the starter's host key is
     verified, once, and the session runs as the owner."""
@@ -32,11 +42,8 @@ def test_ssh_starts_before_the_starter_answers(pool: Pool, users: dict[str, User
     try:
         r = pool.ssh(a, "-debug", job, "id -u")
         assert (r.returncode, r.stdout) == (0, f"{a.uid}\n"), r.stderr
-        ours = _lines_from(r.stderr, "ssh-to-job: ")
-        running = [i for i, line in enumerate(ours) if line.startswith("ssh-to-job: running ")]
-        verified = [i for i, line in enumerate(ours) if "starter host key verified" in line]
-        assert (len(running), len(verified)) == (1, 1), ours
-        assert running[0] < verified[0], ours
+        running, verified = _started_and_verified(r.stderr)
+        assert running < verified, r.stderr
         assert "restarting ssh" not in r.stderr
     finally:
         pool.stj(a, "rm", job)
@@ -127,11 +134,8 @@ def test_scp_starts_only_once_the_starter_has_answered(pool: Pool, users: dict[s
         r = pool.ssh(su, "-debug", "-ssh", "scp", job, "remote:/etc/hostname", str(dest))
         assert r.returncode == 0, r.stderr
         assert dest.read_text() == pathlib.Path("/etc/hostname").read_text()
-        ours = _lines_from(r.stderr, "ssh-to-job: ")
-        running = [i for i, line in enumerate(ours) if line.startswith("ssh-to-job: running ")]
-        verified = [i for i, line in enumerate(ours) if "starter host key verified" in line]
-        assert (len(running), len(verified)) == (1, 1), ours
-        assert verified[0] < running[0], ours
+        running, verified = _started_and_verified(r.stderr)
+        assert verified < running, r.stderr
         assert "restarting" not in r.stderr
     finally:
         pool.stj(a, "rm", job)
