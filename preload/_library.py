@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.resources
 import os
 import pathlib
 import stat
 from typing import Any
-
-import cffi  # type: ignore[import-untyped, unused-ignore]
 
 from ssh_to_job.preload._protocol import ENV_FD, ShimError
 
@@ -17,26 +16,27 @@ LIBRARY_NAME = "libstjshim.so"
 SYMBOLS = ("getpwnam", "getpwuid", "getpwnam_r", "getpwuid_r", "getgrnam", "getgrnam_r")
 """What the shim exports, and all it exports."""
 
-_SHIM_CDEF = """
-struct passwd;
-struct group;
-struct passwd *getpwnam(const char *name);
-struct passwd *getpwuid(unsigned int uid);
-int getpwnam_r(const char *name, struct passwd *pw, char *buf, size_t len, struct passwd **res);
-int getpwuid_r(unsigned int uid, struct passwd *pw, char *buf, size_t len, struct passwd **res);
-struct group *getgrnam(const char *name);
-int getgrnam_r(const char *name, struct group *gr, char *buf, size_t len, struct group **res);
-"""
 
-_LIBC_CDEF = """
-typedef struct {
-    const char *dli_fname;
-    void *dli_fbase;
-    const char *dli_sname;
-    void *dli_saddr;
-} Dl_info;
-int dladdr(const void *addr, Dl_info *info);
-"""
+class _DlInfo(ctypes.Structure):
+    _fields_ = (
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    )
+
+
+def _libdl() -> Any:
+    """libc's dlopen, dlsym, dladdr, dlclose and dlerror, with their C signatures."""
+    libc = ctypes.CDLL(None)
+    libc.dlopen.argtypes, libc.dlopen.restype = (ctypes.c_char_p, ctypes.c_int), ctypes.c_void_p
+    libc.dlsym.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
+    libc.dlsym.restype = ctypes.c_void_p
+    libc.dladdr.argtypes = (ctypes.c_void_p, ctypes.POINTER(_DlInfo))
+    libc.dladdr.restype = ctypes.c_int
+    libc.dlclose.argtypes, libc.dlclose.restype = (ctypes.c_void_p,), ctypes.c_int
+    libc.dlerror.argtypes, libc.dlerror.restype = (), ctypes.c_char_p
+    return libc
 
 
 def shim_path() -> pathlib.Path:
@@ -58,33 +58,31 @@ def shim_path() -> pathlib.Path:
 
 
 def _check_exports(path: pathlib.Path) -> None:
-    """Open the shim in cffi's ABI mode; each symbol must resolve to the shim itself."""
-    ffi: Any = cffi.FFI()
-    ffi.cdef(_SHIM_CDEF)
-    ffi.cdef(_LIBC_CDEF)
+    """Open the shim as the loader will (RTLD_NOW); each symbol must resolve to the shim itself.
+
+    Through libc's own dl* functions with ctypes: nothing else is loaded into the starter."""
+    dl = _libdl()
+    handle = dl.dlopen(os.fsencode(path), os.RTLD_NOW | os.RTLD_LOCAL)
+    if not handle:
+        why = (dl.dlerror() or b"unknown error").decode(errors="replace")
+        raise ShimError(f"the LD_PRELOAD shim {path} cannot be loaded: {why}")
     try:
-        lib = ffi.dlopen(os.fsdecode(path), ffi.RTLD_NOW | ffi.RTLD_LOCAL)
-    except OSError as e:
-        raise ShimError(f"the LD_PRELOAD shim {path} cannot be loaded: {e}") from e
-    try:
-        libc = ffi.dlopen(None)
         want = os.path.realpath(path)
         for name in SYMBOLS:
-            try:
-                fn = getattr(lib, name)
-            except AttributeError:
-                raise ShimError(f"the LD_PRELOAD shim {path} does not define {name}") from None
-            info = ffi.new("Dl_info *")
-            if not libc.dladdr(ffi.cast("void *", fn), info) or info.dli_fname == ffi.NULL:
+            fn = dl.dlsym(handle, name.encode())
+            if not fn:
+                raise ShimError(f"the LD_PRELOAD shim {path} does not define {name}")
+            info = _DlInfo()
+            if not dl.dladdr(fn, ctypes.byref(info)) or not info.dli_fname:
                 raise ShimError(f"cannot tell where {name} in {path} comes from (dladdr failed)")
-            where = os.path.realpath(os.fsdecode(ffi.string(info.dli_fname)))
+            where = os.path.realpath(os.fsdecode(info.dli_fname))
             if where != want:
                 raise ShimError(
                     f"the LD_PRELOAD shim {path} does not export {name} itself "
                     f"(it resolves to {where}): it would not interpose it"
                 )
     finally:
-        ffi.dlclose(lib)
+        dl.dlclose(handle)
 
 
 def check_shim(path: pathlib.Path | None = None) -> pathlib.Path:
@@ -92,7 +90,7 @@ def check_shim(path: pathlib.Path | None = None) -> pathlib.Path:
 
     The loader silently ignores an LD_PRELOAD entry containing a space or a colon, so such
     paths are refused here; the file must be a regular file that neither group nor others can
-    write, and opening it (cffi ABI mode, RTLD_NOW) must resolve all six interposed
+    write, and opening it (dlopen with RTLD_NOW) must resolve all six interposed
     functions to the shim itself. Returns the path.
     """
     path = shim_path() if path is None else pathlib.Path(path)

@@ -33,12 +33,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 import trio
 
 from ssh_to_job import common, preload, transport, wire
 from ssh_to_job.transport import FramedStream, Outbox, PeerGone
 
-from . import _exits, _procs
+from . import _exits, _pkiwork, _procs
 from ._jobs import (
     UNSTARTED,
     CannotStart,
@@ -117,6 +118,21 @@ class Backoff:
         self._next = self.first
 
 
+@attrs.define(eq=False)
+class PkiFiles:
+    """This starter's enrolled identity (checked by ``_pkiwork``) and its files."""
+
+    directory: pathlib.Path
+    pool_id: str
+    name: str
+    ca_file: pathlib.Path
+    cert_file: pathlib.Path
+    key_file: pathlib.Path
+    #: The certificate's validity, epoch seconds: when to ask for a renewal.
+    not_before: float
+    not_after: float
+
+
 class Starter:
     def __init__(
         self, state_dir: pathlib.Path, config: common.PoolConfig, debug: bool = False
@@ -148,9 +164,9 @@ class Starter:
         self.broker_key = b""
         self.tls: ssl.SSLContext | None = None
         self.pool_id = ""
-        self.pki: common.StarterPki | None = None
-        #: The key of a renewal asked for and not yet answered.
-        self._renew_key: Any = None
+        self.pki: PkiFiles | None = None
+        #: The key (PKCS#8 PEM) of a renewal asked for and not yet answered.
+        self._renew_key: str | None = None
         self.backoff = Backoff(BACKOFF_MIN, cfg.reconnect_max)
         #: Slurm mode: how sessions are tracked here, for ``stj status`` (docs/slurm.md).
         self.tracking = ""
@@ -203,27 +219,40 @@ class Starter:
 
     def _load_pki(self) -> None:
         """This starter's certificate and the pool CA; issued here from the broker's CA when the
-        broker shares our state directory (a personal pool: nothing to set up)."""
-        cfg = self.config.starter
+        broker shares our state directory (a personal pool: nothing to set up).
+
+        The certificate work runs in a child (``_pkiwork``): ``cryptography`` would stay in
+        this daemon's memory for good."""
+        cfg, bc = self.config.starter, self.config.broker
         pki_dir = pathlib.Path(cfg.pki_dir) if cfg.pki_dir else self.state_dir / "pki"
+        ca_dir = pathlib.Path(bc.pki_dir) if bc.pki_dir else self.state_dir / "pki"
         try:
-            pki = common.StarterPki.load(pki_dir)
-        except common.PkiError as exc:
-            if not self._issue_locally(pki_dir):
-                raise SystemExit(
-                    f"starter: not enrolled in a pool ({exc}); on this host run "
-                    "'stj starter --join BROKER:PORT --token TOKEN' with a token from "
-                    "'stj token create' on the broker host"
-                ) from None
-            pki = common.StarterPki.load(pki_dir)
-        if cfg.name and cfg.name != pki.name and self._issue_locally(pki_dir):
-            # A personal pool whose starter was renamed: its own CA vouches for the new name.
-            pki = common.StarterPki.load(pki_dir)
-        if cfg.name and cfg.name != pki.name:
-            raise SystemExit(
-                f"starter: [starter] name is {cfg.name!r} but this host's certificate is for "
-                f"{pki.name!r}; enrol again to change the name"
+            reply = _pkiwork.call(
+                {
+                    "op": "load",
+                    "pki_dir": str(pki_dir),
+                    "ca_dir": str(ca_dir),
+                    "want_name": cfg.name,
+                    "name": self.name,
+                    "cert_days": bc.cert_days,
+                }
             )
+        except _pkiwork.PkiWorkError as exc:
+            raise SystemExit(f"starter: {exc}") from None
+        for level, message in reply.get("logs", ()):
+            log.log(logging.WARNING if level == "warning" else logging.INFO, "%s", message)
+        if "error" in reply:
+            raise SystemExit(str(reply["error"]))
+        pki = PkiFiles(
+            pathlib.Path(reply["directory"]),
+            reply["pool_id"],
+            reply["name"],
+            pathlib.Path(reply["ca_file"]),
+            pathlib.Path(reply["cert_file"]),
+            pathlib.Path(reply["key_file"]),
+            float(reply["not_before"]),
+            float(reply["not_after"]),
+        )
         self.name = pki.name
         self.pool_id = pki.pool_id
         self.pki = pki
@@ -234,19 +263,16 @@ class Starter:
     def _ask_renewal(self) -> None:
         """Past two thirds of its certificate's life, ask the broker for a new one."""
         pki = self.pki
-        if pki is None:
+        if pki is None or not _pkiwork.due(pki.not_before, pki.not_after, time.time()):
             return
         try:
-            due = common.needs_renewal(common.load_cert(pki.cert_file))
-        except common.PkiError as exc:
-            log.warning("cannot read this starter's certificate: %s", exc)
+            reply = _pkiwork.call({"op": "new_key"})
+        except _pkiwork.PkiWorkError as exc:
+            log.warning("cannot make a key for this starter's renewal: %s", exc)
             return
-        if due:
-            self._renew_key = common.new_private_key()
-            log.info("asking the broker to renew this starter's certificate")
-            self.post(
-                wire.CertRenew(public_key=common.public_key_pem(self._renew_key.public_key()))
-            )
+        self._renew_key = reply["key_pem"]
+        log.info("asking the broker to renew this starter's certificate")
+        self.post(wire.CertRenew(public_key=reply["public_pem"]))
 
     def _renewed(self, msg: wire.CertRenewed) -> None:
         """Check and store the renewed certificate; the next connection presents it."""
@@ -254,50 +280,31 @@ class Starter:
         if pki is None or key is None:
             return
         try:
-            cert = common.parse_cert(msg.certificate)
-            cas = common.load_ca_bundle(pki.ca_file)
-            common.verify_leaf(
-                cert, cas, pool_id=self.pool_id, role=wire.ROLE_STARTER, name=self.name
+            reply = _pkiwork.call(
+                {
+                    "op": "renewed",
+                    "directory": str(pki.directory),
+                    "pool_id": self.pool_id,
+                    "name": self.name,
+                    "certificate": msg.certificate,
+                    "key_pem": key,
+                }
             )
-            if common.public_key_pem(cert.public_key()) != common.public_key_pem(key.public_key()):  # type: ignore[arg-type]
-                raise common.PkiError("the renewed certificate is not for our new key")
-        except common.PkiError as exc:
-            log.error("refusing the renewed certificate: %s", exc)
+        except _pkiwork.PkiWorkError as exc:
+            log.error("cannot check the renewed certificate: %s", exc)
             return
-        common.write_leaf(pki.directory, common.STARTER_KEY, common.STARTER_CERT, key, cert)
+        if "error" in reply:
+            log.error("refusing the renewed certificate: %s", reply["error"])
+            return
         self._renew_key = None
+        pki.not_before, pki.not_after = float(reply["not_before"]), float(reply["not_after"])
         self.tls = transport.client_context(
             pki.ca_file,
             pki.cert_file,
             pki.key_file,
             check_hostname=self.config.starter.check_hostname,
         )
-        log.info("stored this starter's renewed certificate (serial %x)", cert.serial_number)
-
-    def _issue_locally(self, pki_dir: pathlib.Path) -> bool:
-        """Issue our certificate with the broker's CA if we can read it (same state dir)."""
-        bc = self.config.broker
-        ca_dir = pathlib.Path(bc.pki_dir) if bc.pki_dir else self.state_dir / "pki"
-        if not (ca_dir / common.CA_KEY).exists():
-            return False
-        try:
-            ca = common.PoolCA.load(ca_dir)
-            cas = common.load_ca_bundle(ca_dir / common.CA_CERT)
-            broker_pki = common.BrokerPki(
-                ca_dir, ca, common.RevocationList(ca_dir / common.REVOKED), bc.cert_days
-            )
-            key = common.new_private_key()
-            cert = broker_pki.issue(wire.ROLE_STARTER, self.name, key.public_key())
-            if pki_dir.resolve() == ca_dir.resolve():
-                # The CA bundle is the broker's own file: leave it as it is.
-                common.write_leaf(pki_dir, common.STARTER_KEY, common.STARTER_CERT, key, cert)
-            else:
-                common.StarterPki.save(pki_dir, key, cert, cas)
-        except (common.PkiError, OSError) as exc:
-            log.warning("cannot issue a certificate from %s: %s", ca_dir, exc)
-            return False
-        log.info("issued this starter's certificate (%s) from the pool CA in %s", self.name, ca_dir)
-        return True
+        log.info("stored this starter's renewed certificate (serial %x)", reply["serial"])
 
     def _lock(self) -> None:
         """Own the state directory: a second starter on it would kill and rerun our jobs."""

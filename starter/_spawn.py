@@ -3,7 +3,7 @@
 The usual way (subprocess with :func:`._procs.make_preexec`) forks the starter and has the child
 write itself into the session cgroup: that move waits for an RCU grace period in the kernel
 (5 to 40 ms, the largest share of the starter's set-up of a cold session). The C spawner
-``libstjspawn.so`` (``stj-spawn.c``, built at install time, loaded here with cffi in ABI mode)
+``libstjspawn.so`` (``stj-spawn.c``, built at install time, loaded here with ctypes)
 uses ``clone3(CLONE_INTO_CGROUP | CLONE_PIDFD)`` instead: the child starts in the session
 cgroup, drops to the job's ids with raw system calls and execs sshd; the starter keeps a pidfd
 to wait on and signal.
@@ -18,6 +18,7 @@ signal or reap a pid other than the child's own (everything goes through its pid
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -28,19 +29,36 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import cffi  # type: ignore[import-untyped, unused-ignore]
 import trio
 
 log = logging.getLogger("stj.starter")
 
 LIBRARY = pathlib.Path(__file__).resolve().parent / "libstjspawn.so"
 
-_CDEF = """
-int stj_spawn(const char *path, char *const argv[], char *const envp[], int cgroup_fd,
-              const int std[3], const int *keep, int nkeep, int change_ids,
-              unsigned int uid, unsigned int gid, const unsigned int *groups,
-              int ngroups, int *pidfd, int *err, int *stage);
-"""
+_INT_P = ctypes.POINTER(ctypes.c_int)
+_UINT_P = ctypes.POINTER(ctypes.c_uint)
+_CHAR_PP = ctypes.POINTER(ctypes.c_char_p)
+#: int stj_spawn(const char *path, char *const argv[], char *const envp[], int cgroup_fd,
+#:               const int std[3], const int *keep, int nkeep, int change_ids,
+#:               unsigned int uid, unsigned int gid, const unsigned int *groups,
+#:               int ngroups, int *pidfd, int *err, int *stage);
+_ARGTYPES = (
+    ctypes.c_char_p,
+    _CHAR_PP,
+    _CHAR_PP,
+    ctypes.c_int,
+    _INT_P,
+    _INT_P,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_uint,
+    ctypes.c_uint,
+    _UINT_P,
+    ctypes.c_int,
+    _INT_P,
+    _INT_P,
+    _INT_P,
+)
 
 #: The child's steps as stj-spawn.c numbers them, for error messages.
 STAGES = {
@@ -63,27 +81,28 @@ class Unavailable(Exception):
     """clone3 spawning cannot be used here; the caller takes the fork path."""
 
 
-_ffi: Any = None
 _lib: Any = None
 _load_error = ""
 #: Why sessions' sshd went the fork path, each said once in the log.
 _fallbacks_logged: set[str] = set()
 
 
-def _load() -> tuple[Any, Any]:
-    global _ffi, _lib, _load_error
+def _load() -> Any:
+    """The spawner's ``stj_spawn``, with its C signature (ctypes checks every argument)."""
+    global _lib, _load_error
     if _load_error:
         raise Unavailable(_load_error)
     if _lib is None:
-        ffi = cffi.FFI()
-        ffi.cdef(_CDEF)
         try:
-            lib = ffi.dlopen(os.fsdecode(LIBRARY), ffi.RTLD_NOW | ffi.RTLD_LOCAL)
+            lib = ctypes.CDLL(os.fsdecode(LIBRARY), mode=os.RTLD_NOW | os.RTLD_LOCAL)
         except OSError as exc:
             _load_error = f"the spawner {LIBRARY} cannot be loaded ({exc})"
             raise Unavailable(_load_error) from None
-        _ffi, _lib = ffi, lib
-    return _ffi, _lib
+        fn = lib.stj_spawn
+        fn.argtypes = _ARGTYPES
+        fn.restype = ctypes.c_int
+        _lib = fn
+    return _lib
 
 
 def child_error(stage: int, err: int, path: str) -> OSError:
@@ -166,7 +185,7 @@ def spawn(
 
     Returns once the child has exec'ed. Raises OSError when it could not (nothing is left
     behind), :class:`Unavailable` when clone3 cannot be used here."""
-    ffi, lib = _load()
+    stj_spawn = _load()
     root = os.getuid() == 0
     if not root and uid != os.getuid():
         raise PermissionError("a non-root starter can only run jobs as its own uid")
@@ -180,42 +199,41 @@ def spawn(
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         path = found
     # Everything the child reads is made here, before the clone: it must not allocate.
-    c_args = [ffi.new("char[]", os.fsencode(a)) for a in argv]
-    c_env = [ffi.new("char[]", os.fsencode(f"{k}={v}")) for k, v in env.items()]
-    c_argv = ffi.new("char *[]", [*c_args, ffi.NULL])
-    c_envp = ffi.new("char *[]", [*c_env, ffi.NULL])
-    std = ffi.new("int[3]", [stdin, stdout, stderr])
-    c_keep = ffi.new("int[]", keep or [0])
-    c_groups = ffi.new("unsigned int[]", list(groups) or [0])
-    pidfd = ffi.new("int *")
-    err = ffi.new("int *")
-    stage = ffi.new("int *")
+    # (ctypes keeps the bytes objects alive with the arrays that point into them.)
+    c_argv = (ctypes.c_char_p * (len(argv) + 1))(*[os.fsencode(a) for a in argv], None)
+    c_envp = (ctypes.c_char_p * (len(env) + 1))(
+        *[os.fsencode(f"{k}={v}") for k, v in env.items()], None
+    )
+    std = (ctypes.c_int * 3)(stdin, stdout, stderr)
+    c_keep = (ctypes.c_int * max(len(keep), 1))(*keep)
+    c_groups = (ctypes.c_uint * max(len(groups), 1))(*groups)
+    pidfd, err, stage = ctypes.c_int(-1), ctypes.c_int(0), ctypes.c_int(0)
     cgfd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        pid = lib.stj_spawn(
+        pid = stj_spawn(
             os.fsencode(path),
-            c_argv,
-            c_envp,
+            ctypes.cast(c_argv, _CHAR_PP),
+            ctypes.cast(c_envp, _CHAR_PP),
             cgfd,
-            std,
-            c_keep,
+            ctypes.cast(std, _INT_P),
+            ctypes.cast(c_keep, _INT_P),
             len(keep),
             1 if root else 0,
             uid,
             gid,
-            c_groups,
+            ctypes.cast(c_groups, _UINT_P),
             len(groups),
-            pidfd,
-            err,
-            stage,
+            ctypes.byref(pidfd),
+            ctypes.byref(err),
+            ctypes.byref(stage),
         )
     finally:
         os.close(cgfd)
     if pid < 0:
-        if stage[0] == 0:
-            raise clone_error(err[0])
-        raise child_error(stage[0], err[0], path)
-    return Process(pid, pidfd[0])
+        if stage.value == 0:
+            raise clone_error(err.value)
+        raise child_error(stage.value, err.value, path)
+    return Process(pid, pidfd.value)
 
 
 async def start(
@@ -279,7 +297,7 @@ def _fall_back(why: str) -> None:
         log.info("sessions' sshd start by fork, not clone3: %s", why)
 
 
-# The first session should not pay for cffi's parsing and the dlopen: load it with the starter.
+# The first session should not pay for the dlopen: load it with the starter.
 # A failure is only remembered here; spawn() raises Unavailable and start() falls back.
 try:
     _load()

@@ -501,7 +501,7 @@ def test_check_shim_rejects_paths_the_loader_would_ignore(shim: Path, tmp_path: 
 
 
 def test_check_shim_rejects_a_library_that_does_not_interpose(tmp_path: Path) -> None:
-    """A library whose getpwnam is really libc's (libnss_files) fails the cffi ABI check."""
+    """A library whose getpwnam is really libc's (libnss_files) fails the dladdr check."""
     libdir = Path("/usr/lib/x86_64-linux-gnu")
     nss = next(iter(sorted(libdir.glob("libnss_files.so*"))), None)
     if nss is None:
@@ -511,6 +511,15 @@ def test_check_shim_rejects_a_library_that_does_not_interpose(tmp_path: Path) ->
     copy.chmod(0o755)
     with pytest.raises(preload.ShimError, match="does not export getpwnam itself"):
         preload.check_shim(copy)
+
+
+def test_check_shim_rejects_what_the_loader_cannot_load(tmp_path: Path) -> None:
+    """A file that is not a shared library fails with the dynamic loader's own reason."""
+    junk = tmp_path / "libjunk.so"
+    junk.write_bytes(b"not an ELF file\n" * 8)
+    junk.chmod(0o755)
+    with pytest.raises(preload.ShimError, match=r"cannot be loaded: .*invalid ELF header"):
+        preload.check_shim(junk)
 
 
 def test_check_shim_refuses_when_the_fd_variable_is_set(
