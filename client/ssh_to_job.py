@@ -15,22 +15,32 @@ stale ones from a killed run are swept at the next start.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal without enum; no stub
+import _socket
 import os
 import pwd
-import signal
-import socket
 import stat
 import sys
 import time
 
 # The session path imports only what it uses (tests/test_client_imports.py pins the set): the
 # wire's attrs-free ``lean`` codec instead of the attrs message classes, os.path instead of
-# pathlib, posix_spawn instead of subprocess. ``wire`` itself loads its names on first use.
+# pathlib, posix_spawn instead of subprocess, _signal and _socket instead of signal and socket
+# (whose enum wrappers, with functools and collections, cost every session ~5 ms), bytes
+# instead of the array module for SCM_RIGHTS. ``wire`` itself loads its names on first use.
 from ssh_to_job import common, wire
 from ssh_to_job.wire import lean
 
 from . import _mux, _persist
-from ._broker import BrokerClient, BrokerUnavailable, die, find_socket, request_grant, socket_path
+from ._broker import (
+    BrokerClient,
+    BrokerUnavailable,
+    die,
+    find_socket,
+    receive_grant,
+    send_request,
+    socket_path,
+)
 
 # Not typing.TYPE_CHECKING: importing typing costs more than this module's own work.
 TYPE_CHECKING = False
@@ -530,7 +540,7 @@ def _write(path: str | os.PathLike[str], data: bytes) -> None:
         os.close(fd)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: _socket.socket, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -541,7 +551,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def open_session(
-    sock: socket.socket,
+    sock: _socket.socket,
     grant: wire.SshGrant | lean.SshGrant,
     shells: tuple[str, ...],
     timeout: float = 30.0,
@@ -558,7 +568,7 @@ def open_session(
 
 
 def send_open(
-    sock: socket.socket,
+    sock: _socket.socket,
     grant: wire.SshGrant | lean.SshGrant,
     shells: tuple[str, ...],
     timeout: float = 30.0,
@@ -570,7 +580,7 @@ def send_open(
 
 
 def read_ready(
-    sock: socket.socket, grant: wire.SshGrant | lean.SshGrant, timeout: float = 30.0
+    sock: _socket.socket, grant: wire.SshGrant | lean.SshGrant, timeout: float = 30.0
 ) -> lean.SessionReady:
     """``open_session``'s second half: the starter's answer, its host key checked."""
     sock.settimeout(timeout)
@@ -662,7 +672,7 @@ class Child:
             argv,
             env,
             file_actions=closes,
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+            setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ),
         )
         self.returncode: int | None = None
         #: Reaped by a wait() that a signal handler's poll() interrupted before it could
@@ -708,17 +718,17 @@ class _Signals:
     def __init__(self) -> None:
         self.child: Child | None = None
         self.interrupted = False
-        self.signum = signal.SIGINT
+        self.signum: int = _signal.SIGINT
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> _Signals:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            self._old[sig] = signal.signal(sig, self._handle)
+        for sig in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+            self._old[sig] = _signal.signal(sig, self._handle)
         return self
 
     def _handle(self, sig: int, _frame: object) -> None:
         self.interrupted = True
-        self.signum = signal.Signals(sig)
+        self.signum = sig
         if self.child is None:
             raise KeyboardInterrupt
         # Pass it on: a Ctrl-C from the terminal reached ssh already (a second SIGINT changes
@@ -730,10 +740,10 @@ class _Signals:
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
+            _signal.signal(sig, old)
 
 
-def hand_over(listener: socket.socket, session: socket.socket, child: _Polled) -> bool:
+def hand_over(listener: _socket.socket, session: _socket.socket, child: _Polled) -> bool:
     """Give the session socket to the proxy helper ssh starts (only to our own uid)."""
     listener.settimeout(0.2)
     deadline = time.monotonic() + 60
@@ -741,16 +751,20 @@ def hand_over(listener: socket.socket, session: socket.socket, child: _Polled) -
         if child.poll() is not None:
             return False
         try:
-            conn, _ = listener.accept()
+            fd, _ = listener._accept()  # type: ignore[attr-defined]  # socket.accept's core
         except TimeoutError:
             continue
-        with conn:
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        conn = _socket.socket(fileno=fd)
+        try:
+            creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
             uid = int.from_bytes(creds[4:8], sys.byteorder)
             if uid != os.getuid():
                 continue  # someone else guessed the name: they get nothing
-            socket.send_fds(conn, [b"\0"], [session.fileno()])
+            rights = session.fileno().to_bytes(4, sys.byteorder)  # one C int
+            conn.sendmsg([b"\0"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
             return True
+        finally:
+            conn.close()
     return False
 
 
@@ -846,78 +860,106 @@ def _session(
     except UsageError as exc:
         return die(str(exc), 2)
     _write(os.path.join(d, "id"), private)
+    words = split_words(opts.ssh)
+    asks_agent = wants_agent(words[1:])
+    # The name ssh knows the session by (its Host, and the known_hosts line written once the
+    # starter has answered): ours to choose, so that ssh can start before the broker answers.
+    alias = "ssh-to-job-" + "".join(c if c.isalnum() or c in "._" else "_" for c in jid.one)
+    alias += "-" + os.urandom(4).hex()
+    # The first command of a burst makes this job's master (_mux); -debug and
+    # -remove-on-interrupt act on a session of their own. (_mux.usable already said no
+    # to agent forwarding, whose socket would be the master's.)
+    master = (
+        mux_path is not None
+        and not (opts.debug or opts.remove_on_interrupt)
+        and _mux.claim(mux_path)
+    )
+    # ssh reads its config at start, and its key and known_hosts only once connected: so plain
+    # ssh starts while the broker grants and the starter sets the session up, on a guess of
+    # what session_ready will say (the login, the agent, the master's idle time); its start-up
+    # (~12 ms here) leaves the session's path. A wrong guess costs a restart, a refusal a
+    # SIGKILL. Only plain ssh: scp and sftp run ssh as their own child, which a SIGKILL of
+    # them (a wrong guess, a failed set-up) would leave behind.
+    early = os.path.basename(words[0]) == "ssh"
+    guess: _Plan = (_own_login(), asks_agent, _GUESS_PERSIST if master else 0.0)
+    launch: _Launch | None = None
+    next_n = 1  # the number of ssh's config file, should the early one be abandoned
     _debug(opts, f"asking broker {opts.pool or sockpath} for a session into job {jid.one}")
     since = time.monotonic()
     status_shown = False
-    while True:
-        try:
-            if opts.pool:  # a remote pool: TLS, a signed request, a relayed socket
-                reply, fd = _remote_grant(opts.pool, jid.one, public)
-            else:
-                assert sockpath is not None
-                reply, fd = request_grant(sockpath, jid.one, public)
-        except BrokerUnavailable as exc:
-            return die(str(exc))
-        if isinstance(reply, lean.Error) and reply.code == "idle" and opts.auto_retry:
-            waited = time.monotonic() - since
-            if sys.stderr.isatty():
-                print(
-                    f"\rssh-to-job: job {jid.one} is idle; waited {int(waited)} s ...",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            else:
-                print(
-                    f"ssh-to-job: job {jid.one} is idle; waited {int(waited)} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            status_shown = True
-            time.sleep(1.0)
-            continue
-        if status_shown and sys.stderr.isatty():
-            print(file=sys.stderr)
-        if isinstance(reply, lean.Error):
-            if opts.auto_retry and reply.code in ("held", "finished", "unknown_job"):
-                return die(f"stopped waiting: {reply.message}")
-            return die(reply.message)
-        assert isinstance(reply, lean.SshGrant)
-        assert fd is not None
-        break
-    session = socket.socket(fileno=fd)
-    launch: _Launch | None = None
+    granted = False
+    try:
+        while True:
+            try:
+                if opts.pool:  # a remote pool: TLS, a signed request, a relayed socket
+                    if early:
+                        early = False
+                        launch = _Launch.start(opts, d, alias, guess, mux_path, 1)
+                    reply, fd = _remote_grant(opts.pool, jid.one, public)
+                else:
+                    assert sockpath is not None
+                    pending = send_request(sockpath, jid.one, public)
+                    if early:  # while the broker works on the request
+                        early = False
+                        try:
+                            launch = _Launch.start(opts, d, alias, guess, mux_path, 1)
+                        except BaseException:
+                            pending.close()
+                            raise
+                    reply, fd = receive_grant(pending)
+            except (BrokerUnavailable, _CannotRun) as exc:
+                return die(str(exc))
+            if isinstance(reply, lean.Error) and reply.code == "idle" and opts.auto_retry:
+                waited = time.monotonic() - since
+                if sys.stderr.isatty():
+                    print(
+                        f"\rssh-to-job: job {jid.one} is idle; waited {int(waited)} s ...",
+                        end="",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                else:
+                    print(
+                        f"ssh-to-job: job {jid.one} is idle; waited {int(waited)} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                status_shown = True
+                if launch is not None:  # waiting may take long: ssh starts again once granted
+                    launch.abandon()
+                    next_n, launch = launch.n + 1, None
+                time.sleep(1.0)
+                continue
+            if status_shown and sys.stderr.isatty():
+                print(file=sys.stderr)
+            if isinstance(reply, lean.Error):
+                if opts.auto_retry and reply.code in ("held", "finished", "unknown_job"):
+                    return die(f"stopped waiting: {reply.message}")
+                return die(reply.message)
+            assert isinstance(reply, lean.SshGrant)
+            assert fd is not None
+            break
+        granted = True
+    finally:
+        if not granted and launch is not None:
+            # Refused, failed or interrupted before any grant: the early ssh goes quietly.
+            launch.abandon()
+
+    session = _socket.socket(fileno=fd)
     try:
         _debug(
             opts,
             f"session {reply.session_id[:8]} granted by the broker; starter {reply.starter_id}",
-        )
-        words = split_words(opts.ssh)
-        asks_agent = wants_agent(words[1:])
-        alias = f"ssh-to-job-{reply.job}-{reply.session_id[:8]}"
-        # The first command of a burst makes this job's master (_mux); -debug and
-        # -remove-on-interrupt act on a session of their own. (_mux.usable already said no
-        # to agent forwarding, whose socket would be the master's.)
-        master = (
-            mux_path is not None
-            and not (opts.debug or opts.remove_on_interrupt)
-            and _mux.claim(mux_path)
         )
         # The capability first, so that the starter sets the session up while ssh starts.
         try:
             send_open(session, reply, shells, persist=opts.persist)
         except OSError as exc:
             return die(f"job {reply.job}: {exc}")
-        # ssh reads its config at start, and its key and known_hosts only once connected: so
-        # ssh starts now, while the starter sets the session up, on a guess of what its
-        # session_ready will say (the login, the agent, the master's idle time), and ssh's own
-        # start-up (~12 ms here) leaves the session's path. A wrong guess costs a restart.
-        # Only plain ssh: scp and sftp run ssh as their own child, which a SIGKILL of them
-        # (a wrong guess, a failed set-up) would leave behind.
-        if os.path.basename(words[0]) == "ssh":
-            guess: _Plan = (_own_login(), asks_agent, _GUESS_PERSIST if master else 0.0)
+        if launch is None and os.path.basename(words[0]) == "ssh":
+            # Granted after waiting for an idle job (the early ssh went meanwhile): now.
             try:
-                launch = _Launch.start(opts, d, alias, guess, mux_path, 1)
+                launch = _Launch.start(opts, d, alias, guess, mux_path, next_n)
             except _CannotRun as exc:
                 return die(str(exc))
         try:
@@ -952,8 +994,10 @@ def _session(
         # Until now a signal ended the set-up (KeyboardInterrupt, and ssh abandoned below);
         # from here on it is passed on to ssh.
         child = signals.child = launch.child
-        with launch.listener:
+        try:
             handed = hand_over(launch.listener, session, child)
+        finally:
+            launch.listener.close()
         launch = None  # from here on ssh is the session's, to wait for
         session.close()
         rc = child.wait()
@@ -995,7 +1039,7 @@ class _Launch:
     """ssh started ahead of the session socket: its ProxyCommand waits on ``listener``."""
 
     def __init__(
-        self, child: Child, listener: socket.socket, argv: list[str], plan: _Plan, n: int
+        self, child: Child, listener: _socket.socket, argv: list[str], plan: _Plan, n: int
     ) -> None:
         self.child = child
         self.listener = listener
@@ -1018,7 +1062,7 @@ class _Launch:
         proxy_name = f"ssh-to-job-{os.getuid()}-{os.urandom(16).hex()}"
         cfg = os.path.join(d, "config" if n == 1 else f"config.{n}")
         _write(cfg, ssh_config(d, login, alias, proxy_name, opts.x11, opts.debug, agent).encode())
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             listener.bind("\0" + proxy_name)
             listener.listen(1)
@@ -1046,7 +1090,7 @@ class _Launch:
         ProxyCommand helper, finding ssh gone, exits quietly too). ssh goes first: were the
         listener closed while ssh lived, its helper would report the refusal."""
         try:
-            self.child.send_signal(signal.SIGKILL)
+            self.child.send_signal(_signal.SIGKILL)
         except OSError:
             pass
         try:

@@ -35,8 +35,9 @@ def _started_and_verified(stderr: str) -> tuple[int, int]:
 
 
 def test_ssh_starts_before_the_starter_answers(pool: Pool, users: dict[str, User]) -> None:
-    """For the job's owner the guess holds: ssh is started before the starter's host key is
-    verified, once, and the session runs as the owner."""
+    """For the job's owner the guess holds: ssh is started while the broker works on the
+    request (before its grant) and so before the starter's host key is verified, once, and the
+    session runs as the owner."""
     a = users["a"]
     job = _running(pool, a)
     try:
@@ -44,6 +45,10 @@ def test_ssh_starts_before_the_starter_answers(pool: Pool, users: dict[str, User
         assert (r.returncode, r.stdout) == (0, f"{a.uid}\n"), r.stderr
         running, verified = _started_and_verified(r.stderr)
         assert running < verified, r.stderr
+        ours = _lines_from(r.stderr, "ssh-to-job: ")
+        (granted,) = [i for i, line in enumerate(ours) if "granted by the broker" in line]
+        (asked,) = [i for i, line in enumerate(ours) if "asking broker" in line]
+        assert asked < running < granted, r.stderr
         assert "restarting ssh" not in r.stderr
     finally:
         pool.stj(a, "rm", job)

@@ -58,6 +58,16 @@ NEVER = {
     "json",
     "shlex",
     "base64",
+    # enum (with functools, collections and operator) came with signal's and socket's enum
+    # wrappers and wire._frame's sentinels: the client uses _signal and _socket; array
+    # imports collections.abc.
+    "array",
+    "enum",
+    "signal",
+    "socket",
+    "selectors",
+    "functools",
+    "collections",
 }
 
 

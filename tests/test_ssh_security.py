@@ -261,14 +261,24 @@ class Live:
                 line += chunk
         assert line == b"ready\n", line
         (self.client_dir,) = session_entries(tmp / f"ssh-to-job-{user.uid}")
-        self.alias = (self.client_dir / "known_hosts").read_text().split()[0]
-        prefix = self.alias.rsplit("-", 1)[1]
-        (self.starter_dir,) = [p for p in sessions_dir(pool).iterdir() if p.name.startswith(prefix)]
+        self.alias, *pinned = (self.client_dir / "known_hosts").read_text().split()
+        # The starter's directory of this session: the one whose host key the client pinned.
+        (self.starter_dir,) = [
+            p for p in sessions_dir(pool).iterdir() if _public_key(p / "host_key") == pinned
+        ]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.communicate(timeout=IO_TIMEOUT)
+
+
+def _public_key(private: pathlib.Path) -> list[str]:
+    """A private key file's public key as ``ssh-keygen -y`` says it (type and base64)."""
+    r = subprocess.run(
+        ["ssh-keygen", "-y", "-f", str(private)], capture_output=True, text=True, check=False
+    )
+    return r.stdout.split()[:2]
 
 
 def descendants(roots: set[int]) -> set[int]:

@@ -193,7 +193,14 @@ def test_zero_length_frame() -> None:
 
 
 def test_sentinels_are_distinct_and_named() -> None:
-    """NEED_DATA and CLOSED are two different members of Sentinel and never bytes."""
+    """NEED_DATA and CLOSED are two different singletons of Sentinel, named, and stay the same
+    object when copied or pickled (so ``is`` holds everywhere)."""
+    import copy
+    import pickle
+
     assert NEED_DATA is wire.Sentinel.NEED_DATA
     assert CLOSED is wire.Sentinel.CLOSED
-    assert not isinstance(NEED_DATA, bytes)
+    assert NEED_DATA is not CLOSED
+    assert (repr(NEED_DATA), repr(CLOSED)) == ("Sentinel.NEED_DATA", "Sentinel.CLOSED")
+    assert copy.deepcopy(CLOSED) is CLOSED
+    assert pickle.loads(pickle.dumps(NEED_DATA)) is NEED_DATA
