@@ -60,11 +60,12 @@ SPAWN_SOURCE = HERE / "starter" / "stj-spawn.c"
 SPAWN = "libstjspawn.so"
 
 
-def compile_program(source: Path, out: Path, what: str) -> None:
+def compile_program(source: Path, out: Path, what: str, defines: tuple[str, ...] = ()) -> None:
     """A plain C program, so it starts in well under a millisecond."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    argv = [*compiler(), "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp), str(source)]
+    flags = [f"-D{d}" for d in defines]
+    argv = [*compiler(), "-O2", "-Wall", "-Wextra", "-Werror", *flags, "-o", str(tmp), str(source)]
     print(f"building {what}:", shlex.join(argv))
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -159,6 +160,7 @@ class BuildPyWithShim(build_py):
 
 FRONT_SOURCE = HERE / "client" / "stj-front.c"
 FRONT = "ssh-to-job"
+CLI = "stj"
 
 
 # setuptools re-exports no build_scripts of its own: take the command class it would run.
@@ -168,7 +170,8 @@ build_scripts = Distribution().get_command_class("build_scripts")
 class BuildScriptsWithFront(build_scripts):  # type: ignore[misc,valid-type]
     """The ``ssh-to-job`` on PATH is the compiled front (client/stj-front.c): a repeat command
     through a live master never starts Python; everything else execs ``ssh-to-job-py`` (the
-    ``[project.scripts]`` entry point) found beside it. install_scripts copies the build
+    ``[project.scripts]`` entry point) found beside it. ``stj`` is that front built with
+    ``CLI_ONLY``: it execs ``stj-py`` beside it. install_scripts copies the build
     directory as it is, so pip installs the binary like any script, in venvs and elsewhere."""
 
     def finalize_options(self) -> None:
@@ -179,6 +182,8 @@ class BuildScriptsWithFront(build_scripts):  # type: ignore[misc,valid-type]
         super().run()
         out = Path(self.build_dir) / FRONT
         compile_program(FRONT_SOURCE, out, "the ssh-to-job front")
+        # `stj`: the same front without its repeat path, starting `stj-py` isolated.
+        compile_program(FRONT_SOURCE, out.with_name(CLI), "the stj front", ("CLI_ONLY",))
 
 
 install_scripts = Distribution().get_command_class("install_scripts")

@@ -1,5 +1,6 @@
-"""How the compiled front (client/stj-front.c) starts the Python client: ``python -I -S
-_boot.py SCRIPT ARGS...``, SCRIPT being the ``ssh-to-job-py`` console script beside it.
+"""How the compiled fronts (client/stj-front.c) start Python: ``python -I -S _boot.py SCRIPT
+ARGS...``, SCRIPT being the console script beside the front: ``ssh-to-job-py`` (the client)
+for ``ssh-to-job``, ``stj-py`` (the CLI) for ``stj``.
 
 Isolated mode without the site module saves every cold session the site module and the
 system's sitecustomize (3-5 ms here) and keeps the user's ``PYTHON*`` variables out of the
@@ -12,13 +13,22 @@ import sys
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.argv = sys.argv[1:]  # as the script itself would see them: [SCRIPT, ARGS...]
+cli = os.path.basename(sys.argv[0]) == "stj-py"
+if cli:
+    # The CLI's messages name the command typed, `stj` (the front beside stj-py), not stj-py.
+    sys.argv[0] = os.path.join(os.path.dirname(sys.argv[0]), "stj")
 try:
-    # ps and top name the process as they would a script: "ssh-to-job-py", not "python3".
+    # ps and top name the process as they would a script: "ssh-to-job-py" or "stj", not
+    # "python3" (pgrep -x stj still finds `stj pool`).
     with open("/proc/self/comm", "w") as f:
         f.write(os.path.basename(sys.argv[0])[:15])
 except OSError:
     pass
 
-from ssh_to_job.client._mux import main  # noqa: E402 - the path above first
+# Only the entry point asked for (after the path above).
+if cli:
+    from ssh_to_job.client._qfast import main
+else:
+    from ssh_to_job.client._mux import main
 
 sys.exit(main())

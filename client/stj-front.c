@@ -8,6 +8,10 @@
  * client decides again with the same rules and does the full work. It exists only because
  * Python's start-up (~14 ms) was half of a repeat command's time (docs/performance.md).
  *
+ * Built a second time with -DCLI_ONLY as the `stj` command: it only execs `stj-py`, the
+ * Python CLI beside it, the isolated way below (site and sitecustomize cost every `stj`
+ * command 3-5 ms); none of the repeat path is compiled in.
+ *
  * Never: a decision Python's repeat_argv would not make (tests/test_mux.py runs both on a
  * table of argv and compares), a socket outside the user's own 0700 runtime directory, or
  * a secret on a command line (there is none: the argv holds a config file's path). It reads
@@ -26,7 +30,13 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#ifdef CLI_ONLY
+#define PYTHON_CLIENT "stj-py"
+#define COMMAND "stj"
+#else
 #define PYTHON_CLIENT "ssh-to-job-py"
+#define COMMAND "ssh-to-job"
+#endif
 #define HOST "ssh-to-job"
 #define MAX_WORDS 64
 
@@ -119,10 +129,19 @@ static void __attribute__((noreturn)) full(void)
     }
     /* No /proc, or the client is not beside us (a copied binary): PATH decides. */
     execvp(PYTHON_CLIENT, orig_argv);
-    fprintf(stderr, "ssh-to-job: cannot run the Python client %s: %s\n", PYTHON_CLIENT,
+    fprintf(stderr, COMMAND ": cannot run the Python client %s: %s\n", PYTHON_CLIENT,
             strerror(errno));
     exit(1);
 }
+
+#ifdef CLI_ONLY
+int main(int argc, char **argv)
+{
+    (void)argc;
+    orig_argv = argv;
+    full();
+}
+#else
 
 /* ---------------------------------------------------------------- SHA-256 (FIPS 180-4) */
 
@@ -779,3 +798,4 @@ int main(int argc, char **argv)
     execvp(again[0], again);
     full(); /* the full path says what is wrong */
 }
+#endif

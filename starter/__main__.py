@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stj starter: cannot open the log file: {exc}", file=sys.stderr)
         return 1
     if a.join:
-        from ._enroll import JoinFailed, join
+        from . import _pkiwork
 
         cfg = config.starter
         pki_dir = pathlib.Path(cfg.pki_dir) if cfg.pki_dir else state / "pki"
@@ -79,14 +79,27 @@ def main(argv: list[str] | None = None) -> int:
         # The token is spent within a second, but '-' keeps it off the command line entirely.
         from_stdin = a.token == "-"  # noqa: S105 (the conventional "read it from stdin")
         token = sys.stdin.readline().strip() if from_stdin else a.token
+        # In a child (as all of the starter's certificate work): the daemon below then never
+        # loads cryptography. The token goes to it on a pipe.
+        request = {
+            "op": "join",
+            "address": a.join,
+            "token": token,
+            "name": name,
+            "pki_dir": str(pki_dir),
+            "within": cfg.handshake_timeout,
+        }
         try:
-            pki = trio.run(join, a.join, token, name, pki_dir, cfg.handshake_timeout)
-        except JoinFailed as exc:
-            print(f"stj starter: join refused: {exc}", file=sys.stderr)
+            joined = _pkiwork.call(request)
+        except _pkiwork.PkiWorkError as exc:
+            print(f"stj starter: {exc}", file=sys.stderr)
+            return 1
+        if "error" in joined:
+            print(f"stj starter: join refused: {joined['error']}", file=sys.stderr)
             return 1
         # Later starts (and redials) find the broker here unless [starter] broker says else.
         common.write_public(state / "broker.addr", f"{a.join}\n".encode())
-        print(f"stj starter: joined pool {pki.pool_id} as {pki.name}", file=sys.stderr)
+        print(f"stj starter: joined pool {joined['pool_id']} as {joined['name']}", file=sys.stderr)
     try:
         trio.run(Starter(state, config, debug=a.debug).serve)
     except KeyboardInterrupt:

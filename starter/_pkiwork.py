@@ -2,8 +2,9 @@
 
 Parsing and checking X.509 certificates needs ``cryptography``, whose Rust library stays in a
 process's memory once imported: about 9 MB of a starter's resident set (the whole starter idles
-at ~35 MB without it). A starter needs that work only when it starts (load or issue its
-certificate) and when it renews its certificate, so :func:`call` runs it in a child
+at ~32 MB without it). A starter needs that work only when it joins a pool, when it starts
+(load or issue its certificate) and when it renews its certificate, so :func:`call` runs it
+in a child
 (``python -P -m ssh_to_job.starter._pkiwork``) that reads one JSON request on its standard
 input and writes one JSON reply on its standard output. Key material goes over those pipes
 only, never on a command line or in the environment, and is written 0600 by the child as
@@ -20,6 +21,9 @@ Requests (``op``):
 - ``new_key``: a new Ed25519 key for a renewal: ``key_pem`` (PKCS#8) and ``public_pem``.
 - ``renewed``: check ``certificate`` (PEM) against the pool CA, the starter's name and
   ``key_pem``, and store both. Reply: ``serial``, ``not_before``, ``not_after``; or ``error``.
+- ``join``: enrol with the broker at ``address`` using the join ``token`` (``_enroll.join``),
+  as ``name``, into ``pki_dir``, within ``within`` seconds. Reply: ``pool_id`` and ``name``;
+  or ``error`` (why the join was refused or failed).
 
 Must never: write a key or certificate that did not verify; print anything but the reply on
 standard output.
@@ -189,6 +193,25 @@ def _renewed(request: dict[str, Any]) -> dict[str, Any]:
     return {"serial": cert.serial_number, **_times(cert)}
 
 
+def _join(request: dict[str, Any]) -> dict[str, Any]:
+    import trio
+
+    from ._enroll import JoinFailed, join
+
+    try:
+        pki = trio.run(
+            join,
+            str(request["address"]),
+            str(request["token"]),
+            str(request["name"]),
+            pathlib.Path(request["pki_dir"]),
+            float(request["within"]),
+        )
+    except JoinFailed as exc:
+        return {"error": str(exc)}
+    return {"pool_id": pki.pool_id, "name": pki.name}
+
+
 def main() -> int:
     raw = sys.stdin.buffer.read(MAX_REQUEST + 1)
     if len(raw) > MAX_REQUEST:
@@ -202,6 +225,8 @@ def main() -> int:
         reply = _new_key()
     elif op == "renewed":
         reply = _renewed(request)
+    elif op == "join":
+        reply = _join(request)
     else:
         print(f"unknown request {op!r}", file=sys.stderr)
         return 2

@@ -263,3 +263,32 @@ def test_the_front_starts_python_isolated_and_without_site(tmp_path: pathlib.Pat
     )
     assert r.returncode == 0, r
     assert marker.exists()
+
+
+def test_stj_is_the_front_built_for_the_cli(tmp_path: pathlib.Path) -> None:
+    """``stj`` is the compiled front built with CLI_ONLY: it runs ``stj-py`` isolated as the
+    ``ssh-to-job`` front runs its client (no sitecustomize, no PYTHONPATH) and passes every
+    argument and the exit status through; ``stj-py`` run directly is the control."""
+    assert pathlib.Path(STJ).read_bytes()[:4] == b"\x7fELF"
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    marker = tmp_path / "site-ran"
+    (probe / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'a').write('x')\n")
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "PYTHONPATH": str(probe), "HOME": str(tmp_path)}
+    r = subprocess.run([STJ, "--version"], capture_output=True, text=True, env=env, check=False)
+    assert (r.returncode, r.stderr) == (0, ""), r
+    assert r.stdout.startswith("stj "), r
+    assert not marker.exists()
+    r = subprocess.run(
+        [STJ, "no-such-command"], capture_output=True, text=True, env=env, check=False
+    )
+    assert r.returncode == 2, r
+    assert "no-such-command" in r.stderr
+    assert not marker.exists()
+    r = subprocess.run([STJ, "pool", "--help"], capture_output=True, text=True, env=env, check=True)
+    assert "usage: stj pool" in r.stdout
+    r = subprocess.run(
+        [str(BIN / "stj-py"), "--version"], capture_output=True, text=True, env=env, check=False
+    )
+    assert r.returncode == 0, r
+    assert marker.exists()

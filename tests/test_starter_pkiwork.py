@@ -23,7 +23,8 @@ from ssh_to_job.starter import _pkiwork
 
 def test_a_running_starter_has_its_certificate_without_cryptography(pool: Pool) -> None:
     """A pool's starter is connected with a certificate issued at its start, and neither the
-    ``cryptography`` package nor its Rust library is mapped in the daemon."""
+    ``cryptography`` package nor its Rust library is mapped in the daemon. (And the pool's
+    supervisor, ``stj pool``, runs isolated through the compiled ``stj`` front.)"""
     (starter,) = pool.pids("starter")
     maps = pathlib.Path(f"/proc/{starter}/maps").read_text()
     assert "site-packages/ssh_to_job/starter" in maps  # our spawner library: the right process
@@ -31,6 +32,11 @@ def test_a_running_starter_has_its_certificate_without_cryptography(pool: Pool) 
     cert = common.load_cert(pool.state / "pki" / common.STARTER_CERT)
     assert common.identity_of(cert).role == wire.ROLE_STARTER
     assert "connected to broker" in pool.log_text()
+    # The pool's supervisor is `stj pool` through the compiled stj front: Python, isolated,
+    # named "stj" as the script was (client/_boot.py).
+    supervisor = pathlib.Path(f"/proc/{pool.proc.pid}")
+    assert (supervisor / "comm").read_text() == "stj\n"
+    assert b"\0-I\0-S\0" in (supervisor / "cmdline").read_bytes()
 
 
 def test_a_renewed_certificate_for_another_key_is_refused_and_nothing_is_written() -> None:
