@@ -34,6 +34,7 @@ def test_a_running_starter_has_its_certificate_without_cryptography(pool: Pool) 
     assert "connected to broker" in pool.log_text()
     # The pool's supervisor is `stj pool` through the compiled stj front: Python, isolated,
     # named "stj" as the script was (client/_boot.py).
+    assert pool.proc is not None
     supervisor = pathlib.Path(f"/proc/{pool.proc.pid}")
     assert (supervisor / "comm").read_text() == "stj\n"
     assert b"\0-I\0-S\0" in (supervisor / "cmdline").read_bytes()
