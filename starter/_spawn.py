@@ -199,7 +199,8 @@ def spawn(
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         path = found
     # Everything the child reads is made here, before the clone: it must not allocate.
-    # (ctypes keeps the bytes objects alive with the arrays that point into them.)
+    # (ctypes keeps the bytes objects alive with the arrays that point into them, and passes
+    # an array where its argtypes say a pointer to the element type.)
     c_argv = (ctypes.c_char_p * (len(argv) + 1))(*[os.fsencode(a) for a in argv], None)
     c_envp = (ctypes.c_char_p * (len(env) + 1))(
         *[os.fsencode(f"{k}={v}") for k, v in env.items()], None
@@ -212,16 +213,16 @@ def spawn(
     try:
         pid = stj_spawn(
             os.fsencode(path),
-            ctypes.cast(c_argv, _CHAR_PP),
-            ctypes.cast(c_envp, _CHAR_PP),
+            c_argv,
+            c_envp,
             cgfd,
-            ctypes.cast(std, _INT_P),
-            ctypes.cast(c_keep, _INT_P),
+            std,
+            c_keep,
             len(keep),
             1 if root else 0,
             uid,
             gid,
-            ctypes.cast(c_groups, _UINT_P),
+            c_groups,
             len(groups),
             ctypes.byref(pidfd),
             ctypes.byref(err),
